@@ -1,0 +1,255 @@
+"""YAML topology: which world ranks and devices form each executor.
+
+Validated with pydantic before any rank does work; every error names the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .api import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig
+
+
+class ConfigError(ValueError):
+    """A topology that cannot run; the message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    path: str = "smollm2"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 0  # for random:<preset> weights
+
+
+class KvCacheSpec(_Strict):
+    block_size: int = Field(16, ge=1, le=1024)
+    num_blocks: int = Field(512, ge=1)
+    enable_prefix_reuse: bool = False
+
+
+class TransceiverSpec(_Strict):
+    enable_cache_transceiver: bool = True
+    comm_type: Literal["MPI", "UCX", "NIXL"] = "MPI"
+    max_num_tokens: int | None = Field(None, ge=1)
+    parallel_send: bool = True
+    overlap: bool = True
+    parallel_receive: bool = True
+    zero_copy: bool = True
+    buffer_bytes: int = Field(32 << 20, ge=4096)
+    send_concurrency: int = Field(4, ge=1)
+    async_buffer: bool = False
+    lease_seconds: float = Field(120.0, gt=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("comm_type")
+    @classmethod
+    def _only_mpi(cls, v: str) -> str:
+        if v != "MPI":
+            raise ValueError(f"comm_type {v} is not available in this build; allowed: MPI")
+        return v
+
+    def to_api(self) -> CacheTransceiverConfig:
+        d = self.model_dump()
+        d["comm_type"] = CommType(d["comm_type"])
+        return CacheTransceiverConfig(**d).with_env_overrides()
+
+
+class ExecutorSpec(_Strict):
+    participant_ids: list[int] = Field(min_length=1)
+    device_ids: list[int] | None = None  # node-local GPU ids; absent means CPU
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    layer_split: list[int] | None = None
+    max_batch_size: int = Field(8, ge=1)
+    max_num_tokens: int = Field(2048, ge=1)
+    kv_cache: KvCacheSpec = KvCacheSpec()
+    cache_transceiver_config: TransceiverSpec | None = None
+
+    @property
+    def size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _shape(self) -> ExecutorSpec:
+        if len(self.participant_ids) != self.size:
+            raise ValueError(
+                f"participant_ids {self.participant_ids} has {len(self.participant_ids)} ranks but "
+                f"tensor_parallel_size x pipeline_parallel_size = {self.tensor_parallel_size} x "
+                f"{self.pipeline_parallel_size} = {self.size}; list exactly {self.size} ranks")
+        if len(set(self.participant_ids)) != len(self.participant_ids):
+            raise ValueError(f"participant_ids {self.participant_ids} lists a rank twice")
+        if self.device_ids is not None and len(self.device_ids) != self.size:
+            raise ValueError(
+                f"device_ids {self.device_ids} has {len(self.device_ids)} entries; it needs one GPU per "
+                f"rank ({self.size}), or leave it out to run on CPU")
+        if self.layer_split is not None and len(self.layer_split) != self.pipeline_parallel_size:
+            raise ValueError(f"layer_split {self.layer_split} needs one entry per pipeline stage "
+                             f"({self.pipeline_parallel_size})")
+        return self
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_ids is not None
+
+    def executor_config(self, dtype: str) -> ExecutorConfig:
+        tc = self.cache_transceiver_config
+        return ExecutorConfig(
+            max_batch_size=self.max_batch_size,
+            max_num_tokens=self.max_num_tokens,
+            kv_cache_config=KvCacheConfig(**self.kv_cache.model_dump()),
+            cache_transceiver_config=tc.to_api() if tc else CacheTransceiverConfig(),
+            dtype=dtype,
+            device="cuda" if self.on_gpu else "cpu",
+        )
+
+
+RouterName = Literal["round_robin", "least_loaded", "kv_aware"]
+
+
+class RouterSpec(_Strict):
+    policy: RouterName = "round_robin"
+    # Conditional disaggregation: an uncached prompt part of at most this many
+    # tokens runs on a generation executor directly (0 disables it).
+    local_prefill_max_tokens: int = Field(0, ge=0)
+
+
+class ServerSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class Topology(_Strict):
+    model: ModelSpec = ModelSpec()
+    router: RouterSpec = RouterSpec()
+    server: ServerSpec = ServerSpec()
+    context_executors: list[ExecutorSpec] = Field(default_factory=list)
+    generation_executors: list[ExecutorSpec] = Field(min_length=1)
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _router_shorthand(cls, v: Any) -> Any:
+        return {"policy": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _ranks(self) -> Topology:
+        seen: dict[int, str] = {}
+        for name, rank in self._all_ranks():
+            if rank == 0:
+                raise ValueError(f"{name} uses rank 0, which is the orchestrator; executors use ranks >= 1")
+            if rank < 0:
+                raise ValueError(f"{name} lists rank {rank}; ranks are >= 1")
+            if rank in seen:
+                raise ValueError(f"rank {rank} is in both {seen[rank]} and {name}; participant ids "
+                                 "must not intersect")
+            seen[rank] = name
+        unused = sorted(set(range(1, self.world_size)) - set(seen))
+        if unused:
+            raise ValueError(f"ranks {unused} are used by no executor; participant ids must cover "
+                             f"1..{self.world_size - 1}")
+        if self.context_executors:
+            for name, ex in self._named():
+                if ex.cache_transceiver_config is None:
+                    raise ValueError(f"{name} needs cache_transceiver_config "
+                                     "(enable_cache_transceiver: true) in a disaggregated topology")
+        return self
+
+    def _named(self) -> list[tuple[str, ExecutorSpec]]:
+        return ([(f"context_executors[{i}]", e) for i, e in enumerate(self.context_executors)]
+                + [(f"generation_executors[{i}]", e) for i, e in enumerate(self.generation_executors)])
+
+    def _all_ranks(self) -> list[tuple[str, int]]:
+        return [(f"{n}.participant_ids", r) for n, e in self._named() for r in e.participant_ids]
+
+    @property
+    def world_size(self) -> int:
+        return 1 + sum(e.size for e in self.context_executors + self.generation_executors)
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.context_executors)
+
+    @property
+    def executors(self) -> list[ExecutorSpec]:
+        """Context executors first, then generation ones; the index is the executor id."""
+        return list(self.context_executors) + list(self.generation_executors)
+
+    def executor_of_rank(self, rank: int) -> tuple[int, ExecutorSpec] | None:
+        for i, e in enumerate(self.executors):
+            if rank in e.participant_ids:
+                return i, e
+        return None
+
+    def is_context(self, executor_id: int) -> bool:
+        return executor_id < len(self.context_executors)
+
+    def dtype_for(self, ex: ExecutorSpec) -> str:
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if ex.on_gpu else "float32"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid topology {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling (see configs/README.md for the allowed keys)"
+        elif e["type"] == "literal_error":
+            msg = f"value {e.get('input')!r} is not allowed: {msg}"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_topology(data: Any, source: str = "<dict>") -> Topology:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid topology {source}: the top level must be a mapping, "
+                          f"got {type(data).__name__}")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return parse_topology(data, repr(str(path)))
+
+
+def validate_against_model(topo: Topology, num_heads: int, num_kv_heads: int, num_layers: int,
+                           intermediate_size: int) -> None:
+    """TP and PP must split the model; checked before any weights load."""
+    for name, ex in topo._named():
+        tp, pp = ex.tensor_parallel_size, ex.pipeline_parallel_size
+        if num_heads % tp:
+            raise ConfigError(f"{name}.tensor_parallel_size={tp} does not divide the model's {num_heads} "
+                              f"attention heads; allowed: a divisor of {num_heads}")
+        if not (num_kv_heads % tp == 0 or tp % num_kv_heads == 0):
+            raise ConfigError(f"{name}.tensor_parallel_size={tp} neither divides nor is a multiple of the "
+                              f"model's {num_kv_heads} KV heads")
+        if intermediate_size % tp:
+            raise ConfigError(f"{name}.tensor_parallel_size={tp} does not divide the MLP width "
+                              f"{intermediate_size}")
+        if pp > num_layers:
+            raise ConfigError(f"{name}.pipeline_parallel_size={pp} exceeds the model's {num_layers} layers")
+        if ex.layer_split is not None and (sum(ex.layer_split) != num_layers or min(ex.layer_split) < 1):
+            raise ConfigError(f"{name}.layer_split={ex.layer_split} must be {pp} positive counts summing to "
+                              f"the model's {num_layers} layers")

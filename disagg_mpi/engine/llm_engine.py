@@ -1,0 +1,352 @@
+"""One executor's decisions: admission, scheduling, responses, KV holding.
+
+Runs on the executor's leader rank (or in process). It talks to the ranks
+that run the model through an `ExecutorGroup` (one rank in process, TP x PP
+ranks under MPI) and to other executors' leaders through `send_peer`, so the
+same code serves aggregated, context-only and generation-only requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..api import (DISAGG_NOT_ENABLED, ContextPhaseParams, ExecutorConfig, FinishReason, Request,
+                   RequestError, RequestType, Response, Result)
+from ..transfer.cache_state import CacheState
+from ..transfer.opaque import OpaqueState, OpaqueStateError
+from ..transfer.plan import LayoutMismatchError, check_compatible
+from .block_manager import BlockManager
+from .model_runner import StepPlan
+from .scheduler import RequestTooLargeError, Scheduler
+from .sequence import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorGroup(Protocol):
+    """The ranks that run one executor's model, seen from its leader."""
+
+    def run_step(self, plan: StepPlan) -> list[int]: ...
+
+    def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None: ...
+
+    def poll_transfers(self) -> list[tuple[int, int, float]]: ...
+
+
+@dataclass
+class _Held:
+    """A context-only request's blocks, kept until its generation side has them."""
+
+    seq: Sequence
+    deadline: float
+    claimed_by: int | None = None
+
+
+@dataclass
+class _GenPending:
+    """A generation-only request between admission and the end of its transfer."""
+
+    seq: Sequence
+    opaque: OpaqueState
+    streaming: bool
+    t0: float = field(default_factory=time.perf_counter)
+    state: str = "alloc"  # alloc -> claiming -> pulling
+    cancelled: bool = False  # a pull in flight is left to finish, then freed
+
+
+@dataclass
+class _Meta:
+    request_type: RequestType
+    streaming: bool
+    client_id: str | None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, group: ExecutorGroup, model_config: Any, config: ExecutorConfig,
+                 cache_state: CacheState, executor_id: int = 0, world_ranks: tuple[int, ...] = (0,),
+                 key: bytes = b"", send_peer: Callable[[int, dict], None] | None = None):
+        kv = config.kv_cache_config
+        self.group = group
+        self.model_config = model_config
+        self.config = config
+        self.cache_state = cache_state
+        self.executor_id = executor_id
+        self.world_ranks = world_ranks
+        self.key = key
+        self.send_peer = send_peer
+        self.transceiver_enabled = config.cache_transceiver_config.enable_cache_transceiver
+        self.blocks = BlockManager(kv.num_blocks, kv.block_size, kv.enable_prefix_reuse)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens)
+        self.eos = set(model_config.eos_token_ids)
+        self._meta: dict[int, _Meta] = {}
+        self._held: dict[int, _Held] = {}
+        self._pending: dict[int, _GenPending] = {}
+        self._responses: deque[Response] = deque()
+        self._seed_rng = random.Random()
+        self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
+
+    # ---- admission -------------------------------------------------------
+
+    def add_request(self, req_id: int, request: Request) -> None:
+        """Admit a request; a bad one is answered with an error at once."""
+        meta = _Meta(request.request_type, request.streaming, request.client_id)
+        self._meta[req_id] = meta
+        try:
+            seq = self._make_sequence(req_id, request)
+            if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY:
+                self._admit_generation(seq, request)
+            else:
+                self.scheduler.add(seq)
+        except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
+            self._error(req_id, str(err))
+
+    def _make_sequence(self, req_id: int, r: Request) -> Sequence:
+        rt = r.request_type
+        if rt != RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION and not self.transceiver_enabled:
+            raise RequestError(DISAGG_NOT_ENABLED)
+        r.sampling_config.validate()
+        ids = r.input_token_ids
+        if not ids:
+            raise RequestError("the prompt is empty; send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+            raise RequestError(f"max_tokens={r.max_tokens} must be an integer >= 1")
+        limit = self.model_config.max_position_embeddings
+        if len(ids) + r.max_tokens > limit:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the "
+                               f"model's context of {limit} tokens")
+        sc = r.sampling_config
+        seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
+        max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else r.max_tokens
+        seq = Sequence(req_id, list(ids), max_tokens, SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed),
+                       set(r.stop_token_ids), self.eos, r.ignore_eos)
+        if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
+            # The generation side decodes the rest; the context keeps its blocks.
+            seq.keep_blocks = True
+            seq.full_max_tokens = r.max_tokens
+        return seq
+
+    def _admit_generation(self, seq: Sequence, r: Request) -> None:
+        cpp = r.context_phase_params
+        if cpp is None or not cpp.first_gen_tokens:
+            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens")
+        opaque = OpaqueState.decode(cpp.opaque_state, self.key)
+        if opaque.ctx_req_id != cpp.req_id:
+            raise RequestError("context_phase_params.req_id does not match its opaque state")
+        try:
+            check_compatible(opaque.cache_state, self.cache_state)
+        except LayoutMismatchError as err:
+            raise RequestError(str(err)) from None
+        if opaque.num_tokens != len(seq.prompt_ids):
+            raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens but the context phase "
+                               f"computed {opaque.num_tokens}; send the same input_token_ids")
+        needed = self.blocks.blocks_needed(seq.max_total_tokens)
+        if needed > self.blocks.num_blocks:
+            raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
+                                       f"{self.blocks.num_blocks}")
+        seq.output_ids = [int(cpp.first_gen_tokens[0])]
+        seq.num_computed_tokens = len(seq.prompt_ids)
+        if seq.check_stop(seq.output_ids[0]) is not None:
+            seq.finish(seq.check_stop(seq.output_ids[0]))
+            self._release_context(opaque)
+            self._finish(seq)
+            return
+        self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
+
+    # ---- the disaggregated hand-off ---------------------------------------
+
+    def _advance_pending(self) -> None:
+        for p in list(self._pending.values()):
+            if p.state == "alloc" and self.blocks.can_allocate(p.seq.max_total_tokens):
+                self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens)
+                p.state = "claiming"
+                p.t0 = time.perf_counter()
+                self.send_peer(p.opaque.world_ranks[0], {
+                    "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
+                    "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
+        for req_id, nbytes, _ in self.group.poll_transfers():
+            p = self._pending.pop(req_id, None)
+            if p is None:
+                continue
+            self._release_context(p.opaque)
+            if p.cancelled:
+                self.blocks.free(req_id)
+                p.seq.finish("abort")
+                self._finish(p.seq)
+                continue
+            m = self._meta[req_id].metrics
+            m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
+            m["kv_transfer_bytes"] = nbytes
+            self.scheduler.add_prefilled(p.seq)
+            if p.streaming:
+                self._emit(p.seq, [p.seq.output_ids[0]], final=False)
+
+    def on_claim_reply(self, gen_req_id: int, error: str | None) -> None:
+        p = self._pending.get(gen_req_id)
+        if p is None or p.state != "claiming":
+            return
+        if error:
+            del self._pending[gen_req_id]
+            self.blocks.free(gen_req_id)
+            self._error(gen_req_id, error)
+            return
+        p.state = "pulling"
+        self.group.start_pull(gen_req_id, p.opaque, self.blocks.block_table(gen_req_id))
+
+    def _release_context(self, opaque: OpaqueState) -> None:
+        self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})
+
+    def claim_context(self, ctx_req_id: int, blocks: list[int], by: int) -> str | None:
+        """A generation executor asks for a context's blocks; None means granted."""
+        h = self._held.get(ctx_req_id)
+        if h is None:
+            return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
+                    "its KV cannot be transferred")
+        if h.claimed_by is not None:
+            return f"context request {ctx_req_id} was already claimed (replayed context_phase_params)"
+        if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
+            return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
+        h.claimed_by = by
+        h.deadline = time.monotonic() + self.config.cache_transceiver_config.timeout_seconds
+        return None
+
+    def release_context(self, ctx_req_id: int) -> None:
+        if self._held.pop(ctx_req_id, None) is not None:
+            self.blocks.free(ctx_req_id)
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for rid, h in list(self._held.items()):
+            if now > h.deadline:
+                log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,
+                            rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
+                self.release_context(rid)
+
+    # ---- steps -----------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> None:
+        if self._pending:
+            self._advance_pending()
+        if self._held:
+            self._expire_leases()
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            return
+        inputs = self.scheduler.make_step_inputs(step)
+        by_id = {seq.req_id: seq for seq, _ in step.items}
+        sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
+        plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
+                        [by_id[r].sample_key() for r in inputs.sample_req_ids])
+        try:
+            tokens = self.group.run_step(plan)
+        except Exception as err:  # noqa: BLE001 - fail this step's requests, keep serving
+            log.exception("executor %d: step failed", self.executor_id)
+            for seq, _ in step.items:
+                self.scheduler.abort(seq.req_id)
+                self._error(seq.req_id, f"internal error while running the model: {err}")
+            return
+        self.stats["iterations"] += 1
+        self.stats["tokens"] += step.num_tokens
+        sampled = dict(zip(inputs.sample_req_ids, tokens))
+        finished = self.scheduler.update(step, sampled)
+        now = time.perf_counter()
+        for rid in sampled:
+            meta = self._meta.get(rid)
+            if meta and meta.first_token_time is None:
+                meta.first_token_time = now
+            seq = by_id[rid]
+            if meta and meta.streaming and not seq.status.is_finished:
+                self._emit(seq, [sampled[rid]], final=False)
+        for seq in finished:
+            self._finish(seq)
+
+    # ---- responses -------------------------------------------------------
+
+    def _finish(self, seq: Sequence) -> None:
+        meta = self._meta.get(seq.req_id)
+        if meta is None:
+            return
+        cpp = None
+        if getattr(seq, "keep_blocks", False):
+            more = seq.finish_reason == "length" and seq.full_max_tokens > 1
+            if more:
+                self._held[seq.req_id] = _Held(seq, time.monotonic()
+                                               + self.config.cache_transceiver_config.lease_seconds)
+                opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
+                                     tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids),
+                                     self.cache_state)
+                cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
+            else:
+                self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
+        tokens = list(seq.output_ids) if not meta.streaming else seq.output_ids[-1:]
+        self._emit(seq, tokens, final=True, cpp=cpp)
+
+    def _emit(self, seq: Sequence, tokens: list[int], final: bool, cpp: ContextPhaseParams | None = None) -> None:
+        meta = self._meta[seq.req_id]
+        reason = None
+        if final:
+            reason = seq.finish_reason
+            if cpp is not None:
+                reason = None  # not finished: the generation side goes on
+            elif reason == "abort":
+                reason = FinishReason.CANCELLED.value
+            m = meta.metrics
+            m["executor"] = self.executor_id
+            m["num_prompt_tokens"] = len(seq.prompt_ids)
+            self._meta.pop(seq.req_id)
+        result = Result(tokens, final, reason, cpp, dict(meta.metrics) if final else {})
+        self._responses.append(Response(seq.req_id, result, None, meta.client_id))
+
+    def _error(self, req_id: int, message: str) -> None:
+        meta = self._meta.pop(req_id, None)
+        self._responses.append(Response(req_id, None, message, meta.client_id if meta else None))
+
+    def take_responses(self) -> list[Response]:
+        out = list(self._responses)
+        self._responses.clear()
+        return out
+
+    def cancel(self, req_id: int) -> None:
+        p = self._pending.get(req_id)
+        if p is not None:
+            if p.state == "pulling":
+                # Bytes are on the wire: let the pull finish, then free (see _advance_pending);
+                # cancelling posted receives would leave the sender waiting forever.
+                p.cancelled = True
+                return
+            del self._pending[req_id]
+            if p.state != "alloc":
+                self.blocks.free(req_id)
+                self._release_context(p.opaque)
+            p.seq.finish("abort")
+            self._finish(p.seq)
+            return
+        if req_id in self._held:  # a context-only request already answered
+            self.release_context(req_id)
+            return
+        seq = self.scheduler.abort(req_id)
+        if seq is not None:
+            self._finish(seq)
+
+    def load(self) -> int:
+        return self.scheduler.num_inflight_tokens() + sum(
+            p.seq.remaining_tokens for p in self._pending.values())
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)

@@ -1,0 +1,79 @@
+"""Token sampling: greedy, temperature, top-k, top-p, keyed randomness.
+
+The only randomness of a row is one uniform number derived from the row's key
+(seed, output position) by an integer hash, and the draw is an inverse-CDF
+lookup over that row alone. So a token depends on neither the batch it was
+sampled in nor the rank that sampled it (context and generation executors
+agree on the first token's successors), and no generator state is carried.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disagg_mpi.engine.sequence import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # Public-domain SplitMix64 finalizer: a cheap, well-mixed 64-bit hash that
+    # is the same in every process (unlike hash() on str) and every version.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def key_uniform(key: tuple[int, int]) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, position)."""
+    seed, position = key
+    h = _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
+    return (h >> 11) * 2.0**-53  # top 53 bits: every double in [0, 1) this way is exact
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]) -> list[int]:
+    """One token per row of `logits` [B, V] (float32)."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(keys):
+        raise ValueError(
+            f"sample: logits {tuple(logits.shape)}, {len(params)} params and "
+            f"{len(keys)} keys must agree on the batch size"
+        )
+    if not params:
+        return []
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], [keys[i] for i in rows])
+    return tokens.tolist()  # the one host sync
+
+
+def _sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]
+) -> torch.Tensor:
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float64)
+    uniform = torch.tensor([key_uniform(k) for k in keys], device=device, dtype=torch.float64)
+
+    # Sort once (stable, so equal logits keep a fixed order); top-k and top-p
+    # are then masks on ranks, and the draw walks the sorted order.
+    scaled = logits.float() / temperature[:, None]
+    values, order = scaled.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = values.softmax(dim=-1).double()
+    # Nucleus: keep a token while the mass *before* it is below top_p, i.e. the
+    # smallest prefix reaching top_p; rank 0 is always kept.
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (ranks > 0), 0.0)
+
+    cdf = probs.cumsum(dim=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    # right=True: first rank whose cdf exceeds target, so a zero-probability
+    # rank (flat cdf) is never chosen. Kept ranks are a prefix of the sorted
+    # order, so clamping to the last kept one guards rounding at the very end.
+    last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
+    picked = torch.minimum(torch.searchsorted(cdf, target, right=True), last_kept)
+    return order.gather(-1, picked).squeeze(-1)

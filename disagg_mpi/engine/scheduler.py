@@ -1,0 +1,243 @@
+"""In-flight batching without phases (vLLM v1 style).
+
+A step is a list of (sequence, tokens to compute this step). Each sequence only
+tracks `num_computed_tokens`; prefill, chunked prefill and decode fall out of
+comparing it with `num_tokens`. A sequence samples a token in a step exactly
+when the step brings `num_computed_tokens` up to `num_tokens`.
+
+Blocks for prompt + max_tokens are reserved at admission, so a running
+sequence never waits for memory: no preemption and no deadlock, at the price
+of admitting fewer requests than an optimistic allocator would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from disagg_mpi.engine.block_manager import BlockManager
+from disagg_mpi.engine.sequence import Sequence, SequenceStatus
+
+
+class RequestTooLargeError(ValueError):
+    """The request cannot fit the block pool even when it is empty."""
+
+
+@dataclass
+class ScheduledStep:
+    items: list[tuple[Sequence, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class StepInputs:
+    """Flat model inputs of one step, as plain lists (tensors are the runner's job)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]  # block_id * block_size + offset, per new token
+    query_start_loc: list[int]  # B + 1 cumulative new-token counts
+    context_lens: list[int]  # tokens in the cache per sequence after this step
+    block_tables: list[list[int]]  # padded with -1 to the longest table
+    sample_indices: list[int]  # flat index of the last token of each sampling sequence
+    sample_req_ids: list[int]
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        # Every running sequence must be able to decode in every step; otherwise
+        # some would starve behind the budget.
+        if max_num_tokens < max_batch_size:
+            raise ValueError(
+                f"max_num_tokens ({max_num_tokens}) must be >= max_batch_size "
+                f"({max_batch_size}) so that a full batch of decodes fits one step"
+            )
+        self.block_manager = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.waiting: deque[Sequence] = deque()  # need blocks; admitted strictly FCFS
+        self.ready: deque[Sequence] = deque()  # KV already present, need a batch slot only
+        self.running: list[Sequence] = []  # hold blocks; at most max_batch_size
+
+    # ---- queues ----------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        needed = bm.blocks_needed(seq.max_total_tokens)
+        if needed > bm.num_blocks:
+            raise RequestTooLargeError(
+                f"request {seq.req_id} needs {needed} KV blocks (prompt {seq.num_prompt_tokens}"
+                f" + max_tokens {seq.max_tokens} tokens, block_size {bm.block_size}) but the "
+                f"pool has {bm.num_blocks}; shorten the prompt, lower max_tokens or give the "
+                "executor more KV blocks"
+            )
+        self._check_new(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_prefilled(self, seq: Sequence) -> None:
+        """Queue a generation-only sequence whose prompt KV is already in its blocks.
+
+        The caller allocated the blocks under `seq.req_id` (prompt + max_tokens)
+        and moved the KV in; the first token came from the context executor.
+        """
+        bm = self.block_manager
+        problems = []
+        if seq.num_computed_tokens != seq.num_prompt_tokens:
+            problems.append(
+                f"num_computed_tokens is {seq.num_computed_tokens}, "
+                f"expected the prompt length {seq.num_prompt_tokens}"
+            )
+        if len(seq.output_ids) != 1:
+            problems.append(f"expected exactly the first token in output_ids, got {seq.output_ids}")
+        if not bm.has_blocks(seq.req_id):
+            problems.append("no blocks allocated under its req_id")
+        elif len(bm.block_table(seq.req_id)) < bm.blocks_needed(seq.max_total_tokens):
+            problems.append(f"blocks do not cover prompt + max_tokens ({seq.max_total_tokens})")
+        if problems:
+            raise ValueError(f"add_prefilled(request {seq.req_id}): " + "; ".join(problems))
+        self._check_new(seq)
+        reason = seq.check_stop(seq.output_ids[0])
+        if reason is not None:
+            raise ValueError(
+                f"add_prefilled(request {seq.req_id}): already finished by its first token "
+                f"({reason!r}); answer it without scheduling"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.ready.append(seq)
+
+    def abort(self, req_id: int) -> Sequence | None:
+        """Remove the sequence from whichever queue holds it and free its blocks."""
+        for queue in (self.waiting, self.ready, self.running):
+            for seq in queue:
+                if seq.req_id == req_id:
+                    queue.remove(seq)
+                    self.block_manager.free(req_id)
+                    seq.finish("abort")
+                    return seq
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.ready or self.running)
+
+    def num_inflight_tokens(self) -> int:
+        """Tokens still to compute or generate over all queued and running sequences."""
+        return sum(s.remaining_tokens for q in (self.waiting, self.ready, self.running) for s in q)
+
+    # ---- one step --------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.max_num_tokens
+        # Decodes first: one token each, latency-critical, and they always fit
+        # (running <= max_batch_size <= max_num_tokens).
+        for seq in self.running:
+            if seq.is_prefill_done:
+                step.items.append((seq, 1))
+                budget -= 1
+        # Then prefills already under way, in admission order.
+        for seq in self.running:
+            if not seq.is_prefill_done and budget > 0:
+                n = min(seq.remaining_prefill, budget)
+                step.items.append((seq, n))
+                budget -= n
+        # Then new sequences: those with KV already present (no blocks needed) ...
+        while self.ready and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.ready.popleft()
+            self._start(seq)
+            step.items.append((seq, 1))
+            budget -= 1
+        # ... and waiting ones, strictly FCFS: the head blocks the queue when its
+        # blocks do not fit, so a large request is not starved by small ones.
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            if not self._reserve(seq):
+                break
+            self.waiting.popleft()
+            self._start(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            step.items.append((seq, n))
+            budget -= n
+        return step
+
+    def update(self, step: ScheduledStep, sampled: dict[int, int]) -> list[Sequence]:
+        """Apply a computed step and its sampled tokens; returns the finished sequences.
+
+        Finished sequences leave the scheduler and free their blocks, unless
+        `keep_blocks` is set (context-only: the caller frees after the hand-off).
+        """
+        finished = []
+        bm = self.block_manager
+        for seq, n in step.items:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted between schedule() and update()
+            seq.num_computed_tokens += n
+            if bm.enable_prefix_reuse:
+                bm.commit_full_blocks(seq.req_id, seq.all_ids[: seq.num_computed_tokens])
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # partial prefill chunk: nothing sampled
+            if seq.req_id not in sampled:
+                raise KeyError(f"request {seq.req_id} completed its tokens but got no sample")
+            token = sampled[seq.req_id]
+            seq.output_ids.append(token)
+            reason = seq.check_stop(token)
+            if reason is not None:
+                seq.finish(reason)
+                self.running.remove(seq)
+                if not seq.keep_blocks:
+                    bm.free(seq.req_id)
+                finished.append(seq)
+        return finished
+
+    def make_step_inputs(self, step: ScheduledStep) -> StepInputs:
+        bs = self.block_manager.block_size
+        out = StepInputs([], [], [], [0], [], [], [], [])
+        for seq, n in step.items:
+            start = seq.num_computed_tokens
+            table = self.block_manager.block_table(seq.req_id)
+            assert len(table) * bs >= start + n, f"request {seq.req_id}: blocks too few"
+            # Decode feeds the last output token at position num_tokens - 1.
+            out.input_ids.extend(seq.all_ids[start : start + n])
+            out.positions.extend(range(start, start + n))
+            out.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            out.query_start_loc.append(out.query_start_loc[-1] + n)
+            out.context_lens.append(start + n)
+            out.block_tables.append(table)
+            if start + n == seq.num_tokens:
+                out.sample_indices.append(out.query_start_loc[-1] - 1)
+                out.sample_req_ids.append(seq.req_id)
+        width = max((len(t) for t in out.block_tables), default=0)
+        out.block_tables = [t + [-1] * (width - len(t)) for t in out.block_tables]
+        return out
+
+    # ---- internals -------------------------------------------------------------
+
+    def _check_new(self, seq: Sequence) -> None:
+        queued = (s.req_id for q in (self.waiting, self.ready, self.running) for s in q)
+        if seq.req_id in set(queued):
+            raise ValueError(f"request {seq.req_id} is already in the scheduler")
+
+    def _reserve(self, seq: Sequence) -> bool:
+        bm = self.block_manager
+        prompt = seq.prompt_ids if bm.enable_prefix_reuse else None
+        if not bm.can_allocate(seq.max_total_tokens, prompt):
+            return False
+        bm.allocate(seq.req_id, seq.max_total_tokens, prompt)
+        seq.num_computed_tokens = bm.num_cached_tokens(seq.req_id)
+        return True
+
+    def _start(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)

@@ -1,0 +1,160 @@
+"""Model hyper-parameters, read from a HF config.json, GGUF metadata, or a preset."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: list[int] = field(default_factory=lambda: [2])
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        heads = d["num_attention_heads"]
+        # transformers 5 moved rope settings into `rope_parameters`; 4.x used
+        # `rope_theta` + `rope_scaling`. Accept both.
+        rope_params = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or None
+        if scaling is None and rope_params.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None
+        eos = d.get("eos_token_id", 2)
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(theta), rope_scaling=scaling,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 has q/k/v biases without a config flag.
+            attention_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A LlamaForCausalLM config.json (used by tests and HF exports)."""
+        d = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": False, "hidden_act": "silu", "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
+        }
+        return d
+
+    @classmethod
+    def from_gguf(cls, reader) -> "ModelConfig":
+        def get(key: str, default: Any = None) -> Any:
+            f = reader.fields.get(key)
+            return f.contents() if f is not None else default
+
+        arch = get("general.architecture", "llama")
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        hidden = int(get(f"{arch}.embedding_length"))
+        heads = int(get(f"{arch}.attention.head_count"))
+        names = {t.name for t in reader.tensors}
+        vocab = get(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        head_dim = get(f"{arch}.attention.key_length") or get(f"{arch}.rope.dimension_count") or hidden // heads
+        scaling = None
+        if get(f"{arch}.rope.scaling.type") in ("llama3",):  # rarely written; llama.cpp bakes rope_freqs
+            scaling = {"rope_type": "llama3", "factor": float(get(f"{arch}.rope.scaling.factor", 8.0))}
+        eos = get("tokenizer.ggml.eos_token_id", 2)
+        return cls(
+            vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(get(f"{arch}.feed_forward_length")),
+            num_layers=int(get(f"{arch}.block_count")), num_heads=heads,
+            num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(head_dim), rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(get(f"{arch}.context_length", 8192)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=[int(eos)] if eos is not None else [],
+        )
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2] in float32, as transformers computes them."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    sc = cfg.rope_scaling
+    kind = (sc or {}).get("rope_type", (sc or {}).get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+    factor = float(sc["factor"])
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_len = float(sc.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, inv_l)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=6,
+                        num_heads=8, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                        max_position_embeddings=2048, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_ids=[2]),
+    "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                           num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                           max_position_embeddings=8192, tie_word_embeddings=True,
+                           bos_token_id=1, eos_token_ids=[2]),
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

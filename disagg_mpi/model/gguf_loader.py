@@ -1,0 +1,89 @@
+"""GGUF checkpoints (llama.cpp): config from metadata, dequantized per-rank slices.
+
+llama.cpp stores Q/K rows permuted for its interleaved RoPE; we undo that per
+head (like transformers' reverse_permute) so the HF rotate_half RoPE applies.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from disagg_mpi.model.config import ModelConfig
+from disagg_mpi.model.weights import Fetch
+
+_LAYER_MAP = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_GLOBAL_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[hf_name]
+    m = _LAYER_RE.match(hf_name)
+    if not m or m.group(2) not in _LAYER_MAP:
+        raise KeyError(f"no GGUF name for {hf_name!r}")
+    return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+
+
+def open_gguf(path: str):
+    import gguf  # imported lazily: only GGUF users pay for it
+    return gguf.GGUFReader(path)
+
+
+def _dequantize_rows(t, start: int | None = None, end: int | None = None) -> np.ndarray:
+    """Dequantize rows [start, end) of a GGUF tensor (numpy row order) to float32."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    data = t.data if start is None else t.data[start:end]
+    qt = t.tensor_type
+    if qt == Q.F32:
+        return np.asarray(data, dtype=np.float32)
+    if qt == Q.F16:
+        return np.asarray(data).astype(np.float32)
+    if qt in (Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K):
+        return dequantize(np.asarray(data), qt)
+    raise ValueError(f"GGUF tensor {t.name}: quantization {qt.name} is not supported "
+                     "(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, K-quants)")
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpoint:
+    def __init__(self, path: str, reader=None):
+        self.path = path
+        self.reader = reader if reader is not None else open_gguf(path)
+        self.config = ModelConfig.from_gguf(self.reader)
+        self.arch = self.reader.fields["general.architecture"].contents()
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        if "rope_freqs.weight" in self.tensors:
+            raise ValueError(f"{path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+
+    def fetch(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        gname = gguf_name(name)
+        if gname not in self.tensors:
+            raise KeyError(f"{self.path}: tensor {gname!r} (for {name}) missing")
+        t = self.tensors[gname]
+        if dim == 0:
+            w = torch.from_numpy(_dequantize_rows(t, start, end).copy())
+        else:
+            w = torch.from_numpy(_dequantize_rows(t).copy())
+            if dim is not None:
+                w = w.narrow(dim, start, end - start).contiguous()
+        if self.arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            # Row slices cover whole heads, so the per-head permutation can be undone locally.
+            w = _unpermute(w, w.shape[0] // self.config.head_dim)
+        return w
+
+    def fetcher(self) -> Fetch:
+        return self.fetch

@@ -1,0 +1,61 @@
+"""HF checkpoint folder: config.json + model.safetensors (single or index-sharded).
+
+Tensors are opened lazily with safe_open and only this rank's slice is read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from disagg_mpi.model.config import ModelConfig
+from disagg_mpi.model.weights import Fetch
+
+
+def read_hf_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a HF model folder)")
+    return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in wm.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+class HFCheckpoint:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.config = read_hf_config(self.folder)
+        self.weight_map = _weight_map(self.folder)
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[path]
+
+    def fetch(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.folder}: tensor {name!r} missing from the checkpoint")
+        sl = self._handle(self.weight_map[name]).get_slice(name)
+        if dim is None:
+            return sl[:]
+        index = tuple([slice(None)] * dim + [slice(start, end)])
+        return sl[index]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def fetcher(self) -> Fetch:
+        return self.fetch

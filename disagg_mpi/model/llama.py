@@ -1,0 +1,191 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2-style q/k/v bias) over a paged KV pool.
+
+One module per rank: it holds only its TP slice of heads/MLP columns and its
+PP range of layers. Parameter names mirror HF LlamaForCausalLM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from disagg_mpi.model.attention import paged_attention, write_kv
+from disagg_mpi.model.config import ModelConfig, rope_inv_freq
+from disagg_mpi.model.context import get_forward_context
+from disagg_mpi.model.parallel import (ShardSpec, check_gqa_consistent, kv_head_range,
+                                       q_head_range, validate_split)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 then cast back before the scale, as HF does (matters in bf16).
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dt)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, shard: ShardSpec):
+        super().__init__()
+        d, hid, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
+        self.n_q, self.n_kv, self.d, self.shard = n_q, n_kv, d, shard
+        self.q_proj = nn.Linear(hid, n_q * d, bias=bias)
+        self.k_proj = nn.Linear(hid, n_kv * d, bias=bias)
+        self.v_proj = nn.Linear(hid, n_kv * d, bias=bias)
+        self.o_proj = nn.Linear(n_q * d, hid, bias=False)   # bias-free: TP partial sums are exact
+
+    def forward(self, x, cos, sin, pool, local_layer, meta):
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.n_q, self.d)
+        k = self.k_proj(x).view(n, self.n_kv, self.d)
+        v = self.v_proj(x).view(n, self.n_kv, self.d)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        write_kv(pool, local_layer, k, v, meta.slot_mapping)
+        o = paged_attention(q, k, v, pool, local_layer, meta)
+        o = self.o_proj(o.reshape(n, self.n_q * self.d))
+        if self.shard.tp_size > 1:
+            o = self.shard.all_reduce(o)
+        return o
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn_local: int, shard: ShardSpec):
+        super().__init__()
+        self.shard = shard
+        self.gate_proj = nn.Linear(cfg.hidden_size, ffn_local, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, ffn_local, bias=False)
+        self.down_proj = nn.Linear(ffn_local, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.shard.tp_size > 1:
+            y = self.shard.all_reduce(y)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, ffn_local: int, shard: ShardSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, n_q, n_kv, shard)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, ffn_local, shard)
+
+    def forward(self, h, cos, sin, pool, local_layer, meta):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, pool, local_layer, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Body(nn.Module):
+    """Holds embed_tokens / layers / norm so names read `model.layers.N...` like HF."""
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, shard: ShardSpec | None = None):
+        super().__init__()
+        shard = shard or ShardSpec()
+        cfg, tp = config, shard.tp_size
+        validate_split(cfg, tp, 1)
+        check_gqa_consistent(shard.tp_rank, tp, cfg.num_heads, cfg.num_kv_heads)
+        if tp > 1 and shard.all_reduce is None:
+            raise ValueError("ShardSpec.all_reduce is required when tp_size > 1")
+        self.config, self.shard = cfg, shard
+        self.layer_start = shard.layer_start
+        self.layer_end = shard.resolved_layer_end(cfg.num_layers)
+        if not 0 <= self.layer_start < self.layer_end <= cfg.num_layers:
+            raise ValueError(f"bad layer range [{self.layer_start}, {self.layer_end}) for "
+                             f"{cfg.num_layers} layers")
+        self.is_first = self.layer_start == 0
+        self.is_last = self.layer_end == cfg.num_layers
+        self.q_heads = q_head_range(shard.tp_rank, tp, cfg.num_heads)
+        self.kv_heads = kv_head_range(shard.tp_rank, tp, cfg.num_kv_heads)
+        ffn = cfg.intermediate_size // tp
+        self.ffn_range = (shard.tp_rank * ffn, (shard.tp_rank + 1) * ffn)
+        n_q = self.q_heads[1] - self.q_heads[0]
+        n_kv = self.kv_heads[1] - self.kv_heads[0]
+        self.num_local_layers = self.layer_end - self.layer_start
+        self.num_local_kv_heads = n_kv
+
+        self.model = _Body()
+        if self.is_first:
+            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleDict({
+            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard)
+            for i in range(self.layer_start, self.layer_end)})
+        if self.is_last:
+            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self._inv_freq: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, config: ModelConfig, shard: ShardSpec | None = None,
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "LlamaModel":
+        """Uninitialized parameters allocated on `device` (no CPU init of big matrices)."""
+        with torch.device("meta"):
+            m = cls(config, shard)
+        m = m.to(dtype=dtype).to_empty(device=device)
+        m.tie_weights()   # to_empty makes a new Parameter per module, undoing the tie
+        return m
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and self.is_first and self.is_last:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def allocate_kv_pool(self, num_blocks: int, block_size: int,
+                         device: str | torch.device | None = None) -> torch.Tensor:
+        return torch.zeros(num_blocks, self.num_local_layers, 2, self.num_local_kv_heads,
+                           block_size, self.config.head_dim, dtype=self.dtype,
+                           device=device if device is not None else self.device)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.config, positions.device)
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]   # fp32 like HF
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                kv_pool: torch.Tensor, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        meta = get_forward_context()
+        if self.is_first:
+            if input_ids is None:
+                raise ValueError("the first pipeline stage needs input_ids")
+            h = self.model.embed_tokens(input_ids.to(self.device))
+        else:
+            if hidden_states is None:
+                raise ValueError("a later pipeline stage needs hidden_states")
+            h = hidden_states.to(device=self.device, dtype=self.dtype)
+        cos, sin = self._rope(positions.to(h.device), h.dtype)
+        for i, layer in enumerate(self.model.layers.values()):
+            h = layer(h, cos, sin, kv_pool, i, meta)
+        if self.is_last:
+            h = self.model.norm(h)
+        return h
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.is_last:
+            raise RuntimeError("compute_logits is only available on the last pipeline stage")
+        return self.lm_head(hidden).float()

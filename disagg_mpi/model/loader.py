@@ -1,0 +1,79 @@
+"""`load_model(spec)`: one entry point for named, HF-folder, GGUF and random models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from disagg_mpi.model.config import PRESETS, ModelConfig, preset
+from disagg_mpi.model.llama import LlamaModel
+from disagg_mpi.model.parallel import ShardSpec
+from disagg_mpi.model.weights import load_weights
+
+ACCEPTED = ("'smollm2' (default), a HF folder (config.json + safetensors), a .gguf file, "
+            f"or random:<preset> with preset in {sorted(PRESETS)}")
+
+
+def _resolve(spec: str | os.PathLike) -> tuple[str, object]:
+    """-> (kind, payload): ('random', preset), ('gguf', path) or ('hf', folder)."""
+    s = str(spec)
+    if s.startswith("random:"):
+        name = s[len("random:"):]
+        if name not in PRESETS:
+            raise ValueError(f"model spec {s!r}: unknown preset {name!r}; accepted: {ACCEPTED}")
+        return "random", name
+    if s in ("smollm2", "default"):
+        from disagg_mpi.model.registry import default_model_path
+        return "gguf", str(default_model_path("smollm2"))
+    p = Path(s).expanduser()
+    if s.endswith(".gguf"):
+        if not p.is_file():
+            raise FileNotFoundError(f"model spec {s!r}: GGUF file not found")
+        return "gguf", str(p)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf", str(p)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", str(ggufs[0])
+        raise FileNotFoundError(f"model spec {s!r}: folder has no config.json (and not exactly one .gguf)")
+    if p.exists():
+        raise ValueError(f"model spec {s!r} is not supported; accepted: {ACCEPTED}")
+    raise FileNotFoundError(f"model spec {s!r} not found; accepted: {ACCEPTED}")
+
+
+def load_model_config(spec: str | os.PathLike) -> ModelConfig:
+    kind, arg = _resolve(spec)
+    if kind == "random":
+        return preset(arg)
+    if kind == "hf":
+        from disagg_mpi.model.hf_loader import read_hf_config
+        return read_hf_config(arg)
+    from disagg_mpi.model.gguf_loader import open_gguf
+    return ModelConfig.from_gguf(open_gguf(arg))
+
+
+def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", shard: ShardSpec | None = None,
+               seed: int = 0) -> LlamaModel:
+    """Build this rank's shard of the model and fill it; eval mode, no grads."""
+    shard = shard or ShardSpec()
+    kind, arg = _resolve(spec)
+    if kind == "random":
+        from disagg_mpi.model.random_init import random_fetch
+        cfg = preset(arg)
+        fetch = random_fetch(cfg, seed, dtype, device)
+    elif kind == "hf":
+        from disagg_mpi.model.hf_loader import HFCheckpoint
+        ckpt = HFCheckpoint(arg)
+        cfg, fetch = ckpt.config, ckpt.fetcher()
+    else:
+        from disagg_mpi.model.gguf_loader import GGUFCheckpoint
+        ckpt = GGUFCheckpoint(arg)
+        cfg, fetch = ckpt.config, ckpt.fetcher()
+    model = LlamaModel.empty(cfg, shard, dtype=dtype, device=device)
+    load_weights(model, fetch)
+    model.eval()
+    model.requires_grad_(False)
+    return model

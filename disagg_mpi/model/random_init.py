@@ -1,0 +1,45 @@
+"""Seeded random weights (for presets without a checkpoint, e.g. Llama-3.1-8B shapes on a GPU).
+
+Each tensor comes from its own generator seeded by (seed, name), generated in
+full and then sliced, so every TP/PP layout sees the same global weights.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from disagg_mpi.model.config import ModelConfig
+from disagg_mpi.model.weights import Fetch, slice_tensor
+
+STD = 0.02
+
+
+def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (cfg.vocab_size, h)
+    if name.endswith("norm.weight"):
+        return (h,)
+    last = name.split(".")[-2]
+    rows = {"q_proj": cfg.num_heads * d, "k_proj": cfg.num_kv_heads * d, "v_proj": cfg.num_kv_heads * d,
+            "o_proj": h, "gate_proj": f, "up_proj": f, "down_proj": h}[last]
+    if name.endswith(".bias"):
+        return (rows,)
+    cols = {"o_proj": cfg.num_heads * d, "down_proj": f}.get(last, h)
+    return (rows, cols)
+
+
+def random_fetch(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: str | torch.device) -> Fetch:
+    device = torch.device(device)
+
+    def fetch(name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        shape = full_shape(cfg, name)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype, device=device)
+        g = torch.Generator(device=device)
+        g.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        t = torch.randn(shape, generator=g, dtype=dtype, device=device).mul_(STD)
+        return slice_tensor(t, dim, start, end)
+
+    return fetch

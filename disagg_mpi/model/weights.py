@@ -1,0 +1,74 @@
+"""Which tensor slices a sharded LlamaModel needs, and copying them in.
+
+Loaders only implement `fetch(source_name, dim, start, end) -> Tensor` in HF
+names; the plan says which rows/columns this rank's ShardSpec holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    source: str              # HF tensor name in the checkpoint
+    dim: int | None = None   # None: the whole tensor
+    start: int = 0
+    end: int = 0
+
+
+Fetch = Callable[[str, int | None, int, int], torch.Tensor]
+
+
+def weight_plan(model) -> dict[str, WeightSlice]:
+    """Parameter name -> slice of a checkpoint tensor, for the rank's shard."""
+    cfg, d = model.config, model.config.head_dim
+    qs, qe = model.q_heads
+    ks, ke = model.kv_heads
+    i0, i1 = model.ffn_range
+    plan: dict[str, WeightSlice] = {}
+    if model.is_first:
+        plan["model.embed_tokens.weight"] = WeightSlice("model.embed_tokens.weight")
+    for layer in range(model.layer_start, model.layer_end):
+        p = f"model.layers.{layer}."
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            plan[p + n] = WeightSlice(p + n)
+        for proj, (a, b) in (("q_proj", (qs, qe)), ("k_proj", (ks, ke)), ("v_proj", (ks, ke))):
+            names = ["weight", "bias"] if cfg.attention_bias else ["weight"]
+            for kind in names:
+                n = f"{p}self_attn.{proj}.{kind}"
+                plan[n] = WeightSlice(n, 0, a * d, b * d)
+        n = p + "self_attn.o_proj.weight"
+        plan[n] = WeightSlice(n, 1, qs * d, qe * d)
+        for proj in ("gate_proj", "up_proj"):
+            n = f"{p}mlp.{proj}.weight"
+            plan[n] = WeightSlice(n, 0, i0, i1)
+        n = p + "mlp.down_proj.weight"
+        plan[n] = WeightSlice(n, 1, i0, i1)
+    if model.is_last:
+        plan["model.norm.weight"] = WeightSlice("model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            plan["lm_head.weight"] = WeightSlice("lm_head.weight")
+        elif not model.is_first:
+            # Tied, but the embedding lives on another stage: keep our own copy.
+            plan["lm_head.weight"] = WeightSlice("model.embed_tokens.weight")
+    return plan
+
+
+def slice_tensor(t: torch.Tensor, dim: int | None, start: int, end: int) -> torch.Tensor:
+    return t if dim is None else t.narrow(dim, start, end - start)
+
+
+@torch.no_grad()
+def load_weights(model, fetch: Fetch) -> None:
+    params = dict(model.named_parameters())
+    for name, ws in weight_plan(model).items():
+        t = fetch(ws.source, ws.dim, ws.start, ws.end)
+        p = params[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{ws.source}: checkpoint slice has shape {tuple(t.shape)}, "
+                             f"model expects {tuple(p.shape)} for {name}")
+        p.copy_(t.to(device=p.device, dtype=p.dtype))
+    model.tie_weights()

@@ -1,0 +1,298 @@
+"""Rank 0 (kLEADER): routes requests and keeps the two-phase flow together.
+
+Follows the seed's `DisaggExecutorOrchestrator`: `enqueue_context`,
+`enqueue_generation`, `await_context_responses`, `await_generation_responses`,
+each keyed by a *global* request id; the orchestrator maps it to the
+request ids of the context and generation executors. `generate` drives both
+phases for callers who do not want to.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import ContextPhaseParams, Request, RequestType, Response, Result
+from ..config import Topology
+from ..runtime.comms import TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms, recv_ready, send
+from .router import Router
+
+_CTX, _GEN = "context", "generation"
+
+
+@dataclass
+class _Track:
+    """What rank 0 knows of one global request."""
+
+    request: Request
+    t_enqueue: float = field(default_factory=time.perf_counter)
+    phase: str = _GEN
+    executor: int = -1
+    exec_req_id: int = -1
+    t_first: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cancelled: bool = False
+
+
+class DisaggOrchestrator:
+    def __init__(self, topo: Topology, comms: Comms):
+        self.topo = topo
+        self.comms = comms
+        n_ctx = len(topo.context_executors)
+        self.context_ids = list(range(n_ctx))
+        self.generation_ids = list(range(n_ctx, len(topo.executors)))
+        self.leaders = {i: e.participant_ids[0] for i, e in enumerate(topo.executors)}
+        self.router = Router(topo.router.policy)
+        self.load: dict[int, int] = {i: 0 for i in self.leaders}
+        self.free_blocks: dict[int, int] = {}
+        self.devices: dict[int, str] = {}
+        self._gids = itertools.count(1)
+        self._exec_ids = itertools.count(1)
+        self._tracks: dict[int, _Track] = {}
+        self._by_exec: dict[tuple[int, int], int] = {}
+        self._queues: dict[str, deque[tuple[int, Response]]] = {_CTX: deque(), _GEN: deque()}
+        self._seed_rng = random.Random()
+        self._backoff = Backoff()
+
+    # ---- enqueue ---------------------------------------------------------
+
+    def _route(self, candidates: list[int], select: int | None, what: str) -> int:
+        if select is None:
+            return self.router.pick(candidates, self.load)
+        if select not in candidates:
+            raise ValueError(f"select_{what}_id={select} is not a {what} executor; allowed: {candidates}")
+        return select
+
+    def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
+        t = self._tracks[gid]
+        t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
+        self._by_exec[(executor, t.exec_req_id)] = gid
+        self.load[executor] += len(request.input_token_ids) + request.max_tokens
+        send(self.comms.ctl, {"op": "enqueue", "items": [[t.exec_req_id, request.to_dict()]]},
+             self.leaders[executor], TAG_TO_EXEC)
+
+    def _new(self, request: Request) -> tuple[int, Request]:
+        request = copy.deepcopy(request)
+        sc = request.sampling_config
+        if sc.seed is None and sc.temperature > 0:
+            sc.seed = self._seed_rng.getrandbits(63)  # both phases must sample with the same seed
+        gid = next(self._gids)
+        self._tracks[gid] = _Track(request)
+        return gid, request
+
+    def enqueue_requests(self, requests: Sequence[Request], select_id: int | None = None) -> list[int]:
+        """Aggregated serving: each request runs both phases on one executor."""
+        out = []
+        for r in requests:
+            gid, r = self._new(r)
+            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION
+            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen"), _GEN)
+            out.append(gid)
+        return out
+
+    def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None) -> list[int]:
+        out = []
+        for r in requests:
+            gid, r = self._new(r)
+            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
+            ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context")
+            self._dispatch(gid, r, ex, _CTX)
+            out.append(gid)
+        return out
+
+    def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
+                           select_gen_id: int | None = None) -> None:
+        for r, gid in zip(requests, global_ids, strict=True):
+            if gid not in self._tracks:
+                raise KeyError(f"global request id {gid} is unknown")
+            r = copy.deepcopy(r)
+            r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
+            self._tracks[gid].request = r
+            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen"), _GEN)
+
+    def cancel_request(self, gid: int) -> None:
+        t = self._tracks.get(gid)
+        if t is None:
+            return
+        t.cancelled = True
+        send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id}, self.leaders[t.executor], TAG_TO_EXEC)
+
+    # ---- responses -------------------------------------------------------
+
+    def poll(self) -> bool:
+        got_any = False
+        while (got := recv_ready(self.comms.ctl, _any(), TAG_TO_ORCH)):
+            msg, _ = got
+            got_any = True
+            ex = msg["executor"]
+            if msg["op"] != "responses":
+                continue
+            self.load[ex] = msg["load"]
+            self.free_blocks[ex] = msg["free_blocks"]
+            now = time.perf_counter()
+            for rd in msg["responses"]:
+                resp = Response.from_dict(rd)
+                gid = self._by_exec.get((ex, resp.request_id))
+                if gid is None:
+                    continue
+                t = self._tracks[gid]
+                if resp.result is not None and resp.result.output_token_ids and t.t_first is None:
+                    t.t_first = now
+                if resp.is_final:
+                    del self._by_exec[(ex, resp.request_id)]
+                phase = _CTX if self.topo.is_context(ex) and t.phase == _CTX else _GEN
+                resp.request_id = gid
+                self._queues[phase].append((gid, resp))
+        return got_any
+
+    def _await(self, phase: str, timeout: float | None) -> list[tuple[int, Response]]:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        q = self._queues[phase]
+        while not q:
+            if self.poll():
+                self._backoff.busy()
+                continue
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+            self._backoff.idle()
+        out = list(q)
+        q.clear()
+        return out
+
+    def await_context_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        return self._await(_CTX, timeout)
+
+    def await_generation_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        return self._await(_GEN, timeout)
+
+    def await_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        """Both phases' responses, whichever arrive first."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            self.poll()
+            out = list(self._queues[_CTX]) + list(self._queues[_GEN])
+            if out or (deadline is not None and time.perf_counter() >= deadline):
+                self._queues[_CTX].clear()
+                self._queues[_GEN].clear()
+                return out
+            self._backoff.idle()
+
+    # ---- one call for both phases ------------------------------------------
+
+    def generate(self, requests: Sequence[Request], timeout: float | None = None,
+                 on_response: Callable[[int, Response], None] | None = None) -> list[Response]:
+        """Run requests to completion through both phases; final responses in input order.
+
+        Each final response carries every output token (the first one included)
+        and the request's metrics: ttft_ms, e2e_ms, context_executor,
+        generation_executor, kv_transfer_ms, kv_transfer_bytes.
+        """
+        gids = self.submit(requests)
+        done: dict[int, Response] = {}
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while len(done) < len(gids):
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            if left == 0.0:
+                raise TimeoutError(f"{len(gids) - len(done)} requests did not finish in {timeout} s")
+            for gid, resp in self.advance(self.await_responses(timeout=left)):
+                if on_response is not None:
+                    on_response(gid, resp)
+                if resp.is_final:
+                    done[gid] = resp
+        return [done[g] for g in gids]
+
+    def submit(self, requests: Sequence[Request]) -> list[int]:
+        """Start requests the way the topology serves them (disaggregated if it can)."""
+        if self.context_ids:
+            return self.enqueue_context(requests)
+        return self.enqueue_requests(requests)
+
+    def advance(self, responses: list[tuple[int, Response]]) -> list[tuple[int, Response]]:
+        """Move context responses on to generation; returns the client-visible responses.
+
+        Streaming responses pass through as they come (new tokens only); a final
+        response holds all output tokens.
+        """
+        out = []
+        for gid, resp in responses:
+            t = self._tracks.get(gid)
+            if t is None:
+                continue
+            if t.phase == _CTX:
+                t.metrics["context_executor"] = t.executor
+                cpp = resp.result.context_phase_params if resp.result else None
+                if resp.has_error() or cpp is None:
+                    out.append((gid, self._final(gid, resp)))  # error, or finished by the first token
+                    continue
+                if t.cancelled:
+                    send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id},
+                         self.leaders[t.executor], TAG_TO_EXEC)  # frees the held blocks
+                    out.append((gid, self._final(gid, Response(gid, Result([], True, "cancelled")))))
+                    continue
+                req = copy.deepcopy(t.request)
+                req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
+                self.enqueue_generation([req], [gid])
+                continue
+            t.metrics.setdefault("generation_executor", t.executor)
+            if resp.is_final:
+                out.append((gid, self._final(gid, resp)))
+            else:
+                t.metrics.setdefault("streamed", []).extend(resp.result.output_token_ids)
+                out.append((gid, resp))
+        return out
+
+    def _final(self, gid: int, resp: Response) -> Response:
+        t = self._tracks.pop(gid)
+        now = time.perf_counter()
+        m = t.metrics
+        streamed = m.pop("streamed", [])
+        if resp.result is not None:
+            tokens = streamed + list(resp.result.output_token_ids) if t.request.streaming else list(
+                resp.result.output_token_ids)
+            m.update({k: v for k, v in resp.result.metrics.items() if k != "executor"})
+            resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
+        else:
+            resp = Response(gid, None, resp.error_msg, resp.client_id)
+        first = t.t_first if t.t_first is not None else now
+        m["ttft_ms"] = (first - t.t_enqueue) * 1e3
+        m["e2e_ms"] = (now - t.t_enqueue) * 1e3
+        return resp
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Wait for every executor to load its model; raise if any failed."""
+        left = set(self.leaders)
+        deadline = time.perf_counter() + timeout
+        errors = []
+        while left:
+            got = recv_ready(self.comms.ctl, _any(), TAG_TO_ORCH)
+            if got is None:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"executors {sorted(left)} did not start within {timeout} s")
+                self._backoff.idle()
+                continue
+            msg, _ = got
+            if msg["op"] == "ready":
+                left.discard(msg["executor"])
+                self.devices[msg["executor"]] = msg.get("device", "?")
+                if msg["error"]:
+                    errors.append(msg["error"])
+        if errors:
+            raise RuntimeError("executors failed to start:\n  " + "\n  ".join(errors))
+
+    def shutdown(self) -> None:
+        for leader in self.leaders.values():
+            send(self.comms.ctl, {"op": "shutdown"}, leader, TAG_TO_EXEC)
+
+
+def _any() -> int:
+    from mpi4py import MPI
+
+    return MPI.ANY_SOURCE

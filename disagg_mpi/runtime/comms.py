@@ -1,0 +1,107 @@
+"""Communicators of one job, split from the world by the YAML topology.
+
+```
+world ─┬─ ctl  (dup): control messages, typed by tag
+       ├─ kv   (dup): KV bytes, so data tags never meet control tags
+       ├─ executor (Split by executor id): its TP x PP ranks, leader = local 0
+       │    └─ tp (Split by PP stage): the ranks that all-reduce together
+       └─ phase (Split): all context ranks / all generation ranks
+```
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from mpi4py import MPI
+
+from ..config import ConfigError, Topology
+
+# Tags on the control communicator.
+TAG_TO_EXEC = 1  # rank 0 -> executor leader: enqueue, cancel, shutdown
+TAG_TO_ORCH = 2  # executor leader -> rank 0: ready, responses
+TAG_PEER = 3  # leader <-> leader: claim, claim reply, release
+TAG_MEMBER = 4  # leader -> its other ranks: step, pull, shutdown
+TAG_MEMBER_DONE = 5  # member -> its leader: a pull finished here
+TAG_KEY = 6  # rank 0 -> everyone: the launch key
+
+
+@dataclass
+class Comms:
+    world: Any
+    ctl: Any
+    kv: Any
+    executor: Any | None  # None on rank 0
+    tp: Any | None
+    phase: Any | None
+    executor_id: int | None
+    local_rank: int  # rank inside the executor (pp_stage * tp + tp_rank)
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    def free(self) -> None:
+        for c in (self.tp, self.executor, self.phase, self.kv, self.ctl):
+            if c is not None and c != MPI.COMM_NULL:
+                c.Free()
+
+
+def build_comms(topo: Topology, world: Any = None) -> Comms:
+    """Collective over `world`: every rank must call it."""
+    world = world or MPI.COMM_WORLD
+    if world.Get_size() != topo.world_size:
+        raise ConfigError(
+            f"the MPI job has {world.Get_size()} ranks but the topology needs {topo.world_size} "
+            f"(1 orchestrator + {topo.world_size - 1} executor ranks); run mpiexec -n {topo.world_size}")
+    rank = world.Get_rank()
+    ctl, kv = world.Dup(), world.Dup()
+    found = topo.executor_of_rank(rank)
+    if found is None:
+        ex_id, local, color, phase_color = None, 0, MPI.UNDEFINED, MPI.UNDEFINED
+    else:
+        ex_id, spec = found
+        local = spec.participant_ids.index(rank)
+        color, phase_color = ex_id, (0 if topo.is_context(ex_id) else 1)
+    executor = world.Split(color, local)
+    phase = world.Split(phase_color, rank)
+    tp = None
+    if ex_id is not None:
+        tp_size = topo.executors[ex_id].tensor_parallel_size
+        tp = executor.Split(local // tp_size, local % tp_size)
+    return Comms(world, ctl, kv, None if ex_id is None else executor, tp,
+                 None if ex_id is None else phase, ex_id, local)
+
+
+def send(comm: Any, msg: dict, dest: int, tag: int) -> None:
+    comm.send(msgpack.packb(msg), dest=dest, tag=tag)
+
+
+def recv_ready(comm: Any, source: int, tag: int) -> tuple[dict, int] | None:
+    """A waiting message, or None; never blocks."""
+    status = MPI.Status()
+    if not comm.Iprobe(source=source, tag=tag, status=status):
+        return None
+    src = status.Get_source()
+    return msgpack.unpackb(comm.recv(source=src, tag=tag), strict_map_key=False), src
+
+
+class Backoff:
+    """Sleep a little longer each idle turn, so waiting ranks leave the cores free.
+
+    MPICH's blocking calls spin; on 2 cores with 3-8 ranks that starves the ranks
+    doing work (FACTS.md), so every waiting loop polls and sleeps instead.
+    """
+
+    def __init__(self, start: float = 50e-6, cap: float = 2e-3):
+        self.start, self.cap, self.delay = start, cap, start
+
+    def idle(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+
+    def busy(self) -> None:
+        self.delay = self.start

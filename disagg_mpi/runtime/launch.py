@@ -1,0 +1,59 @@
+"""The SPMD entry point: `with disagg_mpi.launch(config) as orchestrator:`.
+
+Every rank of the job enters the block. Rank 0 gets the orchestrator; every
+other rank runs its executor until rank 0 leaves the block, then gets None,
+so scripts read `if orchestrator: ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from mpi4py import MPI
+
+from ..config import Topology, load_topology, validate_against_model
+from ..orchestrator.orchestrator import DisaggOrchestrator
+from .comms import build_comms
+from .worker import run_executor_rank
+
+log = logging.getLogger(__name__)
+
+
+def _topology(config: str | Path | Topology) -> Topology:
+    return config if isinstance(config, Topology) else load_topology(config)
+
+
+@contextlib.contextmanager
+def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestrator | None]:
+    """Collective over the world: start executors, yield the orchestrator on rank 0."""
+    from ..model.loader import load_model_config
+
+    world = world or MPI.COMM_WORLD
+    topo = _topology(config)
+    mc = load_model_config(topo.model.path)
+    validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
+    comms = build_comms(topo, world)
+    # The key that signs context params: made on rank 0, known to every rank.
+    key = world.bcast(secrets.token_bytes(32) if comms.rank == 0 else None, root=0)
+    try:
+        if comms.rank == 0:
+            orch = DisaggOrchestrator(topo, comms)
+            try:
+                orch.wait_ready()
+                for ex, dev in sorted(orch.devices.items()):
+                    kind = "context" if topo.is_context(ex) else "generation"
+                    log.info("executor %d (%s) on ranks %s, device %s", ex, kind,
+                             topo.executors[ex].participant_ids, dev)
+                yield orch
+            finally:
+                orch.shutdown()
+        else:
+            run_executor_rank(topo, comms, key)
+            yield None
+    finally:
+        world.Barrier()
+        comms.free()

@@ -1,0 +1,237 @@
+"""The loop every executor rank runs: its leader decides, the others mirror.
+
+The leader owns the `LLMEngine` and talks to rank 0 and to other leaders; it
+sends each step (and each KV pull) to the executor's other ranks, which run
+the same `ModelRunner.execute` / `KvTransceiver.start_pull` (SPMD). Every rank
+progresses its own transceiver each turn, so context ranks serve pulls and
+generation ranks receive them between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..config import Topology
+from ..engine.llm_engine import LLMEngine
+from ..engine.model_runner import ModelRunner, ParallelInfo, StepPlan
+from ..model.loader import load_model
+from ..model.parallel import ShardSpec
+from ..transfer.cache_state import CacheState
+from ..transfer.opaque import OpaqueState
+from ..transfer.transceiver import KvTransceiver
+from .comms import (TAG_MEMBER, TAG_MEMBER_DONE, TAG_PEER, TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms,
+                    recv_ready, send)
+from .devices import select_device
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MpiGroup:
+    """The leader's view of its executor's ranks (itself included)."""
+
+    def __init__(self, comms: Comms, runner: ModelRunner, transceiver: KvTransceiver | None,
+                 members: list[int], key: bytes):
+        self.comms, self.runner, self.transceiver = comms, runner, transceiver
+        self.members = members  # world ranks of the other ranks of this executor
+        self.key = key
+        self._left: dict[int, set[int]] = {}  # req -> ranks still receiving
+        self._bytes: dict[int, int] = {}
+        self._done: list[tuple[int, int, float]] = []
+        self._t0: dict[int, float] = {}
+
+    def run_step(self, plan: StepPlan) -> list[int]:
+        msg = {"op": "step", "plan": plan.to_dict()}
+        for m in self.members:
+            send(self.comms.ctl, msg, m, TAG_MEMBER)
+        return self.runner.execute(plan)
+
+    def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None:
+        assert self.transceiver is not None
+        msg = {"op": "pull", "req_id": req_id, "opaque": opaque.encode(self.key), "blocks": blocks}
+        for m in self.members:
+            send(self.comms.ctl, msg, m, TAG_MEMBER)
+        self._left[req_id] = {self.comms.rank, *self.members}
+        self._bytes[req_id] = 0
+        self._t0[req_id] = time.perf_counter()
+        self.transceiver.start_pull(req_id, opaque, blocks)
+
+    def _mark(self, req_id: int, rank: int, nbytes: int) -> None:
+        left = self._left.get(req_id)
+        if left is None:
+            return
+        left.discard(rank)
+        self._bytes[req_id] += nbytes
+        if not left:
+            del self._left[req_id]
+            self._done.append((req_id, self._bytes.pop(req_id), time.perf_counter() - self._t0.pop(req_id)))
+
+    def progress(self) -> bool:
+        """Move bytes; True if anything happened."""
+        busy = False
+        if self.transceiver is not None:
+            for req_id, nbytes, _ in self.transceiver.poll():
+                self._mark(req_id, self.comms.rank, nbytes)
+                busy = True
+            busy = busy or self.transceiver.busy
+        while (got := recv_ready(self.comms.ctl, _ANY(), TAG_MEMBER_DONE)):
+            msg, src = got
+            self._mark(msg["req_id"], src, msg["bytes"])
+            busy = True
+        return busy
+
+    def poll_transfers(self) -> list[tuple[int, int, float]]:
+        out, self._done = self._done, []
+        return out
+
+    @property
+    def receiving(self) -> bool:
+        return bool(self._left)
+
+    def shutdown(self) -> None:
+        for m in self.members:
+            send(self.comms.ctl, {"op": "shutdown"}, m, TAG_MEMBER)
+
+
+def _ANY() -> int:  # noqa: N802 - reads like the MPI constant it returns
+    from mpi4py import MPI
+
+    return MPI.ANY_SOURCE
+
+
+def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTransceiver | None, CacheState,
+                                                               ParallelInfo, Any]:
+    from ..model.loader import load_model_config
+
+    ex_id = comms.executor_id
+    spec = topo.executors[ex_id]
+    cfg = spec.executor_config(topo.dtype_for(spec))
+    mc = load_model_config(topo.model.path)
+    tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
+    cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.kv_cache_config.block_size,
+                                    cfg.dtype, tp, pp, spec.layer_split)
+    par = ParallelInfo(comms.local_rank % tp, tp, comms.local_rank // tp, pp, comms.executor)
+    l0, l1 = cache_state.layer_range(par.pp_stage)
+    shard = ShardSpec(par.tp_rank, tp, l0, l1, _allreduce(comms.tp) if tp > 1 else None)
+    device = select_device(spec.device_ids, comms.local_rank)
+    model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed)
+    runner = ModelRunner(model, cfg.kv_cache_config.num_blocks, cfg.kv_cache_config.block_size, device, par)
+    tc = cfg.cache_transceiver_config
+    transceiver = (KvTransceiver(comms.kv, runner.kv_pool, cache_state, comms.local_rank, tc)
+                   if tc.enable_cache_transceiver else None)
+    return runner, transceiver, cache_state, par, (cfg, mc)
+
+
+def _allreduce(comm: Any):
+    from mpi4py import MPI
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        dev, dtype = x.device, x.dtype
+        buf = x.detach().to("cpu", torch.float32).contiguous()
+        comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
+        return buf.to(dev, dtype)
+
+    return all_reduce
+
+
+def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:
+    """Serve until rank 0 says shutdown. Collective over the executor."""
+    spec = topo.executors[comms.executor_id]
+    leader = spec.participant_ids[0]
+    try:
+        runner, transceiver, cache_state, par, (cfg, mc) = _build(topo, comms, key)
+        error = None
+    except Exception as err:  # noqa: BLE001 - reported to rank 0, which fails the launch loudly
+        log.exception("rank %d: could not build its executor", comms.rank)
+        error = f"rank {comms.rank}: {type(err).__name__}: {err}"
+    if comms.rank != leader:
+        if error:
+            raise RuntimeError(error)
+        _member_loop(comms, runner, transceiver, leader, key)
+        return
+    if error:
+        send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": error}, 0, TAG_TO_ORCH)
+        return
+    members = spec.participant_ids[1:]
+    group = MpiGroup(comms, runner, transceiver, members, key)
+    engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
+                       send_peer=lambda dest, msg: send(comms.ctl, msg, dest, TAG_PEER))
+    send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": None,
+                     "device": str(runner.device)}, 0, TAG_TO_ORCH)
+    _leader_loop(comms, engine, group, cfg)
+    group.shutdown()
+
+
+def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> None:
+    backoff = Backoff()
+    overlap = cfg.cache_transceiver_config.overlap
+    while True:
+        active = False
+        while (got := recv_ready(comms.ctl, 0, TAG_TO_EXEC)):
+            msg, _ = got
+            active = True
+            op = msg["op"]
+            if op == "enqueue":
+                from ..api import Request
+
+                for req_id, rd in msg["items"]:
+                    engine.add_request(req_id, Request.from_dict(rd))
+            elif op == "cancel":
+                engine.cancel(msg["req_id"])
+            elif op == "shutdown":
+                return
+        while (got := recv_ready(comms.ctl, _ANY(), TAG_PEER)):
+            msg, src = got
+            active = True
+            op = msg["op"]
+            if op == "claim":
+                err = engine.claim_context(msg["ctx_req_id"], msg["blocks"], src)
+                send(comms.ctl, {"op": "claim_reply", "gen_req_id": msg["gen_req_id"], "error": err},
+                     src, TAG_PEER)
+            elif op == "claim_reply":
+                engine.on_claim_reply(msg["gen_req_id"], msg["error"])
+            elif op == "release":
+                engine.release_context(msg["ctx_req_id"])
+        active |= group.progress()
+        if engine.busy and (overlap or not group.receiving):
+            engine.step()
+            active = True
+        responses = engine.take_responses()
+        if responses:
+            send(comms.ctl, {"op": "responses", "executor": comms.executor_id,
+                             "responses": [r.to_dict() for r in responses], "load": engine.load(),
+                             "free_blocks": engine.blocks.num_free}, 0, TAG_TO_ORCH)
+        if active:
+            backoff.busy()
+        else:
+            backoff.idle()
+
+
+def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver | None, leader: int,
+                 key: bytes) -> None:
+    backoff = Backoff()
+    while True:
+        active = False
+        while (got := recv_ready(comms.ctl, leader, TAG_MEMBER)):
+            msg, _ = got
+            active = True
+            if msg["op"] == "step":
+                runner.execute(StepPlan.from_dict(msg["plan"]))
+            elif msg["op"] == "pull":
+                transceiver.start_pull(msg["req_id"], OpaqueState.decode(msg["opaque"], key), msg["blocks"])
+            elif msg["op"] == "shutdown":
+                return
+        if transceiver is not None:
+            for req_id, nbytes, _ in transceiver.poll():
+                send(comms.ctl, {"op": "pulled", "req_id": req_id, "bytes": nbytes}, leader, TAG_MEMBER_DONE)
+                active = True
+            active = active or transceiver.busy
+        if active:
+            backoff.busy()
+        else:
+            backoff.idle()

@@ -1,0 +1,54 @@
+"""The opaque state inside `ContextPhaseParams`: where a context's KV lives.
+
+Context-only responses leave the job (over HTTP), so the state is signed with
+a key made at launch (HMAC-SHA256); the generation side refuses forged or
+altered params before any byte moves, and the context leader refuses replays
+(a context is claimed once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import msgpack
+
+from .cache_state import CacheState
+
+
+class OpaqueStateError(ValueError):
+    """Params that are malformed, forged or altered."""
+
+
+@dataclass(frozen=True)
+class OpaqueState:
+    executor_id: int  # which context executor (index in the topology)
+    world_ranks: tuple[int, ...]  # its ranks, in executor-local order
+    ctx_req_id: int  # the context request that owns the blocks
+    block_ids: tuple[int, ...]  # the blocks holding the prompt's KV, in order
+    num_tokens: int  # tokens of KV in those blocks
+    cache_state: CacheState
+
+    def _payload(self) -> bytes:
+        return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
+                              list(self.block_ids), self.num_tokens, self.cache_state.to_dict()])
+
+    def encode(self, key: bytes) -> bytes:
+        payload = self._payload()
+        sig = hmac.new(key, payload, hashlib.sha256).digest()
+        return msgpack.packb({"v": 1, "p": payload, "s": sig})
+
+    @classmethod
+    def decode(cls, blob: bytes, key: bytes) -> OpaqueState:
+        try:
+            outer = msgpack.unpackb(blob)
+            payload, sig = outer["p"], outer["s"]
+        except Exception:  # noqa: BLE001 - any garbage is the same error to the client
+            raise OpaqueStateError("context_phase_params.opaque_state is malformed") from None
+        want = hmac.new(key, payload, hashlib.sha256).digest()
+        if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
+            raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
+                                   "(forged, altered, or from another job)")
+        ex, ranks, rid, blocks, ntok, cs = msgpack.unpackb(payload)
+        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs))

@@ -1,0 +1,299 @@
+"""Phase-free scheduler: budgets, chunked prefill, ordering, stop rules, aborts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from disagg_mpi.engine.block_manager import BlockManager
+from disagg_mpi.engine.scheduler import RequestTooLargeError, ScheduledStep, Scheduler
+from disagg_mpi.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+EOS = 2
+
+
+def make_seq(req_id: int, prompt_len: int, max_tokens: int = 4, **kw) -> Sequence:
+    prompt = [10 + (req_id * 31 + i) % 50 for i in range(prompt_len)]
+    return Sequence(req_id, prompt, max_tokens, eos_token_ids={EOS}, **kw)
+
+
+def make_sched(num_blocks=64, block_size=4, max_batch_size=4, max_num_tokens=16, reuse=False):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_reuse=reuse)
+    return Scheduler(bm, max_batch_size, max_num_tokens)
+
+
+def run_step(sched: Scheduler, token: int = 7) -> tuple[ScheduledStep, list[Sequence]]:
+    """Schedule, build inputs, 'sample' `token` for each sampling sequence, update."""
+    step = sched.schedule()
+    inputs = sched.make_step_inputs(step)
+    return step, sched.update(step, {r: token for r in inputs.sample_req_ids})
+
+
+def test_budget_and_batch_size_respected_every_step():
+    sched = make_sched(max_batch_size=3, max_num_tokens=10)
+    for r in range(8):
+        sched.add(make_seq(r, prompt_len=3 + 2 * r, max_tokens=3))
+    steps = 0
+    while sched.has_work():
+        step, _ = run_step(sched)
+        assert 0 < step.num_tokens <= 10
+        assert len(step) <= 3 and len(sched.running) <= 3
+        steps += 1
+        assert steps < 100
+    sched.block_manager.check_full()
+
+
+def test_chunked_prefill_positions_and_slots():
+    sched = make_sched(block_size=4, max_num_tokens=8)
+    seq = make_seq(0, prompt_len=19, max_tokens=2)
+    sched.add(seq)
+    table = None
+    seen_positions: list[int] = []
+    chunks = []
+    while seq.output_ids == []:
+        step = sched.schedule()
+        inp = sched.make_step_inputs(step)
+        table = sched.block_manager.block_table(0)
+        chunks.append(step.items[0][1])
+        assert inp.input_ids == seq.prompt_ids[inp.positions[0] : inp.positions[-1] + 1]
+        assert inp.slot_mapping == [table[p // 4] * 4 + p % 4 for p in inp.positions]
+        assert inp.context_lens == [inp.positions[-1] + 1]
+        seen_positions += inp.positions
+        # Only the chunk that ends the prompt samples, at its last token.
+        assert inp.sample_indices == ([len(inp.positions) - 1] if seen_positions[-1] == 18 else [])
+        sched.update(step, {0: 5} if inp.sample_req_ids else {})
+    assert chunks == [8, 8, 3]
+    assert seen_positions == list(range(19))
+    # Decode: the last output token at position num_tokens - 1.
+    inp = sched.make_step_inputs(sched.schedule())
+    assert inp.input_ids == [5] and inp.positions == [19]
+    assert inp.slot_mapping == [table[19 // 4] * 4 + 19 % 4]
+    assert inp.sample_indices == [0] and inp.context_lens == [20]
+
+
+def test_decode_first_then_prefill_chunks_then_admission():
+    sched = make_sched(max_batch_size=4, max_num_tokens=6)
+    a, b, c = make_seq(0, 2, max_tokens=5), make_seq(1, 10, max_tokens=5), make_seq(2, 3)
+    sched.add(a)
+    run_step(sched)  # a prefilled, sampled its first token
+    sched.add(b)
+    sched.add(c)
+    step, _ = run_step(sched)
+    assert [(s.req_id, n) for s, n in step.items] == [(0, 1), (1, 5)]
+    step, _ = run_step(sched)
+    # b's running prefill goes before c's admission and uses up the budget.
+    assert [(s.req_id, n) for s, n in step.items] == [(0, 1), (1, 5)]
+    step, _ = run_step(sched)
+    # Two decodes first, then c admitted with what is left.
+    assert [(s.req_id, n) for s, n in step.items] == [(0, 1), (1, 1), (2, 3)]
+
+
+def test_staggered_arrivals_all_finish_with_block_accounting():
+    sched = make_sched(num_blocks=20, block_size=4, max_batch_size=3, max_num_tokens=8)
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4, 5], 7: [6]}
+    finished: list[int] = []
+    for t in range(200):
+        for r in arrivals.get(t, []):
+            sched.add(make_seq(r, prompt_len=5 + 3 * r, max_tokens=3 + r))
+        if not sched.has_work() and t > 7:
+            break
+        _, done = run_step(sched)
+        finished += [s.req_id for s in done]
+        assert sched.block_manager.num_used <= 20
+    assert sorted(finished) == list(range(7))
+    sched.block_manager.check_full()
+
+
+def test_admission_waits_for_blocks_fcfs():
+    # 6 blocks of 4: a takes 4 blocks, b needs 3 and must wait; c (1 block) must not overtake.
+    sched = make_sched(num_blocks=6, block_size=4, max_num_tokens=32)
+    a, b, c = make_seq(0, 12, max_tokens=4), make_seq(1, 8, max_tokens=4), make_seq(2, 1, 1)
+    for s in (a, b, c):
+        sched.add(s)
+    step, _ = run_step(sched)
+    assert [s.req_id for s, _ in step.items] == [0]
+    assert b.status is SequenceStatus.WAITING and c.status is SequenceStatus.WAITING
+    while a.status is SequenceStatus.RUNNING:
+        run_step(sched)
+    step, _ = run_step(sched)
+    assert [s.req_id for s, _ in step.items] == [1, 2]
+
+
+def test_too_large_request_rejected_with_reason():
+    sched = make_sched(num_blocks=4, block_size=4)
+    with pytest.raises(RequestTooLargeError, match=r"needs 5 KV blocks.*pool has 4"):
+        sched.add(make_seq(0, prompt_len=15, max_tokens=4))
+    sched.add(make_seq(1, prompt_len=12, max_tokens=4))  # exactly fits
+
+
+def test_abort_frees_blocks_from_any_queue():
+    sched = make_sched(num_blocks=8, block_size=4, max_batch_size=1)
+    a, b = make_seq(0, 6), make_seq(1, 6)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()  # a running, b waiting (batch size 1)
+    assert sched.abort(1) is b and b.status is SequenceStatus.FINISHED_ABORTED
+    assert sched.abort(0) is a and a.finish_reason == "abort"
+    assert sched.update(step, {0: 5}) == []  # aborted mid-step: ignored
+    assert sched.abort(0) is None and not sched.has_work()
+    sched.block_manager.check_full()
+
+
+@pytest.mark.parametrize(
+    "kw, tokens, reason, n_out",
+    [
+        ({}, [5, EOS, 5], "stop", 2),  # eos stops
+        ({"ignore_eos": True}, [5, EOS, 5, 5], "length", 4),  # ... unless ignored
+        ({"stop_token_ids": {9}}, [5, 9], "stop", 2),  # stop ids stop
+        ({"stop_token_ids": {9}, "ignore_eos": True}, [9], "stop", 1),  # ignore_eos spares stop ids
+        ({}, [5, 5, 5, 5, 5], "length", 4),  # max_tokens
+    ],
+)
+def test_stop_rules(kw, tokens, reason, n_out):
+    sched = make_sched()
+    seq = make_seq(0, 3, max_tokens=4, **kw)
+    sched.add(seq)
+    for t in tokens:
+        _, done = run_step(sched, token=t)
+        if done:
+            break
+    assert done == [seq] and seq.finish_reason == reason
+    assert len(seq.output_ids) == n_out
+    assert (
+        seq.status
+        is {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}[reason]
+    )
+    sched.block_manager.check_full()
+
+
+def test_add_prefilled_goes_straight_to_decode():
+    sched = make_sched(block_size=4)
+    seq = make_seq(3, prompt_len=6, max_tokens=3)
+    seq.num_computed_tokens, seq.output_ids = 6, [42]
+    table = sched.block_manager.allocate(3, seq.max_total_tokens)
+    sched.add_prefilled(seq)
+    step = sched.schedule()
+    inp = sched.make_step_inputs(step)
+    assert step.items == [(seq, 1)]
+    assert inp.input_ids == [42] and inp.positions == [6]
+    assert inp.slot_mapping == [table[1] * 4 + 2] and inp.sample_req_ids == [3]
+    sched.update(step, {3: 8})
+    assert seq.output_ids == [42, 8]
+
+
+def test_keep_blocks_survive_finish_until_caller_frees():
+    sched = make_sched()
+    seq = make_seq(0, prompt_len=6, max_tokens=1, keep_blocks=True)
+    sched.add(seq)
+    _, done = run_step(sched)
+    assert done == [seq] and not sched.has_work()
+    assert len(sched.block_manager.block_table(0)) == 2  # still held for the KV hand-off
+    sched.block_manager.free(0)
+    sched.block_manager.check_full()
+
+
+def test_add_prefilled_validates():
+    sched = make_sched()
+    seq = make_seq(3, prompt_len=6, max_tokens=3)
+    with pytest.raises(ValueError, match="num_computed_tokens.*no blocks"):
+        sched.add_prefilled(seq)
+    done = make_seq(4, prompt_len=6, max_tokens=1)
+    done.num_computed_tokens, done.output_ids = 6, [42]
+    sched.block_manager.allocate(4, done.max_total_tokens)
+    with pytest.raises(ValueError, match="already finished"):
+        sched.add_prefilled(done)
+
+
+def test_num_inflight_tokens_counts_prefill_and_generation():
+    sched = make_sched(max_num_tokens=4)
+    sched.add(make_seq(0, prompt_len=10, max_tokens=5))
+    sched.add(make_seq(1, prompt_len=2, max_tokens=3))
+    assert sched.num_inflight_tokens() == 15 + 5
+    run_step(sched)  # 4 prompt tokens of request 0
+    assert sched.num_inflight_tokens() == 11 + 5
+
+
+def test_block_tables_padded_and_sample_indices_flat():
+    sched = make_sched(block_size=2, max_num_tokens=16)
+    sched.add(make_seq(0, prompt_len=3, max_tokens=1))
+    sched.add(make_seq(1, prompt_len=7, max_tokens=1))
+    inp = sched.make_step_inputs(sched.schedule())
+    assert inp.query_start_loc == [0, 3, 10]
+    assert inp.sample_indices == [2, 9] and inp.sample_req_ids == [0, 1]
+    assert len(inp.block_tables[0]) == len(inp.block_tables[1]) == 4
+    assert inp.block_tables[0][2:] == [-1, -1]
+
+
+def test_prefix_reuse_skips_cached_prompt_blocks():
+    sched = make_sched(block_size=4, max_num_tokens=64, reuse=True)
+    shared = list(range(100, 112))
+    first = Sequence(0, shared + [1, 2], 2)
+    sched.add(first)
+    while sched.has_work():
+        run_step(sched)
+    second = Sequence(1, shared + [3], 2)
+    sched.add(second)
+    step = sched.schedule()
+    assert step.items == [(second, 1)]  # 12 tokens found in the cache
+    assert sched.make_step_inputs(step).positions == [12]
+
+
+def test_max_num_tokens_must_fit_a_batch_of_decodes():
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        Scheduler(BlockManager(8, 4), max_batch_size=8, max_num_tokens=4)
+
+
+def test_sampling_params_validation():
+    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
+    assert not SamplingParams().greedy
+    for bad, match in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompts=st.lists(
+        st.tuples(st.integers(1, 30), st.integers(1, 6), st.integers(0, 5)), min_size=1, max_size=8
+    ),
+    max_batch_size=st.integers(1, 4),
+    extra_budget=st.integers(0, 12),
+    reuse=st.booleans(),
+)
+def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size, extra_budget, reuse):
+    """Random prompts / arrivals / budgets: limits hold, positions are contiguous, all finish."""
+    sched = make_sched(
+        num_blocks=16,
+        block_size=4,
+        max_batch_size=max_batch_size,
+        max_num_tokens=max_batch_size + extra_budget,
+        reuse=reuse,
+    )
+    arrivals: dict[int, list[Sequence]] = {}
+    for r, (plen, max_tokens, at) in enumerate(prompts):
+        # Two prompt families, so prefix reuse (when on) finds shared blocks.
+        prompt = [10 + (r % 2 * 7 + i) % 50 for i in range(plen)]
+        arrivals.setdefault(at, []).append(Sequence(r, prompt, max_tokens))
+    finished = []
+    for t in range(500):
+        for seq in arrivals.get(t, []):
+            sched.add(seq)
+        if t > 5 and not sched.has_work():
+            break
+        step = sched.schedule()
+        inp = sched.make_step_inputs(step)
+        assert step.num_tokens <= sched.max_num_tokens and len(step) <= max_batch_size
+        for (seq, n), lo in zip(step.items, inp.query_start_loc):
+            assert inp.positions[lo : lo + n] == list(
+                range(seq.num_computed_tokens, seq.num_computed_tokens + n)
+            )
+        finished += sched.update(step, {r: 7 for r in inp.sample_req_ids})
+    assert len(finished) == len(prompts)
+    assert all(len(s.output_ids) == s.max_tokens for s in finished)
+    sched.block_manager.check_full()
