@@ -1,0 +1,106 @@
+"""Batch jobs as JSONL: parse input lines into requests, format output lines.
+
+A bad line becomes an output line with `finish_reason: "error"` and a message
+that names the field; it never stops the other lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .api import Request, Response, SamplingConfig
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class InputLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    input_ids: list[int] | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InputLine:
+        given = [k for k in ("prompt", "messages", "input_ids") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, messages, input_ids (got {given or 'none'})")
+        return self
+
+
+class LineError(ValueError):
+    def __init__(self, line_id: str, message: str):
+        super().__init__(message)
+        self.line_id = line_id
+
+
+def _pydantic_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "line"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
+                   "top_k, top_p, seed, stop_token_ids, ignore_eos, stream")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
+    """One JSONL line -> (id, Request); raises LineError with the id (or 'line N')."""
+    fallback = f"line {lineno}"
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LineError(fallback, f"{fallback} is not valid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise LineError(fallback, f"{fallback} must be a JSON object")
+    line_id = str(data.get("id", fallback))
+    try:
+        line = InputLine.model_validate(data)
+    except ValidationError as err:
+        raise LineError(line_id, _pydantic_message(err)) from None
+    if line.input_ids is not None:
+        ids = list(line.input_ids)
+    elif line.messages is not None:
+        text = tokenizer.apply_chat_template([m.model_dump() for m in line.messages], add_generation_prompt=True)
+        ids = tokenizer.encode(text)
+    else:
+        ids = tokenizer.encode(line.prompt)
+    if not ids:
+        raise LineError(line_id, "the prompt is empty; send at least one token")
+    req = Request(ids, line.max_tokens, SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed),
+                  streaming=line.stream, stop_token_ids=line.stop_token_ids, ignore_eos=line.ignore_eos,
+                  client_id=line.id)
+    return line.id, req
+
+
+def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str | None = None) -> dict:
+    if resp is not None and resp.error_msg is None and resp.result is not None:
+        r = resp.result
+        reason = r.finish_reason or "length"
+        return {"id": line_id, "output_ids": r.output_token_ids, "text": tokenizer.decode(r.output_token_ids),
+                "finish_reason": reason, "error": None, "metrics": _round(r.metrics)}
+    msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
+    metrics = _round(resp.result.metrics) if resp is not None and resp.result is not None else {}
+    return {"id": line_id, "output_ids": [], "text": "", "finish_reason": "error", "error": msg,
+            "metrics": metrics}
+
+
+def _round(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}
