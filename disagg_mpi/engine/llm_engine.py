@@ -343,6 +343,13 @@ class LLMEngine:
         if seq is not None:
             self._finish(seq)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Counters rank 0 can ask for (tests read the block accounting here)."""
+        return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
+                "held_contexts": len(self._held), "pending_transfers": len(self._pending),
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "inflight_tokens": self.load(), **self.stats}
+
     def load(self) -> int:
         return self.scheduler.num_inflight_tokens() + sum(
             p.seq.remaining_tokens for p in self._pending.values())

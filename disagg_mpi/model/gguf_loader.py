@@ -6,6 +6,7 @@ head (like transformers' reverse_permute) so the HF rotate_half RoPE applies.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
 
 
+@lru_cache(maxsize=2)
 def open_gguf(path: str):
+    """Memory-mapped reader; cached because opening parses all metadata (~2 s for SmolLM2)."""
     import gguf  # imported lazily: only GGUF users pay for it
     return gguf.GGUFReader(path)
 
@@ -62,7 +65,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFCheckpoint:
     def __init__(self, path: str, reader=None):
         self.path = path
-        self.reader = reader if reader is not None else open_gguf(path)
+        self.reader = reader if reader is not None else open_gguf(str(path))
         self.config = ModelConfig.from_gguf(self.reader)
         self.arch = self.reader.fields["general.architecture"].contents()
         self.tensors = {t.name: t for t in self.reader.tensors}

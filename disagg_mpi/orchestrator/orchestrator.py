@@ -59,6 +59,7 @@ class DisaggOrchestrator:
         self._queues: dict[str, deque[tuple[int, Response]]] = {_CTX: deque(), _GEN: deque()}
         self._seed_rng = random.Random()
         self._backoff = Backoff()
+        self._stats: dict[int, dict] = {}
 
     # ---- enqueue ---------------------------------------------------------
 
@@ -131,6 +132,9 @@ class DisaggOrchestrator:
             msg, _ = got
             got_any = True
             ex = msg["executor"]
+            if msg["op"] == "stats":
+                self._stats[ex] = msg
+                continue
             if msg["op"] != "responses":
                 continue
             self.load[ex] = msg["load"]
@@ -263,6 +267,32 @@ class DisaggOrchestrator:
         m["ttft_ms"] = (first - t.t_enqueue) * 1e3
         m["e2e_ms"] = (now - t.t_enqueue) * 1e3
         return resp
+
+    # ---- introspection ---------------------------------------------------
+
+    def executor_stats(self, timeout: float = 30.0) -> dict[int, dict]:
+        """Ask every executor for its counters (blocks, queues, iterations)."""
+        self._stats = {}
+        for leader in self.leaders.values():
+            send(self.comms.ctl, {"op": "stats"}, leader, TAG_TO_EXEC)
+        deadline = time.perf_counter() + timeout
+        while len(self._stats) < len(self.leaders):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"executors {sorted(set(self.leaders) - set(self._stats))} did not answer")
+            if not self.poll():
+                self._backoff.idle()
+        return dict(self._stats)
+
+    def wait_pools_full(self, timeout: float = 30.0) -> dict[int, dict]:
+        """Wait until every executor's KV pool is fully free; raise with the counters if not."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            stats = self.executor_stats(timeout)
+            if all(s["free_blocks"] == s["num_blocks"] for s in stats.values()):
+                return stats
+            if time.perf_counter() > deadline:
+                raise AssertionError(f"KV blocks still held after {timeout} s: {stats}")
+            time.sleep(0.05)
 
     # ---- lifecycle -------------------------------------------------------
 

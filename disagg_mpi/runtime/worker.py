@@ -183,6 +183,9 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
                     engine.add_request(req_id, Request.from_dict(rd))
             elif op == "cancel":
                 engine.cancel(msg["req_id"])
+            elif op == "stats":
+                send(comms.ctl, {"op": "stats", "executor": comms.executor_id, **engine.snapshot()},
+                     0, TAG_TO_ORCH)
             elif op == "shutdown":
                 return
         while (got := recv_ready(comms.ctl, _ANY(), TAG_PEER)):

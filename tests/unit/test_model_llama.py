@@ -76,15 +76,18 @@ def test_random_load_matches_folder(tiny_folder):
     assert not any(p.requires_grad for p in a.parameters()) and not a.training
 
 
+@pytest.fixture(scope="module")
+def hf_tokens(hf_model):
+    return [hf_greedy(hf_model, p, 16) for p in PROMPTS]
+
+
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_greedy_decode_matches_hf(tiny_folder, hf_model, chunk):
+def test_greedy_decode_matches_hf(tiny_folder, hf_tokens, chunk):
     ours = load_model(str(tiny_folder))
     bs, new = 4, 16
     pool = ours.allocate_kv_pool(blocks_needed(PROMPTS, new, bs), bs)
     got = greedy_generate(model_forward_fn(ours, pool), PROMPTS, new, bs, prefill_chunk=chunk)
-    for p, g in zip(PROMPTS, got):
-        ref = hf_greedy(hf_model, p, new)
-        assert g == ref
+    assert got == hf_tokens
 
 
 def test_bf16_runs():

@@ -1,0 +1,152 @@
+"""The disaggregated service under mpiexec: real ranks, real model, real transfers."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg_mpi import Request, RequestType, launch
+from disagg_mpi.api import DISAGG_NOT_ENABLED
+from tests.mpi.helpers import CONFIGS, tiny_prompts, tiny_topology
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def _greedy(prompts, max_tokens=24):
+    return [Request(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+
+
+def _check_equal_to_hf(config_name: str, expect_ctx: bool) -> None:
+    from tests.oracle import smollm2_oracle
+
+    with launch(CONFIGS / config_name) as orch:
+        if orch is None:
+            return
+        prompts, expected = smollm2_oracle(24)
+        outs = orch.generate(_greedy(prompts), timeout=600)
+        for i, (o, want) in enumerate(zip(outs, expected)):
+            assert o.error_msg is None, o.error_msg
+            assert o.result.output_token_ids == want, f"prompt {i} differs from transformers"
+            m = o.result.metrics
+            if expect_ctx:
+                assert m["context_executor"] in orch.context_ids
+                assert m["generation_executor"] in orch.generation_ids
+                assert m["kv_transfer_bytes"] > 0
+        orch.wait_pools_full()
+
+
+@pytest.mark.oracle
+@pytest.mark.world(2)
+def test_aggregated_smollm2_equals_transformers():
+    _check_equal_to_hf("smollm2-agg.yaml", expect_ctx=False)
+
+
+@pytest.mark.oracle
+@pytest.mark.world(3)
+def test_1ctx_1gen_smollm2_equals_transformers():
+    _check_equal_to_hf("smollm2-1ctx-1gen.yaml", expect_ctx=True)
+
+
+@pytest.mark.oracle
+@pytest.mark.world(4)
+def test_2ctx_1gen_smollm2_equals_transformers():
+    _check_equal_to_hf("smollm2-2ctx-1gen.yaml", expect_ctx=True)
+
+
+@pytest.mark.oracle
+@pytest.mark.world(4)
+def test_1ctx_2gen_smollm2_equals_transformers():
+    _check_equal_to_hf("smollm2-1ctx-2gen.yaml", expect_ctx=True)
+
+
+@pytest.mark.world(3)
+def test_seed_flow_context_then_generation():
+    """The seed's explicit flow: context-only responses hand over the first token."""
+    topo = tiny_topology(1, 1)
+    with launch(topo) as orch:
+        if orch is None:
+            return
+        prompts = tiny_prompts(6)
+        gids = orch.enqueue_context(_greedy(prompts, 8))
+        ctx = {}
+        while len(ctx) < len(gids):
+            for gid, resp in orch.await_context_responses(timeout=60):
+                assert resp.error_msg is None, resp.error_msg
+                assert resp.result.is_final
+                cpp = resp.result.context_phase_params
+                assert cpp is not None and len(cpp.first_gen_tokens) == 1 and cpp.opaque_state
+                ctx[gid] = cpp
+        gen_reqs = []
+        for gid, p in zip(gids, prompts):
+            r = Request(p, max_tokens=8, ignore_eos=True, context_phase_params=ctx[gid])
+            gen_reqs.append(r)
+        orch.enqueue_generation(gen_reqs, gids)
+        got = {}
+        while len(got) < len(gids):
+            for gid, resp in orch.await_generation_responses(timeout=60):
+                assert resp.error_msg is None, resp.error_msg
+                got[gid] = resp.result.output_token_ids
+        for gid in gids:
+            assert got[gid][0] == ctx[gid].first_gen_tokens[0], "generation must start with the first token"
+            assert len(got[gid]) == 8
+        orch.wait_pools_full()
+
+
+@pytest.mark.world(2)
+def test_disaggregated_request_without_transceiver_is_refused():
+    with launch(tiny_topology(0, 1)) as orch:
+        if orch is None:
+            return
+        good = orch.enqueue_requests(_greedy(tiny_prompts(1), 4))
+        gids = orch.enqueue_context(_greedy(tiny_prompts(2), 4))
+        seen = {}
+        while len(seen) < 3:
+            for gid, resp in orch.await_responses(timeout=30):
+                if resp.is_final:
+                    seen[gid] = resp
+        for gid in gids:
+            assert seen[gid].error_msg == DISAGG_NOT_ENABLED
+        assert seen[good[0]].error_msg is None and len(seen[good[0]].result.output_token_ids) == 4
+        orch.wait_pools_full()
+
+
+def _reference_outputs(prompts, max_tokens):
+    """The same requests through one in-process executor (aggregated)."""
+    from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig
+
+    ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=256,
+                                                kv_cache_config=KvCacheConfig(4, 512)))
+    return [r.result.output_token_ids for r in ex.generate(_greedy(prompts, max_tokens))]
+
+
+def _many_in_flight(n_ctx: int, n_gen: int) -> None:
+    with launch(tiny_topology(n_ctx, n_gen)) as orch:
+        if orch is None:
+            return
+        prompts = tiny_prompts(64)
+        outs = orch.generate(_greedy(prompts, 12), timeout=300)
+        assert len(outs) == 64 and len({o.request_id for o in outs}) == 64
+        assert all(o.error_msg is None and o.result.is_final for o in outs)
+        assert [o.result.output_token_ids for o in outs] == _reference_outputs(prompts, 12)
+        ctx_seq = [o.result.metrics["context_executor"] for o in outs]
+        gen_seq = [o.result.metrics["generation_executor"] for o in outs]
+        # Round robin: consecutive requests alternate over the executors of each phase.
+        if n_ctx > 1:
+            assert ctx_seq[:8] == [orch.context_ids[i % n_ctx] for i in range(8)], ctx_seq[:8]
+        assert set(ctx_seq) == set(orch.context_ids)
+        assert set(gen_seq) == set(orch.generation_ids)
+        orch.wait_pools_full()
+
+
+@pytest.mark.world(3)
+def test_64_requests_1ctx_1gen():
+    _many_in_flight(1, 1)
+
+
+@pytest.mark.world(4)
+def test_64_requests_2ctx_1gen():
+    _many_in_flight(2, 1)
+
+
+@pytest.mark.world(4)
+def test_64_requests_1ctx_2gen():
+    _many_in_flight(1, 2)
