@@ -110,14 +110,17 @@ def bench_same(args: argparse.Namespace) -> dict[str, Any]:
         nblk = -(-ntok // bs)
         wire = nblk * block_bytes
         row: dict[str, Any] = {"payload": payload, "tokens": ntok, "kv_bytes": kv_bytes, "wire_bytes": wire}
-        reps = args.repeats if payload >= 4 * MiB else max(args.repeats, 4 * args.repeats)
-        for name, side in sides.items():
-            opaque = OpaqueState(0, (0,), 0, tuple(range(nblk)), ntok, state)
-            times = [_pull_once(side, rank, opaque, nblk, next(req_ids)) for _ in range(args.warmup + reps)]
-            times = times[args.warmup:]
-            row[f"transfer_zc_{name}_s"] = statistics.median(times) if rank == 1 else None
-        times = [_plain_once(plain_comm, rank, plain_buf[:kv_bytes], 0, 1) for _ in range(args.warmup + reps)]
-        row["plain_s"] = statistics.median(times[args.warmup:]) if rank == 1 else None
+        reps = args.repeats if payload >= 4 * MiB else 4 * args.repeats
+        opaque = OpaqueState(0, (0,), 0, tuple(range(nblk)), ntok, state)
+        # Interleave the variants rep by rep, so that they see the same machine load.
+        times: dict[str, list[float]] = {k: [] for k in [*sides, "plain"]}
+        for _ in range(args.warmup + reps):
+            for name, side in sides.items():
+                times[name].append(_pull_once(side, rank, opaque, nblk, next(req_ids)))
+            times["plain"].append(_plain_once(plain_comm, rank, plain_buf[:kv_bytes], 0, 1))
+        for name in sides:
+            row[f"transfer_zc_{name}_s"] = statistics.median(times[name][args.warmup:]) if rank == 1 else None
+        row["plain_s"] = statistics.median(times["plain"][args.warmup:]) if rank == 1 else None
         row = world.bcast(row, root=1)
         rows.append(row)
         if rank == 0:
@@ -214,15 +217,14 @@ def bench_tp2to1(args: argparse.Namespace) -> dict[str, Any]:
         reps = args.repeats if payload >= 4 * MiB else 4 * args.repeats
         row: dict[str, Any] = {"payload": payload, "tokens": ntok, "kv_bytes": kv}
         op = OpaqueState(0, (0, 1), 0, tuple(range(nblk)), ntok, ctx2)
-        t = [_pull_once(resh, rank, op, nblk, next(req_ids), gen_rank=2, ctx_ranks=(0, 1))
-             for _ in range(args.warmup + reps)]
-        row["resharded_s"] = statistics.median(t[args.warmup:]) if rank == 2 else None
-        op = OpaqueState(0, (0,), 0, tuple(range(nblk)), ntok, one)
-        t = [_pull_once(same, rank, op, nblk, next(req_ids), gen_rank=2, ctx_ranks=(0,))
-             for _ in range(args.warmup + reps)]
-        row["same_s"] = statistics.median(t[args.warmup:]) if rank == 2 else None
-        t = [_plain_once(plain_comm, rank, plain_buf[:kv], 0, 2) for _ in range(args.warmup + reps)]
-        row["plain_s"] = statistics.median(t[args.warmup:]) if rank == 2 else None
+        op1 = OpaqueState(0, (0,), 0, tuple(range(nblk)), ntok, one)
+        t: dict[str, list[float]] = {"resharded": [], "same": [], "plain": []}
+        for _ in range(args.warmup + reps):  # interleaved, as in bench_same
+            t["resharded"].append(_pull_once(resh, rank, op, nblk, next(req_ids), gen_rank=2, ctx_ranks=(0, 1)))
+            t["same"].append(_pull_once(same, rank, op1, nblk, next(req_ids), gen_rank=2, ctx_ranks=(0,)))
+            t["plain"].append(_plain_once(plain_comm, rank, plain_buf[:kv], 0, 2))
+        for k, v in t.items():
+            row[f"{k}_s"] = statistics.median(v[args.warmup:]) if rank == 2 else None
         row = world.bcast(row, root=2)
         for k in ("resharded", "same", "plain"):
             row[f"{k}_gbs"] = _gbs(kv, row[f"{k}_s"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from disagg_mpi.model.attention import paged_attention, write_kv
+from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
 from disagg_mpi.model.parallel import (ShardSpec, check_gqa_consistent, kv_head_range,
@@ -45,15 +45,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.o_proj = nn.Linear(n_q * d, hid, bias=False)   # bias-free: TP partial sums are exact
 
-    def forward(self, x, cos, sin, pool, local_layer, meta):
+    def forward(self, x, cos, sin, pool, local_layer, idx):
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.n_q, self.d)
         k = self.k_proj(x).view(n, self.n_kv, self.d)
         v = self.v_proj(x).view(n, self.n_kv, self.d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        write_kv(pool, local_layer, k, v, meta.slot_mapping)
-        o = paged_attention(q, k, v, pool, local_layer, meta)
+        write_kv(pool, local_layer, k, v, idx)
+        o = paged_attention(q, k, v, pool, local_layer, idx)
         o = self.o_proj(o.reshape(n, self.n_q * self.d))
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)
@@ -83,8 +83,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, ffn_local, shard)
 
-    def forward(self, h, cos, sin, pool, local_layer, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, pool, local_layer, meta)
+    def forward(self, h, cos, sin, pool, local_layer, idx):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, pool, local_layer, idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -178,8 +178,9 @@ class LlamaModel(nn.Module):
                 raise ValueError("a later pipeline stage needs hidden_states")
             h = hidden_states.to(device=self.device, dtype=self.dtype)
         cos, sin = self._rope(positions.to(h.device), h.dtype)
+        idx = StepIndex.build(meta, kv_pool.device)
         for i, layer in enumerate(self.model.layers.values()):
-            h = layer(h, cos, sin, kv_pool, i, meta)
+            h = layer(h, cos, sin, kv_pool, i, idx)
         if self.is_last:
             h = self.model.norm(h)
         return h

@@ -10,12 +10,18 @@ Protocol, per (generation rank, plan item):
    named by the item: context block ids, token count, the item's global
    layer/head ranges, its own block size, a reply tag and the chunking;
 2. the context rank packs the blocks for that peer into a bounded buffer
-   (at most two chunks in flight) and `Isend`s chunk after chunk on the reply
-   tag, or, when both sides hold exactly the same slice and block size
-   (zero-copy), sends each block straight from its pool;
+   (at most two chunks in flight, both together at most `buffer_bytes`) and
+   `Isend`s chunk after chunk on the reply tag, or, when both sides hold
+   exactly the same slice and block size (zero-copy), sends runs of blocks
+   that are contiguous on both sides straight from its pool (the pull message
+   then lists the chunk bounds, as only the generation side knows its block
+   ids; a run is at most `buffer_bytes` long);
 3. the generation rank receives chunks (at most two posted ahead) and scatters
-   them into its own blocks; when every item is in, `poll()` reports the
-   request as done on this rank.
+   them into its own blocks (zero-copy: receives straight into them); when
+   every item is in, `poll()` reports the request as done on this rank.
+
+Chunk buffers are allocated once per transfer and reused, and contiguous
+block runs are packed / scattered with plain copies (no index gathers).
 """
 
 from __future__ import annotations
@@ -48,14 +54,69 @@ class _Chunking:
     zero_copy: bool
     blocks_per_chunk: int
     num_ctx_blocks: int
+    bounds: list[int] | None = None  # explicit chunk starts + end (zero-copy runs)
+    _chunks: list[tuple[int, int]] | None = field(default=None, repr=False)
 
     def chunks(self) -> list[tuple[int, int]]:
-        k = self.blocks_per_chunk
-        return [(i, min(i + k, self.num_ctx_blocks)) for i in range(0, self.num_ctx_blocks, k)]
+        """(first, end) ctx-block-table positions of each chunk; computed once (poll calls it often)."""
+        if self._chunks is None:
+            if self.bounds is not None:
+                b = self.bounds
+                self._chunks = [(b[i], b[i + 1]) for i in range(len(b) - 1)]
+            else:
+                k = self.blocks_per_chunk
+                self._chunks = [(i, min(i + k, self.num_ctx_blocks)) for i in range(0, self.num_ctx_blocks, k)]
+        return self._chunks
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """Split block ids into runs of consecutive ids: (position, first id, length)."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            out.append((start, ids[start], i - start))
+            start = i
+    return out
+
+
+_MAX_RUNS = 16  # more runs than this: one index_select / index_copy_ instead of a copy per run
+
+
+def _gather(src: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
+    """out[i] = src[ids[i]] along dim 0."""
+    runs = _runs(ids)
+    if len(runs) > _MAX_RUNS:
+        torch.index_select(src, 0, torch.tensor(ids), out=out)
+        return
+    for pos, first, n in runs:
+        out.narrow(0, pos, n).copy_(src.narrow(0, first, n))
+
+
+def _scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> None:
+    """dst[ids[i]] = src[i] along dim 0 (dst may be a strided view of the pool)."""
+    runs = _runs(ids)
+    if len(runs) > _MAX_RUNS:
+        dst.index_copy_(0, torch.tensor(ids), src)
+        return
+    for pos, first, n in runs:
+        dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
+
+
+def _zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[int]:
+    """Chunk starts (+ end) so that each chunk is a run contiguous in both pools, <= max_run blocks."""
+    bounds = [0]
+    for i in range(1, len(ctx_ids)):
+        if (i - bounds[-1] >= max_run or ctx_ids[i] != ctx_ids[i - 1] + 1
+                or gen_ids[i] != gen_ids[i - 1] + 1):
+            bounds.append(i)
+    bounds.append(len(ctx_ids))
+    return bounds
 
 
 def _chunking(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, num_tokens: int,
-              cfg: CacheTransceiverConfig) -> _Chunking:
+              cfg: CacheTransceiverConfig, ctx_ids: list[int] | None = None,
+              gen_ids: list[int] | None = None) -> _Chunking:
     c_stage, c_tp = ctx.coords(item.ctx_rank)
     g_stage, g_tp = gen.coords(gen_rank)
     whole_ctx = (item.num_layers == ctx.layer_split[c_stage]
@@ -65,8 +126,15 @@ def _chunking(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, n
     nblocks = -(-num_tokens // ctx.block_size)
     zero_copy = cfg.zero_copy and whole_ctx and whole_gen and ctx.block_size == gen.block_size
     block_bytes = item.num_layers * 2 * item.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
-    per_chunk = 1 if zero_copy else max(1, cfg.buffer_bytes // max(1, block_bytes))
-    return _Chunking(zero_copy, per_chunk, nblocks)
+    if zero_copy:
+        # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes.
+        max_run = max(1, cfg.buffer_bytes // max(1, block_bytes))
+        bounds = (_zero_copy_bounds(list(ctx_ids[:nblocks]), list(gen_ids[:nblocks]), max_run)
+                  if ctx_ids is not None and gen_ids is not None and nblocks > 0 else None)
+        return _Chunking(True, 1, nblocks, bounds)
+    # Copy path: _WINDOW chunks in flight share buffer_bytes.
+    per_chunk = max(1, cfg.buffer_bytes // (_WINDOW * max(1, block_bytes)))
+    return _Chunking(False, per_chunk, nblocks)
 
 
 @dataclass
@@ -78,6 +146,7 @@ class _SendJob:
     chunking: _Chunking
     next_chunk: int = 0
     inflight: deque = field(default_factory=deque)  # (mpi request, buffer)
+    free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     bytes: int = 0
 
 
@@ -91,7 +160,12 @@ class _RecvItem:
     next_post: int = 0
     next_done: int = 0
     posted: deque = field(default_factory=deque)  # (mpi request, buffer, chunk index)
+    free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     started: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.next_done == len(self.chunking.chunks())
 
 
 @dataclass
@@ -133,7 +207,8 @@ class KvTransceiver:
             sl = local_slices(it, ctx, self.state, self.local_rank)
             items.append(_RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
                                    _chunking(it, ctx, self.state, self.local_rank, opaque.num_tokens,
-                                             self.cfg), (sl.gen_layers, sl.gen_heads)))
+                                             self.cfg, list(opaque.block_ids), list(my_blocks)),
+                                   (sl.gen_layers, sl.gen_heads)))
         job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, items)
         self._recv[req_id] = job
         for ri in items if self.cfg.parallel_receive else items[:1]:
@@ -146,6 +221,8 @@ class KvTransceiver:
                "layers": [it.layer_start, it.layer_end], "heads": [it.head_start, it.head_end],
                "zero_copy": ri.chunking.zero_copy, "per_chunk": ri.chunking.blocks_per_chunk,
                "cache_state": opaque.cache_state.to_dict()}
+        if ri.chunking.bounds is not None:
+            msg["bounds"] = ri.chunking.bounds
         self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
         ri.started = True
         self._post_recvs(job, ri)
@@ -154,12 +231,19 @@ class KvTransceiver:
         chunks = ri.chunking.chunks()
         while ri.next_post < len(chunks) and len(ri.posted) < _WINDOW:
             lo, hi = chunks[ri.next_post]
-            if ri.chunking.zero_copy:  # receive straight into our block
-                buf = self.pool[job.blocks[lo]]
+            if ri.chunking.zero_copy:  # receive straight into our blocks (a contiguous run)
+                if ri.chunking.bounds is None:
+                    buf = self.pool[job.blocks[lo]]
+                else:
+                    buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
             else:
-                it = ri.item
-                buf = torch.empty((hi - lo, it.num_layers, 2, it.num_heads, job.ctx_block_size,
-                                   self.state.head_dim), dtype=self.pool.dtype)
+                if ri.free_bufs:
+                    full = ri.free_bufs.pop()
+                else:
+                    it = ri.item
+                    full = torch.empty((ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
+                                        job.ctx_block_size, self.state.head_dim), dtype=self.pool.dtype)
+                buf = full.narrow(0, 0, hi - lo)
             req = self.comm.Irecv(_np(buf), source=ri.source, tag=ri.tag)
             ri.posted.append((req, buf, ri.next_post))
             ri.next_post += 1
@@ -167,7 +251,7 @@ class KvTransceiver:
     def _progress_recv(self, job: _RecvJob) -> bool:
         for idx, ri in enumerate(job.items):
             if not ri.started:
-                if all(r.next_done == len(r.chunking.chunks()) for r in job.items[:idx]):
+                if all(r.done for r in job.items[:idx]):
                     self._request(job, ri, job.opaque)  # type: ignore[attr-defined]
                 else:
                     continue
@@ -176,27 +260,27 @@ class KvTransceiver:
                 lo, hi = ri.chunking.chunks()[ci]
                 if not ri.chunking.zero_copy:
                     self._scatter(job, ri, buf, lo)
+                    ri.free_bufs.append(buf if buf._base is None else buf._base)
                 job.bytes += buf.numel() * buf.element_size()
                 ri.next_done += 1
                 self._post_recvs(job, ri)
-        return all(ri.next_done == len(ri.chunking.chunks()) for ri in job.items)
+        return all(ri.done for ri in job.items)
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices
         bs, cbs = self.state.block_size, job.ctx_block_size
+        view = self.pool[:, layers, :, heads]
         if bs == cbs:
-            idx = torch.tensor(job.blocks[first_ctx_block: first_ctx_block + buf.shape[0]])
-            view = self.pool[:, layers, :, heads]
-            view[idx] = buf
+            _scatter_blocks(view, job.blocks[first_ctx_block: first_ctx_block + buf.shape[0]], buf)
             return
-        # Different block sizes: copy token runs (tokens sit on dim 4 of a block).
+        # Different block sizes: move every token (tokens sit on dim 4 of a block) in one
+        # indexed copy: source (chunk block, offset) -> destination (our block id, offset).
         tok0 = first_ctx_block * cbs
         ntok = min(buf.shape[0] * cbs, job.num_tokens - tok0)
-        for t in range(0, ntok):
-            src_b, src_o = divmod(t, cbs)
-            g = tok0 + t
-            dst_b, dst_o = divmod(g, bs)
-            self.pool[job.blocks[dst_b], layers, :, heads, dst_o] = buf[src_b, :, :, :, src_o]
+        t = torch.arange(ntok)
+        g = t + tok0
+        dst_blk = torch.tensor(job.blocks, dtype=torch.int64)[g // bs]
+        view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
 
     # ---- context side ----------------------------------------------------
 
@@ -212,21 +296,31 @@ class KvTransceiver:
             h0 = ctx.kv_head_range(c_tp)[0]
             layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
             heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
-            chunking = _Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]))
+            chunking = _Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
             self._send_queue.append(_SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking))
 
     def _progress_send(self, job: _SendJob) -> bool:
         while job.inflight and job.inflight[0][0].Test():
-            job.inflight.popleft()
+            _, buf = job.inflight.popleft()
+            if not job.chunking.zero_copy:
+                job.free_bufs.append(buf if buf._base is None else buf._base)
         chunks = job.chunking.chunks()
         while job.next_chunk < len(chunks) and len(job.inflight) < _WINDOW:
             lo, hi = chunks[job.next_chunk]
             if job.chunking.zero_copy:
-                buf = self.pool[job.blocks[lo]]
+                if job.chunking.bounds is None:
+                    buf = self.pool[job.blocks[lo]]
+                else:  # a run contiguous in our pool (the receiver checked)
+                    buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
             else:
                 layers, heads = job.slices
-                idx = torch.tensor(job.blocks[lo:hi])
-                buf = torch.index_select(self.pool[:, layers, :, heads], 0, idx)
+                view = self.pool[:, layers, :, heads]
+                if job.free_bufs:
+                    full = job.free_bufs.pop()
+                else:
+                    full = torch.empty((job.chunking.blocks_per_chunk, *view.shape[1:]), dtype=self.pool.dtype)
+                buf = full.narrow(0, 0, hi - lo)
+                _gather(view, job.blocks[lo:hi], buf)
             job.inflight.append((self.comm.Isend(_np(buf), dest=job.dest, tag=job.tag), buf))
             job.bytes += buf.numel() * buf.element_size()
             job.next_chunk += 1

@@ -103,3 +103,57 @@ def test_bad_specs():
         load_model("/nonexistent/folder")
     with pytest.raises(FileNotFoundError):
         load_model("/nonexistent/x.gguf")
+
+
+def _variant_folder(tmp_path, **changes):
+    from disagg_mpi.model import LlamaModel
+    from disagg_mpi.model.config import preset
+    from disagg_mpi.model.random_init import random_fetch
+    from disagg_mpi.model.weights import load_weights
+    cfg = preset("tiny").replace(**changes)
+    m = LlamaModel.empty(cfg)
+    load_weights(m, random_fetch(cfg, 7, torch.float32, "cpu"))
+    save_hf_folder(m, tmp_path)
+    return cfg
+
+
+def test_llama3_rope_scaling_matches_hf(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    _variant_folder(tmp_path, rope_scaling=scaling, rope_theta=500000.0)
+    ours = load_model(str(tmp_path))
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = list(range(3, 103))       # 100 positions, well past the "original" 32
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(prefill_logits(ours, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_qkv_bias_and_tied_match_qwen2(tmp_path):
+    cfg = _variant_folder(tmp_path, attention_bias=True, tie_word_embeddings=True)
+    d = cfg.to_hf_dict()
+    d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    d.pop("attention_bias")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    ours = load_model(str(tmp_path))
+    assert ours.config.attention_bias and ours.lm_head.weight is ours.model.embed_tokens.weight
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(prefill_logits(ours, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_inv_freq_and_config_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from disagg_mpi.model.config import ModelConfig, preset, rope_inv_freq
+    cfg = preset("llama-3.1-8b")
+    hc = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hc, "cpu")
+    assert torch.equal(inv.float(), rope_inv_freq(cfg))
+    # A transformers-5 style config.json (rope_parameters) reads back to the same config.
+    back = ModelConfig.from_hf_dict(hc.to_dict())
+    assert back.rope_theta == cfg.rope_theta and back.rope_scaling["factor"] == 8.0
+    assert back.eos_token_ids == cfg.eos_token_ids and back.head_dim == 128
