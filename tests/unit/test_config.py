@@ -1,0 +1,78 @@
+"""Topology validation: every error names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from disagg_mpi.config import ConfigError, load_topology, parse_topology, validate_against_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _ex(*ranks, **kw):
+    return {"participant_ids": list(ranks), **kw}
+
+
+def _tc():
+    return {"cache_transceiver_config": {"enable_cache_transceiver": True}}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    topo = load_topology(path)
+    assert topo.world_size == 1 + sum(e.size for e in topo.executors)
+
+
+def test_world_sizes_of_smollm2_configs():
+    assert load_topology(CONFIGS / "smollm2-agg.yaml").world_size == 2
+    assert load_topology(CONFIGS / "smollm2-1ctx-1gen.yaml").world_size == 3
+    assert load_topology(CONFIGS / "smollm2-2ctx-1gen.yaml").world_size == 4
+    assert load_topology(CONFIGS / "smollm2-1ctx-2gen.yaml").world_size == 4
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"generation_executors": [_ex(1)], "bogus": 1}, "bogus: unknown key"),
+    ({"generation_executors": [_ex(1, 2)]}, "list exactly 1 ranks"),
+    ({"generation_executors": [_ex(0)]}, "rank 0, which is the orchestrator"),
+    ({"generation_executors": [_ex(1), _ex(1)]}, "rank 1 is in both"),
+    ({"generation_executors": [_ex(2)]}, "ranks [1] are used by no executor"),
+    ({"generation_executors": [_ex(1, device_ids=[0, 1])]}, "device_ids [0, 1] has 2 entries"),
+    ({"generation_executors": [_ex(1)], "router": "fancy"}, "router.policy: value 'fancy' is not allowed"),
+    ({"generation_executors": [_ex(1, 2, pipeline_parallel_size=2, layer_split=[1])]}, "layer_split"),
+    ({"generation_executors": [_ex(1, kv_cache={"block_size": 0})]}, "kv_cache.block_size"),
+    ({"generation_executors": []}, "generation_executors"),
+    ({"context_executors": [_ex(1)], "generation_executors": [_ex(2, **_tc())]}, "needs cache_transceiver_config"),
+    ({"context_executors": [_ex(1, cache_transceiver_config={"comm_type": "UCX"})],
+      "generation_executors": [_ex(2, **_tc())]}, "not available in this build"),
+    ({"model": {"dtype": "int3"}, "generation_executors": [_ex(1)]}, "model.dtype"),
+    ([1, 2], "must be a mapping"),
+])
+def test_bad_topologies_name_the_problem(data, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_topology(data)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("tp,pp,split,needle", [
+    (2, 1, None, "does not divide the model's 9 attention heads"),
+    (1, 31, None, "exceeds the model's 30 layers"),
+    (1, 2, [10, 10], "summing to the model's 30 layers"),
+])
+def test_layouts_the_model_cannot_take(tp, pp, split, needle):
+    ranks = list(range(1, tp * pp + 1))
+    topo = parse_topology({"generation_executors": [
+        _ex(*ranks, tensor_parallel_size=tp, pipeline_parallel_size=pp, layer_split=split)]})
+    with pytest.raises(ConfigError, match="generation_executors\\[0\\]") as err:
+        validate_against_model(topo, num_heads=9, num_kv_heads=3, num_layers=30, intermediate_size=1536)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_topology(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generation_executors: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_topology(bad)
