@@ -68,6 +68,7 @@ class _Meta:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    num_streamed: int = 0  # output tokens already sent in non-final streaming responses
 
 
 class LLMEngine:
@@ -226,7 +227,7 @@ class LLMEngine:
         if self._held.pop(ctx_req_id, None) is not None:
             self.blocks.free(ctx_req_id)
 
-    def _expire_leases(self) -> None:
+    def expire_leases(self) -> None:
         now = time.monotonic()
         for rid, h in list(self._held.items()):
             if now > h.deadline:
@@ -243,7 +244,7 @@ class LLMEngine:
         if self._pending:
             self._advance_pending()
         if self._held:
-            self._expire_leases()
+            self.expire_leases()
         step = self.scheduler.schedule()
         if step.is_empty:
             return
@@ -293,7 +294,9 @@ class LLMEngine:
                 cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
-        tokens = list(seq.output_ids) if not meta.streaming else seq.output_ids[-1:]
+        # Streaming: the final response carries only what was not streamed yet (the last
+        # token; nothing for a cancelled request, whose tokens all went out already).
+        tokens = list(seq.output_ids) if not meta.streaming else seq.output_ids[meta.num_streamed:]
         self._emit(seq, tokens, final=True, cpp=cpp)
 
     def _emit(self, seq: Sequence, tokens: list[int], final: bool, cpp: ContextPhaseParams | None = None) -> None:
@@ -309,6 +312,8 @@ class LLMEngine:
             m["executor"] = self.executor_id
             m["num_prompt_tokens"] = len(seq.prompt_ids)
             self._meta.pop(seq.req_id)
+        if meta.streaming:
+            meta.num_streamed += len(tokens)
         result = Result(tokens, final, reason, cpp, dict(meta.metrics) if final else {})
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 

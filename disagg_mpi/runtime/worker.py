@@ -201,6 +201,7 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             elif op == "release":
                 engine.release_context(msg["ctx_req_id"])
         active |= group.progress()
+        engine.expire_leases()
         if engine.busy and (overlap or not group.receiving):
             engine.step()
             active = True

@@ -1,0 +1,72 @@
+"""Signed context params, replays and leases, over a real 1 context + 1 generation job."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+
+from disagg_mpi import ContextPhaseParams, Request, launch
+from tests.mpi.helpers import tiny_prompts, tiny_topology
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.world(3)]
+
+
+def _context(orch, prompt):
+    [gid] = orch.enqueue_context([Request(prompt, max_tokens=6, ignore_eos=True)])
+    [(g, resp)] = orch.await_context_responses(timeout=60)
+    assert g == gid and resp.error_msg is None
+    return gid, resp.result.context_phase_params
+
+
+def _generate(orch, gid, prompt, cpp):
+    orch.enqueue_generation([Request(prompt, max_tokens=6, ignore_eos=True, context_phase_params=cpp)], [gid])
+    while True:
+        for g, resp in orch.await_generation_responses(timeout=60):
+            if resp.is_final:
+                return resp
+
+
+def test_forged_altered_and_replayed_params_are_refused():
+    with launch(tiny_topology(1, 1)) as orch:
+        if orch is None:
+            return
+        prompt = tiny_prompts(3)[2]
+        gid, cpp = _context(orch, prompt)
+        # Altered: flip a byte of the signed payload.
+        outer = msgpack.unpackb(cpp.opaque_state)
+        outer["p"] = outer["p"][:-1] + bytes([outer["p"][-1] ^ 1])
+        bad = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, msgpack.packb(outer))
+        resp = _generate(orch, gid, prompt, bad)
+        assert resp.error_msg and "bad signature" in resp.error_msg
+        # Forged from scratch.
+        resp = _generate(orch, gid, prompt, ContextPhaseParams(cpp.req_id, [5], b"not a state"))
+        assert resp.error_msg and "malformed" in resp.error_msg
+        # The genuine params still work once...
+        good = _generate(orch, gid, prompt, cpp)
+        assert good.error_msg is None and good.result.output_token_ids[0] == cpp.first_gen_tokens[0]
+        # ... and only once: a replay finds the blocks already served.
+        resp = _generate(orch, gid, prompt, cpp)
+        assert resp.error_msg and "already served" in resp.error_msg
+        orch.wait_pools_full()
+
+
+def test_lease_frees_blocks_nobody_pulls():
+    topo = tiny_topology(1, 1)
+    ctx = topo.context_executors[0].model_copy(update={
+        "cache_transceiver_config": topo.context_executors[0].cache_transceiver_config.model_copy(
+            update={"lease_seconds": 0.5})})
+    topo = topo.model_copy(update={"context_executors": [ctx]})
+    with launch(topo) as orch:
+        if orch is None:
+            return
+        prompt = tiny_prompts(4)[3]
+        gid, cpp = _context(orch, prompt)
+        held = orch.executor_stats()[0]
+        assert held["held_contexts"] == 1 and held["free_blocks"] < held["num_blocks"]
+        time.sleep(1.0)
+        orch.wait_pools_full(timeout=10)  # the lease expired: the context side let go
+        resp = _generate(orch, gid, prompt, cpp)
+        assert resp.error_msg and "expired" in resp.error_msg
+        orch.wait_pools_full()
