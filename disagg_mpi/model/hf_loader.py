@@ -39,6 +39,9 @@ class HFCheckpoint:
         self.config = read_hf_config(self.folder)
         self.weight_map = _weight_map(self.folder)
         self._handles: dict[Path, object] = {}
+        if any(k.endswith("o_proj.bias") for k in self.weight_map):
+            # Our o_proj is bias-free so TP partial sums stay exact; refuse rather than drop it.
+            raise ValueError(f"{folder}: o_proj biases are not supported (Llama attention_bias=True)")
 
     def _handle(self, path: Path):
         if path not in self._handles:

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from disagg_mpi.model.chat_template import CHATML, render_chat

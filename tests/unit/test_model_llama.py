@@ -25,10 +25,12 @@ def save_hf_folder(model, folder):
 @torch.no_grad()
 def hf_greedy(hf, prompt, n):
     """Plain greedy loop (HF's generate would stop at, or with min_new_tokens suppress, EOS)."""
-    ids = list(prompt)
+    out = hf(torch.tensor([prompt]), use_cache=True)
+    toks = []
     for _ in range(n):
-        ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+        toks.append(int(out.logits[0, -1].argmax()))
+        out = hf(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks
 
 
 @pytest.fixture(scope="module")
