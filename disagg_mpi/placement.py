@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from .config import ConfigError, Topology
 
@@ -67,9 +68,9 @@ class Placement:
 
     def format(self) -> str:
         """A human-readable table, one line per node, then the warnings."""
-        lines = [f"placement: {self.world_size} ranks on {self.nodes} node(s), "
-                 f"{self.ntasks_per_node} task(s) per node, block distribution, "
-                 f"{self.gpus_per_node} GPU(s) per node"]
+        lines = [(f"placement: {self.world_size} ranks on {self.nodes} node(s), "
+                  f"{self.ntasks_per_node} task(s) per node, block distribution, "
+                  f"{self.gpus_per_node} GPU(s) per node")]
         for node in range(self.nodes):
             cells = []
             for rank in self.ranks_on_node(node):
@@ -139,7 +140,7 @@ def plan_placement(topology: Topology, nodes: int, gpus_per_node: int) -> Placem
             raise PlacementError(
                 f"{names[ex_id][0]}.device_ids[{idx}] = {gpu} (rank {rank}) but a node has "
                 f"{gpus_per_node} GPU(s) (ids 0..{gpus_per_node - 1}); device_ids are node-local: "
-                f"lower it or pass --gpus-per-node {gpu + 1} or more")
+                f"lower it or pass --gpus-per-node {default_gpus_per_node(topology)} or more")
         role = names[ex_id][1]
         n_ctx = len(topology.context_executors)
         label = f"ctx{ex_id}" if role == "context" else f"gen{ex_id - n_ctx}"
@@ -164,14 +165,15 @@ def _warnings(topology: Topology, ranks: Sequence[RankPlacement],
                 warnings.append(f"{names[ex_id][0]} pipeline stage {stage}: its tensor-parallel group "
                                 f"spans nodes {group_nodes} ({where}); every layer's all-reduce crosses "
                                 "the network")
-            seen: dict[tuple[int, int], int] = {}
+            sharing: dict[tuple[int, int], list[int]] = {}
             for r in group:
-                key = (ranks[r].node, ranks[r].gpu)
-                if ranks[r].gpu is not None and key in seen:
-                    warnings.append(f"{names[ex_id][0]}: ranks {seen[key]} and {r} share GPU {key[1]} of "
-                                    f"node {key[0]} in one tensor-parallel group (NCCL cannot form a "
-                                    "communicator over two processes on one GPU)")
-                seen.setdefault(key, r)
+                if ranks[r].gpu is not None:
+                    sharing.setdefault((ranks[r].node, ranks[r].gpu), []).append(r)
+            for (node, gpu), members in sharing.items():
+                if len(members) > 1:
+                    warnings.append(f"{names[ex_id][0]}: ranks {members} of one tensor-parallel group share "
+                                    f"GPU {gpu} of node {node} (NCCL cannot form a communicator over two "
+                                    "processes on one GPU)")
     n_ctx = len(topology.context_executors)
     for c in range(n_ctx):
         for g in range(n_ctx, len(topology.executors)):

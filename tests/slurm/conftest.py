@@ -30,6 +30,8 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "squeue", "scancel"]
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin"]
 PARTITION = "debug"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,10 +51,10 @@ def _ensure_installed() -> None:
         pytest.skip("SLURM/munge are not installed and there is no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     if res.returncode != 0:  # stale package lists: refresh once
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=300)
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        subprocess.run(["apt-get", "update"], check=False, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     missing = [b for b in BINARIES if not _which(b)]
     if res.returncode != 0 or missing:
         pytest.skip(f"apt-get could not install {' '.join(PACKAGES)} (missing {missing}): "
@@ -77,26 +79,41 @@ class SlurmCluster:
 
     def run(self, *cmd: str, timeout: float = 60, check: bool = True,
             **kw: object) -> subprocess.CompletedProcess:
-        res = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout,
+        res = subprocess.run(list(cmd), check=False, env=self.env, capture_output=True, text=True, timeout=timeout,
                              **kw)  # type: ignore[call-overload]
         if check and res.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\n"
                                  f"stderr:\n{res.stderr}\n{self.logs()}")
         return res
 
-    def sbatch_wait(self, script: Path, cwd: Path, timeout: float = 150) -> tuple[int, str]:
-        """Submit, wait for the end, return (exit code, the job's stdout+stderr file)."""
+    def sbatch_wait(self, script: Path, cwd: Path, *args: str, script_args: tuple[str, ...] = (),
+                    timeout: float = 150, env: dict[str, str] | None = None) -> tuple[int, str]:
+        """Submit (extra sbatch `args` before the script's own), wait for the end by polling
+        (`sbatch --wait` polls only every ~10 s), return (exit code, the job's output file)."""
         out = cwd / f"{script.stem}.%j.out"
-        try:
-            res = self.run("sbatch", "--wait", f"--output={out}", "--parsable", str(script),
-                           timeout=timeout, check=False, cwd=cwd)
-        except subprocess.TimeoutExpired:
-            self.run("scancel", "--user", "root", check=False)
-            raise AssertionError(f"job {script} ran past {timeout} s\n{self._queue()}\n{self.logs()}")
-        job_id = res.stdout.strip().split(";")[0].splitlines()[0] if res.stdout.strip() else "?"
+        res = subprocess.run(["sbatch", "--parsable", f"--output={out}", *args, str(script), *script_args],
+                             check=False,
+                             env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            return res.returncode, res.stdout + res.stderr
+        job_id = res.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.run("scontrol", "show", "job", "-o", job_id, check=False, timeout=10).stdout
+            fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
+            if fields.get("JobState") in TERMINAL_STATES:
+                break
+            if time.monotonic() > deadline:
+                self.run("scancel", job_id, check=False)
+                raise AssertionError(f"job {job_id} ({script}) ran past {timeout} s\n{info}\n{self.logs()}")
+            time.sleep(0.3)
+        code, _, signal_number = fields.get("ExitCode", "1:0").partition(":")
+        rc = int(code) if int(code) or not int(signal_number or 0) else 128 + int(signal_number)
+        if fields["JobState"] != "COMPLETED" and rc == 0:
+            rc = 1
         log = Path(str(out).replace("%j", job_id))
-        text = log.read_text() if log.exists() else f"(no job output file {log})\n{res.stderr}"
-        return res.returncode, text
+        text = log.read_text() if log.exists() else f"(no job output file {log})"
+        return rc, f"{text}\n[job {job_id}: {fields['JobState']}]" if rc else text
 
     def _queue(self) -> str:
         return self.run("squeue", "-a", check=False).stdout
@@ -225,9 +242,9 @@ def slurm_cluster():
     ]
     try:
         for name, cmd in daemons:
-            log = open(root / "log" / f"{name}.stdout", "wb")
-            cluster.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True)
+            with open(root / "log" / f"{name}.stdout", "wb") as log:  # the child keeps its own copy
+                cluster.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                       start_new_session=True)
             if name == "munged":
                 deadline = time.monotonic() + 10
                 while not munge_socket.exists() and time.monotonic() < deadline:

@@ -111,16 +111,21 @@ def test_rendered_script_refuses_wrong_world_size(slurm_cluster, tmp_path: Path)
     options = options_from_environment(overcommit=True, mpi="pmi2",
                                        command_args=("--input", "x", "--output", "y"))
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(load_topology(CONFIG), CONFIG, options)
-                      .replace("-m disagg_mpi.cli validate", "-m disagg_mpi.cli_slurm validate"))
+    script.write_text(render_sbatch(load_topology(CONFIG), CONFIG, options))
     # Command-line options override the script's #SBATCH lines: ask for 4 tasks instead of 3.
-    res = slurm_cluster.run("sbatch", "--wait", "--ntasks=4", "--ntasks-per-node=4", "--parsable",
-                            f"--output={tmp_path}/wrong.out", str(script), check=False, timeout=60,
-                            cwd=tmp_path)
-    out = (tmp_path / "wrong.out").read_text()
-    assert res.returncode != 0, out
+    rc, out = slurm_cluster.sbatch_wait(script, tmp_path, "--ntasks=4", timeout=60)
+    assert rc != 0, out
     assert "needs a world size of 3" in out and "has 4" in out, out
     assert "srun" not in out
+
+
+def test_template_validates_before_launch(slurm_cluster, tmp_path: Path) -> None:
+    """launch/slurm.sbatch takes CONFIG INPUT OUTPUT, activates $VENV and refuses a wrong --ntasks."""
+    env = dict(_job_env(slurm_cluster), VENV=sys.prefix)
+    rc, out = slurm_cluster.sbatch_wait(REPO / "launch" / "slurm.sbatch", tmp_path, "--ntasks=2", "--overcommit",
+                                        script_args=(str(CONFIG), "in.jsonl", "out.jsonl"), timeout=60, env=env)
+    assert rc != 0, out
+    assert "needs a world size of 3" in out and "has 2" in out, out
 
 
 def _has_run_command() -> bool:
@@ -152,7 +157,7 @@ def test_smollm2_disaggregated_under_slurm_matches_mpiexec(slurm_cluster, tmp_pa
     env = {k: v for k, v in _job_env(slurm_cluster).items() if not k.startswith("SLURM_")}
     res = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", "run",
                           "--config", str(CONFIG), "--input", str(inp), "--output", str(ref)],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=170)
+                         check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     # The same run as a batch job, through the CLI a user types.
@@ -161,7 +166,8 @@ def test_smollm2_disaggregated_under_slurm_matches_mpiexec(slurm_cluster, tmp_pa
     res = subprocess.run([sys.executable, "-m", "disagg_mpi.cli_slurm", "slurm", "--config", str(CONFIG),
                           "--overcommit", "--partition", slurm_cluster.partition, "--output", str(script),
                           "--", "--input", str(inp), "--output", str(got)],
-                         env=_job_env(slurm_cluster), cwd=REPO, capture_output=True, text=True, timeout=60)
+                         check=False, env=_job_env(slurm_cluster), cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
     assert res.returncode == 0, res.stderr
     assert "srun --mpi=pmi2" in script.read_text()
     rc, out = slurm_cluster.sbatch_wait(script, tmp_path, timeout=170)
