@@ -58,8 +58,8 @@ class SamplingConfig:
             raise RequestError(f"top_k={self.top_k} must be an integer >= 0 (0 disables top-k)")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise RequestError(f"seed={self.seed} must be a non-negative integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed={self.seed} must be an integer in [0, 2**63)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from .api import Request, Response, SamplingConfig
 
@@ -21,17 +21,18 @@ class Message(BaseModel):
 
 
 class InputLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict ints (true is not token 1) and finite floats (Infinity is not a temperature).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     id: str
     prompt: str | None = None
     messages: list[Message] | None = None
-    input_ids: list[int] | None = None
+    input_ids: list[StrictInt] | None = None
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop_token_ids: list[StrictInt] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
 
@@ -68,6 +69,8 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
         data = json.loads(raw)
     except json.JSONDecodeError as err:
         raise LineError(fallback, f"{fallback} is not valid JSON: {err.msg}") from None
+    except RecursionError:
+        raise LineError(fallback, f"{fallback} is nested too deeply") from None
     if not isinstance(data, dict):
         raise LineError(fallback, f"{fallback} must be a JSON object")
     line_id = str(data.get("id", fallback))
@@ -75,13 +78,17 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
         line = InputLine.model_validate(data)
     except ValidationError as err:
         raise LineError(line_id, _pydantic_message(err)) from None
-    if line.input_ids is not None:
-        ids = list(line.input_ids)
-    elif line.messages is not None:
-        text = tokenizer.apply_chat_template([m.model_dump() for m in line.messages], add_generation_prompt=True)
-        ids = tokenizer.encode(text)
-    else:
-        ids = tokenizer.encode(line.prompt)
+    try:
+        if line.input_ids is not None:
+            ids = list(line.input_ids)
+        elif line.messages is not None:
+            text = tokenizer.apply_chat_template([m.model_dump() for m in line.messages],
+                                                 add_generation_prompt=True)
+            ids = tokenizer.encode(text)
+        else:
+            ids = tokenizer.encode(line.prompt)
+    except (TypeError, ValueError, UnicodeError) as err:
+        raise LineError(line_id, f"the text cannot be tokenized ({err}); send valid UTF-8 text") from None
     if not ids:
         raise LineError(line_id, "the prompt is empty; send at least one token")
     req = Request(ids, line.max_tokens, SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed),

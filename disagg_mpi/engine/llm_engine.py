@@ -9,6 +9,9 @@ same code serves aggregated, context-only and generation-only requests.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import operator
 import random
 import time
 from collections import deque
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..api import (DISAGG_NOT_ENABLED, ContextPhaseParams, ExecutorConfig, FinishReason, Request,
-                   RequestError, RequestType, Response, Result)
+                   RequestError, RequestType, Response, Result, SamplingConfig)
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
 from ..transfer.plan import LayoutMismatchError, check_compatible
@@ -27,6 +30,16 @@ from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
+
+
+def _as_int(value: Any) -> int | None:
+    """A Python int from an integer-like value (int, numpy or torch integer), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class ExecutorGroup(Protocol):
@@ -109,34 +122,51 @@ class LLMEngine:
                 self.scheduler.add(seq)
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
             self._error(req_id, str(err))
+        except TypeError as err:  # a field of the wrong type that the checks above missed
+            self._error(req_id, f"malformed request: {err}")
 
     def _make_sequence(self, req_id: int, r: Request) -> Sequence:
         rt = r.request_type
         if rt != RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION and not self.transceiver_enabled:
             raise RequestError(DISAGG_NOT_ENABLED)
-        r.sampling_config.validate()
-        ids = r.input_token_ids
-        if not ids:
-            raise RequestError("the prompt is empty; send at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise RequestError(f"max_tokens={r.max_tokens} must be an integer >= 1")
-        limit = self.model_config.max_position_embeddings
-        if len(ids) + r.max_tokens > limit:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the "
-                               f"model's context of {limit} tokens")
+        if not isinstance(r.sampling_config, SamplingConfig):
+            raise RequestError(f"sampling_config must be a SamplingConfig, got {type(r.sampling_config).__name__}")
         sc = r.sampling_config
+        for name in ("temperature", "top_p"):
+            v = getattr(sc, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isinf(v):
+                raise RequestError(f"{name}={v!r} must be a finite number")
+        sc.validate()
+        ids = r.input_token_ids
+        if ids is None or (isinstance(ids, (list, tuple)) and not ids):
+            raise RequestError("the prompt is empty; send at least one token")
+        if not isinstance(ids, (list, tuple)):
+            raise RequestError(f"input_token_ids must be a list of token ids, got {type(ids).__name__}")
+        vocab = self.model_config.vocab_size
+        ids = [_as_int(t) for t in ids]  # numpy / torch integers are fine; bool, float, str are not
+        bad = [t for t in ids if t is None or not 0 <= t < vocab]
+        if bad:
+            shown = [t for t, i in zip(r.input_token_ids, ids) if i is None or not 0 <= i < vocab][:5]
+            raise RequestError(f"token ids {shown} are outside the vocabulary [0, {vocab})")
+        full_max_tokens = _as_int(r.max_tokens)
+        if full_max_tokens is None or full_max_tokens < 1:
+            raise RequestError(f"max_tokens={r.max_tokens!r} must be an integer >= 1")
+        stop = r.stop_token_ids if r.stop_token_ids is not None else []
+        stop_ids = [_as_int(t) for t in stop] if isinstance(stop, (list, tuple, set)) else [None]
+        if None in stop_ids:
+            raise RequestError(f"stop_token_ids={r.stop_token_ids!r} must be a list of integer token ids")
+        limit = self.model_config.max_position_embeddings
+        if len(ids) + full_max_tokens > limit:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({full_max_tokens}) exceeds the "
+                               f"model's context of {limit} tokens")
         seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
-        max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else r.max_tokens
-        seq = Sequence(req_id, list(ids), max_tokens, SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed),
-                       set(r.stop_token_ids), self.eos, r.ignore_eos)
+        max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
+        seq = Sequence(req_id, ids, max_tokens, SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed),
+                       set(stop_ids), self.eos, r.ignore_eos)
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
-            seq.full_max_tokens = r.max_tokens
+            seq.full_max_tokens = full_max_tokens
         return seq
 
     def _admit_generation(self, seq: Sequence, r: Request) -> None:

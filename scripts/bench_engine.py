@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Throughput of this engine (in-process Executor) vs transformers `generate`, in one run.
+
+Both run the same prompts (random token ids, fixed seed) on the same weights:
+the transformers LlamaForCausalLM is built from our ModelConfig (`LlamaConfig`)
+and shares our model's tensors, so nothing is loaded twice and the weights are
+identical by construction. EOS is ignored on both sides, so every request makes
+exactly `--new-tokens` tokens.
+
+CPU defaults (a few minutes on 2 cores):
+    python scripts/bench_engine.py                       # smollm2, fp32, batch 1 and 8
+GPU:
+    python scripts/bench_engine.py --device cuda         # random:llama-3.1-8b, bf16, batch 1 and 64
+
+Reported per batch size and engine: end-to-end output tokens/s (prefill included),
+the decode step time (from a run with 1 new token subtracted), and the ratio
+engine / transformers. On a GPU also the memory-bandwidth roofline fraction of a
+decode step: (weight bytes + KV bytes read per step) / measured device copy
+bandwidth, divided by the measured step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from disagg_mpi.api import ExecutorConfig, KvCacheConfig, Request
+from disagg_mpi.engine.executor import Executor
+from disagg_mpi.model import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default=None, help="model spec (default: smollm2 on CPU, random:llama-3.1-8b on GPU)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8 on CPU, 1,64 on GPU)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip-hf", action="store_true", help="time this engine only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    a.model = a.model or ("random:llama-3.1-8b" if gpu else "smollm2")
+    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
+    a.batches = [int(b) for b in (a.batches or ("1,64" if gpu else "1,8")).split(",")]
+    return a
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_prompts(vocab, n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Stay clear of the low ids, where the special tokens usually live.
+    lo = min(1000, vocab // 4)
+    return [torch.randint(lo, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+# ---- this engine -----------------------------------------------------------------------
+
+
+def engine_run(model, args, device, prompts, new_tokens):
+    bs = args.block_size
+    per_seq = -(-(args.prompt_len + new_tokens) // bs)
+    cfg = ExecutorConfig(max_batch_size=len(prompts),
+                         max_num_tokens=max(len(prompts) * args.prompt_len, 512),
+                         kv_cache_config=KvCacheConfig(block_size=bs, num_blocks=per_seq * len(prompts) + 1),
+                         dtype=args.dtype, device=str(device))
+    ex = Executor(model, cfg)
+    reqs = [Request(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts]
+    sync(device)
+    t0 = time.perf_counter()
+    resps = ex.generate(reqs)
+    sync(device)
+    dt = time.perf_counter() - t0
+    for r in resps:
+        if r.has_error():
+            raise RuntimeError(r.error_msg)
+        assert len(r.result.output_token_ids) == new_tokens
+    ex.check_blocks_free()
+    del ex
+    return dt, [r.result.output_token_ids for r in resps]
+
+
+# ---- transformers --------------------------------------------------------------------------
+
+
+def build_hf(model, dtype):
+    """A transformers LlamaForCausalLM sharing our model's weights (no copy)."""
+    import transformers
+
+    cfg = model.config
+    hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if unexpected or missing:
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    # Buffers (rotary inv_freq) were created on meta: rebuild them on the model's device.
+    dev = next(model.parameters()).device
+    for mod in hf.modules():
+        if hasattr(mod, "inv_freq") and mod.inv_freq.is_meta:
+            with torch.device(dev):
+                fresh = type(mod)(config=hf_cfg)
+            mod.inv_freq = fresh.inv_freq
+            if isinstance(getattr(mod, "original_inv_freq", None), torch.Tensor):
+                mod.original_inv_freq = fresh.original_inv_freq
+    leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"transformers model has tensors left on meta: {leftovers[:5]}")
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # ignore EOS (do not stop at it)
+    return hf
+
+
+def hf_run(hf, device, prompts, new_tokens, pad_id=0):
+    # Left padding (all prompts have the same length here, so it is a no-op but kept general).
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == width + new_tokens
+    return dt, out[:, width:].tolist()
+
+
+# ---- roofline --------------------------------------------------------------------------------
+
+
+def copy_bandwidth(device, nbytes=1 << 30, reps=10):
+    """Device memory bandwidth from a large copy: bytes read + written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / best
+
+
+def decode_step_bytes(model, batch, context, dtype):
+    """Bytes a decode step must read: every weight once (embedding rows aside) plus each sequence's KV."""
+    cfg = model.config
+    elt = torch.empty(0, dtype=dtype).element_size()
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    if not cfg.tie_word_embeddings:
+        params -= cfg.vocab_size * cfg.hidden_size  # only `batch` rows of the embedding are read
+    kv = batch * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+    return (params + kv) * elt
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def best_of(fn, repeats):
+    runs = [fn() for _ in range(repeats)]
+    return min(runs, key=lambda r: r[0])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    print(f"loading {args.model} ({args.dtype}) on {device} ...", flush=True)
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=dtype, device=device)
+    print(f"  loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+    hf = None
+    if not args.skip_hf:
+        hf = build_hf(model, dtype)
+    vocab = model.config.vocab_size
+    results = {"model": args.model, "dtype": args.dtype, "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+               or platform.machine(),
+               "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens, "block_size": args.block_size, "runs": []}
+    if hf is not None:
+        import transformers
+        results["transformers"] = transformers.__version__
+    bw = None
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        results["copy_bandwidth_GBps"] = bw / 1e9
+        print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+
+    n = args.new_tokens
+    for batch in args.batches:
+        prompts = make_prompts(vocab, batch, args.prompt_len, args.seed + batch)
+        warm = prompts[: max(1, batch)]
+        print(f"\nbatch {batch}: warming up ...", flush=True)
+        engine_run(model, args, device, warm, 4)
+        if hf is not None:
+            hf_run(hf, device, warm, 4)
+        row = {"batch": batch}
+        engines = [("engine", lambda k, ps=prompts: engine_run(model, args, device, ps, k))]
+        if hf is not None:
+            engines.append(("transformers", lambda k, ps=prompts: hf_run(hf, device, ps, k)))
+        outputs = {}
+        for name, run in engines:
+            t_full, toks = best_of(lambda run=run: run(n), args.repeats)
+            t_prefill, _ = best_of(lambda run=run: run(1), args.repeats)
+            outputs[name] = toks
+            step = (t_full - t_prefill) / max(1, n - 1)
+            r = {"seconds": t_full, "tokens_per_s": batch * n / t_full, "prefill_s": t_prefill,
+                 "decode_step_ms": step * 1e3, "decode_tokens_per_s": batch / step if step > 0 else None}
+            if bw is not None and step > 0:
+                ctx = args.prompt_len + n / 2  # mean context over the decode steps
+                nbytes = decode_step_bytes(model, batch, ctx, dtype)
+                r["decode_step_bytes"] = nbytes
+                r["roofline_fraction"] = (nbytes / bw) / step
+            row[name] = r
+            extra = f", roofline {r['roofline_fraction']:.0%}" if "roofline_fraction" in r else ""
+            print(f"  {name:>12}: {r['tokens_per_s']:8.1f} tok/s end-to-end ({t_full:.2f}s), "
+                  f"decode step {r['decode_step_ms']:.1f} ms{extra}", flush=True)
+        if hf is not None:
+            row["ratio"] = row["engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+            if row["engine"]["decode_tokens_per_s"] and row["transformers"]["decode_tokens_per_s"]:
+                row["decode_ratio"] = (row["engine"]["decode_tokens_per_s"]
+                                       / row["transformers"]["decode_tokens_per_s"])
+            same = sum(a == b for x, y in zip(outputs["engine"], outputs["transformers"]) for a, b in zip(x, y))
+            row["token_agreement"] = same / (batch * n)  # greedy; bf16 drifts apart, fp32 should be ~1
+            print(f"  ratio engine/transformers: {row['ratio']:.2f}x end-to-end, "
+                  f"{row.get('decode_ratio', float('nan')):.2f}x decode; "
+                  f"greedy token agreement {row['token_agreement']:.0%}", flush=True)
+        results["runs"].append(row)
+
+    print("\nsummary (output tokens/s, end-to-end):")
+    for row in results["runs"]:
+        hf_tps = row.get("transformers", {}).get("tokens_per_s")
+        print(f"  batch {row['batch']:>3}: engine {row['engine']['tokens_per_s']:8.1f}"
+              + (f"  transformers {hf_tps:8.1f}  ratio {row['ratio']:.2f}x" if hf_tps else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
