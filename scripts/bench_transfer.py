@@ -70,7 +70,7 @@ class Side:
     def __init__(self, state: CacheState, local_rank: int, num_blocks: int, cfg: CacheTransceiverConfig,
                  fill: float | None = None):
         self.state = state
-        s, tp = state.coords(local_rank)
+        s, _ = state.coords(local_rank)
         nl = state.layer_split[s]
         self.pool = torch.zeros((num_blocks, nl, 2, state.local_kv_heads, state.block_size, state.head_dim),
                                 dtype=torch.float32)
@@ -80,8 +80,14 @@ class Side:
         self.tc = KvTransceiver(self.comm, self.pool, state, local_rank, cfg)
 
 
+WHOLE_BLOCKS = 0  # set from --whole-blocks: round token counts to whole blocks of this size
+
+
 def tokens_for(payload: int, bytes_per_token: int) -> int:
-    return max(1, round(payload / bytes_per_token))
+    n = max(1, round(payload / bytes_per_token))
+    if WHOLE_BLOCKS:
+        n = max(WHOLE_BLOCKS, round(n / WHOLE_BLOCKS) * WHOLE_BLOCKS)
+    return n
 
 
 def bench_same(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,6 +135,7 @@ def bench_same(args: argparse.Namespace) -> dict[str, Any]:
         assert not side.tc.busy
     return {"layout": "same", "model": "30 layers, 3 KV heads, head_dim 64, fp32, block_size 16",
             "bytes_per_token": bpt, "block_bytes": block_bytes, "buffer_bytes": args.buffer_bytes,
+            "whole_blocks": bool(WHOLE_BLOCKS),
             "repeats": args.repeats, "rows": rows}
 
 
@@ -136,7 +143,7 @@ def _pull_once(side: Side, rank: int, opaque: OpaqueState, nblk: int, req_id: in
                gen_rank: int = 1, ctx_ranks: tuple[int, ...] = (0,)) -> float:
     """One pull; returns the seconds seen by the generation rank (0.0 on the others)."""
     tc = side.tc
-    MPI.COMM_WORLD.Barrier()
+    _barrier(rank in (gen_rank, *ctx_ranks))
     if rank == gen_rank:
         t0 = time.perf_counter()
         tc.start_pull(req_id, opaque, list(range(-(-opaque.num_tokens // side.state.block_size))))
@@ -152,8 +159,22 @@ def _pull_once(side: Side, rank: int, opaque: OpaqueState, nblk: int, req_id: in
     return 0.0
 
 
+def _barrier(active: bool) -> None:
+    """Barrier; a rank that sits out the next measurement waits in it without spinning.
+
+    With 3 ranks on 2 cores (tp2to1), an idle rank spinning in MPI_Barrier would
+    steal a core from the ranks being timed. Ranks taking part spin (no sleep).
+    """
+    req = MPI.COMM_WORLD.Ibarrier()
+    if active:
+        req.Wait()
+        return
+    while not req.Test():
+        time.sleep(200e-6)
+
+
 def _plain_once(comm: Any, rank: int, buf: Any, src: int, dst: int) -> float:
-    MPI.COMM_WORLD.Barrier()
+    _barrier(rank in (src, dst))
     if rank == dst:
         t0 = time.perf_counter()
         comm.Recv(buf, source=src, tag=7)
@@ -194,7 +215,6 @@ def bench_tp2to1(args: argparse.Namespace) -> dict[str, Any]:
     ctx2 = CacheState.create(30, 2, 64, bs, "float32", tp_size=2)
     one = CacheState.create(30, 2, 64, bs, "float32")
     bpt = one.bytes_per_token_per_rank(0)  # whole KV of a token (both heads)
-    block_bytes = bpt * bs
     max_tokens = max(tokens_for(p, bpt) for p in args.sizes)
     num_blocks = -(-max_tokens // bs) + 1
     cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=args.zero_copy != "off",
@@ -247,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffer-bytes", type=parse_size, default=CacheTransceiverConfig.buffer_bytes)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (x4 below 4 MiB)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--whole-blocks", action="store_true",
+                   help="round each request to whole blocks (KV bytes == bytes moved), "
+                        "to compare the transport without the last block's padding")
     args = p.parse_args(argv)
+    global WHOLE_BLOCKS
+    WHOLE_BLOCKS = 16 if args.whole_blocks else 0
     args.sizes = args.sizes or DEFAULT_SIZES
     world = MPI.COMM_WORLD
     need = 2 if args.layout == "same" else 3
@@ -257,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if world.Get_rank() == 0:
         print(f"# layout={args.layout} ranks={need} buffer_bytes={args.buffer_bytes} repeats={args.repeats} "
-              f"warmup={args.warmup} torch threads={torch.get_num_threads()}", flush=True)
+              f"warmup={args.warmup} whole_blocks={args.whole_blocks} torch threads={torch.get_num_threads()}",
+              flush=True)
         if args.layout == "same":
             modes = [m for m in ("on", "off") if args.zero_copy in (m, "both")]
             _print_header(modes)

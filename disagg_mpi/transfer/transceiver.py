@@ -42,6 +42,7 @@ from .plan import PlanItem, local_slices, make_plan
 TAG_PULL = 1
 _FIRST_DATA_TAG = 100
 _WINDOW = 2  # chunks in flight per transfer: double buffering
+_KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
 
 def _np(t: torch.Tensor) -> Any:
@@ -103,6 +104,12 @@ def _scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> Non
         dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
 
 
+def _contiguous(ids: list[int], lo: int, hi: int) -> bool:
+    """Whether ids[lo:hi] are consecutive block ids (one slice of the pool)."""
+    first = ids[lo]
+    return all(ids[i] == first + (i - lo) for i in range(lo + 1, hi))
+
+
 def _zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[int]:
     """Chunk starts (+ end) so that each chunk is a run contiguous in both pools, <= max_run blocks."""
     bounds = [0]
@@ -145,8 +152,9 @@ class _SendJob:
     slices: tuple[slice, slice]  # ctx-local layers, heads
     chunking: _Chunking
     next_chunk: int = 0
-    inflight: deque = field(default_factory=deque)  # (mpi request, buffer)
+    inflight: deque = field(default_factory=deque)  # (mpi request, buffer, buffer to reuse or None)
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
+    direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
     bytes: int = 0
 
 
@@ -159,8 +167,9 @@ class _RecvItem:
     slices: tuple[slice, slice]  # gen-local layers, heads
     next_post: int = 0
     next_done: int = 0
-    posted: deque = field(default_factory=deque)  # (mpi request, buffer, chunk index)
+    posted: deque = field(default_factory=deque)  # (mpi request, buffer, chunk index, buffer to reuse)
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
+    direct: bool = False  # copy path, but same block size and our whole slice: contiguous runs land in place
     started: bool = False
 
     @property
@@ -195,6 +204,23 @@ class KvTransceiver:
         self._sending: list[_SendJob] = []
         self._recv: dict[int, _RecvJob] = {}
         self.sent_bytes = 0
+        # Chunk buffers kept across transfers (a fresh big buffer costs its page faults every
+        # time); at most _KEEP_BUFFERS, oldest dropped first.
+        self._spare: list[torch.Tensor] = []
+
+    def _buffer(self, free: list, shape: tuple[int, ...]) -> torch.Tensor:
+        if free:
+            return free.pop()
+        for i, b in enumerate(self._spare):
+            if tuple(b.shape) == shape:
+                return self._spare.pop(i)
+        return torch.empty(shape, dtype=self.pool.dtype)
+
+    def _keep(self, bufs: list) -> None:
+        """A finished transfer hands its chunk buffers back."""
+        self._spare.extend(bufs)
+        bufs.clear()
+        del self._spare[:-_KEEP_BUFFERS]
 
     # ---- generation side -------------------------------------------------
 
@@ -205,10 +231,13 @@ class KvTransceiver:
         items = []
         for it in plan:
             sl = local_slices(it, ctx, self.state, self.local_rank)
-            items.append(_RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
-                                   _chunking(it, ctx, self.state, self.local_rank, opaque.num_tokens,
-                                             self.cfg, list(opaque.block_ids), list(my_blocks)),
-                                   (sl.gen_layers, sl.gen_heads)))
+            ri = _RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
+                           _chunking(it, ctx, self.state, self.local_rank, opaque.num_tokens,
+                                     self.cfg, list(opaque.block_ids), list(my_blocks)),
+                           (sl.gen_layers, sl.gen_heads))
+            ri.direct = (self.cfg.zero_copy and ctx.block_size == self.state.block_size
+                         and it.num_layers == self.pool.shape[1] and it.num_heads == self.pool.shape[3])
+            items.append(ri)
         job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, items)
         self._recv[req_id] = job
         for ri in items if self.cfg.parallel_receive else items[:1]:
@@ -236,16 +265,16 @@ class KvTransceiver:
                     buf = self.pool[job.blocks[lo]]
                 else:
                     buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
+                full = None
+            elif ri.direct and _contiguous(job.blocks, lo, hi):  # packed layout == our blocks' layout
+                buf, full = self.pool.narrow(0, job.blocks[lo], hi - lo), None
             else:
-                if ri.free_bufs:
-                    full = ri.free_bufs.pop()
-                else:
-                    it = ri.item
-                    full = torch.empty((ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
-                                        job.ctx_block_size, self.state.head_dim), dtype=self.pool.dtype)
+                it = ri.item
+                full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
+                                                   job.ctx_block_size, self.state.head_dim))
                 buf = full.narrow(0, 0, hi - lo)
             req = self.comm.Irecv(_np(buf), source=ri.source, tag=ri.tag)
-            ri.posted.append((req, buf, ri.next_post))
+            ri.posted.append((req, buf, ri.next_post, full))
             ri.next_post += 1
 
     def _progress_recv(self, job: _RecvJob) -> bool:
@@ -256,14 +285,16 @@ class KvTransceiver:
                 else:
                     continue
             while ri.posted and ri.posted[0][0].Test():
-                _, buf, ci = ri.posted.popleft()
-                lo, hi = ri.chunking.chunks()[ci]
-                if not ri.chunking.zero_copy:
+                _, buf, ci, full = ri.posted.popleft()
+                lo, _ = ri.chunking.chunks()[ci]
+                if full is not None:  # landed in a chunk buffer: scatter it into our blocks
                     self._scatter(job, ri, buf, lo)
-                    ri.free_bufs.append(buf if buf._base is None else buf._base)
+                    ri.free_bufs.append(full)
                 job.bytes += buf.numel() * buf.element_size()
                 ri.next_done += 1
                 self._post_recvs(job, ri)
+                if ri.done:
+                    self._keep(ri.free_bufs)
         return all(ri.done for ri in job.items)
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
@@ -297,13 +328,16 @@ class KvTransceiver:
             layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
             heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
             chunking = _Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
-            self._send_queue.append(_SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking))
+            job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
+            job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
+                          and heads.stop - heads.start == self.pool.shape[3])
+            self._send_queue.append(job)
 
     def _progress_send(self, job: _SendJob) -> bool:
         while job.inflight and job.inflight[0][0].Test():
-            _, buf = job.inflight.popleft()
-            if not job.chunking.zero_copy:
-                job.free_bufs.append(buf if buf._base is None else buf._base)
+            _, _, full = job.inflight.popleft()
+            if full is not None:
+                job.free_bufs.append(full)
         chunks = job.chunking.chunks()
         while job.next_chunk < len(chunks) and len(job.inflight) < _WINDOW:
             lo, hi = chunks[job.next_chunk]
@@ -312,21 +346,22 @@ class KvTransceiver:
                     buf = self.pool[job.blocks[lo]]
                 else:  # a run contiguous in our pool (the receiver checked)
                     buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
+                full = None
+            elif job.direct and _contiguous(job.blocks, lo, hi):  # our blocks are the packed layout
+                buf, full = self.pool.narrow(0, job.blocks[lo], hi - lo), None
             else:
                 layers, heads = job.slices
                 view = self.pool[:, layers, :, heads]
-                if job.free_bufs:
-                    full = job.free_bufs.pop()
-                else:
-                    full = torch.empty((job.chunking.blocks_per_chunk, *view.shape[1:]), dtype=self.pool.dtype)
+                full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
                 buf = full.narrow(0, 0, hi - lo)
                 _gather(view, job.blocks[lo:hi], buf)
-            job.inflight.append((self.comm.Isend(_np(buf), dest=job.dest, tag=job.tag), buf))
+            job.inflight.append((self.comm.Isend(_np(buf), dest=job.dest, tag=job.tag), buf, full))
             job.bytes += buf.numel() * buf.element_size()
             job.next_chunk += 1
         done = job.next_chunk == len(chunks) and not job.inflight
         if done:
             self.sent_bytes += job.bytes
+            self._keep(job.free_bufs)
         return done
 
     # ---- both ------------------------------------------------------------
@@ -359,7 +394,7 @@ class KvTransceiver:
         if job is None:
             return
         for ri in job.items:
-            for req, _, _ in ri.posted:
+            for req, *_ in ri.posted:
                 req.Cancel()
                 req.Wait()
 

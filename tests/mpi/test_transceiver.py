@@ -10,17 +10,19 @@ Sizes are tiny so the whole file runs in seconds.
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 
 import pytest
 import torch
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
-from disagg_mpi.api import CacheTransceiverConfig  # noqa: E402
-from disagg_mpi.transfer.cache_state import CacheState  # noqa: E402
-from disagg_mpi.transfer.opaque import OpaqueState  # noqa: E402
-from disagg_mpi.transfer.transceiver import KvTransceiver  # noqa: E402
+from disagg_mpi.api import CacheTransceiverConfig
+from disagg_mpi.transfer.cache_state import CacheState
+from disagg_mpi.transfer.opaque import OpaqueState
+from disagg_mpi.transfer.transceiver import KvTransceiver
 
 WORLD = MPI.COMM_WORLD
 pytestmark = [
@@ -100,9 +102,15 @@ def _run(ctx_state: CacheState, gen_state: CacheState, gen_local_rank: int, cfg:
             tc = KvTransceiver(comm, pool, gen_state, gen_local_rank, cfg)
         pulls = [(100 + i, OpaqueState(0, (0,), 7 + i, tuple(cb), ntok, ctx_state), gb)
                  for i, (ntok, cb, gb) in enumerate(requests)]
-        if rank == 1 and check_chunks is not None:
-            _check_chunk_count(tc, pulls[0], check_chunks)
-        got = _exchange(tc, pulls)
+        try:
+            if rank == 1 and check_chunks is not None:
+                _check_chunk_count(tc, pulls[0], check_chunks)
+            got = _exchange(tc, pulls)
+        except BaseException:  # noqa: BLE001 - any failure here must end the job
+            # A failure while the peer still waits would hang the job: end it loudly instead.
+            traceback.print_exc()
+            sys.stderr.flush()
+            WORLD.Abort(1)
         if rank == 0:
             assert torch.equal(pool, ctx_vals), "the context pool changed"
             return
