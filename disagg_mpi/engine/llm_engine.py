@@ -8,6 +8,7 @@ same code serves aggregated, context-only and generation-only requests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -71,6 +72,7 @@ class _GenPending:
     t0: float = field(default_factory=time.perf_counter)
     state: str = "alloc"  # alloc -> claiming -> pulling
     cancelled: bool = False  # a pull in flight is left to finish, then freed
+    skip_blocks: int = 0  # leading blocks already cached here (prefix reuse)
 
 
 @dataclass
@@ -200,8 +202,13 @@ class LLMEngine:
 
     def _advance_pending(self) -> None:
         for p in list(self._pending.values()):
-            if p.state == "alloc" and self.blocks.can_allocate(p.seq.max_total_tokens):
-                self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens)
+            # Prefix reuse: blocks this executor already caches need no transfer
+            # (only when block sizes match, so a shared block is never rewritten).
+            prompt = (p.seq.prompt_ids if self.blocks.enable_prefix_reuse
+                      and p.opaque.cache_state.block_size == self.blocks.block_size else None)
+            if p.state == "alloc" and self.blocks.can_allocate(p.seq.max_total_tokens, prompt):
+                self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens, prompt)
+                p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
                 p.state = "claiming"
                 p.t0 = time.perf_counter()
                 self.send_peer(p.opaque.world_ranks[0], {
@@ -220,6 +227,8 @@ class LLMEngine:
             m = self._meta[req_id].metrics
             m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
             m["kv_transfer_bytes"] = nbytes
+            m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
+            self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
             self.scheduler.add_prefilled(p.seq)
             if p.streaming:
                 self._emit(p.seq, [p.seq.output_ids[0]], final=False)
@@ -234,7 +243,11 @@ class LLMEngine:
             self._error(gen_req_id, error)
             return
         p.state = "pulling"
-        self.group.start_pull(gen_req_id, p.opaque, self.blocks.block_table(gen_req_id))
+        opaque, table, k = p.opaque, self.blocks.block_table(gen_req_id), p.skip_blocks
+        if k:  # pull only the blocks this executor does not cache: a smaller request, block for block
+            opaque = dataclasses.replace(opaque, block_ids=opaque.block_ids[k:],
+                                         num_tokens=opaque.num_tokens - k * self.blocks.block_size)
+        self.group.start_pull(gen_req_id, opaque, table[k:])
 
     def _release_context(self, opaque: OpaqueState) -> None:
         self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})

@@ -21,7 +21,8 @@ from typing import Any
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
 from ..runtime.comms import TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms, recv_ready, send
-from .router import Router
+from .prefix_index import PrefixIndex
+from .router import Router, run_locally
 
 _CTX, _GEN = "context", "generation"
 
@@ -59,13 +60,18 @@ class DisaggOrchestrator:
         self._queues: dict[str, deque[tuple[int, Response]]] = {_CTX: deque(), _GEN: deque()}
         self._seed_rng = random.Random()
         self._backoff = Backoff()
+        self.prefix = {i: PrefixIndex(e.kv_cache.block_size, e.kv_cache.num_blocks)
+                       for i, e in enumerate(topo.executors)}
         self._stats: dict[int, dict] = {}
 
     # ---- enqueue ---------------------------------------------------------
 
-    def _route(self, candidates: list[int], select: int | None, what: str) -> int:
+    def _route(self, candidates: list[int], select: int | None, what: str,
+               tokens: Sequence[int] = ()) -> int:
         if select is None:
-            return self.router.pick(candidates, self.load)
+            cached = ({e: self.prefix[e].cached_tokens(tokens) for e in candidates}
+                      if self.router.policy == "kv_aware" else None)
+            return self.router.pick(candidates, self.load, cached)
         if select not in candidates:
             raise ValueError(f"select_{what}_id={select} is not a {what} executor; allowed: {candidates}")
         return select
@@ -75,6 +81,7 @@ class DisaggOrchestrator:
         t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
         self._by_exec[(executor, t.exec_req_id)] = gid
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
+        self.prefix[executor].insert(request.input_token_ids)
         send(self.comms.ctl, {"op": "enqueue", "items": [[t.exec_req_id, request.to_dict()]]},
              self.leaders[executor], TAG_TO_EXEC)
 
@@ -93,7 +100,7 @@ class DisaggOrchestrator:
         for r in requests:
             gid, r = self._new(r)
             r.request_type = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION
-            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen"), _GEN)
+            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), _GEN)
             out.append(gid)
         return out
 
@@ -102,7 +109,8 @@ class DisaggOrchestrator:
         for r in requests:
             gid, r = self._new(r)
             r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
-            ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context")
+            ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
+                             r.input_token_ids)
             self._dispatch(gid, r, ex, _CTX)
             out.append(gid)
         return out
@@ -115,7 +123,7 @@ class DisaggOrchestrator:
             r = copy.deepcopy(r)
             r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
             self._tracks[gid].request = r
-            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen"), _GEN)
+            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids), _GEN)
 
     def cancel_request(self, gid: int) -> None:
         t = self._tracks.get(gid)
@@ -213,9 +221,20 @@ class DisaggOrchestrator:
 
     def submit(self, requests: Sequence[Request]) -> list[int]:
         """Start requests the way the topology serves them (disaggregated if it can)."""
-        if self.context_ids:
+        if not self.context_ids:
+            return self.enqueue_requests(requests)
+        limit = self.topo.router.local_prefill_max_tokens
+        if limit <= 0:
             return self.enqueue_context(requests)
-        return self.enqueue_requests(requests)
+        gids = []
+        for r in requests:  # conditional disaggregation, request by request
+            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids)
+            cached = self.prefix[gen].cached_tokens(r.input_token_ids)
+            if run_locally(len(r.input_token_ids), cached, limit):
+                gids += self.enqueue_requests([r], select_id=gen)
+            else:
+                gids += self.enqueue_context([r])
+        return gids
 
     def advance(self, responses: list[tuple[int, Response]]) -> list[tuple[int, Response]]:
         """Move context responses on to generation; returns the client-visible responses.
@@ -320,6 +339,47 @@ class DisaggOrchestrator:
     def shutdown(self) -> None:
         for leader in self.leaders.values():
             send(self.comms.ctl, {"op": "shutdown"}, leader, TAG_TO_EXEC)
+
+    # ---- split phases for a server (disagg-mpi serve) --------------------
+
+    def enqueue_generation_only(self, requests: Sequence[Request], select_gen_id: int | None = None) -> list[int]:
+        """Start the generation phase of contexts run earlier (each request carries its
+        `context_phase_params`), under new global ids; `advance` handles their responses."""
+        out = []
+        for r in requests:
+            gid, r = self._new(r)
+            r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
+            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids), _GEN)
+            out.append(gid)
+        return out
+
+    def finish_context_only(self, gid: int, resp: Response) -> Response:
+        """Close a context-only request on its context response instead of moving it on
+        to generation (what `advance` does); the final response keeps the ContextPhaseParams.
+        A cancelled request has its held blocks freed and comes back cancelled."""
+        t = self._tracks.get(gid)
+        if t is None:
+            return resp
+        t.metrics["context_executor"] = t.executor
+        cpp = resp.result.context_phase_params if resp.result is not None else None
+        if t.cancelled and resp.is_final:
+            if cpp is not None:
+                send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id}, self.leaders[t.executor],
+                     TAG_TO_EXEC)
+            return self._final(gid, Response(gid, Result([], True, "cancelled")))
+        final = self._final(gid, resp)
+        if final.result is not None:
+            final.result.context_phase_params = cpp
+        return final
+
+    def request_executor_stats(self) -> None:
+        """Ask every executor for its counters without waiting; `poll` collects the
+        answers into `latest_executor_stats()`."""
+        for leader in self.leaders.values():
+            send(self.comms.ctl, {"op": "stats"}, leader, TAG_TO_EXEC)
+
+    def latest_executor_stats(self) -> dict[int, dict]:
+        return dict(self._stats)
 
 
 def _any() -> int:

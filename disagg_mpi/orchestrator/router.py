@@ -19,18 +19,38 @@ def least_loaded(candidates: Sequence[int], load: dict[int, int]) -> int:
     return min(candidates, key=lambda e: (load.get(e, 0), candidates.index(e)))
 
 
+def kv_aware(candidates: Sequence[int], cached_tokens: dict[int, int], load: dict[int, int]) -> int:
+    """Most cached prefix minus in-flight load (both in tokens); ties go to the first.
+
+    A warm cache saves exactly its tokens of prefill, and queued work delays a
+    request by about its token count, so the two are comparable.
+    """
+    if not candidates:
+        raise ValueError("no executor to route to")
+    return max(candidates, key=lambda e: (cached_tokens.get(e, 0) - load.get(e, 0), -candidates.index(e)))
+
+
+def run_locally(prompt_len: int, cached: int, max_local_tokens: int) -> bool:
+    """Conditional disaggregation: a short uncached part is prefilled where it decodes."""
+    return max_local_tokens > 0 and prompt_len - cached <= max_local_tokens
+
+
 class Router:
     """Stateful wrapper: one turn counter per executor pool."""
 
     def __init__(self, policy: str):
         if policy not in ("round_robin", "least_loaded", "kv_aware"):
-            raise ValueError(f"router policy {policy!r} is not known; allowed: round_robin, least_loaded")
+            raise ValueError(f"router policy {policy!r} is not known; allowed: round_robin, least_loaded, "
+                             "kv_aware")
         self.policy = policy
         self._turn: dict[tuple[int, ...], int] = {}
 
-    def pick(self, candidates: Sequence[int], load: dict[int, int]) -> int:
+    def pick(self, candidates: Sequence[int], load: dict[int, int],
+             cached_tokens: dict[int, int] | None = None) -> int:
         if self.policy == "least_loaded":
             return least_loaded(candidates, load)
+        if self.policy == "kv_aware":
+            return kv_aware(candidates, cached_tokens or {}, load)
         key = tuple(candidates)
         turn = self._turn.get(key, 0)
         self._turn[key] = turn + 1

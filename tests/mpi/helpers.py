@@ -16,10 +16,12 @@ def rank() -> int:
     return MPI.COMM_WORLD.Get_rank()
 
 
-def tiny_topology(n_ctx: int, n_gen: int, router: str = "round_robin", **ex_extra) -> object:
+def tiny_topology(n_ctx: int, n_gen: int, router: str | dict = "round_robin", **ex_extra) -> object:
     """A topology over the small random model, ranks assigned in order."""
+    kv = {"block_size": 4, "num_blocks": 256, **ex_extra.pop("kv_cache", {})}
+
     def ex(start: int) -> dict:
-        return {"participant_ids": [start], "kv_cache": {"block_size": 4, "num_blocks": 256},
+        return {"participant_ids": [start], "kv_cache": kv,
                 "max_batch_size": 16, "max_num_tokens": 256,
                 **({"cache_transceiver_config": {"enable_cache_transceiver": True}} if n_ctx else {}),
                 **ex_extra}

@@ -54,3 +54,35 @@ def test_opaque_refuses_forged_altered_and_foreign():
         OpaqueState.decode(msgpack.packb(outer), key)
     with pytest.raises(OpaqueStateError, match="malformed"):
         OpaqueState.decode(b"\x00garbage", key)
+
+
+def test_kv_aware_prefers_cache_minus_load():
+    from disagg_mpi.orchestrator.router import kv_aware
+
+    assert kv_aware([0, 1], {0: 0, 1: 512}, {0: 0, 1: 100}) == 1  # 412 tokens saved beats idle
+    assert kv_aware([0, 1], {0: 0, 1: 512}, {0: 0, 1: 900}) == 0  # too busy to be worth it
+    assert kv_aware([0, 1], {}, {}) == 0
+    assert Router("kv_aware").pick([2, 3], {2: 5, 3: 5}, {3: 64}) == 3
+
+
+def test_run_locally_threshold():
+    from disagg_mpi.orchestrator.router import run_locally
+
+    assert run_locally(100, 80, 32)  # 20 uncached tokens
+    assert not run_locally(100, 0, 32)
+    assert not run_locally(10, 0, 0)  # disabled
+
+
+def test_prefix_index_tracks_full_block_chains():
+    from disagg_mpi.orchestrator.prefix_index import PrefixIndex, chain_hashes
+
+    idx = PrefixIndex(block_size=4, capacity_blocks=3)
+    a = list(range(20))
+    assert idx.cached_tokens(a) == 0
+    idx.insert(a[:9])  # two full blocks
+    assert idx.cached_tokens(a) == 8
+    assert idx.cached_tokens(a[:8]) == 4  # the last token is always computed
+    assert idx.cached_tokens([99] + a[1:]) == 0  # a different first block breaks the chain
+    idx.insert(list(range(100, 112)))  # three more blocks evict the oldest
+    assert idx.cached_tokens(a) == 0
+    assert chain_hashes(a[:8], 4)[0] == chain_hashes(a[:4], 4)[0]
