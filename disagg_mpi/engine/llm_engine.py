@@ -179,6 +179,21 @@ class LLMEngine:
         if opaque.ctx_req_id != cpp.req_id:
             raise RequestError("context_phase_params.req_id does not match its opaque state")
         try:
+            self._check_generation(seq, opaque)
+        except (RequestError, RequestTooLargeError):
+            self._release_context(opaque)  # authentic params we cannot serve: don't strand the KV
+            raise
+        seq.output_ids = [int(cpp.first_gen_tokens[0])]
+        seq.num_computed_tokens = len(seq.prompt_ids)
+        if seq.check_stop(seq.output_ids[0]) is not None:
+            seq.finish(seq.check_stop(seq.output_ids[0]))
+            self._release_context(opaque)
+            self._finish(seq)
+            return
+        self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
+
+    def _check_generation(self, seq: Sequence, opaque: OpaqueState) -> None:
+        try:
             check_compatible(opaque.cache_state, self.cache_state)
         except LayoutMismatchError as err:
             raise RequestError(str(err)) from None
@@ -189,14 +204,6 @@ class LLMEngine:
         if needed > self.blocks.num_blocks:
             raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
                                        f"{self.blocks.num_blocks}")
-        seq.output_ids = [int(cpp.first_gen_tokens[0])]
-        seq.num_computed_tokens = len(seq.prompt_ids)
-        if seq.check_stop(seq.output_ids[0]) is not None:
-            seq.finish(seq.check_stop(seq.output_ids[0]))
-            self._release_context(opaque)
-            self._finish(seq)
-            return
-        self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
 
     # ---- the disaggregated hand-off ---------------------------------------
 
@@ -266,9 +273,13 @@ class LLMEngine:
         h.deadline = time.monotonic() + self.config.cache_transceiver_config.timeout_seconds
         return None
 
-    def release_context(self, ctx_req_id: int) -> None:
-        if self._held.pop(ctx_req_id, None) is not None:
-            self.blocks.free(ctx_req_id)
+    def release_context(self, ctx_req_id: int, by: int | None = None) -> None:
+        """Free a held context; a generation executor may only release what it claimed (or nobody did)."""
+        h = self._held.get(ctx_req_id)
+        if h is None or (by is not None and h.claimed_by not in (None, by)):
+            return
+        del self._held[ctx_req_id]
+        self.blocks.free(ctx_req_id)
 
     def expire_leases(self) -> None:
         now = time.monotonic()
@@ -380,7 +391,7 @@ class LLMEngine:
             del self._pending[req_id]
             if p.state != "alloc":
                 self.blocks.free(req_id)
-                self._release_context(p.opaque)
+            self._release_context(p.opaque)
             p.seq.finish("abort")
             self._finish(p.seq)
             return

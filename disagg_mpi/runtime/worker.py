@@ -199,7 +199,7 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             elif op == "claim_reply":
                 engine.on_claim_reply(msg["gen_req_id"], msg["error"])
             elif op == "release":
-                engine.release_context(msg["ctx_req_id"])
+                engine.release_context(msg["ctx_req_id"], by=src)
         active |= group.progress()
         engine.expire_leases()
         if engine.busy and (overlap or not group.receiving):
