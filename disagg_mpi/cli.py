@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,9 +39,49 @@ def mpiexec_path() -> str:
 
 
 def relaunch(world_size: int, args: list[str]) -> int:
-    """Run this CLI again under `mpiexec -n world_size`; returns its exit code."""
+    """Run this CLI again under `mpiexec -n world_size`; returns its exit code.
+
+    The job's output passes through as it comes; if the job fails, the rank
+    that died is named (mpiexec itself only names a PID).
+    """
+    import tempfile
+    import threading
+
+    from .runtime import rankmap
+
     cmd = [mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
+        env = {**os.environ, rankmap.ENV: folder}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace")
+        tail: list[str] = []
+
+        def pump(src, dst) -> None:
+            for line in src:
+                dst.write(line)
+                dst.flush()
+                tail.append(line)
+                del tail[:-200]
+
+        threads = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, sys.stderr), daemon=True)]
+        watcher = rankmap.Watcher(folder)
+        threads.append(threading.Thread(target=watcher.run, daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait()
+        watcher.stop()
+        for t in threads:
+            t.join(timeout=5)
+        if rc != 0:
+            msg = watcher.explain(rc)
+            if msg:
+                click.echo(msg, err=True)
+        return rc
 
 
 def _setup_logging(level: str) -> None:
@@ -191,6 +232,18 @@ def _register_optional() -> None:
 
         cli.add_command(slurm)
         cli.add_command(validate)
+    except ImportError:
+        pass
+    try:
+        from .cli_bench import bench
+
+        cli.add_command(bench)
+    except ImportError:
+        pass
+    try:
+        from .cli_serve import serve
+
+        cli.add_command(serve)
     except ImportError:
         pass
 

@@ -52,6 +52,9 @@ def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestr
 
     world = world or MPI.COMM_WORLD
     topo = _topology(config)
+    from . import rankmap
+
+    rankmap.record(world.Get_rank(), rankmap.role_of(topo, world.Get_rank()))
     mc = load_model_config(topo.model.path)
     validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
     comms = build_comms(topo, world)

@@ -1,0 +1,87 @@
+"""A rank that dies ends the whole job fast and loudly, naming the rank (a real mpiexec job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+TOPOLOGY = {
+    "model": {"path": "random:tiny", "dtype": "float32"},
+    "context_executors": [{"participant_ids": [1], "kv_cache": {"block_size": 4, "num_blocks": 256},
+                           "cache_transceiver_config": {"enable_cache_transceiver": True}}],
+    "generation_executors": [{"participant_ids": [2], "kv_cache": {"block_size": 4, "num_blocks": 256},
+                              "cache_transceiver_config": {"enable_cache_transceiver": True}}],
+}
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    for pid in _descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and b"disagg_mpi.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    return None
+
+
+def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
+    cfg = tmp_path / "topo.yaml"
+    cfg.write_text(yaml.safe_dump(TOPOLOGY))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": 200,
+                                       "ignore_eos": True}) + "\n" for i in range(2000)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
+                             str(inp), "--output", str(tmp_path / "out.jsonl")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        victim = None
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            victim = _rank_pid(proc.pid, 2)
+            time.sleep(0.2)
+        assert victim is not None, "rank 2 never started"
+        env_of_victim = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{victim}/environ").read_bytes().split(b"\0")
+                             if b"=" in kv)
+        rank_file = Path(env_of_victim[b"DISAGG_MPI_RANKMAP"].decode()) / "2"
+        while not rank_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # let it load the model and start serving
+        assert proc.poll() is None, "the job ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=30)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 30
+    assert "rank 2 (generation executor 1" in out, out[-2000:]
