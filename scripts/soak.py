@@ -40,6 +40,7 @@ def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 
     pending: set[int] = set()
     cancel_at: dict[int, float] = {}
     sent = 0
+    shown = -1
     t0 = time.perf_counter()
     while len(finals) < n_requests:
         while sent < n_requests and len(pending) < in_flight:
@@ -65,7 +66,8 @@ def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 
                 continue
             pending.discard(gid)
             finals[gid] = "error" if resp.error_msg else (resp.result.finish_reason or "length")
-        if progress and len(finals) % 500 == 0:
+        if progress and len(finals) // 500 != shown:
+            shown = len(finals) // 500
             print(f"\r{len(finals)}/{n_requests}", end="", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     stats = orch.wait_pools_full(timeout=60)
