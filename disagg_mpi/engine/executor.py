@@ -40,6 +40,9 @@ class _LocalGroup:
     def poll_transfers(self) -> list[tuple[int, int, float]]:
         return []
 
+    def pull_in_flight(self, req_id: int) -> bool:
+        return False
+
 
 class Executor:
     def __init__(self, model: Any = "smollm2", config: ExecutorConfig | None = None):

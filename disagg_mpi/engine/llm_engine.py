@@ -52,6 +52,8 @@ class ExecutorGroup(Protocol):
 
     def poll_transfers(self) -> list[tuple[int, int, float]]: ...
 
+    def pull_in_flight(self, req_id: int) -> bool: ...
+
 
 @dataclass
 class _Held:
@@ -106,6 +108,7 @@ class LLMEngine:
         self._meta: dict[int, _Meta] = {}
         self._held: dict[int, _Held] = {}
         self._pending: dict[int, _GenPending] = {}
+        self._quarantine: set[int] = set()  # timed-out pulls whose receives may still land
         self._responses: deque[Response] = deque()
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
@@ -222,6 +225,10 @@ class LLMEngine:
                     "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
                     "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
         for req_id, nbytes, _ in self.group.poll_transfers():
+            if req_id in self._quarantine:  # a timed-out pull finally landed: its blocks are safe to reuse
+                self._quarantine.discard(req_id)
+                self.blocks.free(req_id)
+                continue
             p = self._pending.pop(req_id, None)
             if p is None:
                 continue
@@ -239,6 +246,28 @@ class LLMEngine:
             self.scheduler.add_prefilled(p.seq)
             if p.streaming:
                 self._emit(p.seq, [p.seq.output_ids[0]], final=False)
+
+    def _expire_transfers(self) -> None:
+        """A transfer that does not finish in time fails its request; neither side waits forever."""
+        limit = self.config.cache_transceiver_config.timeout_seconds
+        now = time.perf_counter()
+        for p in list(self._pending.values()):
+            if p.state == "alloc" or now - p.t0 <= limit:
+                continue
+            req_id = p.seq.req_id
+            del self._pending[req_id]
+            self._release_context(p.opaque)
+            if p.state == "pulling" and self.group.pull_in_flight(req_id):
+                # Receives are posted into these blocks: keep them until the bytes land.
+                self._quarantine.add(req_id)
+            else:
+                self.blocks.free(req_id)
+            if p.cancelled:
+                p.seq.finish("abort")
+                self._finish(p.seq)
+            else:
+                self._error(req_id, f"the KV transfer from context executor {p.opaque.executor_id} did not "
+                                    f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)")
 
     def on_claim_reply(self, gen_req_id: int, error: str | None) -> None:
         p = self._pending.get(gen_req_id)
@@ -281,6 +310,14 @@ class LLMEngine:
         del self._held[ctx_req_id]
         self.blocks.free(ctx_req_id)
 
+    def housekeeping(self) -> None:
+        """Timers and transfer completions; cheap, called every loop turn even when idle."""
+        if self._pending or self._quarantine:
+            self._advance_pending()
+            self._expire_transfers()
+        if self._held:
+            self.expire_leases()
+
     def expire_leases(self) -> None:
         now = time.monotonic()
         for rid, h in list(self._held.items()):
@@ -295,10 +332,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> None:
-        if self._pending:
-            self._advance_pending()
-        if self._held:
-            self.expire_leases()
+        self.housekeeping()
         step = self.scheduler.schedule()
         if step.is_empty:
             return

@@ -10,6 +10,7 @@ generation ranks receive them between steps.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -53,6 +54,8 @@ class MpiGroup:
 
     def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None:
         assert self.transceiver is not None
+        if os.environ.get("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull
+            return
         msg = {"op": "pull", "req_id": req_id, "opaque": opaque.encode(self.key), "blocks": blocks}
         for m in self.members:
             send(self.comms.ctl, msg, m, TAG_MEMBER)
@@ -84,6 +87,9 @@ class MpiGroup:
             self._mark(msg["req_id"], src, msg["bytes"])
             busy = True
         return busy
+
+    def pull_in_flight(self, req_id: int) -> bool:
+        return req_id in self._left
 
     def poll_transfers(self) -> list[tuple[int, int, float]]:
         out, self._done = self._done, []
@@ -201,7 +207,7 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             elif op == "release":
                 engine.release_context(msg["ctx_req_id"], by=src)
         active |= group.progress()
-        engine.expire_leases()
+        engine.housekeeping()
         if engine.busy and (overlap or not group.receiving):
             engine.step()
             active = True

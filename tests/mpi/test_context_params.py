@@ -70,3 +70,48 @@ def test_lease_frees_blocks_nobody_pulls():
         resp = _generate(orch, gid, prompt, cpp)
         assert resp.error_msg and "expired" in resp.error_msg
         orch.wait_pools_full()
+
+
+def _with_transfer_timeout(topo, seconds: float):
+    gen = topo.generation_executors[0]
+    gen = gen.model_copy(update={"cache_transceiver_config": gen.cache_transceiver_config.model_copy(
+        update={"timeout_seconds": seconds})})
+    return topo.model_copy(update={"generation_executors": [gen]})
+
+
+def test_stalled_transfer_times_out_and_frees_both_sides(monkeypatch):
+    # Fault injection: the generation side claims the context but never pulls.
+    monkeypatch.setenv("DISAGG_FAULT_STALL_PULL", "1")
+    with launch(_with_transfer_timeout(tiny_topology(1, 1), 1.0)) as orch:
+        if orch is None:
+            return
+        prompts = tiny_prompts(3)
+        gids = orch.submit([Request(p, max_tokens=6, ignore_eos=True) for p in prompts])
+        finals = {}
+        while len(finals) < 3:
+            for gid, resp in orch.advance(orch.await_responses(timeout=30)):
+                if resp.is_final:
+                    finals[gid] = resp
+        for gid in gids:
+            assert finals[gid].error_msg and "did not complete within 1 s" in finals[gid].error_msg
+        orch.wait_pools_full(timeout=10)  # the context let go, and so did the generation side
+
+
+def test_cancel_while_waiting_for_a_transfer(monkeypatch):
+    monkeypatch.setenv("DISAGG_FAULT_STALL_PULL", "1")
+    with launch(_with_transfer_timeout(tiny_topology(1, 1), 2.0)) as orch:
+        if orch is None:
+            return
+        [gid] = orch.submit([Request(tiny_prompts(2)[1], max_tokens=6, ignore_eos=True)])
+        moved = False
+        while not moved:  # wait until the request sits on the generation side
+            orch.advance(orch.await_responses(timeout=0.05))
+            moved = orch.executor_stats()[1]["pending_transfers"] == 1
+        orch.cancel_request(gid)
+        final = None
+        while final is None:
+            for g, resp in orch.advance(orch.await_responses(timeout=30)):
+                if resp.is_final:
+                    final = resp
+        assert final.error_msg is None and final.result.finish_reason == "cancelled"
+        orch.wait_pools_full(timeout=10)

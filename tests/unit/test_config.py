@@ -76,3 +76,28 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("generation_executors: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_topology(bad)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-5, 20) | st.text(max_size=6),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=20)
+_executor = st.fixed_dictionaries({"participant_ids": st.lists(st.integers(-1, 6), max_size=4)},
+                                  optional={"tensor_parallel_size": _json, "device_ids": _json,
+                                            "kv_cache": _json, "bogus": _json})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "model": _json, "router": _json, "server": _json,
+    "context_executors": st.lists(_executor, max_size=2) | _json,
+    "generation_executors": st.lists(_executor, max_size=2) | _json}))
+def test_any_yaml_gives_a_topology_or_a_clear_config_error(data):
+    try:
+        topo = parse_topology(data)
+    except ConfigError as err:
+        assert str(err).startswith("invalid topology")
+    else:
+        assert topo.world_size >= 2
