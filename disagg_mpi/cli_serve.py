@@ -1,0 +1,83 @@
+"""`disagg-mpi serve`: the OpenAI-compatible HTTP server (rank 0) over the executors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import click
+
+from .cli import _fetch_if_default, _load_topology_or_exit, _setup_logging, inside_mpi_job, mpiexec_path
+
+
+def _relaunch_forwarding(world_size: int, args: list[str]) -> int:
+    """Like `cli.relaunch`, but SIGINT/SIGTERM to this process go on to mpiexec (which
+    forwards them to the ranks), so the server drains and every rank exits cleanly."""
+    cmd = [mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
+    proc = subprocess.Popen(cmd)
+
+    def forward(sig, _frame):
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return proc.wait()
+
+
+@click.command()
+@click.option("--config", "config", required=True, type=click.Path(), help="YAML topology (see configs/).")
+@click.option("--host", default=None, help="Address to bind (default: server.host of the config, 127.0.0.1).")
+@click.option("--port", type=int, default=None,
+              help="TCP port (default: server.port of the config, 8000); 0 picks a free one.")
+@click.option("--api-key", default=None, envvar="DISAGG_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (default: server.api_key of the config).")
+@click.option("--port-file", type=click.Path(), default=None, help="Write the bound port to this file once ready.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds to let in-flight requests finish after SIGINT/SIGTERM before cancelling them.")
+@click.option("--served-model-name", default=None, help="The model name clients use (default: model.path).")
+@click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config: str, host: str | None, port: int | None, api_key: str | None, port_file: str | None,
+          grace: float, served_model_name: str | None, log_level: str) -> None:
+    """Serve the topology over an OpenAI-compatible HTTP API until SIGINT/SIGTERM.
+
+    Endpoints: POST /v1/completions, POST /v1/chat/completions (stream: true for
+    server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
+    """
+    topo = _load_topology_or_exit(config)
+    if port is not None and not 0 <= port <= 65535:
+        raise click.ClickException(f"--port {port} must be in 0..65535")
+    if not inside_mpi_job():
+        _fetch_if_default(topo.model.path)
+        sys.exit(_relaunch_forwarding(topo.world_size, sys.argv[1:]))
+    _setup_logging(log_level)
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    if world.Get_size() != topo.world_size:
+        raise click.ClickException(f"this MPI job has {world.Get_size()} ranks but {config} needs "
+                                   f"{topo.world_size}")
+    if world.Get_rank() != 0:
+        # mpiexec forwards SIGINT/SIGTERM to every rank; only rank 0 acts on them (it drains,
+        # then tells the executors to stop), so the executors keep serving until then.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        # Until the server loop installs its handlers, a signal just means "stop after startup".
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    import asyncio
+
+    from .runtime.launch import launch
+
+    s = topo.server
+    with launch(topo) as orch:
+        if orch is not None:
+            from .serve.app import serve_async
+
+            try:
+                asyncio.run(serve_async(orch, topo, host or s.host, s.port if port is None else port,
+                                        api_key if api_key is not None else s.api_key, port_file, grace,
+                                        served_model_name))
+            except KeyboardInterrupt:
+                pass

@@ -1,0 +1,131 @@
+"""Bridges the (synchronous, MPI) orchestrator and asyncio handlers on rank 0.
+
+One background task polls the orchestrator without blocking: every ~1 ms
+while requests are in flight, backing off to ~50 ms when idle (a new request
+wakes it at once). Client-visible responses go to one asyncio.Queue per
+request; the final response closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..api import Request, Response
+from .protocol import CONTEXT_ONLY, GENERATION_ONLY
+
+log = logging.getLogger(__name__)
+
+BUSY_INTERVAL = 0.001
+IDLE_INTERVAL = 0.05
+STATS_INTERVAL = 1.0
+
+
+class Dispatcher:
+    def __init__(self, orch: Any):
+        self.orch = orch
+        self.queues: dict[int, asyncio.Queue] = {}
+        self._ctx_only: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._last_stats = 0.0
+        self.errors = 0
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="disagg-dispatcher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queues)
+
+    # ---- requests ----------------------------------------------------------
+
+    def submit(self, request: Request, mode: str) -> tuple[int, asyncio.Queue]:
+        """Enqueue one request; returns its global id and the queue its responses arrive on."""
+        if mode == CONTEXT_ONLY:
+            [gid] = self.orch.enqueue_context([request])
+            self._ctx_only.add(gid)
+        elif mode == GENERATION_ONLY:
+            [gid] = self.orch.enqueue_generation_only([request])
+        else:
+            [gid] = self.orch.submit([request])
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[gid] = q
+        self._wake.set()
+        return gid, q
+
+    def cancel(self, gid: int) -> None:
+        if gid in self.queues:
+            self.orch.cancel_request(gid)
+            self._wake.set()
+
+    def cancel_all(self) -> None:
+        for gid in list(self.queues):
+            self.cancel(gid)
+
+    def fail_all(self, message: str) -> None:
+        """End every open request with an error (last resort at shutdown)."""
+        for gid in list(self.queues):
+            self._deliver(gid, Response(gid, None, message))
+
+    # ---- the poller ----------------------------------------------------------
+
+    def pump(self) -> int:
+        """One non-blocking round: collect responses, route them to their queues."""
+        raw = self.orch.await_responses(timeout=0)
+        if not raw:
+            return 0
+        ctx = [(g, r) for g, r in raw if g in self._ctx_only]
+        rest = [(g, r) for g, r in raw if g not in self._ctx_only]
+        out = self.orch.advance(rest) if rest else []
+        for gid, resp in ctx:
+            if resp.is_final:
+                out.append((gid, self.orch.finish_context_only(gid, resp)))
+                self._ctx_only.discard(gid)
+        for gid, resp in out:
+            self._deliver(gid, resp)
+        return len(out)
+
+    def _deliver(self, gid: int, resp: Response) -> None:
+        q = self.queues.get(gid)
+        if q is None:
+            return
+        q.put_nowait(resp)
+        if resp.is_final:
+            del self.queues[gid]
+
+    async def _run(self) -> None:
+        while True:
+            busy = bool(self.queues)
+            try:
+                self.pump()
+                now = time.monotonic()
+                if now - self._last_stats > STATS_INTERVAL:
+                    self._last_stats = now
+                    self.orch.request_executor_stats()
+            except Exception:
+                self.errors += 1
+                log.exception("dispatcher: polling the orchestrator failed")
+                for gid in list(self.queues):
+                    self._deliver(gid, Response(gid, None, "internal error in the orchestrator"))
+            if self._stopping and not self.queues:
+                return
+            if busy:
+                await asyncio.sleep(BUSY_INTERVAL)
+            else:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass

@@ -1,0 +1,414 @@
+"""OpenAI request bodies -> engine requests, and engine results -> OpenAI bodies.
+
+Pure functions (no aiohttp, no MPI), so they can be unit tested alone.
+Anything that cannot be served raises `ApiError` with the HTTP status and an
+OpenAI-style message naming the offending field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import ContextPhaseParams, Request, Response, SamplingConfig
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 128
+
+CONTEXT_ONLY = "context_only"
+GENERATION_ONLY = "generation_only"
+CONTEXT_AND_GENERATION = "context_and_generation"
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+# Fields of each endpoint. Engine fields are used; the "OpenAI fields we accept"
+# must hold their default value (or anything, for `user`), else the request is refused.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
+           "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
+           "presence_penalty", "frequency_penalty", "logit_bias"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+
+
+@dataclass
+class ParsedRequest:
+    """What a handler needs to run one OpenAI request."""
+
+    kind: str  # "completion" | "chat"
+    request: Request
+    stream: bool
+    include_usage: bool
+    mode: str  # CONTEXT_AND_GENERATION | CONTEXT_ONLY | GENERATION_ONLY
+    model: str
+    id: str = field(default_factory=lambda: "")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.input_token_ids)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise bad("the request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None:
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        raise bad(f"unknown field {unknown[0]!r} for {endpoint}" + (f" (also {unknown[1:]})" if unknown[1:] else "")
+                  + f"; allowed: {', '.join(sorted(allowed))}", unknown[0], "unknown_field")
+
+
+def _check_defaults(body: dict[str, Any]) -> None:
+    """OpenAI fields we accept only at their default value."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad(f"n={n!r} is not supported: only n=1", "n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise bad(f"best_of={best_of!r} is not supported: only best_of=1", "best_of")
+    if body.get("logprobs") not in (None, False, 0):
+        raise bad("logprobs are not supported: send logprobs null or false", "logprobs")
+    if body.get("top_logprobs") not in (None, 0):
+        raise bad("top_logprobs is not supported", "top_logprobs")
+    if body.get("echo") not in (None, False):
+        raise bad("echo is not supported: send echo false", "echo")
+    if body.get("suffix") not in (None, ""):
+        raise bad("suffix is not supported", "suffix")
+    if body.get("stop") not in (None, "", []):
+        raise bad("stop strings are not supported; send stop_token_ids (a list of token ids) instead", "stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad(f"{name} is not supported: send 0 or leave it out", name)
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("logit_bias is not supported", "logit_bias")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("user must be a string", "user")
+
+
+def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
+    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+        raise bad(f"{name} must be a list of integer token ids", name)
+    if vocab is not None:
+        out = [t for t in v if not 0 <= t < vocab]
+        if out:
+            raise bad(f"{name}: token ids {out[:5]} are outside the vocabulary [0, {vocab})", name)
+    return list(v)
+
+
+def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens"
+              ) -> tuple[int, SamplingConfig, list[int], bool]:
+    mt = body.get(max_tokens_field)
+    if mt is None and max_tokens_field != "max_tokens":
+        mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
+    if mt is None:
+        mt = default_max_tokens
+    if not _is_int(mt) or mt < 1:
+        raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1", max_tokens_field)
+    temperature = body.get("temperature")
+    temperature = 0.0 if temperature is None else temperature  # greedy unless asked (like `run`)
+    if not _is_num(temperature) or temperature < 0:
+        raise bad(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)", "temperature")
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not _is_num(top_p) or not 0 < top_p <= 1:
+        raise bad(f"top_p={top_p!r} must be a number in (0, 1]", "top_p")
+    top_k = body.get("top_k")
+    top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 means disabled (vLLM)
+    if not _is_int(top_k) or top_k < 0:
+        raise bad(f"top_k={top_k!r} must be an integer >= 0 (0 or -1 disables top-k)", "top_k")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise bad(f"seed={seed!r} must be a non-negative integer", "seed")
+    stop_ids = body.get("stop_token_ids")
+    stop_ids = [] if stop_ids is None else _token_list(stop_ids, "stop_token_ids", None)
+    ignore_eos = body.get("ignore_eos", False)
+    if ignore_eos is None:
+        ignore_eos = False
+    if not isinstance(ignore_eos, bool):
+        raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
+    return mt, SamplingConfig(1, float(temperature), top_k, float(top_p), seed), stop_ids, ignore_eos
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad(f"stream={stream!r} must be true or false", "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
+            raise bad("stream_options must be an object with include_usage", "stream_options")
+        if not stream:
+            raise bad("stream_options is only allowed with stream: true", "stream_options")
+        include_usage = bool(opts.get("include_usage", False))
+    return stream, include_usage
+
+
+def _disagg(body: dict[str, Any], stream: bool) -> tuple[str, ContextPhaseParams | None]:
+    dp = body.get("disaggregated_params")
+    if dp is None:
+        return CONTEXT_AND_GENERATION, None
+    if not isinstance(dp, dict):
+        raise bad("disaggregated_params must be an object", "disaggregated_params")
+    rt = dp.get("request_type", CONTEXT_AND_GENERATION)
+    if rt == CONTEXT_AND_GENERATION:
+        return rt, None
+    if rt == CONTEXT_ONLY:
+        if stream:
+            raise bad("stream is not supported for a context_only request (it returns one token)", "stream")
+        return rt, None
+    if rt != GENERATION_ONLY:
+        raise bad(f"disaggregated_params.request_type={rt!r} must be one of context_only, generation_only, "
+                  "context_and_generation", "disaggregated_params.request_type")
+    first = dp.get("first_gen_tokens")
+    if not isinstance(first, list) or not first or not all(_is_int(t) for t in first):
+        raise bad("disaggregated_params.first_gen_tokens must be a non-empty list of token ids "
+                  "(from the context_only response)", "disaggregated_params.first_gen_tokens")
+    ctx_id = dp.get("ctx_request_id")
+    if not _is_int(ctx_id):
+        raise bad("disaggregated_params.ctx_request_id must be an integer (from the context_only response)",
+                  "disaggregated_params.ctx_request_id")
+    opaque = dp.get("opaque_state", dp.get("encoded_opaque_state"))
+    if not isinstance(opaque, str) or not opaque:
+        raise bad("disaggregated_params.opaque_state must be the base64 string of the context_only response",
+                  "disaggregated_params.opaque_state")
+    try:
+        state = base64.b64decode(opaque, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("disaggregated_params.opaque_state is not valid base64",
+                  "disaggregated_params.opaque_state") from None
+    return rt, ContextPhaseParams(ctx_id, list(first), state)
+
+
+def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
+    model = body.get("model")
+    if model is None:
+        return model_names[0]
+    if not isinstance(model, str):
+        raise bad("model must be a string", "model")
+    if model not in model_names:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_names[0]!r}",
+                       "model", "model_not_found")
+    return model
+
+
+def _finish(kind: str, body: dict[str, Any], ids: list[int], vocab: int | None,
+            default_max_tokens: int, model: str, max_tokens_field: str = "max_tokens") -> ParsedRequest:
+    if not ids:
+        raise bad("the prompt is empty; send at least one token", "prompt" if kind == "completion" else "messages")
+    if vocab is not None:
+        out = [t for t in ids if not 0 <= t < vocab]
+        if out:
+            raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+    stream, include_usage = _stream(body)
+    mode, cpp = _disagg(body, stream)
+    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field)
+    prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
+    req = Request(list(ids), mt, sc, streaming=stream, context_phase_params=cpp, stop_token_ids=stop_ids,
+                  ignore_eos=ignore_eos)
+    return ParsedRequest(kind, req, stream, include_usage, mode, model, prefix + uuid.uuid4().hex)
+
+
+def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...],
+                     vocab: int | None = None) -> ParsedRequest:
+    _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
+    _check_defaults(body)
+    model = _check_model(body, model_names)
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad("the field 'prompt' is required (a string or a list of token ids)", "prompt", "missing_field")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad(f"only one prompt per request is supported (got {len(prompt)})", "prompt")
+    elif isinstance(prompt, list):
+        ids = _token_list(prompt, "prompt", vocab)
+    else:
+        raise bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
+    return _finish("completion", body, ids, vocab, COMPLETION_DEFAULT_MAX_TOKENS, model)
+
+
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def _messages(v: Any) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with role and content", where)
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise bad(f"{where}.role={role!r} must be one of {', '.join(_ROLES)}", f"{where}.role")
+        if isinstance(content, list):  # content parts: only text
+            parts = []
+            for j, p in enumerate(content):
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise bad(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} (only text is "
+                              "supported)", f"{where}.content")
+                parts.append(p["text"])
+            content = "".join(parts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_chat(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...],
+               vocab: int | None = None) -> ParsedRequest:
+    _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    _check_defaults(body)
+    model = _check_model(body, model_names)
+    if "messages" not in body:
+        raise bad("the field 'messages' is required", "messages", "missing_field")
+    messages = _messages(body["messages"])
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text)
+    return _finish("chat", body, ids, vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
+
+
+# ---- responses -----------------------------------------------------------------------------------
+
+
+def finish_reason(reason: str | None) -> str:
+    if reason in ("stop", "length"):
+        return reason
+    if reason == "cancelled":
+        return "abort"
+    return "length"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def disagg_params_out(resp: Response) -> dict[str, Any]:
+    cpp = resp.result.context_phase_params if resp.result is not None else None
+    if cpp is None:  # the first token ended the request: nothing to hand to a generation phase
+        return {"request_type": CONTEXT_ONLY, "first_gen_tokens": list(resp.result.output_token_ids),
+                "ctx_request_id": None, "opaque_state": None}
+    return {"request_type": CONTEXT_ONLY, "first_gen_tokens": list(cpp.first_gen_tokens),
+            "ctx_request_id": cpp.req_id, "opaque_state": base64.b64encode(cpp.opaque_state).decode()}
+
+
+def full_body(p: ParsedRequest, resp: Response, text: str) -> dict[str, Any]:
+    """The non-streaming body of a finished request."""
+    r = resp.result
+    tokens = list(r.output_token_ids)
+    reason = finish_reason(r.finish_reason)
+    if p.kind == "completion":
+        choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": tokens, "logprobs": None,
+                                  "finish_reason": reason}
+        obj = "text_completion"
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
+                  "logprobs": None, "finish_reason": reason}
+        obj = "chat.completion"
+    body: dict[str, Any] = {"id": p.id, "object": obj, "created": p.created, "model": p.model,
+                            "choices": [choice], "usage": usage(p.prompt_tokens, len(tokens))}
+    if p.mode == CONTEXT_ONLY:
+        dp = disagg_params_out(resp)
+        choice["disaggregated_params"] = dp
+        body["disaggregated_params"] = dp
+    return body
+
+
+def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | None,
+          first: bool = False) -> dict[str, Any]:
+    """One streaming chunk (OpenAI format; `token_ids` is an extension)."""
+    if p.kind == "completion":
+        choice: dict[str, Any] = {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None,
+                                  "finish_reason": reason}
+        obj = "text_completion"
+    else:
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+        obj = "chat.completion.chunk"
+    return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [choice]}
+
+
+def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:
+    obj = "text_completion" if p.kind == "completion" else "chat.completion.chunk"
+    return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [],
+            "usage": usage(p.prompt_tokens, completion_tokens)}
+
+
+class IncrementalDecoder:
+    """Token ids in, text deltas out; holds back a trailing partial UTF-8 character."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+
+    def add(self, tokens: list[int]) -> str:
+        self.ids.extend(tokens)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self.sent:]
+        self.sent = len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        delta = text[self.sent:]
+        self.sent = len(text)
+        return delta

@@ -1,0 +1,474 @@
+"""`disagg-mpi serve` end to end: a real server (mpiexec -n 3, random:tiny, 1 context +
+1 generation executor) and a real aiohttp client on 127.0.0.1.
+
+One server is shared by the module (startup takes seconds); it requires an API
+key, so the auth tests need no second server. The last test stops it with
+SIGTERM; the fixture kills whatever is left at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+from prometheus_client.parser import text_string_to_metric_families
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+STARTUP_S = 180
+MAX_BODY = 4096
+
+TOPOLOGY = f"""
+model: {{path: "random:tiny", dtype: float32}}
+router: round_robin
+server: {{host: 127.0.0.1, port: 0, api_key: {KEY}, max_body_bytes: {MAX_BODY}}}
+context_executors:
+  - participant_ids: [1]
+    max_batch_size: 16
+    max_num_tokens: 256
+    kv_cache: {{block_size: 4, num_blocks: 512}}
+    cache_transceiver_config: {{enable_cache_transceiver: true}}
+generation_executors:
+  - participant_ids: [2]
+    max_batch_size: 32
+    max_num_tokens: 256
+    kv_cache: {{block_size: 4, num_blocks: 1024}}
+    cache_transceiver_config: {{enable_cache_transceiver: true}}
+"""
+
+PROMPTS = [[(7 * i + 13 * j + 1) % 1024 for j in range(1 + (i * 11) % 40)] for i in range(6)]
+TEXT_PROMPTS = ["Hello world", "The capital of France is"]
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCALNRANKS", "HYDRA_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else "mpiexec"
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("serve")
+    (d / "tiny.yaml").write_text(TOPOLOGY)
+    lines = [{"id": f"ids{i}", "input_ids": p, "max_tokens": 12, "ignore_eos": True} for i, p in enumerate(PROMPTS)]
+    lines += [{"id": f"text{i}", "prompt": t, "max_tokens": 12} for i, t in enumerate(TEXT_PROMPTS)]
+    (d / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+@pytest.fixture(scope="module")
+def batch_run(workdir):
+    """`disagg-mpi run` on the same config, started beside the server; the test waits for it."""
+    proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(workdir / "tiny.yaml"),
+                             "--input", str(workdir / "in.jsonl"), "--output", str(workdir / "out.jsonl")],
+                            env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(workdir, batch_run):
+    port_file = workdir / "port"
+    log = workdir / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([_mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli",
+                                 "serve", "--config", str(workdir / "tiny.yaml"), "--port-file", str(port_file),
+                                 "--grace", "10"],
+                                env=_clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not port_file.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not start in {STARTUP_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        srv = Server(proc, int(port_file.read_text()), log)
+        deadline = time.monotonic() + 10
+        while "serving on" not in log.read_text():
+            assert time.monotonic() < deadline, "no 'serving on' line"
+            time.sleep(0.05)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _post(session, url, body, headers=AUTH, raw=None):
+    kw = {"data": raw} if raw is not None else {"json": body}
+    async with session.post(url, headers=headers, **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _stream(session, url, body):
+    """POST with stream: true; returns [(arrival time, chunk or '[DONE]')]."""
+    events = []
+    async with session.post(url, json=body, headers=AUTH) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        buf = b""
+        async for data in r.content.iter_any():
+            buf += data
+            while b"\n\n" in buf:
+                ev, buf = buf.split(b"\n\n", 1)
+                assert ev.startswith(b"data: "), ev
+                payload = ev[len(b"data: "):]
+                events.append((time.perf_counter(), "[DONE]" if payload == b"[DONE]" else json.loads(payload)))
+    return events
+
+
+def completion(server, body):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            return await _post(s, server.url + "/v1/completions", body)
+    return run(go())
+
+
+# ---- tests -------------------------------------------------------------------------------------------
+
+
+def test_health_and_models(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(server.url + "/health") as r:
+                assert r.status == 200
+                assert (await r.json())["status"] == "ok"
+            async with s.get(server.url + "/v1/models", headers=AUTH) as r:
+                assert r.status == 200
+                body = await r.json()
+                assert body["object"] == "list" and body["data"][0]["id"] == "random:tiny"
+    run(go())
+
+
+def test_completion_ids_and_text(server):
+    status, body = completion(server, {"prompt": PROMPTS[1], "max_tokens": 7, "ignore_eos": True})
+    assert status == 200, body
+    ch = body["choices"][0]
+    assert len(ch["token_ids"]) == 7 and ch["finish_reason"] == "length"
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["usage"] == {"prompt_tokens": len(PROMPTS[1]), "completion_tokens": 7,
+                             "total_tokens": len(PROMPTS[1]) + 7}
+    status, body = completion(server, {"model": "random:tiny", "prompt": "Hello", "max_tokens": 4, "n": 1,
+                                       "user": "me", "logprobs": None})
+    assert status == 200, body
+    assert isinstance(body["choices"][0]["text"], str) and body["usage"]["prompt_tokens"] == 5
+
+
+def test_chat(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            url = server.url + "/v1/chat/completions"
+            msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+            status, body = await _post(s, url, {"messages": msgs, "max_tokens": 5, "ignore_eos": True})
+            assert status == 200, body
+            assert body["object"] == "chat.completion"
+            ch = body["choices"][0]
+            assert ch["message"]["role"] == "assistant" and isinstance(ch["message"]["content"], str)
+            assert body["usage"]["completion_tokens"] == 5 and len(ch["token_ids"]) == 5
+            events = await _stream(s, url, {"messages": msgs, "max_tokens": 5, "ignore_eos": True, "stream": True,
+                                            "stream_options": {"include_usage": True}})
+            chunks = [e for _, e in events if e != "[DONE]"]
+            assert events[-1][1] == "[DONE]"
+            assert chunks[0]["object"] == "chat.completion.chunk"
+            assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+            streamed = [t for c in chunks if c["choices"] for t in c["choices"][0]["token_ids"]]
+            assert streamed == ch["token_ids"]  # greedy: same tokens streamed or not
+            assert chunks[-1]["usage"]["completion_tokens"] == 5 and chunks[-1]["choices"] == []
+    run(go())
+
+
+def test_streaming_tokens_arrive_before_the_end(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": PROMPTS[2], "max_tokens": 48, "ignore_eos": True}
+            status, full = await _post(s, server.url + "/v1/completions", body)
+            assert status == 200, full
+            events = await _stream(s, server.url + "/v1/completions", {**body, "stream": True})
+            return full, events
+    full, events = run(go())
+    assert events[-1][1] == "[DONE]"
+    chunks = [(t, e) for t, e in events if e != "[DONE]"]
+    assert len(chunks) >= 2
+    assert all(e["choices"][0]["finish_reason"] is None for _, e in chunks[:-1])
+    assert chunks[-1][1]["choices"][0]["finish_reason"] == "length"
+    tokens = [tok for _, e in chunks for tok in e["choices"][0]["token_ids"]]
+    assert tokens == full["choices"][0]["token_ids"]
+    first_token_at = next(t for t, e in chunks if e["choices"][0]["token_ids"])
+    assert first_token_at < chunks[-1][0], "the first token came together with the last"
+    assert len({t for t, _ in chunks}) >= 2
+
+
+def test_32_concurrent_requests(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8 + i % 5, "ignore_eos": True,
+                       "stream": i % 2 == 1} for i in range(32)]
+
+            async def one(b):
+                if b["stream"]:
+                    ev = await _stream(s, server.url + "/v1/completions", b)
+                    return [t for _, e in ev if e != "[DONE]" for t in e["choices"][0]["token_ids"]]
+                status, body = await _post(s, server.url + "/v1/completions", b)
+                assert status == 200, body
+                return body["choices"][0]["token_ids"]
+            return bodies, await asyncio.gather(*(one(b) for b in bodies))
+    bodies, outs = run(go())
+    for b, out in zip(bodies, outs):
+        assert len(out) == b["max_tokens"]
+    by_prompt = {}
+    for b, out in zip(bodies, outs):  # greedy: one prompt, one answer (prefix-wise), whatever the batch
+        key = tuple(b["prompt"])
+        ref = by_prompt.setdefault(key, out)
+        n = min(len(ref), len(out))
+        assert out[:n] == ref[:n]
+
+
+@pytest.mark.parametrize("raw,body,param", [
+    (b"not json", None, None),
+    (None, {"max_tokens": 3}, "prompt"),
+    (None, {"prompt": "x", "frobnicate": True}, "frobnicate"),
+    (None, {"prompt": "x", "n": 3}, "n"),
+    (None, {"prompt": "x", "temperature": "hot"}, "temperature"),
+    (None, {"prompt": [1, 99999]}, "prompt"),
+    (None, {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+])
+def test_bad_bodies_are_400(server, raw, body, param):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            return await _post(s, server.url + "/v1/completions", body, raw=raw)
+    status, out = run(go())
+    assert status == 400, out
+    err = out["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert err["param"] == param and param in err["message"]
+
+
+def test_other_errors(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            url = server.url + "/v1/completions"
+            # refused by the engine: prompt + max_tokens over the model's context
+            status, out = await _post(s, url, {"prompt": [5, 6], "max_tokens": 5000})
+            assert status == 400 and "exceeds" in out["error"]["message"], out
+            status, out = await _post(s, url, {"prompt": "x" * 2 * MAX_BODY})
+            assert status == 413 and "max_body_bytes" in out["error"]["message"], out
+            async with s.get(server.url + "/v1/nothing", headers=AUTH) as r:
+                assert r.status == 404 and (await r.json())["error"]["message"]
+            async with s.get(url, headers=AUTH) as r:
+                assert r.status == 405
+            status, out = await _post(s, server.url + "/v1/chat/completions", {"messages": "hi"})
+            assert status == 400 and out["error"]["param"] == "messages"
+            # a forged generation_only request: the engine refuses the opaque state
+            status, out = await _post(s, url, {"prompt": "x", "disaggregated_params": {
+                "request_type": "generation_only", "first_gen_tokens": [5], "ctx_request_id": 1,
+                "opaque_state": "bm90IGEgc3RhdGU="}})
+            assert status == 400 and out["error"]["message"], out
+    run(go())
+
+
+def test_api_key_enforced(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            url = server.url + "/v1/completions"
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                status, out = await _post(s, url, {"prompt": "x"}, headers=headers)
+                assert status == 401 and out["error"]["code"] == "invalid_api_key", out
+            async with s.get(server.url + "/v1/models") as r:
+                assert r.status == 401
+    run(go())
+
+
+def test_client_disconnect_cancels(server):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": PROMPTS[3], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+            r = await s.post(server.url + "/v1/completions", json=body, headers=AUTH)
+            assert r.status == 200
+            got = b""
+            while got.count(b"\n\n") < 3:
+                got += await r.content.readany()
+            r.close()  # drop the connection mid-stream
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as s:
+            while True:
+                async with s.get(server.url + "/metrics") as r:
+                    fams = {f.name: f for f in text_string_to_metric_families(await r.text())}
+                cancelled = [x.value for x in fams["disagg_requests"].samples
+                             if x.name == "disagg_requests_total" and x.labels["outcome"] == "cancelled"]
+                in_flight = fams["disagg_requests_in_flight"].samples[0].value
+                if cancelled and cancelled[0] >= 1 and in_flight == 0:
+                    return
+                assert time.monotonic() < deadline, (cancelled, in_flight)
+                await asyncio.sleep(0.1)
+    run(go())
+
+
+def test_metrics(server):
+    completion(server, {"prompt": PROMPTS[0], "max_tokens": 4, "ignore_eos": True})
+
+    async def go():
+        async with aiohttp.ClientSession() as s, s.get(server.url + "/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+    text = run(go())
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    reqs = {s.labels["outcome"]: s.value for s in fams["disagg_requests"].samples if s.name.endswith("_total")}
+    assert set(reqs) == {"ok", "error", "cancelled"} and reqs["ok"] >= 1
+    for name in ("disagg_time_to_first_token_seconds", "disagg_time_per_output_token_seconds",
+                 "disagg_e2e_request_latency_seconds"):
+        count = [s.value for s in fams[name].samples if s.name == name + "_count"]
+        assert count and count[0] >= 1, name
+    free = {s.labels["executor"]: s.value for s in fams["disagg_kv_free_blocks"].samples}
+    assert set(free) == {"0", "1"}
+    assert {s.labels["executor"] for s in fams["disagg_executor_queue_depth"].samples} == {"0", "1"}
+    assert next(s.value for s in fams["disagg_kv_transfer_bytes"].samples if s.name.endswith("_total")) > 0
+    assert "disagg_kv_transfer_seconds" in fams and "disagg_requests_in_flight" in fams
+
+
+def test_context_only_then_generation_only_equals_one_request(server):
+    prompt = PROMPTS[4]
+    base = {"prompt": prompt, "max_tokens": 10, "ignore_eos": True}
+    status, whole = completion(server, base)
+    assert status == 200, whole
+    status, ctx = completion(server, {**base, "disaggregated_params": {"request_type": "context_only"}})
+    assert status == 200, ctx
+    dp = ctx["choices"][0]["disaggregated_params"]
+    assert dp["request_type"] == "context_only" and isinstance(dp["ctx_request_id"], int)
+    assert dp["first_gen_tokens"] == whole["choices"][0]["token_ids"][:1]
+    assert ctx["choices"][0]["token_ids"] == dp["first_gen_tokens"]
+    gen_params = {"request_type": "generation_only", "first_gen_tokens": dp["first_gen_tokens"],
+                  "ctx_request_id": dp["ctx_request_id"], "opaque_state": dp["opaque_state"]}
+    status, gen = completion(server, {**base, "disaggregated_params": gen_params})
+    assert status == 200, gen
+    assert gen["choices"][0]["token_ids"] == whole["choices"][0]["token_ids"]
+    assert gen["choices"][0]["text"] == whole["choices"][0]["text"]
+    # the same params a second time: the context was already handed off
+    status, again = completion(server, {**base, "disaggregated_params": gen_params})
+    assert status == 400 and "already" in again["error"]["message"], again
+
+
+def test_greedy_http_equals_batch_run(server, batch_run, workdir):
+    out, _ = batch_run.communicate(timeout=STARTUP_S)
+    assert batch_run.returncode == 0, out
+    expected = {ln["id"]: ln for ln in map(json.loads, (workdir / "out.jsonl").read_text().splitlines())}
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            url = server.url + "/v1/completions"
+            bodies = {f"ids{i}": {"prompt": p, "max_tokens": 12, "ignore_eos": True} for i, p in enumerate(PROMPTS)}
+            bodies.update({f"text{i}": {"prompt": t, "max_tokens": 12} for i, t in enumerate(TEXT_PROMPTS)})
+            res = await asyncio.gather(*(_post(s, url, b) for b in bodies.values()))
+            return dict(zip(bodies, res))
+    got = run(go())
+    for line_id, (status, body) in got.items():
+        assert status == 200, body
+        exp = expected[line_id]
+        assert body["choices"][0]["token_ids"] == exp["output_ids"], line_id
+        assert body["choices"][0]["text"] == exp["text"], line_id
+        assert body["choices"][0]["finish_reason"] == exp["finish_reason"], line_id
+
+
+def test_sigterm_drains_and_exits_zero(server):
+    """Last: stops the shared server. An in-flight request finishes; new ones get 503."""
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            url = server.url + "/v1/completions"
+            long = asyncio.ensure_future(_post(s, url, {"prompt": PROMPTS[5], "max_tokens": 300,
+                                                        "ignore_eos": True}))
+            await asyncio.sleep(0.3)
+            assert not long.done()
+            os.kill(server.proc.pid, signal.SIGTERM)  # mpiexec forwards it to every rank
+            t0 = time.monotonic()
+            while "shutting down" not in server.log.read_text():
+                assert time.monotonic() - t0 < 5, "no shutdown message"
+                await asyncio.sleep(0.02)
+            status, out = await _post(s, url, {"prompt": "x", "max_tokens": 2})
+            late = (status, out)
+            status, body = await long
+            return late, status, body
+    t0 = time.monotonic()
+    late, status, body = run(go())
+    assert status == 200 and len(body["choices"][0]["token_ids"]) == 300, body
+    assert late[0] == 503 and late[1]["error"]["message"], late  # refused while draining
+    rc = server.proc.wait(timeout=30)
+    assert rc == 0, server.log.read_text()[-3000:]
+    assert time.monotonic() - t0 < 10 + 15
+
+
+def _smollm2_cached() -> bool:
+    from disagg_mpi.model.registry import DEFAULTS, cache_dir
+
+    return (cache_dir() / Path(DEFAULTS["smollm2"]["member"]).name).is_file()
+
+
+@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2 is not in the model cache (disagg-mpi model fetch)")
+def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
+    """The real model, the chat template, and `disagg-mpi serve` starting its own mpiexec
+    (--port overrides the config's 8000); SIGTERM to the CLI reaches every rank."""
+    root = Path(__file__).resolve().parents[2]
+    port_file = tmp_path / "port"
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "serve", "--config",
+                                 str(root / "configs" / "smollm2-1ctx-1gen.yaml"), "--port", "0",
+                                 "--port-file", str(port_file)],
+                                env=_clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not port_file.exists():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}/v1/chat/completions"
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16}
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                status, full = await _post(s, url, body, headers={})
+                assert status == 200, full
+                events = await _stream(s, url, {**body, "stream": True})
+                return full, events
+        full, events = run(go())
+        content = full["choices"][0]["message"]["content"]
+        assert "Paris" in content and full["choices"][0]["finish_reason"] == "stop", full
+        chunks = [e for _, e in events if e != "[DONE]"]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -1,0 +1,156 @@
+"""OpenAI bodies -> engine requests (no server, no MPI)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from disagg_mpi.api import Response, Result
+from disagg_mpi.model.tokenizer import Tokenizer
+from disagg_mpi.serve.protocol import (
+    CONTEXT_ONLY,
+    GENERATION_ONLY,
+    ApiError,
+    IncrementalDecoder,
+    chunk,
+    full_body,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+)
+
+TOK = Tokenizer.bytes_only(1024)
+NAMES = ("random:tiny",)
+
+
+def comp(**body):
+    return parse_completion(body, TOK, NAMES, 1024)
+
+
+def refused(fn, body, param=None, status=400, contains=None):
+    with pytest.raises(ApiError) as info:
+        fn(body, TOK, NAMES, 1024)
+    err = info.value
+    assert err.status == status, err.message
+    if param is not None:
+        assert err.param == param, err.message
+    if contains:
+        assert contains in err.message
+    body = err.body()["error"]
+    assert body["type"] and body["message"]
+    return err
+
+
+def test_completion_text_ids_and_params():
+    p = comp(prompt="hi", max_tokens=5, temperature=0.5, top_p=0.9, top_k=7, seed=3, stop_token_ids=[2],
+             ignore_eos=True, n=1, user="u", logprobs=None, model="random:tiny")
+    r = p.request
+    assert r.input_token_ids == TOK.encode("hi") and r.max_tokens == 5
+    assert (r.sampling_config.temperature, r.sampling_config.top_p, r.sampling_config.top_k,
+            r.sampling_config.seed) == (0.5, 0.9, 7, 3)
+    assert r.stop_token_ids == [2] and r.ignore_eos and not p.stream
+    assert comp(prompt=[5, 6, 7]).request.input_token_ids == [5, 6, 7]
+    assert comp(prompt=[[5, 6]]).request.input_token_ids == [5, 6]
+    assert comp(prompt="x").request.max_tokens == 16
+    assert comp(prompt="x").request.sampling_config.temperature == 0.0
+
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 5000]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_k": 1.5}, "top_k"),
+    ({"prompt": "x", "seed": -2}, "seed"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "stop": ["\n"]}, "stop"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
+    ({"prompt": "x", "stop_token_ids": [1.5]}, "stop_token_ids"),
+    ({"prompt": "x", "disaggregated_params": {"request_type": "bogus"}}, "disaggregated_params.request_type"),
+    ({"prompt": "x", "disaggregated_params": {"request_type": "generation_only", "first_gen_tokens": [1],
+                                              "ctx_request_id": 1, "opaque_state": "!!"}},
+     "disaggregated_params.opaque_state"),
+    ({"prompt": "x", "stream": True, "disaggregated_params": {"request_type": "context_only"}}, "stream"),
+])
+def test_bad_completion_bodies(body, param):
+    refused(parse_completion, body, param)
+
+
+def test_unknown_model_is_404():
+    refused(parse_completion, {"prompt": "x", "model": "gpt-4"}, "model", 404)
+
+
+def test_not_json():
+    for raw in (b"", b"nope", b"[1, 2]", b"\xff"):
+        with pytest.raises(ApiError) as info:
+            parse_json_body(raw)
+        assert info.value.status == 400
+
+
+def test_chat_and_its_errors():
+    p = parse_chat({"messages": [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+                   TOK, NAMES, 1024)
+    text = TOK.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert p.request.input_token_ids == TOK.encode(text) and p.kind == "chat"
+    assert parse_chat({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 3},
+                      TOK, NAMES).request.max_tokens == 3
+    refused(parse_chat, {}, "messages")
+    refused(parse_chat, {"messages": []}, "messages")
+    refused(parse_chat, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role")
+    refused(parse_chat, {"messages": [{"role": "user", "content": 3}]}, "messages[0].content")
+    refused(parse_chat, {"messages": [{"role": "user", "content": "x"}], "prompt": "y"}, "prompt")
+
+
+def test_disaggregated_params_in_and_out():
+    p = comp(prompt="x", disaggregated_params={"request_type": "context_only"})
+    assert p.mode == CONTEXT_ONLY
+    opaque = b"\x00state\xff"
+    g = comp(prompt="x", disaggregated_params={"request_type": "generation_only", "first_gen_tokens": [9],
+                                                "ctx_request_id": 4,
+                                                "opaque_state": base64.b64encode(opaque).decode()})
+    assert g.mode == GENERATION_ONLY
+    cpp = g.request.context_phase_params
+    assert (cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state) == (4, [9], opaque)
+    from disagg_mpi.api import ContextPhaseParams
+
+    resp = Response(1, Result([9], True, None, ContextPhaseParams(4, [9], opaque), {}))
+    body = full_body(p, resp, "t")
+    dp = body["choices"][0]["disaggregated_params"]
+    assert dp == body["disaggregated_params"]
+    assert dp["request_type"] == "context_only" and dp["ctx_request_id"] == 4 and dp["first_gen_tokens"] == [9]
+    assert base64.b64decode(dp["opaque_state"]) == opaque
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+
+
+def test_bodies_and_chunks():
+    p = comp(prompt="ab", stream=True, stream_options={"include_usage": True})
+    assert p.stream and p.include_usage
+    c = chunk(p, "x", [5], None)
+    assert c["object"] == "text_completion" and c["choices"][0]["text"] == "x"
+    q = parse_chat({"messages": [{"role": "user", "content": "x"}], "stream": True}, TOK, NAMES)
+    c = chunk(q, "y", [5], None, first=True)
+    assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"role": "assistant",
+                                                                                     "content": "y"}
+    body = full_body(q, Response(1, Result([5, 6], True, "stop", None, {})), "hi")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_incremental_decoder_holds_partial_characters():
+    ids = TOK.encode("héllo ✓")
+    dec = IncrementalDecoder(TOK)
+    parts = [dec.add([t]) for t in ids] + [dec.flush()]
+    assert "".join(parts) == "héllo ✓"
+    assert all("\ufffd" not in s for s in parts)
