@@ -69,11 +69,16 @@ def relaunch(world_size: int, args: list[str]) -> int:
         threads.append(threading.Thread(target=watcher.run, daemon=True))
         for t in threads:
             t.start()
+        def forward(sig, _frame):  # mpiexec passes it to the ranks: `serve` drains, then exits
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         watcher.stop()
         for t in threads:
             t.join(timeout=5)
@@ -156,8 +161,7 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
     lines = [results[n] for n in order]
     if output_path:
         with open(output_path, "w") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+            f.writelines(json.dumps(line) + "\n" for line in lines)
     ok = sum(1 for ln in lines if ln["error"] is None)
     gen_tokens = sum(len(ln["output_ids"]) for ln in lines)
     if not output_path:

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 
 import click
 
-from .cli import _fetch_if_default, _load_topology_or_exit, _setup_logging, inside_mpi_job, mpiexec_path
-
-
-def _relaunch_forwarding(world_size: int, args: list[str]) -> int:
-    """Like `cli.relaunch`, but SIGINT/SIGTERM to this process go on to mpiexec (which
-    forwards them to the ranks), so the server drains and every rank exits cleanly."""
-    cmd = [mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
-    proc = subprocess.Popen(cmd)
-
-    def forward(sig, _frame):
-        if proc.poll() is None:
-            proc.send_signal(sig)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    return proc.wait()
+from .cli import _fetch_if_default, _load_topology_or_exit, _setup_logging, inside_mpi_job, relaunch
 
 
 @click.command()
@@ -50,7 +34,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():
         _fetch_if_default(topo.model.path)
-        sys.exit(_relaunch_forwarding(topo.world_size, sys.argv[1:]))
+        sys.exit(relaunch(topo.world_size, sys.argv[1:]))
     _setup_logging(log_level)
     from mpi4py import MPI
 
