@@ -1,12 +1,32 @@
 """disagg-mpi: disaggregated LLM serving (context and generation executors) as one MPI job."""
 
-from .api import (CacheTransceiverConfig, CommType, ContextPhaseParams, ExecutorConfig, KvCacheConfig,
-                  Request, RequestType, Response, Result, SamplingConfig)
+from .api import (
+    CacheTransceiverConfig,
+    CommType,
+    ContextPhaseParams,
+    ExecutorConfig,
+    KvCacheConfig,
+    Request,
+    RequestType,
+    Response,
+    Result,
+    SamplingConfig,
+)
 
 __all__ = [
-    "CacheTransceiverConfig", "CommType", "ContextPhaseParams", "ExecutorConfig", "KvCacheConfig",
-    "Request", "RequestType", "Response", "Result", "SamplingConfig", "launch", "Executor",
+    "CacheTransceiverConfig",
+    "CommType",
+    "ContextPhaseParams",
     "DisaggOrchestrator",
+    "Executor",
+    "ExecutorConfig",
+    "KvCacheConfig",
+    "Request",
+    "RequestType",
+    "Response",
+    "Result",
+    "SamplingConfig",
+    "launch",
 ]
 
 __version__ = "0.1.0"

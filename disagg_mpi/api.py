@@ -10,7 +10,7 @@ import enum
 import itertools
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 class RequestType(enum.IntEnum):
@@ -188,8 +188,9 @@ class CacheTransceiverConfig:
     async_buffer: bool = False  # GPU only: stream-ordered allocator for the buffer
     lease_seconds: float = 120.0  # blocks nobody pulls are freed after this
     timeout_seconds: float = 60.0  # a transfer that does not finish fails its request
+    backend: str = "auto"  # CUDA pools: auto | ipc | staged | cuda_aware_mpi (disagg_mpi/transfer/transceiver.py)
 
-    ENV = {
+    ENV: ClassVar[dict[str, tuple[str, type]]] = {
         "parallel_send": ("DISAGG_PARALLEL_SEND", bool),
         "overlap": ("DISAGG_OVERLAP", bool),
         "parallel_receive": ("DISAGG_PARALLEL_RECEIVE", bool),
@@ -199,6 +200,7 @@ class CacheTransceiverConfig:
         "async_buffer": ("DISAGG_ASYNC_BUFFER", bool),
         "lease_seconds": ("DISAGG_LEASE_SECONDS", float),
         "timeout_seconds": ("DISAGG_TRANSFER_TIMEOUT", float),
+        "backend": ("DISAGG_KV_BACKEND", str),
     }
 
     def with_env_overrides(self) -> CacheTransceiverConfig:

@@ -20,8 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..api import (DISAGG_NOT_ENABLED, ContextPhaseParams, ExecutorConfig, FinishReason, Request,
-                   RequestError, RequestType, Response, Result, SamplingConfig)
+from ..api import (
+    DISAGG_NOT_ENABLED,
+    ContextPhaseParams,
+    ExecutorConfig,
+    FinishReason,
+    Request,
+    RequestError,
+    RequestType,
+    Response,
+    Result,
+    SamplingConfig,
+)
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
 from ..transfer.plan import LayoutMismatchError, check_compatible
@@ -343,7 +353,7 @@ class LLMEngine:
                         [by_id[r].sample_key() for r in inputs.sample_req_ids])
         try:
             tokens = self.group.run_step(plan)
-        except Exception as err:  # noqa: BLE001 - fail this step's requests, keep serving
+        except Exception as err:
             log.exception("executor %d: step failed", self.executor_id)
             for seq, _ in step.items:
                 self.scheduler.abort(seq.req_id)

@@ -25,7 +25,7 @@ class StepIndex:
     ctx: torch.Tensor | None     # [B] context lengths on device (decode path only)
 
     @classmethod
-    def build(cls, meta: AttentionMetadata, device: torch.device) -> "StepIndex":
+    def build(cls, meta: AttentionMetadata, device: torch.device) -> StepIndex:
         slots = meta.slot_mapping
         keep = None
         # Check for padding on the host copy when there is one (free), else on device once.

@@ -28,7 +28,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         heads = d["num_attention_heads"]
         # transformers 5 moved rope settings into `rope_parameters`; 4.x used
         # `rope_theta` + `rope_scaling`. Accept both.
@@ -72,7 +72,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_gguf(cls, reader) -> "ModelConfig":
+    def from_gguf(cls, reader) -> ModelConfig:
         def get(key: str, default: Any = None) -> Any:
             f = reader.fields.get(key)
             return f.contents() if f is not None else default
@@ -106,7 +106,7 @@ class ModelConfig:
             eos_token_ids=[int(eos)] if eos is not None else [],
         )
 
-    def replace(self, **kw: Any) -> "ModelConfig":
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

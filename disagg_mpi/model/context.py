@@ -6,8 +6,8 @@ batch layout here so layers deep inside the module can read it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

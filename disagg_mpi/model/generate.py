@@ -5,7 +5,7 @@ purpose so block tables are never trivially contiguous.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

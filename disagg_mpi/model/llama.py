@@ -6,14 +6,19 @@ PP range of layers. Parameter names mirror HF LlamaForCausalLM.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
-from disagg_mpi.model.parallel import (ShardSpec, check_gqa_consistent, kv_head_range,
-                                       q_head_range, validate_split)
+from disagg_mpi.model.parallel import (
+    ShardSpec,
+    check_gqa_consistent,
+    kv_head_range,
+    q_head_range,
+    validate_split,
+)
 
 
 class RMSNorm(nn.Module):
@@ -132,7 +137,7 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def empty(cls, config: ModelConfig, shard: ShardSpec | None = None,
-              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "LlamaModel":
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaModel:
         """Uninitialized parameters allocated on `device` (no CPU init of big matrices)."""
         with torch.device("meta"):
             m = cls(config, shard)

@@ -4,8 +4,8 @@ Pure functions only; the model and loaders use them to slice weights.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -46,7 +46,7 @@ class Tokenizer:
 
     # ---- constructors -------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
         tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         cfg = _read_json(folder / "tokenizer_config.json")
@@ -73,7 +73,7 @@ class Tokenizer:
         return cls(tok, bos, eos_ids, template)
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
+    def from_gguf(cls, reader) -> Tokenizer:
         def get(key, default=None):
             f = reader.fields.get(key)
             return f.contents() if f is not None else default
@@ -106,7 +106,7 @@ class Tokenizer:
                    get("tokenizer.chat_template"), vocab_size=len(tokens))
 
     @classmethod
-    def bytes_only(cls, vocab_size: int) -> "Tokenizer":
+    def bytes_only(cls, vocab_size: int) -> Tokenizer:
         """Fallback for random presets: ids 0-2 special, then the 256 byte tokens, no merges."""
         if vocab_size < 259:
             raise ValueError(f"vocab_size {vocab_size} too small for a byte tokenizer (>= 259)")

@@ -5,8 +5,8 @@ names; the plan says which rows/columns this rank's ShardSpec holds.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -24,8 +24,17 @@ from ..model.parallel import ShardSpec
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState
 from ..transfer.transceiver import KvTransceiver
-from .comms import (TAG_MEMBER, TAG_MEMBER_DONE, TAG_PEER, TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms,
-                    recv_ready, send)
+from .comms import (
+    TAG_MEMBER,
+    TAG_MEMBER_DONE,
+    TAG_PEER,
+    TAG_TO_EXEC,
+    TAG_TO_ORCH,
+    Backoff,
+    Comms,
+    recv_ready,
+    send,
+)
 from .devices import select_device
 
 log = logging.getLogger(__name__)
@@ -104,7 +113,7 @@ class MpiGroup:
             send(self.comms.ctl, {"op": "shutdown"}, m, TAG_MEMBER)
 
 
-def _ANY() -> int:  # noqa: N802 - reads like the MPI constant it returns
+def _ANY() -> int:
     from mpi4py import MPI
 
     return MPI.ANY_SOURCE
@@ -150,9 +159,9 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:
     spec = topo.executors[comms.executor_id]
     leader = spec.participant_ids[0]
     try:
-        runner, transceiver, cache_state, par, (cfg, mc) = _build(topo, comms, key)
+        runner, transceiver, cache_state, _, (cfg, mc) = _build(topo, comms, key)
         error = None
-    except Exception as err:  # noqa: BLE001 - reported to rank 0, which fails the launch loudly
+    except Exception as err:
         log.exception("rank %d: could not build its executor", comms.rank)
         error = f"rank {comms.rank}: {type(err).__name__}: {err}"
     if comms.rank != leader:

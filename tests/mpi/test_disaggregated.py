@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from disagg_mpi import Request, RequestType, launch
+from disagg_mpi import Request, launch
 from disagg_mpi.api import DISAGG_NOT_ENABLED
 from tests.mpi.helpers import CONFIGS, tiny_prompts, tiny_topology
 

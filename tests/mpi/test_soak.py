@@ -10,7 +10,7 @@ import pytest
 from disagg_mpi import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from soak import run_soak, soak_topology  # noqa: E402
+from soak import run_soak, soak_topology
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.world(4)]
 

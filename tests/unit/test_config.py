@@ -78,8 +78,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_topology(bad)
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-5, 20) | st.text(max_size=6),
                      lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),

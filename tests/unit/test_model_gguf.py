@@ -66,7 +66,8 @@ def test_greedy_matches_transformers(gguf_path, prompts, ours, tok):
 def test_tp3_pp2_matches(gguf_path, prompts, ours):
     """TP=3 (one KV head each) x PP=2 over the real weights, ranks run one after another per layer."""
     import threading
-    from tests.unit.test_model_sharding import ThreadAllReduce  # noqa: E402
+
+    from tests.unit.test_model_sharding import ThreadAllReduce
     grid = []
     for start, end in ((0, 15), (15, 30)):
         red = ThreadAllReduce(3)

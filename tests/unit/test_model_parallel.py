@@ -1,8 +1,15 @@
 import pytest
 
 from disagg_mpi.model.config import preset
-from disagg_mpi.model.parallel import (check_gqa_consistent, even_layer_split, kv_head_range,
-                                       kv_heads_per_rank, layer_range, q_head_range, validate_split)
+from disagg_mpi.model.parallel import (
+    check_gqa_consistent,
+    even_layer_split,
+    kv_head_range,
+    kv_heads_per_rank,
+    layer_range,
+    q_head_range,
+    validate_split,
+)
 
 
 @pytest.mark.parametrize("tp,kv", [(1, 3), (3, 3), (1, 8), (2, 8), (4, 8), (8, 8)])

@@ -1,0 +1,1 @@
+"""`disagg-mpi bench`: the serving benchmark (workloads, load generator, metrics, report)."""

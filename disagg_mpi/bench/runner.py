@@ -1,0 +1,147 @@
+"""Run a benchmark over targets (configurations to serve, or a running server) and load points."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .client import run_load
+from .metrics import aggregate
+from .server import ServeProcess
+from .workload import BenchRequest
+
+log = logging.getLogger("disagg_mpi.bench")
+
+
+@dataclass
+class Target:
+    label: str
+    config: str | None = None      # a topology to serve
+    url: str | None = None         # or a running server
+    requests: list[BenchRequest] | None = None   # overrides BenchSettings.requests (e.g. another vocabulary)
+    warmup: list[BenchRequest] | None = None
+
+
+@dataclass
+class LoadPoint:
+    request_rate: float = math.inf
+    concurrency: int | None = None
+
+
+@dataclass
+class BenchSettings:
+    requests: list[BenchRequest]
+    warmup: list[BenchRequest]
+    loads: list[LoadPoint]
+    seed: int = 0
+    temperature: float = 0.0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    request_timeout: float = 600.0
+    startup_timeout: float = 900.0
+    stop_grace: float = 30.0
+    host: str = "127.0.0.1"
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    progress: bool = True
+    log_dir: Path | None = None
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, unit="req", leave=True,
+                dynamic_ncols=True)
+
+
+def run_point(url: str, s: BenchSettings, load: LoadPoint, desc: str) -> tuple[list, float]:
+    bar = _bar(len(s.requests), desc, s.progress)
+    errors = [0]
+
+    def done(rec):
+        if not rec.ok:
+            errors[0] += 1
+            bar.set_postfix(errors=errors[0])
+        bar.update(1)
+
+    try:
+        return asyncio.run(run_load(url, s.requests, load.request_rate, load.concurrency, s.seed, s.temperature,
+                                    s.request_timeout, s.extra_body, s.headers, done))
+    finally:
+        bar.close()
+
+
+def warm_up(url: str, s: BenchSettings, load: LoadPoint) -> None:
+    if not s.warmup:
+        return
+    conc = load.concurrency or len(s.warmup)
+    recs, _ = asyncio.run(run_load(url, s.warmup, math.inf, conc, s.seed, s.temperature, s.request_timeout,
+                                   s.extra_body, s.headers))
+    bad = [r for r in recs if not r.ok]
+    if bad:
+        log.warning("%d of %d warm-up requests failed: %s", len(bad), len(recs), bad[0].error)
+
+
+def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], None]) -> tuple[list, list]:
+    results, rows = [], []
+    if target.requests is not None:
+        s = replace(s, requests=target.requests, warmup=target.warmup or [])
+    warm_up(url, s, s.loads[0])
+    for load in s.loads:
+        desc = f"{target.label}"
+        if len(s.loads) > 1 or not math.isinf(load.request_rate) or load.concurrency:
+            desc += f" rate={load.request_rate:g}" + (f" conc={load.concurrency}" if load.concurrency else "")
+        records, duration = run_point(url, s, load, desc)
+        summary = aggregate(records, duration, s.slo_ttft_ms, s.slo_tpot_ms)
+        run_id = f"{target.label}|{load.request_rate}|{load.concurrency}"
+        res = {"run": run_id, "label": target.label, "config": target.config, "url": url,
+               "request_rate": load.request_rate, "concurrency": load.concurrency, **summary}
+        errors = [r.error for r in records if not r.ok]
+        if errors:
+            res["first_errors"] = errors[:5]
+            echo(f"{target.label}: {len(errors)} of {len(records)} requests failed; first: {errors[0]}")
+        mismatch = sum(1 for r in records if r.ok and r.output_tokens != r.output_len_requested)
+        if mismatch:
+            res["output_len_mismatches"] = mismatch
+            echo(f"{target.label}: {mismatch} requests returned a different number of tokens than asked "
+                 "(does the server honour ignore_eos?)")
+        results.append(res)
+        for r in records:
+            rows.append({"run": run_id, "label": target.label, "request_rate": load.request_rate,
+                         "concurrency": load.concurrency, **r.to_dict()})
+    return results, rows
+
+
+def run_benchmark(targets: Sequence[Target], s: BenchSettings,
+                  echo: Callable[[str], None] = print) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every target in turn (serving configs one at a time); returns (results, request rows, server info)."""
+    results, rows, servers = [], [], []
+    for t in targets:
+        if t.url:
+            r, q = bench_url(t, t.url, s, echo)
+            results += r
+            rows += q
+            continue
+        log_path = (s.log_dir / f"serve-{_safe(t.label)}.log") if s.log_dir else None
+        srv = ServeProcess(t.config, log_path, host=s.host, startup_timeout=s.startup_timeout, grace=s.stop_grace)
+        echo(f"{t.label}: starting disagg-mpi serve --config {t.config}")
+        with srv:
+            echo(f"{t.label}: serving on {srv.url}")
+            r, q = bench_url(t, srv.url, s, echo)
+        rc = srv.proc.returncode if srv.proc else None
+        echo(f"{t.label}: server stopped (exit code {rc})")
+        servers.append({"label": t.label, "config": t.config, "exit_code": rc, "clean_exit": srv.clean_exit,
+                        "log": str(srv.log_path) if log_path else None})
+        results += r
+        rows += q
+    return results, rows, servers
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

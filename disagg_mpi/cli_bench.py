@@ -1,0 +1,219 @@
+"""`disagg-mpi bench`: the serving benchmark (the counterpart of TensorRT-LLM's disaggServerBenchmark).
+
+For each `--config` in turn it starts `disagg-mpi serve` on a free port, waits
+for `/health`, drives the workload through `POST /v1/completions` (streaming,
+`ignore_eos`), stops the server with SIGTERM, and finally prints the
+configurations side by side. `--url` benchmarks a server that is already
+running instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+
+def _parse_kv_json(value: str | None, what: str) -> dict:
+    if not value:
+        return {}
+    try:
+        d = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"{what} is not valid JSON: {err.msg}") from None
+    if not isinstance(d, dict):
+        raise click.BadParameter(f"{what} must be a JSON object")
+    return d
+
+
+@click.command()
+@click.option("--config", "configs", multiple=True, type=click.Path(),
+              help="YAML topology to serve and benchmark; repeat to compare several.")
+@click.option("--label", "labels", multiple=True, help="Name of each --config/--url in the table (in order).")
+@click.option("--url", "urls", multiple=True, help="Benchmark a running server (http://host:port) instead.")
+@click.option("--model", "model_spec", default=None,
+              help="Tokenizer/vocabulary for the workload (default: the config's model; smollm2 with --url).")
+@click.option("--dataset", type=click.Path(), default=None,
+              help="JSONL (prompt | messages | input_ids [, max_tokens] per line) or ShareGPT JSON.")
+@click.option("--num-requests", type=int, default=32, show_default=True)
+@click.option("--input-len", type=int, default=256, show_default=True, help="Synthetic prompt tokens.")
+@click.option("--output-len", type=int, default=None,
+              help="Output tokens per request [default: 32; with --dataset, the data's own lengths].")
+@click.option("--input-len-dist", default=None,
+              help="Instead of --input-len: uniform:A:B | normal:MU:SIGMA | lognormal:MEAN:SD | exponential:MEAN.")
+@click.option("--output-len-dist", default=None, help="Instead of --output-len, as --input-len-dist.")
+@click.option("--shared-prefix-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of every synthetic prompt that is one common prefix.")
+@click.option("--max-input-len", type=int, default=None, help="Dataset: skip longer prompts.")
+@click.option("--max-output-len", type=int, default=None, help="Dataset: cap output lengths.")
+@click.option("--request-rate", default=None,
+              help="Poisson arrivals in req/s; 'inf' sends all at once; '1,2,4' sweeps. [default: inf]")
+@click.option("--concurrency", default=None, help="At most this many requests in flight; '1,4,8' sweeps.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Uncounted requests sent first.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--slo-ttft-ms", type=float, default=None, help="Goodput SLO on time to first token.")
+@click.option("--slo-tpot-ms", type=float, default=None, help="Goodput SLO on time per output token.")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Write results.json, results.csv, requests.jsonl, table.md, PNG plots and server logs here.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface the started servers bind.")
+@click.option("--startup-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds a started server may take to become healthy.")
+@click.option("--stop-grace", type=float, default=30.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when stopping a server.")
+@click.option("--request-timeout", type=float, default=600.0, show_default=True)
+@click.option("--extra-body", default=None, help="JSON merged into every request body.")
+@click.option("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
+@click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
+def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, output_len, input_len_dist,
+          output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, request_rate, concurrency,
+          warmup, seed, temperature, slo_ttft_ms, slo_tpot_ms, out_dir, no_plots, no_progress, host,
+          startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level):
+    """Benchmark serving: each --config served in turn (or --url), one workload, a side-by-side table."""
+    import logging
+
+    from .bench.report import format_table, write_outputs
+    from .bench.runner import BenchSettings, LoadPoint, Target, run_benchmark
+    from .bench.server import ServerError
+    from .bench.workload import parse_int_list, parse_rates
+
+    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if not configs and not urls:
+        raise click.UsageError("give --config (one or more) or --url")
+    if num_requests < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--num-requests")
+    names = [*configs, *urls]
+    if labels and len(labels) != len(names):
+        raise click.BadParameter(f"{len(labels)} labels for {len(names)} targets; give one per --config/--url "
+                                 "(configs first, then urls)", param_hint="--label")
+    try:
+        rates = parse_rates(request_rate) if request_rate else [math.inf]
+        concs = parse_int_list(concurrency, "--concurrency") if concurrency else [None]
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    loads = [LoadPoint(r, c) for r in rates for c in concs]
+
+    # models behind each target: a workload per vocabulary
+    targets: list[Target] = []
+    for i, cfg in enumerate(configs):
+        label = labels[i] if labels else Path(cfg).stem
+        targets.append(Target(label, config=cfg))
+    for j, url in enumerate(urls):
+        label = labels[len(configs) + j] if labels else url
+        targets.append(Target(label, url=url if "://" in url else f"http://{url}"))
+    if len({t.label for t in targets}) != len(targets):
+        raise click.BadParameter("labels must differ; pass --label for each target", param_hint="--label")
+    specs = {}
+    for t in targets:
+        if model_spec:
+            specs[t.label] = model_spec
+        elif t.config:
+            from .config import ConfigError, load_topology
+
+            try:
+                specs[t.label] = load_topology(t.config).model.path
+            except ConfigError as err:
+                raise click.ClickException(str(err)) from None
+        else:
+            specs[t.label] = "smollm2"
+
+    workload_meta = {"num_requests": num_requests, "seed": seed, "warmup": warmup, "temperature": temperature}
+    cache: dict[str, tuple] = {}
+    for t in targets:
+        spec = specs[t.label]
+        if spec not in cache:
+            try:
+                cache[spec] = _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_len_dist,
+                                        output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, seed)
+            except (ValueError, FileNotFoundError) as err:
+                raise click.ClickException(str(err)) from None
+        t.requests, t.warmup, desc = cache[spec]
+        workload_meta.setdefault("workload", desc)
+    first = targets[0].requests
+    workload_meta.update(
+        mean_input_len=sum(r.input_len for r in first) / len(first),
+        mean_output_len=sum(r.output_len for r in first) / len(first))
+
+    out = Path(out_dir) if out_dir else None
+    settings = BenchSettings(
+        requests=[], warmup=[], loads=loads, seed=seed, temperature=temperature, slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms, request_timeout=request_timeout, startup_timeout=startup_timeout,
+        stop_grace=stop_grace, host=host, extra_body=_parse_kv_json(extra_body, "--extra-body"),
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, progress=not no_progress,
+        log_dir=out)
+    click.echo(f"workload: {workload_meta['workload']}, {num_requests} requests (+{warmup} warm-up), "
+               f"mean input {workload_meta['mean_input_len']:.0f} / output {workload_meta['mean_output_len']:.0f} "
+               f"tokens; load points: " + "; ".join(_load_desc(ld) for ld in loads), err=True)
+    started = time.time()
+    load_before = _loadavg()
+    try:
+        results, rows, servers = run_benchmark(targets, settings, echo=lambda m: click.echo(m, err=True))
+    except ServerError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(results))
+    if out is not None:
+        meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": "disagg-mpi " + " ".join(sys.argv[1:]), "wall_s": time.time() - started,
+                "workload": workload_meta, "servers": servers,
+                "host": {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
+                         "platform": platform.platform()},
+                "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}}
+        paths = write_outputs(out, results, meta, rows, plots=not no_plots)
+        click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+    if any(r["num_errors"] for r in results):
+        sys.exit(1)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _load_desc(ld) -> str:
+    rate = "inf" if math.isinf(ld.request_rate) else f"{ld.request_rate:g}"
+    return f"rate {rate} req/s" + (f", concurrency {ld.concurrency}" if ld.concurrency else "")
+
+
+def _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_len_dist, output_len_dist,
+              shared_prefix_ratio, max_input_len, max_output_len, seed):
+    from .bench.workload import dataset_requests, load_dataset_entries, parse_dist, synthetic_requests
+    from .model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    if dataset:
+        entries = load_dataset_entries(dataset)
+        reqs = dataset_requests(entries, tok, num_requests, output_len, seed, max_input_len, max_output_len)
+        wu = dataset_requests(entries, tok, warmup, output_len, seed + 1, max_input_len,
+                              max_output_len) if warmup else []
+        return reqs, wu, f"dataset {dataset}"
+    in_d = parse_dist(input_len_dist or input_len)
+    out_d = parse_dist(output_len_dist or (output_len if output_len is not None else 32))
+    specials = [tok.bos_token_id, *tok.eos_token_ids]
+    vocab = tok.vocab_size
+    try:   # ids the model can embed (the server refuses others)
+        from .model.loader import load_model_config
+
+        vocab = min(vocab, load_model_config(spec).vocab_size)
+    except Exception as err:  # noqa: BLE001 - the tokenizer's size is a fine fallback
+        logging.getLogger("disagg_mpi.bench").debug("no model config for %s (%s); vocab from the tokenizer",
+                                                    spec, err)
+    reqs = synthetic_requests(num_requests, in_d, out_d, vocab, seed, shared_prefix_ratio, specials)
+    wu = synthetic_requests(warmup, in_d, out_d, vocab, seed + 1, shared_prefix_ratio,
+                            specials) if warmup else []
+    desc = f"synthetic input {in_d} output {out_d}"
+    if shared_prefix_ratio:
+        desc += f" shared prefix {shared_prefix_ratio:g}"
+    return reqs, wu, desc
