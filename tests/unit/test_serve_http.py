@@ -400,6 +400,32 @@ def test_greedy_http_equals_batch_run(server, batch_run, workdir):
         assert body["choices"][0]["finish_reason"] == exp["finish_reason"], line_id
 
 
+def test_final_chunk_carries_per_request_metrics(server):
+    """The final stream chunk and the full body report where the phases ran and the KV moved."""
+    import asyncio
+    import json as _json
+
+    import aiohttp
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 4, "ignore_eos": True}
+            async with s.post(f"{server.url}/v1/completions", json=body, headers=AUTH) as r:
+                full = await r.json()
+            last = None
+            async with s.post(f"{server.url}/v1/completions", json={**body, "stream": True},
+                              headers=AUTH) as r:
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: {"):
+                        last = _json.loads(line[6:])
+            return full, last
+
+    full, last = asyncio.run(go())
+    for m in (full["metrics"], last["metrics"]):
+        assert m["kv_transfer_bytes"] > 0 and "context_executor" in m and "generation_executor" in m
+
+
 def test_sigterm_drains_and_exits_zero(server):
     """Last: stops the shared server. An in-flight request finishes; new ones get 503."""
     async def go():
@@ -472,3 +498,4 @@ def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
