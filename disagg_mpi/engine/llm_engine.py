@@ -8,7 +8,6 @@ same code serves aggregated, context-only and generation-only requests.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import numbers
@@ -34,8 +33,8 @@ from ..api import (
 )
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
-from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
+from .handoff import DisaggHandoff, _GenPending, _Held
 from .model_runner import StepPlan
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
@@ -66,28 +65,6 @@ class ExecutorGroup(Protocol):
 
 
 @dataclass
-class _Held:
-    """A context-only request's blocks, kept until its generation side has them."""
-
-    seq: Sequence
-    deadline: float
-    claimed_by: int | None = None
-
-
-@dataclass
-class _GenPending:
-    """A generation-only request between admission and the end of its transfer."""
-
-    seq: Sequence
-    opaque: OpaqueState
-    streaming: bool
-    t0: float = field(default_factory=time.perf_counter)
-    state: str = "alloc"  # alloc -> claiming -> pulling
-    cancelled: bool = False  # a pull in flight is left to finish, then freed
-    skip_blocks: int = 0  # leading blocks already cached here (prefix reuse)
-
-
-@dataclass
 class _Meta:
     request_type: RequestType
     streaming: bool
@@ -98,7 +75,7 @@ class _Meta:
     num_streamed: int = 0  # output tokens already sent in non-final streaming responses
 
 
-class LLMEngine:
+class LLMEngine(DisaggHandoff):
     def __init__(self, group: ExecutorGroup, model_config: Any, config: ExecutorConfig,
                  cache_state: CacheState, executor_id: int = 0, world_ranks: tuple[int, ...] = (0,),
                  key: bytes = b"", send_peer: Callable[[int, dict], None] | None = None):
@@ -184,158 +161,6 @@ class LLMEngine:
             seq.full_max_tokens = full_max_tokens
         return seq
 
-    def _admit_generation(self, seq: Sequence, r: Request) -> None:
-        cpp = r.context_phase_params
-        if cpp is None or not cpp.first_gen_tokens:
-            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens")
-        opaque = OpaqueState.decode(cpp.opaque_state, self.key)
-        if opaque.ctx_req_id != cpp.req_id:
-            raise RequestError("context_phase_params.req_id does not match its opaque state")
-        try:
-            self._check_generation(seq, opaque)
-        except (RequestError, RequestTooLargeError):
-            self._release_context(opaque)  # authentic params we cannot serve: don't strand the KV
-            raise
-        seq.output_ids = [int(cpp.first_gen_tokens[0])]
-        seq.num_computed_tokens = len(seq.prompt_ids)
-        if seq.check_stop(seq.output_ids[0]) is not None:
-            seq.finish(seq.check_stop(seq.output_ids[0]))
-            self._release_context(opaque)
-            self._finish(seq)
-            return
-        self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
-
-    def _check_generation(self, seq: Sequence, opaque: OpaqueState) -> None:
-        try:
-            check_compatible(opaque.cache_state, self.cache_state)
-        except LayoutMismatchError as err:
-            raise RequestError(str(err)) from None
-        if opaque.num_tokens != len(seq.prompt_ids):
-            raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens but the context phase "
-                               f"computed {opaque.num_tokens}; send the same input_token_ids")
-        needed = self.blocks.blocks_needed(seq.max_total_tokens)
-        if needed > self.blocks.num_blocks:
-            raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
-                                       f"{self.blocks.num_blocks}")
-
-    # ---- the disaggregated hand-off ---------------------------------------
-
-    def _advance_pending(self) -> None:
-        for p in list(self._pending.values()):
-            # Prefix reuse: blocks this executor already caches need no transfer
-            # (only when block sizes match, so a shared block is never rewritten).
-            prompt = (p.seq.prompt_ids if self.blocks.enable_prefix_reuse
-                      and p.opaque.cache_state.block_size == self.blocks.block_size else None)
-            if p.state == "alloc" and self.blocks.can_allocate(p.seq.max_total_tokens, prompt):
-                self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens, prompt)
-                p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
-                p.state = "claiming"
-                p.t0 = time.perf_counter()
-                self.send_peer(p.opaque.world_ranks[0], {
-                    "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
-                    "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
-        for req_id, nbytes, _ in self.group.poll_transfers():
-            if req_id in self._quarantine:  # a timed-out pull finally landed: its blocks are safe to reuse
-                self._quarantine.discard(req_id)
-                self.blocks.free(req_id)
-                continue
-            p = self._pending.pop(req_id, None)
-            if p is None:
-                continue
-            self._release_context(p.opaque)
-            if p.cancelled:
-                self.blocks.free(req_id)
-                p.seq.finish("abort")
-                self._finish(p.seq)
-                continue
-            m = self._meta[req_id].metrics
-            m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
-            m["kv_transfer_bytes"] = nbytes
-            m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
-            self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
-            self.scheduler.add_prefilled(p.seq)
-            if p.streaming:
-                self._emit(p.seq, [p.seq.output_ids[0]], final=False)
-
-    def _expire_transfers(self) -> None:
-        """A transfer that does not finish in time fails its request; neither side waits forever."""
-        limit = self.config.cache_transceiver_config.timeout_seconds
-        now = time.perf_counter()
-        for p in list(self._pending.values()):
-            if p.state == "alloc" or now - p.t0 <= limit:
-                continue
-            req_id = p.seq.req_id
-            del self._pending[req_id]
-            self._release_context(p.opaque)
-            if p.state == "pulling" and self.group.pull_in_flight(req_id):
-                # Receives are posted into these blocks: keep them until the bytes land.
-                self._quarantine.add(req_id)
-            else:
-                self.blocks.free(req_id)
-            if p.cancelled:
-                p.seq.finish("abort")
-                self._finish(p.seq)
-            else:
-                self._error(req_id, f"the KV transfer from context executor {p.opaque.executor_id} did not "
-                                    f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)")
-
-    def on_claim_reply(self, gen_req_id: int, error: str | None) -> None:
-        p = self._pending.get(gen_req_id)
-        if p is None or p.state != "claiming":
-            return
-        if error:
-            del self._pending[gen_req_id]
-            self.blocks.free(gen_req_id)
-            self._error(gen_req_id, error)
-            return
-        p.state = "pulling"
-        opaque, table, k = p.opaque, self.blocks.block_table(gen_req_id), p.skip_blocks
-        if k:  # pull only the blocks this executor does not cache: a smaller request, block for block
-            opaque = dataclasses.replace(opaque, block_ids=opaque.block_ids[k:],
-                                         num_tokens=opaque.num_tokens - k * self.blocks.block_size)
-        self.group.start_pull(gen_req_id, opaque, table[k:])
-
-    def _release_context(self, opaque: OpaqueState) -> None:
-        self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})
-
-    def claim_context(self, ctx_req_id: int, blocks: list[int], by: int) -> str | None:
-        """A generation executor asks for a context's blocks; None means granted."""
-        h = self._held.get(ctx_req_id)
-        if h is None:
-            return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
-                    "its KV cannot be transferred")
-        if h.claimed_by is not None:
-            return f"context request {ctx_req_id} was already claimed (replayed context_phase_params)"
-        if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
-            return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
-        h.claimed_by = by
-        h.deadline = time.monotonic() + self.config.cache_transceiver_config.timeout_seconds
-        return None
-
-    def release_context(self, ctx_req_id: int, by: int | None = None) -> None:
-        """Free a held context; a generation executor may only release what it claimed (or nobody did)."""
-        h = self._held.get(ctx_req_id)
-        if h is None or (by is not None and h.claimed_by not in (None, by)):
-            return
-        del self._held[ctx_req_id]
-        self.blocks.free(ctx_req_id)
-
-    def housekeeping(self) -> None:
-        """Timers and transfer completions; cheap, called every loop turn even when idle."""
-        if self._pending or self._quarantine:
-            self._advance_pending()
-            self._expire_transfers()
-        if self._held:
-            self.expire_leases()
-
-    def expire_leases(self) -> None:
-        now = time.monotonic()
-        for rid, h in list(self._held.items()):
-            if now > h.deadline:
-                log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,
-                            rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
-                self.release_context(rid)
-
     # ---- steps -----------------------------------------------------------
 
     def has_work(self) -> bool:
@@ -364,13 +189,13 @@ class LLMEngine:
         sampled = dict(zip(inputs.sample_req_ids, tokens))
         finished = self.scheduler.update(step, sampled)
         now = time.perf_counter()
-        for rid in sampled:
+        for rid, token in sampled.items():
             meta = self._meta.get(rid)
             if meta and meta.first_token_time is None:
                 meta.first_token_time = now
             seq = by_id[rid]
             if meta and meta.streaming and not seq.status.is_finished:
-                self._emit(seq, [sampled[rid]], final=False)
+                self._emit(seq, [token], final=False)
         for seq in finished:
             self._finish(seq)
 
