@@ -154,3 +154,26 @@ def test_incremental_decoder_holds_partial_characters():
     parts = [dec.add([t]) for t in ids] + [dec.flush()]
     assert "".join(parts) == "héllo ✓"
     assert all("\ufffd" not in s for s in parts)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_any_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=15)
+_field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                                "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
+                                "disaggregated_params", "logprobs", "user", "bogus"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_field_names, _any_json, max_size=6), st.booleans())
+def test_any_body_parses_or_gets_a_4xx(body, chat):
+    """Fuzz: a body is either a request or an ApiError with a 4xx status and a message, never a crash."""
+    from disagg_mpi.serve.protocol import ApiError
+
+    try:
+        (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
+    except ApiError as err:
+        assert 400 <= err.status < 500 and str(err)
