@@ -14,6 +14,17 @@ with `KvTransceiver.start_pull` while both ranks `poll()` until it is done;
 then rank 0 `Send`s the same number of bytes to rank 1 with plain mpi4py.
 Each transceiver uses its own `COMM_WORLD.Dup()`, as the runtime does.
 
+`--device cuda` (2 ranks; both may share one GPU): a Llama-3.1-8B-shaped KV
+pool (32 layers, 8 KV heads, head_dim 128, bf16, block_size 8: 128 KiB per
+token, 1 MiB per block; 2,048 tokens = 256 MiB) on each rank's GPU. Per
+payload (whole blocks, 1 MiB .. 1 GiB) rank 1 pulls with each CUDA backend
+(`ipc`: CUDA IPC, device-to-device; `staged`: pinned host buffers + MPI),
+and, in the same run on rank 1's GPU, the references: a plain device-to-device
+copy of the same bytes, pinned device->host and host->device copies, and a
+plain MPI Send/Recv of pinned host buffers between the two ranks. Ratios:
+ipc / device copy, staged / min(pinned D2H, pinned H2D). `--png` plots it
+(needs matplotlib; `--plot-only JSON --png PNG` plots an earlier run).
+
 `--layout tp2to1` (3 ranks): a 2-KV-head model (30 layers, 8 query heads,
 2 KV heads, head_dim 64, fp32). Re-sharded: context TP2 (ranks 0 and 1, one
 KV head each) -> generation TP1 (rank 2, both heads): rank 2 pulls one half
@@ -257,12 +268,143 @@ def bench_tp2to1(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats, "rows": rows}
 
 
+CUDA_SIZES = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 << 30]
+CUDA_BACKENDS = ("ipc", "staged")
+
+
+class _CudaSide:
+    def __init__(self, tc: KvTransceiver, state: CacheState):
+        self.tc, self.state = tc, state
+
+
+def _time_cuda(fn, reps: int, warmup: int) -> float:
+    ts = []
+    for _ in range(warmup + reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts[warmup:])
+
+
+def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    ndev = torch.cuda.device_count()
+    dev = torch.device("cuda", rank % ndev)
+    torch.cuda.set_device(dev)
+    bs = 8
+    state = CacheState.create(32, 8, 128, bs, "bfloat16")
+    bpt = state.bytes_per_token_per_rank(0)  # 128 KiB
+    block_bytes = bpt * bs
+    sizes = [max(block_bytes, p // block_bytes * block_bytes) for p in args.sizes]
+    max_blocks = max(sizes) // block_bytes
+    pool = torch.zeros((max_blocks, 32, 2, 8, bs, 128), dtype=torch.bfloat16, device=dev)
+    if rank == 0:
+        pool.fill_(1.0)
+    sides = {}
+    for b in args.backends:
+        cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=True, buffer_bytes=args.buffer_bytes,
+                                     backend=b)
+        sides[b] = _CudaSide(KvTransceiver(world.Dup(), pool, state, 0, cfg), state)
+    plain_comm = world.Dup()
+    nmax = max(sizes)
+    host = torch.empty(nmax, dtype=torch.uint8, pin_memory=True)
+    d_src = torch.ones(nmax, dtype=torch.uint8, device=dev) if rank == 1 else None
+    d_dst = torch.empty(nmax, dtype=torch.uint8, device=dev) if rank == 1 else None
+    rows = []
+    req_ids = iter(range(1, 1 << 30))
+    if rank == 0:
+        cols = "".join(f"  {b + ' GB/s':>12}" for b in args.backends)
+        print(f"{'payload':>10} {'tokens':>7}{cols}  {'d2d GB/s':>9}  {'D2H GB/s':>9}  {'H2D GB/s':>9}  "
+              f"{'MPI host':>9}  {'ipc/d2d':>7}  {'copy/d2d':>8}  {'stg/pin':>7}", flush=True)
+    for n in sizes:
+        nblk = n // block_bytes
+        ntok = nblk * bs
+        reps = args.repeats if n >= 64 * MiB else 4 * args.repeats
+        row: dict[str, Any] = {"payload": n, "tokens": ntok, "bytes": n}
+        opaque = OpaqueState(0, (0,), 0, tuple(range(nblk)), ntok, state)
+        times: dict[str, list[float]] = {k: [] for k in [*sides, "mpi_host"]}
+        for _ in range(args.warmup + reps):  # interleaved rep by rep
+            for name, side in sides.items():
+                times[name].append(_pull_once(side, rank, opaque, nblk, next(req_ids)))
+                # ipc_copy: copies queued .. seen complete; excludes the time spent queueing them (the GPU
+                # runs them meanwhile), so it understates the copy time: a diagnostic, not a bandwidth.
+                if name == "ipc" and rank == 1:
+                    times.setdefault("ipc_copy", []).append(side.tc.ipc_copy_seconds[-1])
+            times["mpi_host"].append(_plain_once(plain_comm, rank, host[:n].numpy(), 0, 1))
+        if rank == 1:
+            torch.cuda.synchronize()
+            assert bool((pool[:nblk] == 1).all()), "pulled KV is wrong"
+            for k, v in times.items():
+                row[f"{k}_s"] = statistics.median(v[args.warmup:])
+            row["d2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(d_src[:n]), reps, args.warmup)
+            row["d2h_s"] = _time_cuda(lambda: host[:n].copy_(d_src[:n], non_blocking=True), reps, args.warmup)
+            row["h2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(host[:n], non_blocking=True), reps, args.warmup)
+            for k in [*sides, *(["ipc_copy"] if "ipc" in sides else []), "mpi_host", "d2d", "d2h", "h2d"]:
+                row[f"{k}_gbs"] = n / row[f"{k}_s"] / 1e9
+            if "ipc" in sides:
+                row["ipc_vs_d2d"] = row["ipc_gbs"] / row["d2d_gbs"]
+                row["ipc_copy_vs_d2d"] = row["ipc_copy_gbs"] / row["d2d_gbs"]
+            if "staged" in sides:
+                row["staged_vs_pinned"] = row["staged_gbs"] / min(row["d2h_gbs"], row["h2d_gbs"])
+                row["staged_vs_mpi_host"] = row["staged_gbs"] / row["mpi_host_gbs"]
+        row = world.bcast(row, root=1)
+        rows.append(row)
+        if rank == 0:
+            cols = "".join(f"  {row[b + '_gbs']:12.2f}" for b in args.backends)
+            print(f"{fmt_size(n):>10} {ntok:7d}{cols}  {row['d2d_gbs']:9.1f}  {row['d2h_gbs']:9.1f}  "
+                  f"{row['h2d_gbs']:9.1f}  {row['mpi_host_gbs']:9.2f}  {row.get('ipc_vs_d2d', float('nan')):7.2f}  "
+                  f"{row.get('ipc_copy_vs_d2d', float('nan')):8.2f}  "
+                  f"{row.get('staged_vs_pinned', float('nan')):7.2f}", flush=True)
+    for side in sides.values():
+        side.tc.close()
+    props = torch.cuda.get_device_properties(dev)
+    return {"device": "cuda", "gpu": props.name, "gpus_used": sorted({r % ndev for r in range(world.Get_size())}),
+            "torch": torch.__version__, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            "model": "Llama-3.1-8B KV: 32 layers, 8 KV heads, head_dim 128, bf16, block_size 8",
+            "bytes_per_token": bpt, "block_bytes": block_bytes, "buffer_bytes": args.buffer_bytes,
+            "repeats": args.repeats, "backends": list(args.backends), "rows": rows}
+
+
+def plot_cuda(res: dict[str, Any], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    x = [r["bytes"] / MiB for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"ipc": ("CUDA IPC pull", "-o"), "staged": ("staged pull (pinned + MPI)", "-s"),
+              "d2d": ("device-to-device copy", "--"), "d2h": ("pinned D2H copy", ":"),
+              "h2d": ("pinned H2D copy", ":"), "mpi_host": ("MPI Send/Recv, pinned host", "-.")}
+    for k, (label, st) in styles.items():
+        if f"{k}_gbs" in rows[0]:
+            ax.plot(x, [r[f"{k}_gbs"] for r in rows], st, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("payload (MiB)")
+    ax.set_ylabel("GB/s (1e9 B/s)")
+    ax.set_title(f"KV pull, 2 ranks on {res.get('gpu', 'GPU')} ({res['model'].split(':')[0]})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
                    help="payloads, e.g. 64K 1M 256M (default 64K..256M, powers of 4)")
     p.add_argument("--layout", choices=["same", "tp2to1"], default="same")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: CUDA pools (2 ranks), each backend vs device / pinned copies")
+    p.add_argument("--backends", nargs="+", choices=list(CUDA_BACKENDS), default=list(CUDA_BACKENDS))
+    p.add_argument("--png", help="--device cuda: plot the results here (needs matplotlib)")
+    p.add_argument("--plot-only", metavar="JSON", help="plot an earlier --device cuda JSON to --png and exit")
     p.add_argument("--zero-copy", choices=["on", "off", "both"], default="both")
     p.add_argument("--buffer-bytes", type=parse_size, default=CacheTransceiverConfig.buffer_bytes)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (x4 below 4 MiB)")
@@ -271,10 +413,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="round each request to whole blocks (KV bytes == bytes moved), "
                         "to compare the transport without the last block's padding")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot_cuda(json.load(f), args.png or args.plot_only.removesuffix(".json") + ".png")
+        return 0
     global WHOLE_BLOCKS
     WHOLE_BLOCKS = 16 if args.whole_blocks else 0
-    args.sizes = args.sizes or DEFAULT_SIZES
     world = MPI.COMM_WORLD
+    if args.device == "cuda":
+        args.sizes = args.sizes or CUDA_SIZES
+        if world.Get_size() != 2:
+            if world.Get_rank() == 0:
+                print("--device cuda needs exactly 2 ranks: mpiexec -n 2 ...", file=sys.stderr)
+            return 2
+        if world.Get_rank() == 0:
+            print(f"# device=cuda backends={args.backends} buffer_bytes={args.buffer_bytes} repeats={args.repeats} "
+                  f"warmup={args.warmup}", flush=True)
+        res = bench_cuda(args)
+        if world.Get_rank() == 0:
+            print(f"# {res['gpu']}, {res['mpi']}, torch {res['torch']}", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=2)
+            if args.png:
+                try:
+                    plot_cuda(res, args.png)
+                except ImportError:
+                    print("# matplotlib missing: plot later with --plot-only JSON --png PNG", flush=True)
+        return 0
+    args.sizes = args.sizes or DEFAULT_SIZES
     need = 2 if args.layout == "same" else 3
     if world.Get_size() != need:
         if world.Get_rank() == 0:

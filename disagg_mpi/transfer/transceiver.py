@@ -22,11 +22,26 @@ Protocol, per (generation rank, plan item):
 
 Chunk buffers are allocated once per transfer and reused, and contiguous
 block runs are packed / scattered with plain copies (no index gathers).
+
+CUDA pools (`backend`, see `CacheTransceiverConfig.backend`):
+- staged: MPI moves pinned host buffers; D2H before an Isend and H2D + GPU
+  scatter after an Irecv run on the transceiver's side stream, chunk by chunk,
+  two chunks in flight (`staging.py`);
+- cuda_aware_mpi: MPI moves device buffers directly (only where the MPI
+  library reports CUDA support; refused otherwise);
+- ipc: same-node peers: the pull asks for the context pool's CUDA IPC handle,
+  the generation rank maps it once and copies the blocks device to device,
+  then tells the context rank it is done (`cuda_ipc.py`). `auto` uses IPC
+  when both pools are on CUDA on one node, else staged.
+The wire format of the copy path does not depend on the backend, so a CPU
+rank and a GPU rank (or a staged and a CUDA-aware one) talk to each other.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +50,14 @@ import msgpack
 import torch
 
 from ..api import CacheTransceiverConfig
+from . import cuda_ipc
 from .cache_state import CacheState
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
+from .staging import PinnedBuffers, SideStream, mpi_device_buffer, mpi_host_buffer, typed_view
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "ipc", "staged", "cuda_aware_mpi")
 
 TAG_PULL = 1
 _FIRST_DATA_TAG = 100
@@ -45,9 +65,7 @@ _WINDOW = 2  # chunks in flight per transfer: double buffering
 _KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
 
-def _np(t: torch.Tensor) -> Any:
-    """A numpy view MPI can move (bf16 has no MPI datatype: send its bytes)."""
-    return t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+_np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
 
 
 @dataclass
@@ -88,7 +106,7 @@ def _gather(src: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
     """out[i] = src[ids[i]] along dim 0."""
     runs = _runs(ids)
     if len(runs) > _MAX_RUNS:
-        torch.index_select(src, 0, torch.tensor(ids), out=out)
+        torch.index_select(src, 0, torch.tensor(ids, device=src.device), out=out)
         return
     for pos, first, n in runs:
         out.narrow(0, pos, n).copy_(src.narrow(0, first, n))
@@ -98,7 +116,7 @@ def _scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> Non
     """dst[ids[i]] = src[i] along dim 0 (dst may be a strided view of the pool)."""
     runs = _runs(ids)
     if len(runs) > _MAX_RUNS:
-        dst.index_copy_(0, torch.tensor(ids), src)
+        dst.index_copy_(0, torch.tensor(ids, device=dst.device), src)
         return
     for pos, first, n in runs:
         dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
@@ -123,7 +141,7 @@ def _zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> l
 
 def _chunking(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, num_tokens: int,
               cfg: CacheTransceiverConfig, ctx_ids: list[int] | None = None,
-              gen_ids: list[int] | None = None) -> _Chunking:
+              gen_ids: list[int] | None = None, staged: bool = False) -> _Chunking:
     c_stage, c_tp = ctx.coords(item.ctx_rank)
     g_stage, g_tp = gen.coords(gen_rank)
     whole_ctx = (item.num_layers == ctx.layer_split[c_stage]
@@ -134,14 +152,41 @@ def _chunking(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, n
     zero_copy = cfg.zero_copy and whole_ctx and whole_gen and ctx.block_size == gen.block_size
     block_bytes = item.num_layers * 2 * item.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
     if zero_copy:
-        # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes.
-        max_run = max(1, cfg.buffer_bytes // max(1, block_bytes))
+        # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes
+        # (staged through pinned host memory: each run has its own staging buffer, two in flight).
+        max_run = max(1, cfg.buffer_bytes // ((_WINDOW if staged else 1) * max(1, block_bytes)))
         bounds = (_zero_copy_bounds(list(ctx_ids[:nblocks]), list(gen_ids[:nblocks]), max_run)
                   if ctx_ids is not None and gen_ids is not None and nblocks > 0 else None)
         return _Chunking(True, 1, nblocks, bounds)
     # Copy path: _WINDOW chunks in flight share buffer_bytes.
     per_chunk = max(1, cfg.buffer_bytes // (_WINDOW * max(1, block_bytes)))
     return _Chunking(False, per_chunk, nblocks)
+
+
+@dataclass
+class _Out:
+    """One chunk on its way out: posted to MPI once `event` (its D2H / GPU gather) is done."""
+
+    msg: Any  # what MPI sends (numpy view of host / pinned memory, or a CUDA tensor)
+    event: Any = None  # torch.cuda.Event, None on the host path
+    full: torch.Tensor | None = None  # chunk buffer to reuse
+    pinned: torch.Tensor | None = None  # pinned staging buffer to give back
+    req: Any = None
+
+
+@dataclass
+class _In:
+    """One chunk on its way in: `req` lands in `dst` (host path / CUDA-aware) or in `host` (staged),
+    then (GPU) an H2D copy and/or a scatter run on the side stream until `event`."""
+
+    req: Any
+    dst: torch.Tensor  # our blocks (a contiguous run) or a chunk buffer, on the pool's device
+    chunk: int
+    full: torch.Tensor | None = None
+    pinned: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    event: Any = None
+    landed: bool = False
 
 
 @dataclass
@@ -152,10 +197,14 @@ class _SendJob:
     slices: tuple[slice, slice]  # ctx-local layers, heads
     chunking: _Chunking
     next_chunk: int = 0
-    inflight: deque = field(default_factory=deque)  # (mpi request, buffer, buffer to reuse or None)
+    inflight: deque = field(default_factory=deque)  # _Out, in chunk order
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
     bytes: int = 0
+    header: Any = None  # "copy" answer owed to a generation rank that asked for CUDA IPC
+    ipc: bool = False  # the generation rank copies from our pool itself (CUDA IPC)
+    ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
+    done_req: Any = None  # IPC: receive of the generation rank's "done"
 
 
 @dataclass
@@ -167,10 +216,14 @@ class _RecvItem:
     slices: tuple[slice, slice]  # gen-local layers, heads
     next_post: int = 0
     next_done: int = 0
-    posted: deque = field(default_factory=deque)  # (mpi request, buffer, chunk index, buffer to reuse)
+    posted: deque = field(default_factory=deque)  # _In, in chunk order
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     direct: bool = False  # copy path, but same block size and our whole slice: contiguous runs land in place
     started: bool = False
+    hdr_req: Any = None  # asked for CUDA IPC: receive of the context rank's answer
+    ipc_event: Any = None  # IPC copies queued on the side stream; "done" goes back once complete
+    ipc_bytes: int = 0
+    ipc_t0: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -189,7 +242,12 @@ class _RecvJob:
 
 
 class KvTransceiver:
-    """One per rank. `pool` is this rank's KV pool; `state` its executor's layout."""
+    """One per rank. `pool` is this rank's KV pool; `state` its executor's layout.
+
+    `mode` is how this rank's chunks meet MPI: "host" (CPU pool), "staged" (CUDA pool,
+    pinned host buffers) or "cuda_aware" (CUDA pool, MPI reads/writes device memory);
+    `want_ipc` whether its pulls ask same-node context ranks for CUDA IPC.
+    """
 
     def __init__(self, comm: Any, pool: torch.Tensor, state: CacheState, local_rank: int,
                  cfg: CacheTransceiverConfig):
@@ -207,6 +265,51 @@ class KvTransceiver:
         # Chunk buffers kept across transfers (a fresh big buffer costs its page faults every
         # time); at most _KEEP_BUFFERS, oldest dropped first.
         self._spare: list[torch.Tensor] = []
+        self.backend = str(getattr(cfg, "backend", None) or "auto")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"cache transceiver backend {self.backend!r} is not known; allowed: "
+                             f"{', '.join(BACKENDS)}")
+        self.mode, self.want_ipc, self.ipc_reason = "host", False, "the KV pool is not on CUDA"
+        self._side: SideStream | None = None
+        self._pinned: PinnedBuffers | None = None
+        self._exporter: cuda_ipc.PoolExporter | None = None
+        self._mapper: cuda_ipc.PoolMapper | None = None
+        self.node = ""
+        self.ipc_copy_seconds: list[float] = []  # per IPC item: copies queued .. seen complete (stats)
+        if pool.is_cuda:
+            self._setup_cuda()
+
+    def _setup_cuda(self) -> None:
+        from ..runtime.devices import mpi_cuda_support, node_name
+
+        self.node = node_name()
+        self._side = SideStream(self.pool.device)
+        self._pinned = PinnedBuffers()
+        if self.backend == "cuda_aware_mpi":
+            ok, why = mpi_cuda_support()
+            if not ok:
+                raise RuntimeError(f"cache transceiver backend cuda_aware_mpi needs a CUDA-aware MPI, but {why}; "
+                                   "use backend auto, ipc or staged (DISAGG_KV_BACKEND)")
+            self.mode = "cuda_aware"
+        else:
+            self.mode = "staged"
+        self.ipc_reason = cuda_ipc.available()
+        if self.backend == "ipc" and self.ipc_reason:
+            raise RuntimeError(f"cache transceiver backend ipc: CUDA IPC is not usable here: {self.ipc_reason}")
+        if self.ipc_reason is None:
+            self._exporter = cuda_ipc.PoolExporter(self.pool)
+            self._mapper = cuda_ipc.PoolMapper(self.pool.device)
+            # Mappings are closed when the transceiver goes away or at exit, whichever comes first.
+            weakref.finalize(self, self._mapper.close)
+        self.want_ipc = self.backend in ("auto", "ipc") and self.ipc_reason is None
+
+    def close(self) -> None:
+        """Close the CUDA IPC mappings and drop staging buffers (at executor shutdown)."""
+        if self._mapper is not None:
+            self._mapper.close()
+        if self._pinned is not None:
+            self._pinned.clear()
+        self._spare.clear()
 
     def _buffer(self, free: list, shape: tuple[int, ...]) -> torch.Tensor:
         if free:
@@ -214,7 +317,7 @@ class KvTransceiver:
         for i, b in enumerate(self._spare):
             if tuple(b.shape) == shape:
                 return self._spare.pop(i)
-        return torch.empty(shape, dtype=self.pool.dtype)
+        return torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
 
     def _keep(self, bufs: list) -> None:
         """A finished transfer hands its chunk buffers back."""
@@ -233,16 +336,19 @@ class KvTransceiver:
             sl = local_slices(it, ctx, self.state, self.local_rank)
             ri = _RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
                            _chunking(it, ctx, self.state, self.local_rank, opaque.num_tokens,
-                                     self.cfg, list(opaque.block_ids), list(my_blocks)),
+                                     self.cfg, list(opaque.block_ids), list(my_blocks),
+                                     staged=self.mode == "staged"),
                            (sl.gen_layers, sl.gen_heads))
             ri.direct = (self.cfg.zero_copy and ctx.block_size == self.state.block_size
                          and it.num_layers == self.pool.shape[1] and it.num_heads == self.pool.shape[3])
             items.append(ri)
         job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, items)
+        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
         self._recv[req_id] = job
+        if self._side is not None:  # our new blocks may still be read by queued steps of their last owner
+            self._side.after_compute()
         for ri in items if self.cfg.parallel_receive else items[:1]:
             self._request(job, ri, opaque)
-        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
 
     def _request(self, job: _RecvJob, ri: _RecvItem, opaque: OpaqueState) -> None:
         it = ri.item
@@ -252,9 +358,14 @@ class KvTransceiver:
                "cache_state": opaque.cache_state.to_dict()}
         if ri.chunking.bounds is not None:
             msg["bounds"] = ri.chunking.bounds
+        if self.want_ipc:
+            msg["ipc"] = {"node": self.node}
         self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
         ri.started = True
-        self._post_recvs(job, ri)
+        if self.want_ipc:  # first the context rank's answer: its pool's IPC handle, or "copy"
+            ri.hdr_req = self.comm.irecv(bytearray(1 << 16), source=ri.source, tag=ri.tag)
+        else:
+            self._post_recvs(job, ri)
 
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
         chunks = ri.chunking.chunks()
@@ -273,9 +384,33 @@ class KvTransceiver:
                 full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
                                                    job.ctx_block_size, self.state.head_dim))
                 buf = full.narrow(0, 0, hi - lo)
-            req = self.comm.Irecv(_np(buf), source=ri.source, tag=ri.tag)
-            ri.posted.append((req, buf, ri.next_post, full))
+            if self.mode == "host":
+                entry = _In(self.comm.Irecv(_np(buf), source=ri.source, tag=ri.tag), buf, ri.next_post, full)
+            elif self.mode == "cuda_aware":
+                entry = _In(self.comm.Irecv(mpi_device_buffer(buf), source=ri.source, tag=ri.tag), buf,
+                            ri.next_post, full)
+            else:  # staged: MPI lands in pinned host memory, H2D on the side stream afterwards
+                pinned = self._pinned.get(buf.numel() * buf.element_size())
+                host = typed_view(pinned, buf.dtype, tuple(buf.shape))
+                entry = _In(self.comm.Irecv(_np(host), source=ri.source, tag=ri.tag), buf, ri.next_post, full,
+                            pinned, host)
+            ri.posted.append(entry)
             ri.next_post += 1
+
+    def _land(self, job: _RecvJob, ri: _RecvItem, e: _In) -> None:
+        """The chunk's message is in: move it into our blocks (GPU: queued on the side stream)."""
+        lo, _ = ri.chunking.chunks()[e.chunk]
+        e.landed = True
+        if self.mode == "host":
+            if e.full is not None:  # landed in a chunk buffer: scatter it into our blocks
+                self._scatter(job, ri, e.dst, lo)
+            return
+        with self._side:
+            if e.host is not None:
+                e.dst.copy_(e.host, non_blocking=True)
+            if e.full is not None:
+                self._scatter(job, ri, e.dst, lo)
+            e.event = self._side.record()
 
     def _progress_recv(self, job: _RecvJob) -> bool:
         for idx, ri in enumerate(job.items):
@@ -284,18 +419,74 @@ class KvTransceiver:
                     self._request(job, ri, job.opaque)  # type: ignore[attr-defined]
                 else:
                     continue
-            while ri.posted and ri.posted[0][0].Test():
-                _, buf, ci, full = ri.posted.popleft()
-                lo, _ = ri.chunking.chunks()[ci]
-                if full is not None:  # landed in a chunk buffer: scatter it into our blocks
-                    self._scatter(job, ri, buf, lo)
-                    ri.free_bufs.append(full)
-                job.bytes += buf.numel() * buf.element_size()
+            if ri.hdr_req is not None:
+                got, hdr = ri.hdr_req.test()
+                if not got:
+                    continue
+                ri.hdr_req = None
+                if hdr["mode"] == "ipc":
+                    self._ipc_pull(job, ri, hdr)
+                else:  # the context rank cannot share its pool with us: the copy path
+                    log.debug("rank %d: no CUDA IPC from rank %d (%s); copying", self.comm.Get_rank(),
+                              ri.source, hdr.get("why"))
+                    self._post_recvs(job, ri)
+            if ri.ipc_event is not None:
+                if ri.ipc_event.query():
+                    ri.ipc_event = None
+                    self.ipc_copy_seconds.append(time.perf_counter() - ri.ipc_t0)
+                    del self.ipc_copy_seconds[:-64]
+                    self.comm.send(True, dest=ri.source, tag=ri.tag)  # "done": the context may free
+                    ri.next_done = len(ri.chunking.chunks())
+                    job.bytes += ri.ipc_bytes
+                    self._keep(ri.free_bufs)
+                continue
+            for e in ri.posted:  # land every arrived chunk, in order
+                if e.landed:
+                    continue
+                if not e.req.Test():
+                    break
+                self._land(job, ri, e)
+            while ri.posted and ri.posted[0].landed and (ri.posted[0].event is None or ri.posted[0].event.query()):
+                e = ri.posted.popleft()
+                if e.full is not None:
+                    ri.free_bufs.append(e.full)
+                if e.pinned is not None:
+                    self._pinned.put(e.pinned)
+                job.bytes += e.dst.numel() * e.dst.element_size()
                 ri.next_done += 1
                 self._post_recvs(job, ri)
                 if ri.done:
                     self._keep(ri.free_bufs)
         return all(ri.done for ri in job.items)
+
+    def _ipc_pull(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
+        """Copy the item device to device from the mapped context pool (side stream)."""
+        src = self._mapper.tensor(ri.source, hdr)
+        ctx = job.opaque.cache_state  # type: ignore[attr-defined]
+        ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
+        it = ri.item
+        c_stage, c_tp = ctx.coords(it.ctx_rank)
+        l0, h0 = ctx.layer_range(c_stage)[0], ctx.kv_head_range(c_tp)[0]
+        view = src[:, it.layer_start - l0: it.layer_end - l0, :, it.head_start - h0: it.head_end - h0]
+        chunks = ri.chunking.chunks()
+        with self._side:
+            if ri.chunking.zero_copy:  # one copy per run contiguous in both pools (no buffer: no cap)
+                nblk = ri.chunking.num_ctx_blocks
+                b = _zero_copy_bounds(list(ctx_ids[:nblk]), job.blocks[:nblk], nblk) if nblk else [0]
+                for lo, hi in zip(b[:-1], b[1:]):
+                    dst = self.pool.narrow(0, job.blocks[lo], hi - lo)
+                    dst.copy_(src.narrow(0, ctx_ids[lo], hi - lo))
+                    ri.ipc_bytes += dst.numel() * dst.element_size()
+            else:  # re-shard / re-block: gather the item's slice, scatter into ours, chunk by chunk
+                full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, *view.shape[1:]))
+                for lo, hi in chunks:
+                    buf = full.narrow(0, 0, hi - lo)
+                    _gather(view, list(ctx_ids[lo:hi]), buf)
+                    self._scatter(job, ri, buf, lo)
+                    ri.ipc_bytes += buf.numel() * buf.element_size()
+                ri.free_bufs.append(full)  # reused only after ipc_event (then handed to _keep)
+            ri.ipc_event = self._side.record()
+        ri.ipc_t0 = time.perf_counter()
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices
@@ -308,12 +499,25 @@ class KvTransceiver:
         # indexed copy: source (chunk block, offset) -> destination (our block id, offset).
         tok0 = first_ctx_block * cbs
         ntok = min(buf.shape[0] * cbs, job.num_tokens - tok0)
-        t = torch.arange(ntok)
+        dev = self.pool.device
+        t = torch.arange(ntok, device=dev)
         g = t + tok0
-        dst_blk = torch.tensor(job.blocks, dtype=torch.int64)[g // bs]
+        dst_blk = torch.tensor(job.blocks, dtype=torch.int64, device=dev)[g // bs]
         view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
 
     # ---- context side ----------------------------------------------------
+
+    def _ipc_refusal(self, ask: dict) -> str | None:
+        """None if we can let this generation rank map our pool, else why not."""
+        if not self.pool.is_cuda:
+            return "the context pool is not on CUDA"
+        if self.backend in ("staged", "cuda_aware_mpi"):
+            return f"the context rank's backend is {self.backend}"
+        if self._exporter is None:
+            return f"CUDA IPC is not usable on the context rank: {self.ipc_reason}"
+        if ask.get("node") != self.node:
+            return f"different nodes ({ask.get('node')} vs {self.node})"
+        return None
 
     def _accept_pulls(self) -> None:
         mpi = _mpi()
@@ -331,33 +535,89 @@ class KvTransceiver:
             job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
             job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
                           and heads.stop - heads.start == self.pool.shape[3])
+            if "ipc" in msg:
+                why = self._ipc_refusal(msg["ipc"])
+                if why is None:
+                    job.ipc = True
+                    # The pool holds the KV once our compute stream has drained. Usually it has (the
+                    # prefill's tokens went to the host): ask the stream, which queues no GPU work (an
+                    # event would, and with two processes on one GPU that costs a context switch).
+                    stream = torch.cuda.current_stream(self.pool.device)
+                    if not stream.query():
+                        job.ready = torch.cuda.Event()
+                        job.ready.record(stream)
+                    one = self.pool[0, layers, :, heads]
+                    job.bytes = len(msg["blocks"]) * one.numel() * one.element_size()
+                else:
+                    job.header = {"mode": "copy", "why": why}
             self._send_queue.append(job)
 
+    def _progress_send_ipc(self, job: _SendJob) -> bool:
+        if job.done_req is None:
+            if job.ready is not None and not job.ready.query():  # the prefill's writes are not all in yet
+                return False
+            self.comm.send({"mode": "ipc", **self._exporter.info()}, dest=job.dest, tag=job.tag)
+            job.done_req = self.comm.irecv(bytearray(256), source=job.dest, tag=job.tag)
+            return False
+        got, _ = job.done_req.test()
+        if got:
+            self.sent_bytes += job.bytes
+        return got
+
+    def _send_source(self, job: _SendJob, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk as a contiguous tensor on the pool's device: a pool run, or packed into a buffer."""
+        if job.chunking.zero_copy:
+            if job.chunking.bounds is None:
+                return self.pool[job.blocks[lo]], None
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None  # contiguous (the receiver checked)
+        if job.direct and _contiguous(job.blocks, lo, hi):  # our blocks are the packed layout
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None
+        layers, heads = job.slices
+        view = self.pool[:, layers, :, heads]
+        full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
+        buf = full.narrow(0, 0, hi - lo)
+        _gather(view, job.blocks[lo:hi], buf)
+        return buf, full
+
     def _progress_send(self, job: _SendJob) -> bool:
-        while job.inflight and job.inflight[0][0].Test():
-            _, _, full = job.inflight.popleft()
-            if full is not None:
-                job.free_bufs.append(full)
+        if job.ipc:
+            return self._progress_send_ipc(job)
+        if job.header is not None:
+            self.comm.send(job.header, dest=job.dest, tag=job.tag)
+            job.header = None
+        while job.inflight and job.inflight[0].req is not None and job.inflight[0].req.Test():
+            e = job.inflight.popleft()
+            if e.full is not None:
+                job.free_bufs.append(e.full)
+            if e.pinned is not None:
+                self._pinned.put(e.pinned)
         chunks = job.chunking.chunks()
         while job.next_chunk < len(chunks) and len(job.inflight) < _WINDOW:
             lo, hi = chunks[job.next_chunk]
-            if job.chunking.zero_copy:
-                if job.chunking.bounds is None:
-                    buf = self.pool[job.blocks[lo]]
-                else:  # a run contiguous in our pool (the receiver checked)
-                    buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
-                full = None
-            elif job.direct and _contiguous(job.blocks, lo, hi):  # our blocks are the packed layout
-                buf, full = self.pool.narrow(0, job.blocks[lo], hi - lo), None
+            if self.mode == "host":
+                buf, full = self._send_source(job, lo, hi)
+                entry = _Out(_np(buf), None, full)
             else:
-                layers, heads = job.slices
-                view = self.pool[:, layers, :, heads]
-                full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
-                buf = full.narrow(0, 0, hi - lo)
-                _gather(view, job.blocks[lo:hi], buf)
-            job.inflight.append((self.comm.Isend(_np(buf), dest=job.dest, tag=job.tag), buf, full))
+                with self._side:
+                    self._side.after_compute()  # the prefill's KV writes come first
+                    buf, full = self._send_source(job, lo, hi)
+                    if self.mode == "cuda_aware":
+                        entry = _Out(mpi_device_buffer(buf), None, full)
+                    else:  # staged: D2H into pinned memory, Isend once the copy is done
+                        pinned = self._pinned.get(buf.numel() * buf.element_size())
+                        host = typed_view(pinned, buf.dtype, tuple(buf.shape))
+                        host.copy_(buf, non_blocking=True)
+                        entry = _Out(_np(host), None, full, pinned)
+                    entry.event = self._side.record()
+            job.inflight.append(entry)
             job.bytes += buf.numel() * buf.element_size()
             job.next_chunk += 1
+        for e in job.inflight:  # post in chunk order, each once its copy is done
+            if e.req is not None:
+                continue
+            if e.event is not None and not e.event.query():
+                break
+            e.req = self.comm.Isend(e.msg, dest=job.dest, tag=job.tag)
         done = job.next_chunk == len(chunks) and not job.inflight
         if done:
             self.sent_bytes += job.bytes
@@ -389,14 +649,23 @@ class KvTransceiver:
         return bool(self._recv)
 
     def cancel_receive(self, req_id: int) -> None:
-        """Forget a receive (its request was cancelled); posted receives are cancelled."""
+        """Forget a receive (its request was cancelled); posted receives are cancelled.
+
+        CUDA IPC items whose copies were queued still tell the context rank they are done."""
         job = self._recv.pop(req_id, None)
         if job is None:
             return
         for ri in job.items:
-            for req, *_ in ri.posted:
-                req.Cancel()
-                req.Wait()
+            if ri.ipc_event is not None:
+                ri.ipc_event.synchronize()
+                self.comm.send(True, dest=ri.source, tag=ri.tag)
+            for e in ri.posted:
+                if not e.landed:
+                    e.req.Cancel()
+                    e.req.Wait()
+            if ri.hdr_req is not None:
+                ri.hdr_req.Cancel()
+                ri.hdr_req.Wait()
 
     def _alloc_tag(self) -> int:
         tag = self._next_tag

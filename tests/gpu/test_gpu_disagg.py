@@ -27,10 +27,10 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 os.environ.pop("DISAGG_KV_BACKEND", None)  # the tests choose the backend themselves
 
-from disagg_mpi.api import CacheTransceiverConfig  # noqa: E402
-from disagg_mpi.transfer.cache_state import CacheState  # noqa: E402
-from disagg_mpi.transfer.opaque import OpaqueState  # noqa: E402
-from disagg_mpi.transfer.transceiver import KvTransceiver  # noqa: E402
+from disagg_mpi.api import CacheTransceiverConfig
+from disagg_mpi.transfer.cache_state import CacheState
+from disagg_mpi.transfer.opaque import OpaqueState
+from disagg_mpi.transfer.transceiver import KvTransceiver
 
 WORLD = MPI.COMM_WORLD
 pytestmark = pytest.mark.mpi(min_size=2)

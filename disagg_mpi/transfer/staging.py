@@ -1,0 +1,97 @@
+"""GPU helpers of the transceiver's copy path: pinned host staging, a side stream, byte views.
+
+When a rank's KV pool is on CUDA and its MPI library is not CUDA-aware (the
+usual case; see `disagg_mpi.runtime.devices.mpi_cuda_support`), MPI only ever
+sees host memory: a sender copies a chunk device -> pinned host on the
+transceiver's side stream (`non_blocking=True`) and posts the `Isend` once
+the copy's event has completed; a receiver `Irecv`s into pinned host memory,
+then copies host -> device (and scatters into its blocks) on the side stream.
+With two chunks in flight per transfer, one chunk's D2H/H2D overlaps the
+other's MPI message.
+
+Pinned buffers are expensive to allocate (`cudaHostAlloc`), so a transceiver
+keeps a few (`PinnedBuffers`), reused transfer after transfer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_ALIGN = 1 << 20  # pinned buffers are allocated in whole MiB, so chunks of varying size share them
+
+
+class PinnedBuffers:
+    """A small free list of page-locked byte buffers (torch uint8 tensors)."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self.allocated = 0  # bytes ever allocated here (for tests / reports)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A pinned uint8 tensor of at least `nbytes` (its length may be larger)."""
+        best = None
+        for i, b in enumerate(self._free):
+            if b.numel() >= nbytes and (best is None or b.numel() < self._free[best].numel()):
+                best = i
+        if best is not None:
+            return self._free.pop(best)
+        size = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+        self.allocated += size
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def put(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+        if len(self._free) > self.keep:  # drop the smallest
+            self._free.sort(key=lambda b: b.numel())
+            del self._free[0]
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The first bytes of a uint8 buffer seen as a contiguous tensor of `dtype` and `shape`."""
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return raw[:nbytes].view(dtype).view(shape)
+
+
+def mpi_host_buffer(t: torch.Tensor) -> Any:
+    """A numpy view of a contiguous host tensor that MPI moves as-is (bf16 goes as bytes)."""
+    return t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def mpi_device_buffer(t: torch.Tensor) -> Any:
+    """A CUDA tensor for a CUDA-aware MPI (bf16, which MPI has no type for, goes as bytes)."""
+    return t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
+
+
+class SideStream:
+    """The transceiver's own CUDA stream; copies and scatters run there, not on the model's stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def after_compute(self) -> None:
+        """Order the side stream after everything the model's stream has queued so far
+        (the prefill's KV writes on a sender; the last reads of recycled blocks on a receiver)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def __enter__(self) -> torch.cuda.Stream:
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+    def record(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
