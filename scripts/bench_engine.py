@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -75,14 +76,19 @@ def make_prompts(vocab, n, length, seed):
 # ---- this engine -----------------------------------------------------------------------
 
 
-def engine_run(model, args, device, prompts, new_tokens):
+def make_executor(model, args, device, batch):
+    """One long-lived executor per batch size (as a server has): warm-up and timed runs share it,
+    so one-time work (CUDA graph capture, Triton compiles) happens in the warm-up."""
     bs = args.block_size
-    per_seq = -(-(args.prompt_len + new_tokens) // bs)
-    cfg = ExecutorConfig(max_batch_size=len(prompts),
-                         max_num_tokens=max(len(prompts) * args.prompt_len, 512),
-                         kv_cache_config=KvCacheConfig(block_size=bs, num_blocks=per_seq * len(prompts) + 1),
+    per_seq = -(-(args.prompt_len + args.new_tokens) // bs)
+    cfg = ExecutorConfig(max_batch_size=batch,
+                         max_num_tokens=max(batch * args.prompt_len, 512),
+                         kv_cache_config=KvCacheConfig(block_size=bs, num_blocks=per_seq * batch + 1),
                          dtype=args.dtype, device=str(device))
-    ex = Executor(model, cfg)
+    return Executor(model, cfg)
+
+
+def engine_run(ex, device, prompts, new_tokens):
     reqs = [Request(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts]
     sync(device)
     t0 = time.perf_counter()
@@ -94,7 +100,6 @@ def engine_run(model, args, device, prompts, new_tokens):
             raise RuntimeError(r.error_msg)
         assert len(r.result.output_token_ids) == new_tokens
     ex.check_blocks_free()
-    del ex
     return dt, [r.result.output_token_ids for r in resps]
 
 
@@ -211,7 +216,8 @@ def main(argv=None):
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(),
                "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "block_size": args.block_size, "runs": []}
+               "new_tokens": args.new_tokens, "block_size": args.block_size,
+               "cuda_graphs_env": os.environ.get("DISAGG_CUDA_GRAPHS", "1"), "runs": []}
     if hf is not None:
         import transformers
         results["transformers"] = transformers.__version__
@@ -226,11 +232,12 @@ def main(argv=None):
         prompts = make_prompts(vocab, batch, args.prompt_len, args.seed + batch)
         warm = prompts[: max(1, batch)]
         print(f"\nbatch {batch}: warming up ...", flush=True)
-        engine_run(model, args, device, warm, 4)
+        ex = make_executor(model, args, device, batch)
+        engine_run(ex, device, warm, 4)
         if hf is not None:
             hf_run(hf, device, warm, 4)
         row = {"batch": batch}
-        engines = [("engine", lambda k, ps=prompts: engine_run(model, args, device, ps, k))]
+        engines = [("engine", lambda k, ps=prompts, ex=ex: engine_run(ex, device, ps, k))]
         if hf is not None:
             engines.append(("transformers", lambda k, ps=prompts: hf_run(hf, device, ps, k)))
         outputs = {}
@@ -261,6 +268,7 @@ def main(argv=None):
                   f"{row.get('decode_ratio', float('nan')):.2f}x decode; "
                   f"greedy token agreement {row['token_agreement']:.0%}", flush=True)
         results["runs"].append(row)
+        del ex, engines
 
     print("\nsummary (output tokens/s, end-to-end):")
     for row in results["runs"]:

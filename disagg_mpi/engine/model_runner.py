@@ -13,7 +13,16 @@ from typing import Any
 
 import torch
 
+from ..model import triton_attention
 from ..model.context import AttentionMetadata, forward_context
+from .cuda_graphs import (
+    DecodeGraphs,
+    DecodeInputs,
+    fast_path_enabled,
+    is_decode_only,
+    packed_len,
+    unpack_views,
+)
 from .sampler import sample
 from .scheduler import StepInputs
 from .sequence import SamplingParams
@@ -71,8 +80,13 @@ _TOKENS_TAG = 12
 
 
 class ModelRunner:
+    """`fast_decode` (default: on CUDA unless DISAGG_CUDA_GRAPHS=0) runs decode-only steps on the
+    Triton kernels with device-side indices; `cuda_graphs` (default: with fast_decode on one
+    rank) replays them from CUDA graphs captured per padded batch size."""
+
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", par: ParallelInfo | None = None):
+                 device: torch.device | str = "cpu", par: ParallelInfo | None = None,
+                 fast_decode: bool | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
@@ -80,17 +94,48 @@ class ModelRunner:
         self.kv_pool = model.allocate_kv_pool(num_blocks, block_size, device=self.device)
         self.hidden_size = model.config.hidden_size
         self.dtype = next(model.parameters()).dtype
+        supported = (triton_attention.available(self.device)
+                     and getattr(model, "supports_fast_decode", lambda: False)())
+        if fast_decode is None:
+            fast_decode = self.device.type == "cuda" and fast_path_enabled()
+        self.fast_decode = bool(fast_decode and supported)
+        single = self.par.tp_size == 1 and self.par.pp_size == 1
+        if cuda_graphs is None:
+            cuda_graphs = fast_path_enabled()
+        use_graphs = cuda_graphs and self.fast_decode and single and self.device.type == "cuda"
+        if self.fast_decode and not getattr(model, "_projections_fused", False):
+            model.fuse_projections()
+            model._projections_fused = True
+        # Prefill / mixed steps use the Triton norms / SwiGLU too (torch attention).
+        model._fast_kernels = self.fast_decode
+        cfg = model.config
+        width = min(num_blocks, -(-cfg.max_position_embeddings // block_size))
+        self.graphs = DecodeGraphs(model, self.kv_pool, block_size, width) if use_graphs else None
+        self._decode_inputs: DecodeInputs | None = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+    def _decode_metadata(self, inp: StepInputs):
+        """(ids, positions, DecodeMetadata) on device from one packed copy (eager fast path)."""
+        b = len(inp.input_ids)
+        width = max(1, max((len(t) for t in inp.block_tables), default=1))
+        if self._decode_inputs is None or not self._decode_inputs.fits(b, width):
+            self._decode_inputs = DecodeInputs(2 * packed_len(b, width), self.device)
+        self._decode_inputs.upload(inp, b)
+        return unpack_views(self._decode_inputs.dev, b, self.block_size)
+
     def _metadata(self, inp: StepInputs) -> AttentionMetadata:
         width = max((len(t) for t in inp.block_tables), default=0)
-        tables = torch.full((len(inp.block_tables), max(width, 1)), -1, dtype=torch.long)
-        for i, t in enumerate(inp.block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        if width and all(len(t) == width for t in inp.block_tables):
+            tables = torch.tensor(inp.block_tables, dtype=torch.long)
+        else:
+            tables = torch.full((len(inp.block_tables), max(width, 1)), -1, dtype=torch.long)
+            for i, t in enumerate(inp.block_tables):
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         return AttentionMetadata(
-            slot_mapping=self._tensor(inp.slot_mapping),
+            # Host copy: StepIndex checks it for padding without a device sync.
+            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long),
             query_start_loc=list(inp.query_start_loc),
             context_lens=list(inp.context_lens),
             block_tables=tables.to(self.device),
@@ -103,19 +148,40 @@ class ModelRunner:
         par = self.par
         inp = plan.inputs
         n = len(inp.input_ids)
-        positions = self._tensor(inp.positions)
+        decode = self.fast_decode and is_decode_only(inp)
+        if decode and self.graphs is not None and self.graphs.can_run(inp):
+            logits, greedy = self.graphs.run(inp)   # one rank: it is the leader and the sampler
+            if not inp.sample_indices:
+                return []
+            params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
+            if list(inp.sample_indices) != list(range(n)):
+                rows = self._tensor(inp.sample_indices)
+                logits, greedy = logits[rows], greedy[rows]
+            if len(params) == len(greedy) and all(p.greedy for p in params):
+                return greedy.tolist()   # argmax ran inside the graph: the one host sync
+            return sample(logits, params, plan.keys)
+        if decode:
+            ids, positions, meta = self._decode_metadata(inp)
+        else:
+            ids, positions, meta = None, self._tensor(inp.positions), self._metadata(inp)
         hidden = None
         if not par.is_first_stage:
             hidden = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
             _recv_tensor(par.comm, hidden, par.rank_of(par.pp_stage - 1, par.tp_rank))
-        with forward_context(self._metadata(inp)):
-            ids = self._tensor(inp.input_ids) if par.is_first_stage else None
+        with forward_context(meta):
+            if not par.is_first_stage:
+                ids = None
+            elif ids is None:
+                ids = self._tensor(inp.input_ids)
             hidden = self.model(ids, positions, self.kv_pool, hidden_states=hidden)
         if not par.is_last_stage:
             _send_tensor(par.comm, hidden.contiguous(), par.rank_of(par.pp_stage + 1, par.tp_rank))
             tokens = None
         elif par.is_sampler and inp.sample_indices:
-            logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
+            if list(inp.sample_indices) == list(range(n)):
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
             params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
             tokens = sample(logits, params, plan.keys)
         else:

@@ -14,6 +14,20 @@ from disagg_mpi.model.context import AttentionMetadata
 
 
 @dataclass
+class DecodeMetadata(AttentionMetadata):
+    """A decode-only step (one new token per sequence) whose indices live on the device.
+
+    Used on CUDA with the Triton kernels (`model/triton_attention.py`), eagerly or
+    inside a captured CUDA graph. `slot_mapping` [B] may hold -1 (padding row: no
+    write); `block_tables` is flat: row i starts at i * table_stride[0];
+    `context_lens_t` [B] (0 = padding row). `context_lens` / `query_start_loc`
+    only carry the batch size here; their values are not read by the fast path.
+    """
+    context_lens_t: torch.Tensor | None = None
+    table_stride: torch.Tensor | None = None
+
+
+@dataclass
 class StepIndex:
     """Device-side indices of one step, built once per forward rather than once per layer
     (each host->device copy or `.any()` per layer would stall a GPU)."""
@@ -23,9 +37,16 @@ class StepIndex:
     keep: torch.Tensor | None    # [N] bool, None when no slot is padding (-1)
     tables: torch.Tensor         # [B, max_blocks] on device
     ctx: torch.Tensor | None     # [B] context lengths on device (decode path only)
+    slots: torch.Tensor | None = None        # [N] raw slots on device (fast path: < 0 = skip)
+    table_stride: torch.Tensor | None = None  # [1] row stride of the flat `tables` (fast path)
+    fast: bool = False           # decode-only step for the Triton kernels (see DecodeMetadata)
 
     @classmethod
     def build(cls, meta: AttentionMetadata, device: torch.device) -> StepIndex:
+        if isinstance(meta, DecodeMetadata):
+            # Everything already on device: no host work, safe inside CUDA graph capture.
+            return cls(meta, None, None, None, meta.block_tables, meta.context_lens_t,
+                       slots=meta.slot_mapping, table_stride=meta.table_stride, fast=True)
         slots = meta.slot_mapping
         keep = None
         # Check for padding on the host copy when there is one (free), else on device once.

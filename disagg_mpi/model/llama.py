@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disagg_mpi.model import triton_attention as tk
 from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
@@ -52,14 +53,40 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pool, local_layer, idx):
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_q, self.d)
-        k = self.k_proj(x).view(n, self.n_kv, self.d)
-        v = self.v_proj(x).view(n, self.n_kv, self.d)
+        q, k, v = self._qkv(x)
+        q = q.reshape(n, self.n_q, self.d)
+        k = k.reshape(n, self.n_kv, self.d)
+        v = v.reshape(n, self.n_kv, self.d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         write_kv(pool, local_layer, k, v, idx)
         o = paged_attention(q, k, v, pool, local_layer, idx)
         o = self.o_proj(o.reshape(n, self.n_q * self.d))
+        if self.shard.tp_size > 1:
+            o = self.shard.all_reduce(o)
+        return o
+
+    def fuse(self) -> None:
+        """One [q; k; v] weight; the three Parameters become views into it (no extra memory)."""
+        ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        self._qkv_w = _fuse_rows(ws)
+        bs = [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
+        self._qkv_b = _fuse_rows(bs) if bs[0] is not None else None
+
+    def _qkv(self, x):
+        w = getattr(self, "_qkv_w", None)
+        if w is not None and self.q_proj.weight.data_ptr() == w.data_ptr():
+            y = F.linear(x, w, self._qkv_b)
+            return y.split([self.n_q * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward_fast(self, x, cos, sin, pool, local_layer, idx):
+        """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
+        n = x.shape[0]
+        q, k, v = self._qkv(x)
+        q = tk.rope_write_kv(q, k, v, cos, sin, pool, local_layer, idx.slots, self.n_q, self.n_kv, self.d)
+        o = tk.paged_decode_attention(q, pool, local_layer, idx.tables, idx.table_stride, idx.ctx)
+        o = self.o_proj(o.view(n, self.n_q * self.d))
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)
         return o
@@ -78,6 +105,31 @@ class MLP(nn.Module):
         if self.shard.tp_size > 1:
             y = self.shard.all_reduce(y)
         return y
+
+    def fuse(self) -> None:
+        self._gu_w = _fuse_rows([self.gate_proj.weight, self.up_proj.weight])
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, "_gu_w", None)
+        if w is not None and self.gate_proj.weight.data_ptr() == w.data_ptr():
+            g, u = F.linear(x, w).chunk(2, dim=-1)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        y = self.down_proj(tk.silu_mul(g, u))
+        if self.shard.tp_size > 1:
+            y = self.shard.all_reduce(y)
+        return y
+
+
+def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenate along dim 0 and rebind each Parameter's data to its slice of the result."""
+    fused = torch.cat([p.data for p in params], dim=0)
+    start = 0
+    for p in params:
+        rows = p.shape[0]
+        p.data = fused[start:start + rows]
+        start += rows
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -184,11 +236,53 @@ class LlamaModel(nn.Module):
             h = hidden_states.to(device=self.device, dtype=self.dtype)
         cos, sin = self._rope(positions.to(h.device), h.dtype)
         idx = StepIndex.build(meta, kv_pool.device)
+        if idx.fast or getattr(self, "_fast_kernels", False):
+            return self._forward_fast(h, cos, sin, kv_pool, idx)
         for i, layer in enumerate(self.model.layers.values()):
             h = layer(h, cos, sin, kv_pool, i, idx)
         if self.is_last:
             h = self.model.norm(h)
         return h
+
+    def supports_fast_decode(self) -> bool:
+        """The Triton decode kernels handle this shape (power-of-two head_dim)."""
+        d = self.config.head_dim
+        return d >= 16 and d & (d - 1) == 0
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up weights into one GEMM each for the fast decode path.
+
+        The original Parameters become views into the fused tensors (state_dict and
+        names unchanged, no extra memory). Replacing a Parameter later just turns the
+        fusion off for that module.
+        """
+        for layer in self.model.layers.values():
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def _forward_fast(self, h, cos, sin, kv_pool, idx):
+        """Forward on the Triton kernels (residual add fused into each RMSNorm, SwiGLU, fused
+        GEMMs). Decode-only steps (idx.fast) also use the Triton RoPE/KV write and paged
+        attention; other steps keep the torch attention. Used on CUDA once a ModelRunner
+        turned `_fast_kernels` on (DISAGG_CUDA_GRAPHS=0 keeps it off)."""
+        layers = list(self.model.layers.values())
+        first = layers[0].input_layernorm
+        resid, x = tk.add_rmsnorm(h, None, first.weight, first.eps)
+        for i, layer in enumerate(layers):
+            if idx.fast:
+                a = layer.self_attn.forward_fast(x, cos, sin, kv_pool, i, idx)
+            else:   # prefill / mixed step: torch attention, fused norms and MLP around it
+                a = layer.self_attn(x, cos, sin, kv_pool, i, idx)
+            ln = layer.post_attention_layernorm
+            resid, x = tk.add_rmsnorm(resid, a, ln.weight, ln.eps)
+            m = layer.mlp.forward_fast(x)
+            if i + 1 < len(layers):
+                ln = layers[i + 1].input_layernorm
+                resid, x = tk.add_rmsnorm(resid, m, ln.weight, ln.eps)
+        if self.is_last:
+            return tk.add_rmsnorm(resid, m, self.model.norm.weight, self.model.norm.eps)[1]
+        return resid + m
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

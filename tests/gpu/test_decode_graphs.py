@@ -97,9 +97,10 @@ def test_padding_rows_do_not_write():
     inp = StepInputs(input_ids=[1000, 1001, 1002], positions=[3, 0, 7], slot_mapping=[35, 80, 151],
                      query_start_loc=[0, 1, 2, 3], context_lens=[4, 1, 8], block_tables=tables,
                      sample_indices=[0, 1, 2], sample_req_ids=[1, 2, 3])
-    logits = graphs.run(inp)
+    logits, tokens = graphs.run(inp)
     torch.cuda.synchronize()
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+    assert tokens.tolist() == logits.argmax(-1).tolist()
     changed = (pool != before).flatten(2).any(-1)    # [blocks, layers]
     for blk in range(pool.shape[0]):
         assert changed[blk].any() == (blk in (2, 5, 9)), blk

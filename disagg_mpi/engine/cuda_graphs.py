@@ -1,0 +1,186 @@
+"""Decode steps on the device fast path: packed inputs (one host->device copy) and CUDA graphs.
+
+A decode-only step (one new token per sequence) is described by five integer
+arrays. They are packed into one flat int64 buffer, for a batch padded to `bp`
+rows and a block-table width `w`:
+
+    [0, bp)        input ids        (padding: 0)
+    [bp, 2bp)      positions        (padding: 0)
+    [2bp, 3bp)     slot mapping     (padding: -1, the KV write skips it)
+    [3bp, 4bp)     context lengths  (padding: 0, attention reads nothing)
+    [4bp]          w, the row stride of the tables (read on device by the kernel)
+    [4bp+1, ...)   block tables, row-major [bp, w] (padding rows: not read)
+
+so a step costs one copy of `4bp + 1 + bp*w` integers from pinned memory, and a
+graph captured for `bp` rows reads views at fixed offsets whatever `w` is.
+
+`DecodeGraphs` captures the model forward + logits per padded batch size
+(lazily, on first use) against those static views and the runner's fixed KV
+pool, and replays them. Only used on CUDA with one rank (no TP/PP: their
+collectives run through MPI on the host) and unless `DISAGG_CUDA_GRAPHS=0`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..model.attention import DecodeMetadata
+from ..model.context import forward_context
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def fast_path_enabled() -> bool:
+    """`DISAGG_CUDA_GRAPHS=0` turns off CUDA graphs and the Triton decode kernels."""
+    return os.environ.get("DISAGG_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def padded_size(b: int, sizes: Sequence[int] = GRAPH_BATCH_SIZES) -> int | None:
+    """The smallest capture size >= b, or None when b is larger than all."""
+    for s in sorted(sizes):
+        if s >= b:
+            return s
+    return None
+
+
+def packed_len(bp: int, width: int) -> int:
+    return 4 * bp + 1 + bp * width
+
+
+def pack_decode(buf: np.ndarray, bp: int, input_ids: Sequence[int], positions: Sequence[int],
+                slot_mapping: Sequence[int], context_lens: Sequence[int],
+                block_tables: Sequence[Sequence[int]]) -> int:
+    """Fill buf (int64, long enough) with the layout above; returns the length used.
+
+    `block_tables` rows may be ragged or -1 padded; each is copied as far as it goes.
+    """
+    b = len(input_ids)
+    if not (len(positions) == len(slot_mapping) == len(context_lens) == len(block_tables) == b):
+        raise ValueError("pack_decode: a decode step has one token, slot, length and table per sequence")
+    if b > bp:
+        raise ValueError(f"pack_decode: batch {b} does not fit {bp} rows")
+    width = max(1, max((len(t) for t in block_tables), default=1))
+    n = packed_len(bp, width)
+    if n > buf.shape[0]:
+        raise ValueError(f"pack_decode: needs {n} entries, buffer has {buf.shape[0]}")
+    buf[0:b] = input_ids
+    buf[b:bp] = 0
+    buf[bp:bp + b] = positions
+    buf[bp + b:2 * bp] = 0
+    buf[2 * bp:2 * bp + b] = slot_mapping
+    buf[2 * bp + b:3 * bp] = -1
+    buf[3 * bp:3 * bp + b] = context_lens
+    buf[3 * bp + b:4 * bp] = 0
+    buf[4 * bp] = width
+    tables = buf[4 * bp + 1:n].reshape(bp, width)
+    if b and all(len(t) == width for t in block_tables):
+        tables[:b] = block_tables
+    else:
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = t
+    return n
+
+
+def unpack_views(dev: torch.Tensor, bp: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, DecodeMetadata]:
+    """(input ids, positions, DecodeMetadata) as views of a packed device buffer for bp rows."""
+    meta = DecodeMetadata(
+        slot_mapping=dev[2 * bp:3 * bp],
+        query_start_loc=list(range(bp + 1)),
+        context_lens=[1] * bp,
+        block_tables=dev[4 * bp + 1:],
+        block_size=block_size,
+        context_lens_t=dev[3 * bp:4 * bp],
+        table_stride=dev[4 * bp:4 * bp + 1],
+    )
+    return dev[0:bp], dev[bp:2 * bp], meta
+
+
+def is_decode_only(inp) -> bool:
+    q = inp.query_start_loc
+    return len(inp.input_ids) == len(inp.context_lens) and q[-1] == len(q) - 1 and len(inp.input_ids) > 0
+
+
+class DecodeInputs:
+    """A pinned host buffer and its device twin; one copy per step."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.capacity = capacity
+        self.device = device
+        pin = device.type == "cuda"
+        self.host = torch.zeros(capacity, dtype=torch.long, pin_memory=pin)
+        self.np = self.host.numpy()
+        self.dev = torch.zeros(capacity, dtype=torch.long, device=device)
+        self._copied = torch.cuda.Event() if pin else None
+
+    def fits(self, bp: int, width: int) -> bool:
+        return packed_len(bp, width) <= self.capacity
+
+    def upload(self, inp, bp: int) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()   # the previous step's copy has left the host buffer
+        n = pack_decode(self.np, bp, inp.input_ids, inp.positions, inp.slot_mapping,
+                        inp.context_lens, inp.block_tables)
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
+class DecodeGraphs:
+    """CUDA graphs of `model forward + compute_logits` for decode steps of padded batch sizes."""
+
+    def __init__(self, model, kv_pool: torch.Tensor, block_size: int, max_width: int,
+                 sizes: Sequence[int] = GRAPH_BATCH_SIZES):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.block_size = block_size
+        self.sizes = tuple(sorted(sizes))
+        self.max_bs = self.sizes[-1]
+        self.inputs = DecodeInputs(packed_len(self.max_bs, max_width), kv_pool.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def can_run(self, inp) -> bool:
+        bp = padded_size(len(inp.input_ids), self.sizes)
+        if bp is None:
+            return False
+        width = max(1, max((len(t) for t in inp.block_tables), default=1))
+        return self.inputs.fits(bp, width)
+
+    def _forward(self, bp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, pos, meta = unpack_views(self.inputs.dev, bp, self.block_size)
+        with forward_context(meta):
+            h = self.model(ids, pos, self.kv_pool)
+            logits = self.model.compute_logits(h)
+            return logits, logits.argmax(dim=-1)   # greedy tokens, as sample() computes them
+
+    def capture(self, bp: int) -> None:
+        # Static inputs of an all-padding batch: no KV write, no cache read.
+        pack_decode(self.inputs.np, bp, [], [], [], [], [])
+        self.inputs.dev[:4 * bp + 1].copy_(self.inputs.host[:4 * bp + 1])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):     # warm up (Triton compiles, cuBLAS picks) off the graph
+            for _ in range(2):
+                self._forward(bp)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self._forward(bp)
+        self.graphs[bp] = (graph, out)
+
+    def run(self, inp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [b, vocab] float32, greedy tokens [b]) of the step's b sequences.
+
+        Views of the graph's static outputs: valid until the next run."""
+        b = len(inp.input_ids)
+        bp = padded_size(b, self.sizes)
+        if bp not in self.graphs:
+            self.capture(bp)
+        self.inputs.upload(inp, bp)
+        graph, (logits, tokens) = self.graphs[bp]
+        graph.replay()
+        return logits[:b], tokens[:b]

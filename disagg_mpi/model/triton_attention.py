@@ -1,0 +1,250 @@
+"""Triton kernels of the decode fast path (one new token per sequence), CUDA only.
+
+Each kernel reads its indices from device tensors, so a decode step needs no
+host sync and no per-sequence Python, and the whole forward can be captured
+in a CUDA graph:
+
+- `rope_write_kv`: RoPE on q and k, then k, v stored at their slots of the
+  paged pool (slot < 0 is a no-op: padding rows of a graph batch).
+- `paged_decode_attention`: each (sequence, KV head) program walks its block
+  table in place (GQA: the head's query group shares the loads) with an online
+  softmax; context length and table row stride are read on device.
+- `add_rmsnorm`: residual add + RMSNorm in one pass; `silu_mul`: SwiGLU.
+
+Roundings mimic the torch eager path (products and sums rounded to the model
+dtype where torch rounds), so bf16 results stay close to it. `TRITON_INTERPRET=1`
+runs them on CPU tensors (tests only).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device | str) -> bool:
+    """Kernels usable for tensors on `device` (CUDA, or CPU under the Triton interpreter)."""
+    if not HAVE_TRITON:
+        return False
+    dev = torch.device(device)
+    return dev.type == "cuda" or (dev.type == "cpu" and interpreting())
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, res_ptr, y_ptr, x_stride, d_stride, eps,
+                        H: tl.constexpr, BLOCK: tl.constexpr, HAS_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < H
+        x = tl.load(x_ptr + row * x_stride + cols, mask=m, other=0.0)
+        if HAS_D:
+            d = tl.load(d_ptr + row * d_stride + cols, mask=m, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + row * H + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / H
+        y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0)
+        y = (w.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * H + cols, y, mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, g_stride, u_stride, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < F
+        g = tl.load(g_ptr + row * g_stride + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * u_stride + cols, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty)
+        y = (s.to(tl.float32) * u).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + row * F + cols, y, mask=m)
+
+    @triton.jit
+    def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, qo_ptr, pool_ptr,
+                           q_stride, k_stride, v_stride, cs_stride, layer_off, s_blk, s_kv, s_h,
+                           NQ: tl.constexpr, NKV: tl.constexpr, NQ_P: tl.constexpr,
+                           NKV_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        DT = qo_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        HALF: tl.constexpr = D // 2
+        rd = (d + HALF) % D
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        c = tl.load(cos_ptr + row * cs_stride + d).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + row * cs_stride + d).to(tl.float32)[None, :]
+        # q: q * cos + rotate_half(q) * sin, each product rounded like torch does
+        hq = tl.arange(0, NQ_P)[:, None]
+        mq = hq < NQ
+        qa = tl.load(q_ptr + row * q_stride + hq * D + d[None, :], mask=mq, other=0.0).to(tl.float32)
+        qb = tl.load(q_ptr + row * q_stride + hq * D + rd[None, :], mask=mq, other=0.0).to(tl.float32)
+        qr = ((qa * c).to(DT).to(tl.float32) + (qb * sign[None, :] * s).to(DT).to(tl.float32)).to(DT)
+        tl.store(qo_ptr + row * (NQ * D) + hq * D + d[None, :], qr, mask=mq)
+        # k (roped) and v into the pool at this token's slot
+        hk = tl.arange(0, NKV_P)[:, None]
+        mk = hk < NKV
+        ka = tl.load(k_ptr + row * k_stride + hk * D + d[None, :], mask=mk, other=0.0).to(tl.float32)
+        kb = tl.load(k_ptr + row * k_stride + hk * D + rd[None, :], mask=mk, other=0.0).to(tl.float32)
+        kr = ((ka * c).to(DT).to(tl.float32) + (kb * sign[None, :] * s).to(DT).to(tl.float32)).to(DT)
+        v = tl.load(v_ptr + row * v_stride + hk * D + d[None, :], mask=mk, other=0.0)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        ok = slot >= 0
+        slot = tl.maximum(slot, 0)
+        base = (slot // BS) * s_blk + layer_off + (slot % BS) * D
+        wm = mk & ok
+        PT = pool_ptr.dtype.element_ty
+        tl.store(pool_ptr + base + hk * s_h + d[None, :], kr.to(PT), mask=wm)
+        tl.store(pool_ptr + base + s_kv + hk * s_h + d[None, :], v.to(PT), mask=wm)
+
+    @triton.jit
+    def _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx, scale, layer_off,
+                    s_blk, s_kv, s_h, kvh, d, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr):
+        t = start + tl.arange(0, BLOCK_N)
+        tm = t < ctx
+        blk = tl.load(tab_ptr + seq * tstride + t // BS, mask=tm, other=0).to(tl.int64)
+        base = blk * s_blk + layer_off + kvh * s_h + (t % BS) * D
+        k = tl.load(pool_ptr + base[:, None] + d[None, :], mask=tm[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(tm[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(pool_ptr + base[:, None] + s_kv + d[None, :], mask=tm[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, pool_ptr, tab_ptr, tab_stride_ptr, ctx_ptr, o_ptr, scale,
+                             layer_off, s_blk, s_kv, s_h,
+                             NQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                             BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                             INTERP: tl.constexpr):
+        seq = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+        tstride = tl.load(tab_stride_ptr).to(tl.int64)
+        g = tl.arange(0, G_P)
+        d = tl.arange(0, D)
+        gm = (g < G)[:, None]
+        qoff = seq * (NQ * D) + (kvh * G + g)[:, None] * D + d[None, :]
+        q = tl.load(q_ptr + qoff, mask=gm, other=0.0)
+        m_i = tl.full([G_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_P], tl.float32)
+        acc = tl.zeros([G_P, D], tl.float32)
+        if INTERP:  # the interpreter cannot take a loaded bound in range()
+            start = 0
+            while start < ctx:
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE)
+                start += BLOCK_N
+        else:
+            for start in range(0, ctx, BLOCK_N):
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + qoff, out.to(o_ptr.dtype.element_ty), mask=gm)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rmsnorm(x + delta) * weight) for x, delta [N, H]; delta None: no add."""
+    n, h = x.shape
+    y = torch.empty_like(x)
+    res = torch.empty_like(x) if delta is not None else x
+    if n:
+        block = _p2(h)
+        _rmsnorm_kernel[(n,)](x, delta if delta is not None else x, weight, res, y,
+                              x.stride(0), (delta if delta is not None else x).stride(0), eps,
+                              H=h, BLOCK=block, HAS_D=delta is not None, num_warps=_warps(block))
+    return res, y
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u for row-strided views g, u [N, F] (e.g. halves of one gate_up GEMM)."""
+    n, f = g.shape
+    out = torch.empty(n, f, dtype=g.dtype, device=g.device)
+    if n:
+        block = min(1024, _p2(f))
+        _silu_mul_kernel[(n, triton.cdiv(f, block))](g, u, out, g.stride(0), u.stride(0), f,
+                                                     BLOCK=block, num_warps=4)
+    return out
+
+
+def _pool_strides(pool: torch.Tensor, layer: int) -> tuple[int, int, int, int]:
+    if not pool.is_contiguous():
+        raise ValueError("the KV pool must be contiguous")
+    s = pool.stride()
+    return layer * s[1], s[0], s[2], s[3]
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, pool: torch.Tensor, layer: int, slots: torch.Tensor,
+                  n_q: int, n_kv: int, d: int) -> torch.Tensor:
+    """RoPE q, k [N, heads*d] (row-strided views), store k, v at `slots` (< 0: skipped).
+
+    cos, sin: [N, 1, d] (or [N, d]) in the model dtype. Returns roped q [N, n_q, d].
+    """
+    n = q.shape[0]
+    qo = torch.empty(n, n_q, d, dtype=q.dtype, device=q.device)
+    if n:
+        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        _rope_write_kernel[(n,)](q, k, v, cos, sin, slots, qo, pool,
+                                 q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+                                 layer_off, s_blk, s_kv, s_h,
+                                 NQ=n_q, NKV=n_kv, NQ_P=_p2(n_q), NKV_P=_p2(n_kv), D=d,
+                                 BS=pool.shape[4], num_warps=4)
+    return qo
+
+
+def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.Tensor,
+                           table_stride: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Attention of one query token per sequence, q [B, Hq, D], over its paged cache.
+
+    tables: flat int64, row i at tables[i * table_stride[0]:]; ctx [B] tokens in the cache
+    (the new one included; 0 = padding row, output zeros). Returns [B, Hq, D].
+    """
+    b, n_q, d = q.shape
+    n_kv = pool.shape[3]
+    out = torch.empty_like(q)
+    if b:
+        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        g = n_q // n_kv
+        _paged_decode_kernel[(b, n_kv)](q, pool, tables, table_stride, ctx, out, 1.0 / math.sqrt(d),
+                                        layer_off, s_blk, s_kv, s_h,
+                                        NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
+                                        BLOCK_N=64, IEEE=q.dtype == torch.float32,
+                                        INTERP=interpreting(), num_warps=4)
+    return out
