@@ -94,15 +94,19 @@ class DisaggOrchestrator:
         self._tracks[gid] = _Track(request)
         return gid, request
 
-    def enqueue_requests(self, requests: Sequence[Request], select_id: int | None = None) -> list[int]:
-        """Aggregated serving: each request runs both phases on one executor."""
+    def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
+                               select_id: int | None) -> list[int]:
         out = []
         for r in requests:
             gid, r = self._new(r)
-            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION
+            r.request_type = request_type
             self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), _GEN)
             out.append(gid)
         return out
+
+    def enqueue_requests(self, requests: Sequence[Request], select_id: int | None = None) -> list[int]:
+        """Aggregated serving: each request runs both phases on one executor."""
+        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, select_id)
 
     def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None) -> list[int]:
         out = []
@@ -345,13 +349,7 @@ class DisaggOrchestrator:
     def enqueue_generation_only(self, requests: Sequence[Request], select_gen_id: int | None = None) -> list[int]:
         """Start the generation phase of contexts run earlier (each request carries its
         `context_phase_params`), under new global ids; `advance` handles their responses."""
-        out = []
-        for r in requests:
-            gid, r = self._new(r)
-            r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
-            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids), _GEN)
-            out.append(gid)
-        return out
+        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_GENERATION_ONLY, select_gen_id)
 
     def finish_context_only(self, gid: int, resp: Response) -> Response:
         """Close a context-only request on its context response instead of moving it on

@@ -3,15 +3,14 @@
 The model is `random:tiny` saved as a HF safetensors folder, so transformers'
 LlamaForCausalLM on the same folder is the greedy reference.
 """
-import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from disagg_mpi.api import ExecutorConfig, KvCacheConfig, Request, SamplingConfig
 from disagg_mpi.engine.executor import Executor
 from disagg_mpi.model import load_model
+from tests.hf_folder import save_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,13 +24,6 @@ PROMPTS = [
 NEW = 12
 
 
-def save_hf_folder(model, folder):
-    cfg = model.config
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from disagg_mpi.model import AttentionMetadata, forward_context, load_model, load_model_config
 from disagg_mpi.model.generate import blocks_needed, greedy_generate, model_forward_fn
+from tests.hf_folder import save_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 12, 13], [900, 800, 700, 600, 500, 400]]
 
 
-def save_hf_folder(model, folder):
-    cfg = model.config
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 @torch.no_grad()
