@@ -41,6 +41,28 @@ def configure_threads(world) -> None:
     torch.set_num_threads(per_rank)
 
 
+def shared_gpus(placements: list[tuple[str, int | None, int | None]]) -> dict[tuple[str, int], list[int]]:
+    """(node, gpu) -> executors using it, for GPUs that more than one executor uses."""
+    users: dict[tuple[str, int], set[int]] = {}
+    for node, executor, gpu in placements:
+        if executor is not None and gpu is not None:
+            users.setdefault((node, gpu), set()).add(executor)
+    return {k: sorted(v) for k, v in users.items() if len(v) > 1}
+
+
+def _warn_shared_gpus(topo: Topology, world) -> None:
+    """Executors on one GPU time-slice it (the one-GPU way to disaggregate): say so."""
+    found = topo.executor_of_rank(world.Get_rank())
+    gpu = None
+    if found is not None and found[1].device_ids is not None:
+        gpu = found[1].device_ids[found[1].participant_ids.index(world.Get_rank())]
+    placements = world.gather((MPI.Get_processor_name(), found[0] if found else None, gpu), root=0)
+    if world.Get_rank() == 0:
+        for (node, g), executors in shared_gpus(placements).items():
+            log.warning("executors %s share GPU %d on %s: they time-slice it (fine for trying "
+                        "disaggregation on one GPU; give each executor its own GPU for speed)", executors, g, node)
+
+
 def _topology(config: str | Path | Topology) -> Topology:
     return config if isinstance(config, Topology) else load_topology(config)
 
@@ -61,6 +83,7 @@ def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestr
     configure_threads(world)
     # The key that signs context params: made on rank 0, known to every rank.
     key = world.bcast(secrets.token_bytes(32) if comms.rank == 0 else None, root=0)
+    _warn_shared_gpus(topo, world)
     try:
         if comms.rank == 0:
             orch = DisaggOrchestrator(topo, comms)

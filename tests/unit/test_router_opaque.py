@@ -86,3 +86,10 @@ def test_prefix_index_tracks_full_block_chains():
     idx.insert(list(range(100, 112)))  # three more blocks evict the oldest
     assert idx.cached_tokens(a) == 0
     assert chain_hashes(a[:8], 4)[0] == chain_hashes(a[:4], 4)[0]
+
+
+def test_shared_gpus_are_found_per_node():
+    from disagg_mpi.runtime.launch import shared_gpus
+
+    placements = [("a", None, None), ("a", 0, 0), ("a", 1, 0), ("a", 1, 1), ("b", 2, 0), ("a", 3, None)]
+    assert shared_gpus(placements) == {("a", 0): [0, 1]}
