@@ -52,6 +52,15 @@ import torch
 from ..api import CacheTransceiverConfig
 from . import cuda_ipc
 from .cache_state import CacheState
+from .chunks import (
+    WINDOW,
+    Chunking,
+    chunking_for,
+    gather_blocks,
+    is_contiguous_run,
+    scatter_blocks,
+    zero_copy_bounds,
+)
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
 from .staging import PinnedBuffers, SideStream, mpi_device_buffer, mpi_host_buffer, typed_view
@@ -61,106 +70,10 @@ BACKENDS = ("auto", "ipc", "staged", "cuda_aware_mpi")
 
 TAG_PULL = 1
 _FIRST_DATA_TAG = 100
-_WINDOW = 2  # chunks in flight per transfer: double buffering
 _KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
 
 _np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
-
-
-@dataclass
-class _Chunking:
-    zero_copy: bool
-    blocks_per_chunk: int
-    num_ctx_blocks: int
-    bounds: list[int] | None = None  # explicit chunk starts + end (zero-copy runs)
-    _chunks: list[tuple[int, int]] | None = field(default=None, repr=False)
-
-    def chunks(self) -> list[tuple[int, int]]:
-        """(first, end) ctx-block-table positions of each chunk; computed once (poll calls it often)."""
-        if self._chunks is None:
-            if self.bounds is not None:
-                b = self.bounds
-                self._chunks = [(b[i], b[i + 1]) for i in range(len(b) - 1)]
-            else:
-                k = self.blocks_per_chunk
-                self._chunks = [(i, min(i + k, self.num_ctx_blocks)) for i in range(0, self.num_ctx_blocks, k)]
-        return self._chunks
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
-    """Split block ids into runs of consecutive ids: (position, first id, length)."""
-    out: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            out.append((start, ids[start], i - start))
-            start = i
-    return out
-
-
-_MAX_RUNS = 16  # more runs than this: one index_select / index_copy_ instead of a copy per run
-
-
-def _gather(src: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
-    """out[i] = src[ids[i]] along dim 0."""
-    runs = _runs(ids)
-    if len(runs) > _MAX_RUNS:
-        torch.index_select(src, 0, torch.tensor(ids, device=src.device), out=out)
-        return
-    for pos, first, n in runs:
-        out.narrow(0, pos, n).copy_(src.narrow(0, first, n))
-
-
-def _scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> None:
-    """dst[ids[i]] = src[i] along dim 0 (dst may be a strided view of the pool)."""
-    runs = _runs(ids)
-    if len(runs) > _MAX_RUNS:
-        dst.index_copy_(0, torch.tensor(ids, device=dst.device), src)
-        return
-    for pos, first, n in runs:
-        dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
-
-
-def _contiguous(ids: list[int], lo: int, hi: int) -> bool:
-    """Whether ids[lo:hi] are consecutive block ids (one slice of the pool)."""
-    first = ids[lo]
-    return all(ids[i] == first + (i - lo) for i in range(lo + 1, hi))
-
-
-def _zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[int]:
-    """Chunk starts (+ end) so that each chunk is a run contiguous in both pools, <= max_run blocks."""
-    bounds = [0]
-    for i in range(1, len(ctx_ids)):
-        if (i - bounds[-1] >= max_run or ctx_ids[i] != ctx_ids[i - 1] + 1
-                or gen_ids[i] != gen_ids[i - 1] + 1):
-            bounds.append(i)
-    bounds.append(len(ctx_ids))
-    return bounds
-
-
-def _chunking(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, num_tokens: int,
-              cfg: CacheTransceiverConfig, ctx_ids: list[int] | None = None,
-              gen_ids: list[int] | None = None, staged: bool = False) -> _Chunking:
-    c_stage, c_tp = ctx.coords(item.ctx_rank)
-    g_stage, g_tp = gen.coords(gen_rank)
-    whole_ctx = (item.num_layers == ctx.layer_split[c_stage]
-                 and item.num_heads == ctx.local_kv_heads)
-    whole_gen = (item.num_layers == gen.layer_split[g_stage]
-                 and item.num_heads == gen.local_kv_heads)
-    nblocks = -(-num_tokens // ctx.block_size)
-    zero_copy = cfg.zero_copy and whole_ctx and whole_gen and ctx.block_size == gen.block_size
-    block_bytes = item.num_layers * 2 * item.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
-    if zero_copy:
-        # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes
-        # (staged through pinned host memory: each run has its own staging buffer, two in flight).
-        max_run = max(1, cfg.buffer_bytes // ((_WINDOW if staged else 1) * max(1, block_bytes)))
-        bounds = (_zero_copy_bounds(list(ctx_ids[:nblocks]), list(gen_ids[:nblocks]), max_run)
-                  if ctx_ids is not None and gen_ids is not None and nblocks > 0 else None)
-        return _Chunking(True, 1, nblocks, bounds)
-    # Copy path: _WINDOW chunks in flight share buffer_bytes.
-    per_chunk = max(1, cfg.buffer_bytes // (_WINDOW * max(1, block_bytes)))
-    return _Chunking(False, per_chunk, nblocks)
 
 
 @dataclass
@@ -195,7 +108,7 @@ class _SendJob:
     tag: int
     blocks: list[int]
     slices: tuple[slice, slice]  # ctx-local layers, heads
-    chunking: _Chunking
+    chunking: Chunking
     next_chunk: int = 0
     inflight: deque = field(default_factory=deque)  # _Out, in chunk order
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
@@ -212,7 +125,7 @@ class _RecvItem:
     item: PlanItem
     source: int
     tag: int
-    chunking: _Chunking
+    chunking: Chunking
     slices: tuple[slice, slice]  # gen-local layers, heads
     next_post: int = 0
     next_done: int = 0
@@ -335,7 +248,7 @@ class KvTransceiver:
         for it in plan:
             sl = local_slices(it, ctx, self.state, self.local_rank)
             ri = _RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
-                           _chunking(it, ctx, self.state, self.local_rank, opaque.num_tokens,
+                           chunking_for(it, ctx, self.state, self.local_rank, opaque.num_tokens,
                                      self.cfg, list(opaque.block_ids), list(my_blocks),
                                      staged=self.mode == "staged"),
                            (sl.gen_layers, sl.gen_heads))
@@ -369,7 +282,7 @@ class KvTransceiver:
 
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
         chunks = ri.chunking.chunks()
-        while ri.next_post < len(chunks) and len(ri.posted) < _WINDOW:
+        while ri.next_post < len(chunks) and len(ri.posted) < WINDOW:
             lo, hi = chunks[ri.next_post]
             if ri.chunking.zero_copy:  # receive straight into our blocks (a contiguous run)
                 if ri.chunking.bounds is None:
@@ -377,7 +290,7 @@ class KvTransceiver:
                 else:
                     buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
                 full = None
-            elif ri.direct and _contiguous(job.blocks, lo, hi):  # packed layout == our blocks' layout
+            elif ri.direct and is_contiguous_run(job.blocks, lo, hi):  # packed layout == our blocks' layout
                 buf, full = self.pool.narrow(0, job.blocks[lo], hi - lo), None
             else:
                 it = ri.item
@@ -472,7 +385,7 @@ class KvTransceiver:
         with self._side:
             if ri.chunking.zero_copy:  # one copy per run contiguous in both pools (no buffer: no cap)
                 nblk = ri.chunking.num_ctx_blocks
-                b = _zero_copy_bounds(list(ctx_ids[:nblk]), job.blocks[:nblk], nblk) if nblk else [0]
+                b = zero_copy_bounds(list(ctx_ids[:nblk]), job.blocks[:nblk], nblk) if nblk else [0]
                 for lo, hi in zip(b[:-1], b[1:]):
                     dst = self.pool.narrow(0, job.blocks[lo], hi - lo)
                     dst.copy_(src.narrow(0, ctx_ids[lo], hi - lo))
@@ -481,7 +394,7 @@ class KvTransceiver:
                 full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, *view.shape[1:]))
                 for lo, hi in chunks:
                     buf = full.narrow(0, 0, hi - lo)
-                    _gather(view, list(ctx_ids[lo:hi]), buf)
+                    gather_blocks(view, list(ctx_ids[lo:hi]), buf)
                     self._scatter(job, ri, buf, lo)
                     ri.ipc_bytes += buf.numel() * buf.element_size()
                 ri.free_bufs.append(full)  # reused only after ipc_event (then handed to _keep)
@@ -493,7 +406,7 @@ class KvTransceiver:
         bs, cbs = self.state.block_size, job.ctx_block_size
         view = self.pool[:, layers, :, heads]
         if bs == cbs:
-            _scatter_blocks(view, job.blocks[first_ctx_block: first_ctx_block + buf.shape[0]], buf)
+            scatter_blocks(view, job.blocks[first_ctx_block: first_ctx_block + buf.shape[0]], buf)
             return
         # Different block sizes: move every token (tokens sit on dim 4 of a block) in one
         # indexed copy: source (chunk block, offset) -> destination (our block id, offset).
@@ -531,7 +444,7 @@ class KvTransceiver:
             h0 = ctx.kv_head_range(c_tp)[0]
             layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
             heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
-            chunking = _Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
+            chunking = Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
             job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
             job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
                           and heads.stop - heads.start == self.pool.shape[3])
@@ -570,13 +483,13 @@ class KvTransceiver:
             if job.chunking.bounds is None:
                 return self.pool[job.blocks[lo]], None
             return self.pool.narrow(0, job.blocks[lo], hi - lo), None  # contiguous (the receiver checked)
-        if job.direct and _contiguous(job.blocks, lo, hi):  # our blocks are the packed layout
+        if job.direct and is_contiguous_run(job.blocks, lo, hi):  # our blocks are the packed layout
             return self.pool.narrow(0, job.blocks[lo], hi - lo), None
         layers, heads = job.slices
         view = self.pool[:, layers, :, heads]
         full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
         buf = full.narrow(0, 0, hi - lo)
-        _gather(view, job.blocks[lo:hi], buf)
+        gather_blocks(view, job.blocks[lo:hi], buf)
         return buf, full
 
     def _progress_send(self, job: _SendJob) -> bool:
@@ -592,7 +505,7 @@ class KvTransceiver:
             if e.pinned is not None:
                 self._pinned.put(e.pinned)
         chunks = job.chunking.chunks()
-        while job.next_chunk < len(chunks) and len(job.inflight) < _WINDOW:
+        while job.next_chunk < len(chunks) and len(job.inflight) < WINDOW:
             lo, hi = chunks[job.next_chunk]
             if self.mode == "host":
                 buf, full = self._send_source(job, lo, hi)

@@ -137,12 +137,12 @@ def _run(ctx_state: CacheState, gen_state: CacheState, gen_local_rank: int, cfg:
 
 def _check_chunk_count(tc: KvTransceiver, pull: tuple[int, OpaqueState, list[int]], at_least: int) -> None:
     """The request must really go in several chunks (a look inside, before any byte moves)."""
+    from disagg_mpi.transfer.chunks import chunking_for
     from disagg_mpi.transfer.plan import make_plan
-    from disagg_mpi.transfer.transceiver import _chunking
 
     _, opaque, blocks = pull
     for it in make_plan(opaque.cache_state, tc.state)[tc.local_rank]:
-        ch = _chunking(it, opaque.cache_state, tc.state, tc.local_rank, opaque.num_tokens, tc.cfg,
+        ch = chunking_for(it, opaque.cache_state, tc.state, tc.local_rank, opaque.num_tokens, tc.cfg,
                        list(opaque.block_ids), list(blocks))
         assert len(ch.chunks()) >= at_least, ch.chunks()
 

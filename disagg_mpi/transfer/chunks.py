@@ -1,0 +1,116 @@
+"""How a transfer is cut into messages, and the block copies on either side: pure helpers.
+
+A pull moves a request's blocks for one plan item. Zero-copy (both sides hold
+exactly the item's slice, same block size): runs of blocks contiguous in both
+pools go as one message each, at most `buffer_bytes` long. Otherwise chunks of
+whole blocks are packed into bounded buffers, `WINDOW` chunks in flight sharing
+`buffer_bytes`. Both sides compute the same cuts, so nothing but the bounds of
+zero-copy runs (which only the generation side knows) crosses the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..api import CacheTransceiverConfig
+from .cache_state import CacheState
+from .plan import PlanItem
+
+WINDOW = 2  # chunks in flight per transfer: double buffering
+
+
+@dataclass
+class Chunking:
+    zero_copy: bool
+    blocks_per_chunk: int
+    num_ctx_blocks: int
+    bounds: list[int] | None = None  # explicit chunk starts + end (zero-copy runs)
+    _chunks: list[tuple[int, int]] | None = field(default=None, repr=False)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(first, end) ctx-block-table positions of each chunk; computed once (poll calls it often)."""
+        if self._chunks is None:
+            if self.bounds is not None:
+                b = self.bounds
+                self._chunks = [(b[i], b[i + 1]) for i in range(len(b) - 1)]
+            else:
+                k = self.blocks_per_chunk
+                self._chunks = [(i, min(i + k, self.num_ctx_blocks)) for i in range(0, self.num_ctx_blocks, k)]
+        return self._chunks
+
+
+def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """Split block ids into runs of consecutive ids: (position, first id, length)."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            out.append((start, ids[start], i - start))
+            start = i
+    return out
+
+
+MAX_RUNS = 16  # more runs than this: one index_select / index_copy_ instead of a copy per run
+
+
+def gather_blocks(src: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
+    """out[i] = src[ids[i]] along dim 0."""
+    runs = block_runs(ids)
+    if len(runs) > MAX_RUNS:
+        torch.index_select(src, 0, torch.tensor(ids, device=src.device), out=out)
+        return
+    for pos, first, n in runs:
+        out.narrow(0, pos, n).copy_(src.narrow(0, first, n))
+
+
+def scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> None:
+    """dst[ids[i]] = src[i] along dim 0 (dst may be a strided view of the pool)."""
+    runs = block_runs(ids)
+    if len(runs) > MAX_RUNS:
+        dst.index_copy_(0, torch.tensor(ids, device=dst.device), src)
+        return
+    for pos, first, n in runs:
+        dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
+
+
+def is_contiguous_run(ids: list[int], lo: int, hi: int) -> bool:
+    """Whether ids[lo:hi] are consecutive block ids (one slice of the pool)."""
+    first = ids[lo]
+    return all(ids[i] == first + (i - lo) for i in range(lo + 1, hi))
+
+
+def zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[int]:
+    """Chunk starts (+ end) so that each chunk is a run contiguous in both pools, <= max_run blocks."""
+    bounds = [0]
+    for i in range(1, len(ctx_ids)):
+        if (i - bounds[-1] >= max_run or ctx_ids[i] != ctx_ids[i - 1] + 1
+                or gen_ids[i] != gen_ids[i - 1] + 1):
+            bounds.append(i)
+    bounds.append(len(ctx_ids))
+    return bounds
+
+
+def chunking_for(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, num_tokens: int,
+              cfg: CacheTransceiverConfig, ctx_ids: list[int] | None = None,
+              gen_ids: list[int] | None = None, staged: bool = False) -> Chunking:
+    c_stage, _ = ctx.coords(item.ctx_rank)
+    g_stage, _ = gen.coords(gen_rank)
+    whole_ctx = (item.num_layers == ctx.layer_split[c_stage]
+                 and item.num_heads == ctx.local_kv_heads)
+    whole_gen = (item.num_layers == gen.layer_split[g_stage]
+                 and item.num_heads == gen.local_kv_heads)
+    nblocks = -(-num_tokens // ctx.block_size)
+    zero_copy = cfg.zero_copy and whole_ctx and whole_gen and ctx.block_size == gen.block_size
+    block_bytes = item.num_layers * 2 * item.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
+    if zero_copy:
+        # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes
+        # (staged through pinned host memory: each run has its own staging buffer, two in flight).
+        max_run = max(1, cfg.buffer_bytes // ((WINDOW if staged else 1) * max(1, block_bytes)))
+        bounds = (zero_copy_bounds(list(ctx_ids[:nblocks]), list(gen_ids[:nblocks]), max_run)
+                  if ctx_ids is not None and gen_ids is not None and nblocks > 0 else None)
+        return Chunking(True, 1, nblocks, bounds)
+    # Copy path: WINDOW chunks in flight share buffer_bytes.
+    per_chunk = max(1, cfg.buffer_bytes // (WINDOW * max(1, block_bytes)))
+    return Chunking(False, per_chunk, nblocks)
