@@ -232,3 +232,45 @@ def test_disaggregated_on_one_gpu_equals_aggregated(backend):
     if WORLD.Get_rank() == 0:
         assert got == expected
         assert all(len(g) == 10 for g in got)
+
+
+def _transformers_greedy_on_gpu(prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """The same random weights through Hugging Face transformers on cuda:0, fp32, greedy.
+
+    Random weights are drawn on the device they load to (CUDA's generator differs
+    from the CPU's), so the model is built on cuda:0, as the executors build it.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from disagg_mpi.model import load_model
+    from tests.hf_folder import save_hf_folder
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_folder(load_model(MODEL, device="cuda:0").cpu(), Path(d))
+        hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).to("cuda:0").eval()
+    hf.generation_config.eos_token_id = None
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device="cuda:0")
+            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                              pad_token_id=0)
+            out.append(gen[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.world(3)
+def test_disaggregated_on_one_gpu_equals_transformers_on_gpu():
+    """Disaggregated greedy tokens (staged path, both executors on GPU 0) equal transformers on the GPU."""
+    from disagg_mpi.config import parse_topology
+
+    _dev()
+    topo = parse_topology({"model": {"path": MODEL, "dtype": "float32"},
+                           "context_executors": [_executor(1, "auto")],
+                           "generation_executors": [_executor(2, "auto")]})
+    got = _generate(topo)
+    if WORLD.Get_rank() == 0:
+        assert got == _transformers_greedy_on_gpu(_prompts(6), 10)
