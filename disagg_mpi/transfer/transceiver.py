@@ -224,17 +224,28 @@ class KvTransceiver:
             self._pinned.clear()
         self._spare.clear()
 
+    @property
+    def _async_buffers(self) -> bool:
+        return self.pool.is_cuda and self.cfg.async_buffer
+
     def _buffer(self, free: list, shape: tuple[int, ...]) -> torch.Tensor:
         if free:
             return free.pop()
+        if self._async_buffers:
+            # async_buffer: each transfer allocates its chunk buffers on the side stream
+            # (stream-ordered allocator: reused in stream order, returned when the transfer ends).
+            with self._side:
+                return torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
+        # Plain allocation: buffers live on across transfers (allocated once, reused).
         for i, b in enumerate(self._spare):
             if tuple(b.shape) == shape:
                 return self._spare.pop(i)
         return torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
 
     def _keep(self, bufs: list) -> None:
-        """A finished transfer hands its chunk buffers back."""
-        self._spare.extend(bufs)
+        """A finished transfer hands its chunk buffers back (kept, unless async_buffer)."""
+        if not self._async_buffers:
+            self._spare.extend(bufs)
         bufs.clear()
         del self._spare[:-_KEEP_BUFFERS]
 

@@ -84,7 +84,8 @@ def _run(tc: KvTransceiver, gen_rank: int, ctx_ranks: tuple[int, ...], pull) -> 
 @pytest.mark.parametrize("layout", ["tp2to1", "tp1to1"])
 @pytest.mark.parametrize("gen_bs", [4, 8])
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["zc", "copy"])
-def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy):
+@pytest.mark.parametrize("async_buffer", [False, True], ids=["plainbuf", "asyncbuf"])
+def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy, async_buffer):
     if backend == "ipc" or backend == "auto":
         pytest.importorskip("cupy")
     dev = _dev()
@@ -97,6 +98,7 @@ def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy):
     gen_state = CacheState.create(LAYERS, HEADS, HEAD_DIM, gen_bs, dtype)
     # Small buffer: several chunks per transfer (pipelining and the reuse of staging buffers).
     cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=zero_copy, buffer_bytes=4096,
+                                 async_buffer=async_buffer,
                                  backend=backend)
     rng = random.Random(1234)
     ctx_ids = rng.sample(range(40), nblk_ctx)
