@@ -39,6 +39,7 @@ rank and a GPU rank (or a staged and a CUDA-aware one) talk to each other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -168,6 +169,9 @@ class KvTransceiver:
         self.pool = pool
         self.state = state
         self.local_rank = local_rank
+        if cfg.max_num_tokens:  # the seed's form of the buffer size: tokens of this rank's KV
+            cfg = dataclasses.replace(cfg, buffer_bytes=max(4096, cfg.max_num_tokens
+                                                            * state.bytes_per_token_per_rank(local_rank)))
         self.cfg = cfg
         self._tag_ub = min(int(comm.Get_attr(_mpi().TAG_UB) or 32767), 1 << 30)
         self._next_tag = _FIRST_DATA_TAG

@@ -212,3 +212,16 @@ def test_bfloat16():
 def test_sequential_receive_and_no_parallel_send():
     _run(_state(16), _state(16), 0, _cfg(False, parallel_receive=False, parallel_send=False),
          [(20, [1, 2], [3, 4]), (33, [5, 6, 7], [8, 9, 10])])
+
+
+def test_max_num_tokens_sizes_the_buffer():
+    """cache_transceiver_config.max_num_tokens is the buffer in tokens of this rank's KV."""
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        state = _state(4)
+        pool = torch.zeros(8, LAYERS, 2, HEADS, 4, HEAD_DIM)
+        tc = KvTransceiver(comm, pool, state, 0, _cfg(False, max_num_tokens=100))
+        assert tc.cfg.buffer_bytes == 100 * state.bytes_per_token_per_rank(0)
+        assert KvTransceiver(comm, pool, state, 0, _cfg(False)).cfg.buffer_bytes == 32 << 20
+    finally:
+        comm.Free()
