@@ -24,6 +24,7 @@ from ..model.parallel import ShardSpec
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState
 from ..transfer.transceiver import KvTransceiver
+from .allreduce import tp_all_reduce
 from .comms import (
     TAG_MEMBER,
     TAG_MEMBER_DONE,
@@ -35,7 +36,7 @@ from .comms import (
     recv_ready,
     send,
 )
-from .devices import select_device
+from .devices import node_name, select_device
 
 log = logging.getLogger(__name__)
 
@@ -132,26 +133,18 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
                                     cfg.dtype, tp, pp, spec.layer_split)
     par = ParallelInfo(comms.local_rank % tp, tp, comms.local_rank // tp, pp, comms.executor)
     l0, l1 = cache_state.layer_range(par.pp_stage)
-    shard = ShardSpec(par.tp_rank, tp, l0, l1, _allreduce(comms.tp) if tp > 1 else None)
     device = select_device(spec.device_ids, comms.local_rank)
+    all_reduce = None
+    if tp > 1:
+        gpu = spec.device_ids[comms.local_rank] if spec.device_ids is not None else None
+        all_reduce = tp_all_reduce(comms.tp, device, node_name(), gpu)
+    shard = ShardSpec(par.tp_rank, tp, l0, l1, all_reduce)
     model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed)
     runner = ModelRunner(model, cfg.kv_cache_config.num_blocks, cfg.kv_cache_config.block_size, device, par)
     tc = cfg.cache_transceiver_config
     transceiver = (KvTransceiver(comms.kv, runner.kv_pool, cache_state, comms.local_rank, tc)
                    if tc.enable_cache_transceiver else None)
     return runner, transceiver, cache_state, par, (cfg, mc)
-
-
-def _allreduce(comm: Any):
-    from mpi4py import MPI
-
-    def all_reduce(x: torch.Tensor) -> torch.Tensor:
-        dev, dtype = x.device, x.dtype
-        buf = x.detach().to("cpu", torch.float32).contiguous()
-        comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
-        return buf.to(dev, dtype)
-
-    return all_reduce
 
 
 def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:

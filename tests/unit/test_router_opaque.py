@@ -93,3 +93,12 @@ def test_shared_gpus_are_found_per_node():
 
     placements = [("a", None, None), ("a", 0, 0), ("a", 1, 0), ("a", 1, 1), ("b", 2, 0), ("a", 3, None)]
     assert shared_gpus(placements) == {("a", 0): [0, 1]}
+
+
+def test_nccl_only_when_every_tp_rank_has_its_own_gpu():
+    from disagg_mpi.runtime.allreduce import gpus_are_distinct
+
+    assert gpus_are_distinct([("a", 0), ("a", 1)])
+    assert gpus_are_distinct([("a", 0), ("b", 0)])  # same id, different nodes
+    assert not gpus_are_distinct([("a", 0), ("a", 0)])  # two ranks on one GPU: NCCL cannot
+    assert not gpus_are_distinct([("a", None), ("a", None)])  # CPU
