@@ -114,8 +114,11 @@ def cli() -> None:
 @click.option("--output", "output_path", type=click.Path(), default=None,
               help="JSONL results, one line per input line; printed as text when left out.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="After SIGINT/SIGTERM, seconds to let in-flight requests finish before cancelling the rest.")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config: str, input_path: str, output_path: str | None, timeout: float | None, log_level: str) -> None:
+def run(config: str, input_path: str, output_path: str | None, timeout: float | None, grace: float,
+        log_level: str) -> None:
     """Run a batch of requests through the topology and exit."""
     topo = _load_topology_or_exit(config)
     if not Path(input_path).is_file():
@@ -131,12 +134,37 @@ def run(config: str, input_path: str, output_path: str | None, timeout: float | 
                                    f"{topo.world_size}")
     from .runtime.launch import launch
 
+    drain = _drain_on_signals(MPI.COMM_WORLD.Get_rank(), grace)
     with launch(topo) as orch:
         if orch is not None:
-            _run_batch(orch, topo, input_path, output_path, timeout)
+            _run_batch(orch, topo, input_path, output_path, timeout, drain)
 
 
-def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: float | None) -> None:
+def _drain_on_signals(rank: int, grace: float):
+    """SIGINT/SIGTERM: rank 0 lets requests run `grace` more seconds, then cancels the rest.
+
+    mpiexec passes the signal to every rank; only rank 0 acts on it, the executor
+    ranks keep serving until rank 0 leaves the job cleanly.
+    """
+    if rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return lambda: False
+    deadline: list[float] = []
+
+    def on_signal(sig, _frame):
+        if not deadline:
+            click.echo(f"disagg-mpi: {signal.Signals(sig).name}: finishing in-flight requests for up to "
+                       f"{grace:g} s, then cancelling the rest", err=True)
+            deadline.append(time.perf_counter() + grace)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return lambda: bool(deadline) and time.perf_counter() >= deadline[0]
+
+
+def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: float | None,
+               cancel_when=None) -> None:
     from .jobs import LineError, output_line, parse_line
     from .model.tokenizer import load_tokenizer
 
@@ -154,7 +182,7 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
             results[n] = output_line(err.line_id, None, tok, error=str(err))
         order.append(n)
     t0 = time.perf_counter()
-    responses = orch.generate(requests, timeout=timeout) if requests else []
+    responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when) if requests else []
     wall = time.perf_counter() - t0
     for (n, line_id), resp in zip(ids, responses):
         results[n] = output_line(line_id, resp, tok)

@@ -202,21 +202,31 @@ class DisaggOrchestrator:
     # ---- one call for both phases ------------------------------------------
 
     def generate(self, requests: Sequence[Request], timeout: float | None = None,
-                 on_response: Callable[[int, Response], None] | None = None) -> list[Response]:
+                 on_response: Callable[[int, Response], None] | None = None,
+                 cancel_when: Callable[[], bool] | None = None) -> list[Response]:
         """Run requests to completion through both phases; final responses in input order.
 
         Each final response carries every output token (the first one included)
         and the request's metrics: ttft_ms, e2e_ms, context_executor,
-        generation_executor, kv_transfer_ms, kv_transfer_bytes.
+        generation_executor, kv_transfer_ms, kv_transfer_bytes. Once
+        `cancel_when()` returns True the unfinished requests are cancelled (they
+        end `cancelled`, keeping the tokens they have).
         """
         gids = self.submit(requests)
         done: dict[int, Response] = {}
         deadline = None if timeout is None else time.perf_counter() + timeout
+        cancelled = False
         while len(done) < len(gids):
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
             if left == 0.0:
                 raise TimeoutError(f"{len(gids) - len(done)} requests did not finish in {timeout} s")
-            for gid, resp in self.advance(self.await_responses(timeout=left)):
+            if cancel_when is not None and not cancelled and cancel_when():
+                cancelled = True
+                for g in gids:
+                    if g not in done:
+                        self.cancel_request(g)
+            wait = left if cancel_when is None or cancelled else min(left or 0.1, 0.1)
+            for gid, resp in self.advance(self.await_responses(timeout=wait)):
                 if on_response is not None:
                     on_response(gid, resp)
                 if resp.is_final:

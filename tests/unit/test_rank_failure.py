@@ -85,3 +85,42 @@ def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
     assert proc.returncode != 0
     assert elapsed < 30
     assert "rank 2 (generation executor 1" in out, out[-2000:]
+
+
+def test_sigterm_to_the_launcher_drains_then_exits(tmp_path):
+    """SIGTERM: in-flight requests get the grace period, the rest end cancelled, every line is written."""
+    cfg = tmp_path / "topo.yaml"
+    cfg.write_text(yaml.safe_dump(TOPOLOGY))
+    inp = tmp_path / "in.jsonl"
+    n = 300
+    inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": 400,
+                                       "ignore_eos": True}) + "\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
+                             str(inp), "--output", str(out), "--grace", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        rank0 = None
+        while rank0 is None and time.time() < deadline and proc.poll() is None:
+            rank0 = _rank_pid(proc.pid, 0)
+            time.sleep(0.2)
+        assert rank0 is not None
+        time.sleep(6)  # executors up, requests running
+        assert proc.poll() is None, "finished before the signal"
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        log, _ = proc.communicate(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log[-2000:]
+    assert elapsed < 30
+    assert "finishing in-flight requests" in log
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == n and len({x["id"] for x in lines}) == n
+    reasons = {x["finish_reason"] for x in lines}
+    assert "cancelled" in reasons and reasons <= {"cancelled", "length"}
