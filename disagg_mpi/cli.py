@@ -257,35 +257,34 @@ def model_info(spec: str) -> None:
         raise click.ClickException(str(err)) from None
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules."""
-    try:
-        from .cli_slurm import slurm, validate
+def require_extra(extra: str, *modules: str) -> None:
+    """A clear error when an optional dependency group is not installed."""
+    import importlib.util
 
-        cli.add_command(slurm)
-        cli.add_command(validate)
-    except ImportError:
-        pass
-    try:
-        from .cli_bench import bench
-
-        cli.add_command(bench)
-    except ImportError:
-        pass
-    try:
-        from .cli_serve import serve
-
-        cli.add_command(serve)
-    except ImportError:
-        pass
-
-
-_register_optional()
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'disagg-mpi[{extra}]'")
 
 
 def main() -> None:
     cli()
 
 
+def _register_commands() -> None:
+    """Commands that live in their own modules (they import their heavy dependencies lazily)."""
+    from .cli_bench import bench
+    from .cli_serve import serve
+    from .cli_slurm import slurm, validate
+
+    for command in (serve, bench, slurm, validate):
+        cli.add_command(command)
+
+
 if __name__ == "__main__":
-    main()
+    # `python -m disagg_mpi.cli` (how ranks are started): run the package's module, not this
+    # copy of it, so the command modules and this one import each other once.
+    from disagg_mpi.cli import main as _main
+
+    _main()
+else:
+    _register_commands()

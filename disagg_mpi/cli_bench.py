@@ -80,6 +80,9 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
           warmup, seed, temperature, slo_ttft_ms, slo_tpot_ms, out_dir, no_plots, no_progress, host,
           startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level):
     """Benchmark serving: each --config served in turn (or --url), one workload, a side-by-side table."""
+    from .cli import require_extra
+
+    require_extra("bench", "aiohttp", "matplotlib")
     import logging
 
     from .bench.report import format_table, write_outputs

@@ -7,7 +7,14 @@ import sys
 
 import click
 
-from .cli import _fetch_if_default, _load_topology_or_exit, _setup_logging, inside_mpi_job, relaunch
+from .cli import (
+    _fetch_if_default,
+    _load_topology_or_exit,
+    _setup_logging,
+    inside_mpi_job,
+    relaunch,
+    require_extra,
+)
 
 
 @click.command()
@@ -29,6 +36,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     Endpoints: POST /v1/completions, POST /v1/chat/completions (stream: true for
     server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
     """
+    require_extra("serve", "aiohttp", "prometheus_client")
     topo = _load_topology_or_exit(config)
     if port is not None and not 0 <= port <= 65535:
         raise click.ClickException(f"--port {port} must be in 0..65535")
