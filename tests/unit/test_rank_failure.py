@@ -50,22 +50,34 @@ def _rank_pid(root: int, rank: int) -> int | None:
     return None
 
 
-def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
+def _start_run(tmp_path, n: int, max_tokens: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`disagg-mpi run` as a user starts it (it relaunches itself under mpiexec), on a long batch."""
     cfg = tmp_path / "topo.yaml"
     cfg.write_text(yaml.safe_dump(TOPOLOGY))
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": 200,
-                                       "ignore_eos": True}) + "\n" for i in range(2000)))
+    inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": max_tokens,
+                                       "ignore_eos": True}) + "\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
     proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
-                             str(inp), "--output", str(tmp_path / "out.jsonl")], env=env,
+                             str(inp), "--output", str(out), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+def _wait_for_rank(proc: subprocess.Popen, rank: int, deadline: float) -> int | None:
+    pid = None
+    while pid is None and time.time() < deadline and proc.poll() is None:
+        pid = _rank_pid(proc.pid, rank)
+        time.sleep(0.2)
+    return pid
+
+
+def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
+    proc, _ = _start_run(tmp_path, 2000, 200)
     try:
         deadline = time.time() + 120
-        victim = None
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            victim = _rank_pid(proc.pid, 2)
-            time.sleep(0.2)
+        victim = _wait_for_rank(proc, 2, deadline)
         assert victim is not None, "rank 2 never started"
         env_of_victim = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{victim}/environ").read_bytes().split(b"\0")
                              if b"=" in kv)
@@ -89,24 +101,10 @@ def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
 
 def test_sigterm_to_the_launcher_drains_then_exits(tmp_path):
     """SIGTERM: in-flight requests get the grace period, the rest end cancelled, every line is written."""
-    cfg = tmp_path / "topo.yaml"
-    cfg.write_text(yaml.safe_dump(TOPOLOGY))
-    inp = tmp_path / "in.jsonl"
     n = 300
-    inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": 400,
-                                       "ignore_eos": True}) + "\n" for i in range(n)))
-    out = tmp_path / "out.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
-                             str(inp), "--output", str(out), "--grace", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, out = _start_run(tmp_path, n, 400, "--grace", "1")
     try:
-        deadline = time.time() + 120
-        rank0 = None
-        while rank0 is None and time.time() < deadline and proc.poll() is None:
-            rank0 = _rank_pid(proc.pid, 0)
-            time.sleep(0.2)
-        assert rank0 is not None
+        assert _wait_for_rank(proc, 0, time.time() + 120) is not None
         time.sleep(6)  # executors up, requests running
         assert proc.poll() is None, "finished before the signal"
         proc.send_signal(signal.SIGTERM)
