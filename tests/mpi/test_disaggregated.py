@@ -35,27 +35,14 @@ def _check_equal_to_hf(config_name: str, expect_ctx: bool) -> None:
 
 
 @pytest.mark.oracle
-@pytest.mark.world(2)
-def test_aggregated_smollm2_equals_transformers():
-    _check_equal_to_hf("smollm2-agg.yaml", expect_ctx=False)
-
-
-@pytest.mark.oracle
-@pytest.mark.world(3)
-def test_1ctx_1gen_smollm2_equals_transformers():
-    _check_equal_to_hf("smollm2-1ctx-1gen.yaml", expect_ctx=True)
-
-
-@pytest.mark.oracle
-@pytest.mark.world(4)
-def test_2ctx_1gen_smollm2_equals_transformers():
-    _check_equal_to_hf("smollm2-2ctx-1gen.yaml", expect_ctx=True)
-
-
-@pytest.mark.oracle
-@pytest.mark.world(4)
-def test_1ctx_2gen_smollm2_equals_transformers():
-    _check_equal_to_hf("smollm2-1ctx-2gen.yaml", expect_ctx=True)
+@pytest.mark.parametrize("config,disaggregated", [
+    pytest.param("smollm2-agg.yaml", False, marks=pytest.mark.world(2), id="agg"),
+    pytest.param("smollm2-1ctx-1gen.yaml", True, marks=pytest.mark.world(3), id="1ctx-1gen"),
+    pytest.param("smollm2-2ctx-1gen.yaml", True, marks=pytest.mark.world(4), id="2ctx-1gen"),
+    pytest.param("smollm2-1ctx-2gen.yaml", True, marks=pytest.mark.world(4), id="1ctx-2gen"),
+])
+def test_smollm2_topology_equals_transformers(config, disaggregated):
+    _check_equal_to_hf(config, expect_ctx=disaggregated)
 
 
 @pytest.mark.world(3)

@@ -65,6 +65,20 @@ def _start_run(tmp_path, n: int, max_tokens: int, *extra: str) -> tuple[subproce
     return proc, out
 
 
+def _signal_and_wait(proc: subprocess.Popen, pid: int, sig: int) -> tuple[str, float]:
+    """Send `sig` to `pid`; the launcher's output and how long it took to exit."""
+    os.kill(pid, sig)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=60)
+    return out, time.time() - t0
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_for_rank(proc: subprocess.Popen, rank: int, deadline: float) -> int | None:
     pid = None
     while pid is None and time.time() < deadline and proc.poll() is None:
@@ -86,14 +100,9 @@ def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
             time.sleep(0.2)
         time.sleep(3)  # let it load the model and start serving
         assert proc.poll() is None, "the job ended before the kill"
-        os.kill(victim, signal.SIGKILL)
-        t0 = time.time()
-        out, _ = proc.communicate(timeout=30)
-        elapsed = time.time() - t0
+        out, elapsed = _signal_and_wait(proc, victim, signal.SIGKILL)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode != 0
     assert elapsed < 30
     assert "rank 2 (generation executor 1" in out, out[-2000:]
@@ -107,14 +116,9 @@ def test_sigterm_to_the_launcher_drains_then_exits(tmp_path):
         assert _wait_for_rank(proc, 0, time.time() + 120) is not None
         time.sleep(6)  # executors up, requests running
         assert proc.poll() is None, "finished before the signal"
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.time()
-        log, _ = proc.communicate(timeout=60)
-        elapsed = time.time() - t0
+        log, elapsed = _signal_and_wait(proc, proc.pid, signal.SIGTERM)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, log[-2000:]
     assert elapsed < 30
     assert "finishing in-flight requests" in log
