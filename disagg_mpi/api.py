@@ -189,6 +189,7 @@ class CacheTransceiverConfig:
     lease_seconds: float = 120.0  # blocks nobody pulls are freed after this
     timeout_seconds: float = 60.0  # a transfer that does not finish fails its request
     backend: str = "auto"  # CUDA pools: auto | ipc | staged | cuda_aware_mpi (disagg_mpi/transfer/transceiver.py)
+    shared_staging: bool = True  # staged, same node: MPI carries notices, bytes go through shared pinned slots
 
     ENV: ClassVar[dict[str, tuple[str, type]]] = {
         "parallel_send": ("DISAGG_PARALLEL_SEND", bool),
@@ -201,6 +202,7 @@ class CacheTransceiverConfig:
         "lease_seconds": ("DISAGG_LEASE_SECONDS", float),
         "timeout_seconds": ("DISAGG_TRANSFER_TIMEOUT", float),
         "backend": ("DISAGG_KV_BACKEND", str),
+        "shared_staging": ("DISAGG_SHARED_STAGING", bool),
     }
 
     def with_env_overrides(self) -> CacheTransceiverConfig:

@@ -49,6 +49,7 @@ class TransceiverSpec(_Strict):
     lease_seconds: float = Field(120.0, gt=0)
     timeout_seconds: float = Field(60.0, gt=0)
     backend: Literal["auto", "ipc", "staged", "cuda_aware_mpi"] = "auto"
+    shared_staging: bool = True
 
     @field_validator("comm_type")
     @classmethod

@@ -155,6 +155,7 @@ def _pull_once(side: Side, rank: int, opaque: OpaqueState, nblk: int, req_id: in
     """One pull; returns the seconds seen by the generation rank (0.0 on the others)."""
     tc = side.tc
     _barrier(rank in (gen_rank, *ctx_ranks))
+    took = 0.0
     if rank == gen_rank:
         t0 = time.perf_counter()
         tc.start_pull(req_id, opaque, list(range(-(-opaque.num_tokens // side.state.block_size))))
@@ -162,12 +163,20 @@ def _pull_once(side: Side, rank: int, opaque: OpaqueState, nblk: int, req_id: in
             done = tc.poll()
             if done:
                 assert done[0][0] == req_id
-                return time.perf_counter() - t0
-    if rank in ctx_ranks:
-        target = tc.sent_bytes + 1
-        while tc.sent_bytes < target or tc.busy:
+                took = time.perf_counter() - t0
+                break
+        for r in ctx_ranks:  # the context ranks serve until told (a one-sided IPC pull asks nothing of them)
+            MPI.COMM_WORLD.send(req_id, dest=r, tag=_TAG_PULLED)
+    elif rank in ctx_ranks:
+        while not MPI.COMM_WORLD.Iprobe(source=gen_rank, tag=_TAG_PULLED):
             tc.poll()
-    return 0.0
+        assert MPI.COMM_WORLD.recv(source=gen_rank, tag=_TAG_PULLED) == req_id
+        while tc.busy:  # the generation rank's "done" (first IPC pull) may still be in flight
+            tc.poll()
+    return took
+
+
+_TAG_PULLED = 4242
 
 
 def _barrier(active: bool) -> None:
@@ -269,7 +278,7 @@ def bench_tp2to1(args: argparse.Namespace) -> dict[str, Any]:
 
 
 CUDA_SIZES = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 << 30]
-CUDA_BACKENDS = ("ipc", "staged")
+CUDA_BACKENDS = ("ipc", "staged", "staged-mpi")  # staged-mpi: staged with shared_staging off
 
 
 class _CudaSide:
@@ -306,7 +315,7 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
     sides = {}
     for b in args.backends:
         cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=True, buffer_bytes=args.buffer_bytes,
-                                     backend=b)
+                                     backend=b.removesuffix("-mpi"), shared_staging=b != "staged-mpi")
         sides[b] = _CudaSide(KvTransceiver(world.Dup(), pool, state, 0, cfg), state)
     plain_comm = world.Dup()
     nmax = max(sizes)
@@ -347,9 +356,10 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
             if "ipc" in sides:
                 row["ipc_vs_d2d"] = row["ipc_gbs"] / row["d2d_gbs"]
                 row["ipc_copy_vs_d2d"] = row["ipc_copy_gbs"] / row["d2d_gbs"]
-            if "staged" in sides:
-                row["staged_vs_pinned"] = row["staged_gbs"] / min(row["d2h_gbs"], row["h2d_gbs"])
-                row["staged_vs_mpi_host"] = row["staged_gbs"] / row["mpi_host_gbs"]
+            for b in ("staged", "staged-mpi"):
+                if b in sides:
+                    row[f"{b}_vs_pinned"] = row[f"{b}_gbs"] / min(row["d2h_gbs"], row["h2d_gbs"])
+                    row[f"{b}_vs_mpi_host"] = row[f"{b}_gbs"] / row["mpi_host_gbs"]
         row = world.bcast(row, root=1)
         rows.append(row)
         if rank == 0:
@@ -377,7 +387,8 @@ def plot_cuda(res: dict[str, Any], png: str) -> None:
     rows = res["rows"]
     x = [r["bytes"] / MiB for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"ipc": ("CUDA IPC pull", "-o"), "staged": ("staged pull (pinned + MPI)", "-s"),
+    styles = {"ipc": ("CUDA IPC pull", "-o"), "staged": ("staged pull (shared pinned slots)", "-s"),
+              "staged-mpi": ("staged pull (pinned + MPI)", "-^"),
               "d2d": ("device-to-device copy", "--"), "d2h": ("pinned D2H copy", ":"),
               "h2d": ("pinned H2D copy", ":"), "mpi_host": ("MPI Send/Recv, pinned host", "-.")}
     for k, (label, st) in styles.items():

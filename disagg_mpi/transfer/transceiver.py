@@ -29,10 +29,20 @@ CUDA pools (`backend`, see `CacheTransceiverConfig.backend`):
   two chunks in flight (`staging.py`);
 - cuda_aware_mpi: MPI moves device buffers directly (only where the MPI
   library reports CUDA support; refused otherwise);
-- ipc: same-node peers: the pull asks for the context pool's CUDA IPC handle,
-  the generation rank maps it once and copies the blocks device to device,
-  then tells the context rank it is done (`cuda_ipc.py`). `auto` uses IPC
-  when both pools are on CUDA on one node, else staged.
+- staged, both ranks on one node: the generation rank lends the context rank
+  a ring of shared, page-locked staging slots; MPI carries only one-integer
+  notices, the bytes cross host memory once (`shared_staging.py`; off with
+  `shared_staging: false`);
+- ipc: same-node peers: the first pull to a context rank asks for its pool's
+  CUDA IPC handle (the answer, a header, comes before any data), the
+  generation rank maps the pool once and copies the blocks device to device
+  (one pass: `block_copy.py`), then tells the context rank it is done
+  (`cuda_ipc.py`). Later pulls from that rank are one-sided: no message at
+  all, the generation rank copies from the mapped pool at once; the context
+  rank keeps the blocks until the engine's "release" anyway, and the KV is in
+  the pool before the context phase answers (its first token was read back
+  from the same stream). `auto` uses IPC when both pools are on CUDA on one
+  node, else staged.
 The wire format of the copy path does not depend on the backend, so a CPU
 rank and a GPU rank (or a staged and a CUDA-aware one) talk to each other.
 """
@@ -48,44 +58,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from ..api import CacheTransceiverConfig
-from . import cuda_ipc
+from . import cuda_ipc, shared_staging
+from .block_copy import copy_blocks
 from .cache_state import CacheState
-from .chunks import (
-    WINDOW,
-    Chunking,
-    chunking_for,
-    gather_blocks,
-    is_contiguous_run,
-    scatter_blocks,
-    zero_copy_bounds,
-)
+from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_blocks
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
+from .send_side import TAG_PULL, SendSide, _SendJob
 from .staging import PinnedBuffers, SideStream, mpi_device_buffer, mpi_host_buffer, typed_view
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "ipc", "staged", "cuda_aware_mpi")
 
-TAG_PULL = 1
 _FIRST_DATA_TAG = 100
 _KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
 
 _np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
-
-
-@dataclass
-class _Out:
-    """One chunk on its way out: posted to MPI once `event` (its D2H / GPU gather) is done."""
-
-    msg: Any  # what MPI sends (numpy view of host / pinned memory, or a CUDA tensor)
-    event: Any = None  # torch.cuda.Event, None on the host path
-    full: torch.Tensor | None = None  # chunk buffer to reuse
-    pinned: torch.Tensor | None = None  # pinned staging buffer to give back
-    req: Any = None
 
 
 @dataclass
@@ -101,24 +94,7 @@ class _In:
     host: torch.Tensor | None = None
     event: Any = None
     landed: bool = False
-
-
-@dataclass
-class _SendJob:
-    dest: int
-    tag: int
-    blocks: list[int]
-    slices: tuple[slice, slice]  # ctx-local layers, heads
-    chunking: Chunking
-    next_chunk: int = 0
-    inflight: deque = field(default_factory=deque)  # _Out, in chunk order
-    free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
-    direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
-    bytes: int = 0
-    header: Any = None  # "copy" answer owed to a generation rank that asked for CUDA IPC
-    ipc: bool = False  # the generation rank copies from our pool itself (CUDA IPC)
-    ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
-    done_req: Any = None  # IPC: receive of the generation rank's "done"
+    note: Any = None  # shared ring: the one-integer notice that the chunk is in its slot
 
 
 @dataclass
@@ -134,14 +110,17 @@ class _RecvItem:
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     direct: bool = False  # copy path, but same block size and our whole slice: contiguous runs land in place
     started: bool = False
-    hdr_req: Any = None  # asked for CUDA IPC: receive of the context rank's answer
+    hdr_req: Any = None  # asked for CUDA IPC or a shared ring: receive of the context rank's answer
     ipc_event: Any = None  # IPC copies queued on the side stream; "done" goes back once complete
     ipc_bytes: int = 0
     ipc_t0: float = 0.0
+    ipc_done: bool = False
+    one_sided: bool = False  # IPC from an already mapped pool: no messages at all
+    ring: Any = None  # shared_staging.Ring lent to the context rank for this item
 
     @property
     def done(self) -> bool:
-        return self.next_done == len(self.chunking.chunks())
+        return self.ipc_done or self.next_done == len(self.chunking.chunks())
 
 
 @dataclass
@@ -155,7 +134,7 @@ class _RecvJob:
     bytes: int = 0
 
 
-class KvTransceiver:
+class KvTransceiver(SendSide):
     """One per rank. `pool` is this rank's KV pool; `state` its executor's layout.
 
     `mode` is how this rank's chunks meet MPI: "host" (CPU pool), "staged" (CUDA pool,
@@ -193,6 +172,11 @@ class KvTransceiver:
         self._mapper: cuda_ipc.PoolMapper | None = None
         self.node = ""
         self.ipc_copy_seconds: list[float] = []  # per IPC item: copies queued .. seen complete (stats)
+        self.ipc_one_sided = 0  # IPC items pulled without any message (the pool was mapped already)
+        self._ipc_peers: dict[int, dict] = {}  # context rank -> its pool's IPC description (mapped)
+        self._rings: shared_staging.RingPool | None = None  # generation side: rings we lend
+        self._ring_maps: shared_staging.RingMaps | None = None  # context side: rings lent to us
+        self.ring_chunks = 0  # chunks that went through a shared ring (either side; stats / tests)
         if pool.is_cuda:
             self._setup_cuda()
 
@@ -219,6 +203,11 @@ class KvTransceiver:
             # Mappings are closed when the transceiver goes away or at exit, whichever comes first.
             weakref.finalize(self, self._mapper.close)
         self.want_ipc = self.backend in ("auto", "ipc") and self.ipc_reason is None
+        self.ring_reason = shared_staging.available() if self.cfg.shared_staging else "shared_staging is off"
+        if self.ring_reason is None:
+            self._rings, self._ring_maps = shared_staging.RingPool(), shared_staging.RingMaps()
+            weakref.finalize(self, self._rings.close)
+            weakref.finalize(self, self._ring_maps.close)
 
     def close(self) -> None:
         """Close the CUDA IPC mappings and drop staging buffers (at executor shutdown)."""
@@ -226,6 +215,9 @@ class KvTransceiver:
             self._mapper.close()
         if self._pinned is not None:
             self._pinned.clear()
+        for rings in (self._rings, self._ring_maps):
+            if rings is not None:
+                rings.close()
         self._spare.clear()
 
     @property
@@ -256,17 +248,21 @@ class KvTransceiver:
     # ---- generation side -------------------------------------------------
 
     def start_pull(self, req_id: int, opaque: OpaqueState, my_blocks: list[int]) -> None:
-        """Ask the context ranks for this rank's share of a request's KV."""
+        """Ask the context ranks for this rank's share of a request's KV (or copy it at once: IPC)."""
         ctx = opaque.cache_state
         plan = make_plan(ctx, self.state)[self.local_rank]
         items = []
         for it in plan:
             sl = local_slices(it, ctx, self.state, self.local_rank)
-            ri = _RecvItem(it, opaque.world_ranks[it.ctx_rank], self._alloc_tag(),
+            source = opaque.world_ranks[it.ctx_rank]
+            one_sided = self.want_ipc and source in self._ipc_peers
+            # One-sided IPC needs no chunk bounds (nothing crosses the wire): skip computing them.
+            ids = (None, None) if one_sided else (opaque.block_ids, my_blocks)
+            ri = _RecvItem(it, source, self._alloc_tag(),
                            chunking_for(it, ctx, self.state, self.local_rank, opaque.num_tokens,
-                                     self.cfg, list(opaque.block_ids), list(my_blocks),
-                                     staged=self.mode == "staged"),
+                                        self.cfg, *ids, staged=self.mode == "staged"),
                            (sl.gen_layers, sl.gen_heads))
+            ri.one_sided = one_sided
             ri.direct = (self.cfg.zero_copy and ctx.block_size == self.state.block_size
                          and it.num_layers == self.pool.shape[1] and it.num_heads == self.pool.shape[3])
             items.append(ri)
@@ -276,7 +272,15 @@ class KvTransceiver:
         if self._side is not None:  # our new blocks may still be read by queued steps of their last owner
             self._side.after_compute()
         for ri in items if self.cfg.parallel_receive else items[:1]:
-            self._request(job, ri, opaque)
+            self._start_item(job, ri)
+
+    def _start_item(self, job: _RecvJob, ri: _RecvItem) -> None:
+        ri.started = True
+        if ri.one_sided:
+            self.ipc_one_sided += 1
+            self._ipc_pull(job, ri, self._ipc_peers[ri.source])
+        else:
+            self._request(job, ri, job.opaque)  # type: ignore[attr-defined]
 
     def _request(self, job: _RecvJob, ri: _RecvItem, opaque: OpaqueState) -> None:
         it = ri.item
@@ -288,12 +292,21 @@ class KvTransceiver:
             msg["bounds"] = ri.chunking.bounds
         if self.want_ipc:
             msg["ipc"] = {"node": self.node}
+        elif self.mode == "staged" and self._rings is not None:
+            ri.ring = self._rings.get(self._max_chunk_bytes(ri, opaque.cache_state), WINDOW)
+            if ri.ring is not None:
+                msg["ring"] = {"node": self.node, **ri.ring.describe()}
         self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
-        ri.started = True
-        if self.want_ipc:  # first the context rank's answer: its pool's IPC handle, or "copy"
+        if "ipc" in msg or "ring" in msg:  # first the context rank's answer: IPC handle, ring, or "copy"
             ri.hdr_req = self.comm.irecv(bytearray(1 << 16), source=ri.source, tag=ri.tag)
         else:
             self._post_recvs(job, ri)
+
+    @staticmethod
+    def _max_chunk_bytes(ri: _RecvItem, ctx: CacheState) -> int:
+        it = ri.item
+        block = it.num_layers * 2 * it.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
+        return block * max(hi - lo for lo, hi in ri.chunking.chunks())
 
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
         chunks = ri.chunking.chunks()
@@ -317,6 +330,11 @@ class KvTransceiver:
             elif self.mode == "cuda_aware":
                 entry = _In(self.comm.Irecv(mpi_device_buffer(buf), source=ri.source, tag=ri.tag), buf,
                             ri.next_post, full)
+            elif ri.ring is not None:  # the context rank copies into our ring's slot; MPI brings a notice
+                slot = ri.ring.slot(ri.next_post, buf.numel() * buf.element_size())
+                note = np.empty(1, dtype=np.int64)
+                entry = _In(self.comm.Irecv(note, source=ri.source, tag=ri.tag), buf, ri.next_post, full,
+                            host=typed_view(slot, buf.dtype, tuple(buf.shape)), note=note)
             else:  # staged: MPI lands in pinned host memory, H2D on the side stream afterwards
                 pinned = self._pinned.get(buf.numel() * buf.element_size())
                 host = typed_view(pinned, buf.dtype, tuple(buf.shape))
@@ -340,11 +358,24 @@ class KvTransceiver:
                 self._scatter(job, ri, e.dst, lo)
             e.event = self._side.record()
 
+    def _on_header(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
+        if hdr["mode"] == "ipc":
+            self._ipc_peers[ri.source] = hdr
+            self._ipc_pull(job, ri, hdr)
+            return
+        if hdr["mode"] != "ring" and ri.ring is not None:  # the context rank cannot use our ring
+            self._rings.put(ri.ring)
+            ri.ring = None
+        if hdr["mode"] == "copy":
+            log.debug("rank %d: no CUDA IPC / shared ring with rank %d (%s); copying over MPI",
+                      self.comm.Get_rank(), ri.source, hdr.get("why"))
+        self._post_recvs(job, ri)
+
     def _progress_recv(self, job: _RecvJob) -> bool:
         for idx, ri in enumerate(job.items):
             if not ri.started:
                 if all(r.done for r in job.items[:idx]):
-                    self._request(job, ri, job.opaque)  # type: ignore[attr-defined]
+                    self._start_item(job, ri)
                 else:
                     continue
             if ri.hdr_req is not None:
@@ -352,19 +383,15 @@ class KvTransceiver:
                 if not got:
                     continue
                 ri.hdr_req = None
-                if hdr["mode"] == "ipc":
-                    self._ipc_pull(job, ri, hdr)
-                else:  # the context rank cannot share its pool with us: the copy path
-                    log.debug("rank %d: no CUDA IPC from rank %d (%s); copying", self.comm.Get_rank(),
-                              ri.source, hdr.get("why"))
-                    self._post_recvs(job, ri)
+                self._on_header(job, ri, hdr)
             if ri.ipc_event is not None:
                 if ri.ipc_event.query():
                     ri.ipc_event = None
                     self.ipc_copy_seconds.append(time.perf_counter() - ri.ipc_t0)
                     del self.ipc_copy_seconds[:-64]
-                    self.comm.send(True, dest=ri.source, tag=ri.tag)  # "done": the context may free
-                    ri.next_done = len(ri.chunking.chunks())
+                    if not ri.one_sided:
+                        self.comm.send(True, dest=ri.source, tag=ri.tag)  # "done": the context may free
+                    ri.ipc_done = True
                     job.bytes += ri.ipc_bytes
                     self._keep(ri.free_bufs)
                 continue
@@ -380,11 +407,17 @@ class KvTransceiver:
                     ri.free_bufs.append(e.full)
                 if e.pinned is not None:
                     self._pinned.put(e.pinned)
+                if e.note is not None:  # the slot is free again: hand it back to the context rank
+                    self.comm.Send(np.array([e.chunk], dtype=np.int64), dest=ri.source, tag=ri.tag)
+                    self.ring_chunks += 1
                 job.bytes += e.dst.numel() * e.dst.element_size()
                 ri.next_done += 1
                 self._post_recvs(job, ri)
                 if ri.done:
                     self._keep(ri.free_bufs)
+                    if ri.ring is not None:
+                        self._rings.put(ri.ring)
+                        ri.ring = None
         return all(ri.done for ri in job.items)
 
     def _ipc_pull(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
@@ -393,21 +426,16 @@ class KvTransceiver:
         ctx = job.opaque.cache_state  # type: ignore[attr-defined]
         ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
         it = ri.item
-        c_stage, c_tp = ctx.coords(it.ctx_rank)
-        l0, h0 = ctx.layer_range(c_stage)[0], ctx.kv_head_range(c_tp)[0]
-        view = src[:, it.layer_start - l0: it.layer_end - l0, :, it.head_start - h0: it.head_end - h0]
-        chunks = ri.chunking.chunks()
         with self._side:
-            if ri.chunking.zero_copy:  # one copy per run contiguous in both pools (no buffer: no cap)
+            if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass
                 nblk = ri.chunking.num_ctx_blocks
-                b = zero_copy_bounds(list(ctx_ids[:nblk]), job.blocks[:nblk], nblk) if nblk else [0]
-                for lo, hi in zip(b[:-1], b[1:]):
-                    dst = self.pool.narrow(0, job.blocks[lo], hi - lo)
-                    dst.copy_(src.narrow(0, ctx_ids[lo], hi - lo))
-                    ri.ipc_bytes += dst.numel() * dst.element_size()
+                ri.ipc_bytes += copy_blocks(self.pool, job.blocks[:nblk], src, list(ctx_ids[:nblk]))
             else:  # re-shard / re-block: gather the item's slice, scatter into ours, chunk by chunk
+                c_stage, c_tp = ctx.coords(it.ctx_rank)
+                l0, h0 = ctx.layer_range(c_stage)[0], ctx.kv_head_range(c_tp)[0]
+                view = src[:, it.layer_start - l0: it.layer_end - l0, :, it.head_start - h0: it.head_end - h0]
                 full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, *view.shape[1:]))
-                for lo, hi in chunks:
+                for lo, hi in ri.chunking.chunks():
                     buf = full.narrow(0, 0, hi - lo)
                     gather_blocks(view, list(ctx_ids[lo:hi]), buf)
                     self._scatter(job, ri, buf, lo)
@@ -433,125 +461,6 @@ class KvTransceiver:
         dst_blk = torch.tensor(job.blocks, dtype=torch.int64, device=dev)[g // bs]
         view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
 
-    # ---- context side ----------------------------------------------------
-
-    def _ipc_refusal(self, ask: dict) -> str | None:
-        """None if we can let this generation rank map our pool, else why not."""
-        if not self.pool.is_cuda:
-            return "the context pool is not on CUDA"
-        if self.backend in ("staged", "cuda_aware_mpi"):
-            return f"the context rank's backend is {self.backend}"
-        if self._exporter is None:
-            return f"CUDA IPC is not usable on the context rank: {self.ipc_reason}"
-        if ask.get("node") != self.node:
-            return f"different nodes ({ask.get('node')} vs {self.node})"
-        return None
-
-    def _accept_pulls(self) -> None:
-        mpi = _mpi()
-        status = mpi.Status()
-        while self.comm.Iprobe(source=mpi.ANY_SOURCE, tag=TAG_PULL, status=status):
-            src = status.Get_source()
-            msg = msgpack.unpackb(self.comm.recv(source=src, tag=TAG_PULL))
-            ctx = self.state
-            c_stage, c_tp = ctx.coords(self.local_rank)
-            l0 = ctx.layer_range(c_stage)[0]
-            h0 = ctx.kv_head_range(c_tp)[0]
-            layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
-            heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
-            chunking = Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
-            job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
-            job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
-                          and heads.stop - heads.start == self.pool.shape[3])
-            if "ipc" in msg:
-                why = self._ipc_refusal(msg["ipc"])
-                if why is None:
-                    job.ipc = True
-                    # The pool holds the KV once our compute stream has drained. Usually it has (the
-                    # prefill's tokens went to the host): ask the stream, which queues no GPU work (an
-                    # event would, and with two processes on one GPU that costs a context switch).
-                    stream = torch.cuda.current_stream(self.pool.device)
-                    if not stream.query():
-                        job.ready = torch.cuda.Event()
-                        job.ready.record(stream)
-                    one = self.pool[0, layers, :, heads]
-                    job.bytes = len(msg["blocks"]) * one.numel() * one.element_size()
-                else:
-                    job.header = {"mode": "copy", "why": why}
-            self._send_queue.append(job)
-
-    def _progress_send_ipc(self, job: _SendJob) -> bool:
-        if job.done_req is None:
-            if job.ready is not None and not job.ready.query():  # the prefill's writes are not all in yet
-                return False
-            self.comm.send({"mode": "ipc", **self._exporter.info()}, dest=job.dest, tag=job.tag)
-            job.done_req = self.comm.irecv(bytearray(256), source=job.dest, tag=job.tag)
-            return False
-        got, _ = job.done_req.test()
-        if got:
-            self.sent_bytes += job.bytes
-        return got
-
-    def _send_source(self, job: _SendJob, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The chunk as a contiguous tensor on the pool's device: a pool run, or packed into a buffer."""
-        if job.chunking.zero_copy:
-            if job.chunking.bounds is None:
-                return self.pool[job.blocks[lo]], None
-            return self.pool.narrow(0, job.blocks[lo], hi - lo), None  # contiguous (the receiver checked)
-        if job.direct and is_contiguous_run(job.blocks, lo, hi):  # our blocks are the packed layout
-            return self.pool.narrow(0, job.blocks[lo], hi - lo), None
-        layers, heads = job.slices
-        view = self.pool[:, layers, :, heads]
-        full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
-        buf = full.narrow(0, 0, hi - lo)
-        gather_blocks(view, job.blocks[lo:hi], buf)
-        return buf, full
-
-    def _progress_send(self, job: _SendJob) -> bool:
-        if job.ipc:
-            return self._progress_send_ipc(job)
-        if job.header is not None:
-            self.comm.send(job.header, dest=job.dest, tag=job.tag)
-            job.header = None
-        while job.inflight and job.inflight[0].req is not None and job.inflight[0].req.Test():
-            e = job.inflight.popleft()
-            if e.full is not None:
-                job.free_bufs.append(e.full)
-            if e.pinned is not None:
-                self._pinned.put(e.pinned)
-        chunks = job.chunking.chunks()
-        while job.next_chunk < len(chunks) and len(job.inflight) < WINDOW:
-            lo, hi = chunks[job.next_chunk]
-            if self.mode == "host":
-                buf, full = self._send_source(job, lo, hi)
-                entry = _Out(_np(buf), None, full)
-            else:
-                with self._side:
-                    self._side.after_compute()  # the prefill's KV writes come first
-                    buf, full = self._send_source(job, lo, hi)
-                    if self.mode == "cuda_aware":
-                        entry = _Out(mpi_device_buffer(buf), None, full)
-                    else:  # staged: D2H into pinned memory, Isend once the copy is done
-                        pinned = self._pinned.get(buf.numel() * buf.element_size())
-                        host = typed_view(pinned, buf.dtype, tuple(buf.shape))
-                        host.copy_(buf, non_blocking=True)
-                        entry = _Out(_np(host), None, full, pinned)
-                    entry.event = self._side.record()
-            job.inflight.append(entry)
-            job.bytes += buf.numel() * buf.element_size()
-            job.next_chunk += 1
-        for e in job.inflight:  # post in chunk order, each once its copy is done
-            if e.req is not None:
-                continue
-            if e.event is not None and not e.event.query():
-                break
-            e.req = self.comm.Isend(e.msg, dest=job.dest, tag=job.tag)
-        done = job.next_chunk == len(chunks) and not job.inflight
-        if done:
-            self.sent_bytes += job.bytes
-            self._keep(job.free_bufs)
-        return done
-
     # ---- both ------------------------------------------------------------
 
     def poll(self) -> list[tuple[int, int, float]]:
@@ -575,25 +484,6 @@ class KvTransceiver:
     @property
     def receiving(self) -> bool:
         return bool(self._recv)
-
-    def cancel_receive(self, req_id: int) -> None:
-        """Forget a receive (its request was cancelled); posted receives are cancelled.
-
-        CUDA IPC items whose copies were queued still tell the context rank they are done."""
-        job = self._recv.pop(req_id, None)
-        if job is None:
-            return
-        for ri in job.items:
-            if ri.ipc_event is not None:
-                ri.ipc_event.synchronize()
-                self.comm.send(True, dest=ri.source, tag=ri.tag)
-            for e in ri.posted:
-                if not e.landed:
-                    e.req.Cancel()
-                    e.req.Wait()
-            if ri.hdr_req is not None:
-                ri.hdr_req.Cancel()
-                ri.hdr_req.Wait()
 
     def _alloc_tag(self) -> int:
         tag = self._next_tag

@@ -79,7 +79,7 @@ def _run(tc: KvTransceiver, gen_rank: int, ctx_ranks: tuple[int, ...], pull) -> 
 
 
 @pytest.mark.world(3)
-@pytest.mark.parametrize("backend", ["ipc", "staged", "auto"])
+@pytest.mark.parametrize("backend", ["ipc", "staged", "staged-mpi", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["tp2to1", "tp1to1"])
 @pytest.mark.parametrize("gen_bs", [4, 8])
@@ -98,8 +98,8 @@ def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy, async_buffe
     gen_state = CacheState.create(LAYERS, HEADS, HEAD_DIM, gen_bs, dtype)
     # Small buffer: several chunks per transfer (pipelining and the reuse of staging buffers).
     cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=zero_copy, buffer_bytes=4096,
-                                 async_buffer=async_buffer,
-                                 backend=backend)
+                                 async_buffer=async_buffer, backend=backend.removesuffix("-mpi"),
+                                 shared_staging=backend != "staged-mpi")
     rng = random.Random(1234)
     ctx_ids = rng.sample(range(40), nblk_ctx)
     ctx_ids[2:6] = sorted(ctx_ids[2:6])  # a few runs too
@@ -128,8 +128,10 @@ def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy, async_buffe
         opened = tc._mapper.opened if tc._mapper is not None else 0
         if backend in ("ipc", "auto"):
             assert opened >= 1, "CUDA IPC was not used"
+        elif backend == "staged":  # same node: through the shared ring, MPI carries only notices
+            assert opened == 0 and tc.ring_chunks > 0 and tc._pinned.allocated == 0, "shared ring not used"
         else:
-            assert opened == 0 and tc._pinned.allocated > 0, "staged path not used"
+            assert opened == 0 and tc.ring_chunks == 0 and tc._pinned.allocated > 0, "staged MPI path not used"
     elif rank in ctx_ranks:
         assert torch.equal(pool, before), "the context pool changed"
     tc.close()
@@ -154,6 +156,7 @@ def test_ipc_mapping_is_cached():
     if rank == 2:
         torch.cuda.synchronize()
         assert tc._mapper.opened == 1
+        assert tc.ipc_one_sided == 2, "pulls from a mapped pool should need no message"
         assert torch.equal(pool[12:14], glob[2:4])
     tc.close()
     comm.Free()

@@ -1,0 +1,78 @@
+"""Copy whole KV blocks between two pools on one GPU in a single pass (CUDA IPC pulls).
+
+`copy_blocks(dst, dst_ids, src, src_ids)` sets dst[dst_ids[i]] = src[src_ids[i]]
+along dim 0. Runs that are consecutive in both pools go as one `copy_` each;
+when there are many runs (a fragmented pool), one Triton kernel moves every
+block, reading and writing each byte once (an index_select + index_copy_ pair
+would move it twice, through a temporary). Without Triton the pair is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .chunks import zero_copy_bounds
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MAX_COPIES = 8  # more runs than this: one kernel for all of them
+_CHUNK = 4096  # words per program
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, words, CHUNK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        m = offs < words
+        s = tl.load(src_ids_ptr + b).to(tl.int64) * words
+        d = tl.load(dst_ids_ptr + b).to(tl.int64) * words
+        tl.store(dst_ptr + d + offs, tl.load(src_ptr + s + offs, mask=m), mask=m)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The pool as [num_blocks, words]: the widest integer type dividing a block's bytes."""
+    nbytes = t[0].numel() * t.element_size() if t.shape[0] else 0
+    for dt, w in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if nbytes % w == 0:
+            return t.view(t.shape[0], -1).view(dt) if t.element_size() <= w else t.view(t.shape[0], -1)
+    return t.view(t.shape[0], -1).view(torch.uint8)
+
+
+def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> int:
+    """dst[dst_ids[i]] = src[src_ids[i]] for contiguous pools of equal block shape; returns bytes moved.
+
+    Queued on the current stream; both pools must be on the same device (src may be a
+    CUDA IPC mapping of another process's pool)."""
+    n = len(src_ids)
+    if n == 0:
+        return 0
+    bounds = zero_copy_bounds(src_ids, dst_ids, n)
+    if len(bounds) - 1 <= MAX_COPIES or not (dst.is_contiguous() and src.is_contiguous()):
+        for lo, hi in itertools.pairwise(bounds):
+            dst.narrow(0, dst_ids[lo], hi - lo).copy_(src.narrow(0, src_ids[lo], hi - lo))
+    else:
+        dev = dst.device
+        sidx = torch.tensor(src_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        didx = torch.tensor(dst_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        if triton is not None and (dev.type == "cuda" or _interpreting()):
+            s, d = _words(src), _words(dst)
+            words = s.shape[1]
+            _copy_blocks_kernel[(n, triton.cdiv(words, _CHUNK))](s, d, sidx, didx, words, CHUNK=_CHUNK,
+                                                                   num_warps=4)
+        else:
+            dst.index_copy_(0, didx, src.index_select(0, sidx))
+    return n * src[0].numel() * src.element_size()
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

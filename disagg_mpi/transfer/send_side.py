@@ -1,0 +1,214 @@
+"""The context side of the pull protocol: answer pulls, send chunks (see transceiver.py).
+
+A mixin of `KvTransceiver`: it reads the transceiver's pool, side stream,
+buffers and MPI communicator. Per pull message it makes a `_SendJob` and then
+either
+- lets the generation rank map the pool (CUDA IPC: answer with the handle,
+  wait for "done"),
+- copies chunks into the generation rank's shared staging ring (same node,
+  staged: D2H into slot k % WINDOW, a one-integer notice, wait for the slot to
+  come back; `shared_staging.py`), or
+- sends chunks over MPI (host memory, pinned staging, or CUDA-aware MPI).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from .chunks import WINDOW, Chunking, gather_blocks, is_contiguous_run
+from .staging import mpi_device_buffer, mpi_host_buffer, typed_view
+
+TAG_PULL = 1
+_np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
+
+@dataclass
+class _Out:
+    """One chunk on its way out: posted to MPI once `event` (its D2H / GPU gather) is done."""
+
+    msg: Any  # what MPI sends (numpy view of host / pinned memory, or a CUDA tensor)
+    event: Any = None  # torch.cuda.Event, None on the host path
+    full: torch.Tensor | None = None  # chunk buffer to reuse
+    pinned: torch.Tensor | None = None  # pinned staging buffer to give back
+    req: Any = None  # the Isend; shared ring: the receive of the slot coming back
+    ack: Any = None  # shared ring: where the returned slot's number lands
+
+
+@dataclass
+class _SendJob:
+    dest: int
+    tag: int
+    blocks: list[int]
+    slices: tuple[slice, slice]  # ctx-local layers, heads
+    chunking: Chunking
+    next_chunk: int = 0
+    inflight: deque = field(default_factory=deque)  # _Out, in chunk order
+    free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
+    direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
+    bytes: int = 0
+    header: Any = None  # "copy" answer owed to a generation rank that asked for CUDA IPC
+    ipc: bool = False  # the generation rank copies from our pool itself (CUDA IPC)
+    ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
+    done_req: Any = None  # IPC: receive of the generation rank's "done"
+    ring: Any = None  # shared_staging.Ring the generation rank lent us for this pull
+
+
+class SendSide:
+    """Context-side methods of KvTransceiver."""
+
+    def _ipc_refusal(self, ask: dict) -> str | None:
+        """None if we can let this generation rank map our pool, else why not."""
+        if not self.pool.is_cuda:
+            return "the context pool is not on CUDA"
+        if self.backend in ("staged", "cuda_aware_mpi"):
+            return f"the context rank's backend is {self.backend}"
+        if self._exporter is None:
+            return f"CUDA IPC is not usable on the context rank: {self.ipc_reason}"
+        if ask.get("node") != self.node:
+            return f"different nodes ({ask.get('node')} vs {self.node})"
+        return None
+
+    def _ring_refusal(self, ask: dict) -> str | None:
+        """None if we can copy into this generation rank's shared ring, else why not."""
+        if self.mode != "staged":
+            return f"the context rank moves chunks as {self.mode}, not staged"
+        if self._ring_maps is None:
+            return f"shared staging is not usable on the context rank: {self.ring_reason}"
+        if ask.get("node") != self.node:
+            return f"different nodes ({ask.get('node')} vs {self.node})"
+        return None
+
+    def _accept_pulls(self) -> None:
+        mpi = _mpi()
+        status = mpi.Status()
+        while self.comm.Iprobe(source=mpi.ANY_SOURCE, tag=TAG_PULL, status=status):
+            src = status.Get_source()
+            msg = msgpack.unpackb(self.comm.recv(source=src, tag=TAG_PULL))
+            ctx = self.state
+            c_stage, c_tp = ctx.coords(self.local_rank)
+            l0 = ctx.layer_range(c_stage)[0]
+            h0 = ctx.kv_head_range(c_tp)[0]
+            layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
+            heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
+            chunking = Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
+            job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
+            job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
+                          and heads.stop - heads.start == self.pool.shape[3])
+            if "ipc" in msg:
+                why = self._ipc_refusal(msg["ipc"])
+                if why is None:
+                    job.ipc = True
+                    # The pool holds the KV once our compute stream has drained. Usually it has (the
+                    # prefill's tokens went to the host): ask the stream, which queues no GPU work (an
+                    # event would, and with two processes on one GPU that costs a context switch).
+                    stream = torch.cuda.current_stream(self.pool.device)
+                    if not stream.query():
+                        job.ready = torch.cuda.Event()
+                        job.ready.record(stream)
+                    one = self.pool[0, layers, :, heads]
+                    job.bytes = len(msg["blocks"]) * one.numel() * one.element_size()
+                else:
+                    job.header = {"mode": "copy", "why": why}
+            elif "ring" in msg:
+                why = self._ring_refusal(msg["ring"])
+                if why is None:
+                    try:
+                        busy = {j.ring.path for j in (*self._sending, *self._send_queue) if j.ring is not None}
+                        job.ring = self._ring_maps.get(msg["ring"], busy)
+                    except (OSError, ValueError) as err:
+                        why = f"cannot map the shared ring {msg['ring'].get('path')}: {err}"
+                job.header = {"mode": "ring"} if why is None else {"mode": "copy", "why": why}
+            self._send_queue.append(job)
+
+    def _progress_send_ipc(self, job: _SendJob) -> bool:
+        if job.done_req is None:
+            if job.ready is not None and not job.ready.query():  # the prefill's writes are not all in yet
+                return False
+            self.comm.send({"mode": "ipc", **self._exporter.info()}, dest=job.dest, tag=job.tag)
+            job.done_req = self.comm.irecv(bytearray(256), source=job.dest, tag=job.tag)
+            return False
+        got, _ = job.done_req.test()
+        if got:
+            self.sent_bytes += job.bytes
+        return got
+
+    def _send_source(self, job: _SendJob, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk as a contiguous tensor on the pool's device: a pool run, or packed into a buffer."""
+        if job.chunking.zero_copy:
+            if job.chunking.bounds is None:
+                return self.pool[job.blocks[lo]], None
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None  # contiguous (the receiver checked)
+        if job.direct and is_contiguous_run(job.blocks, lo, hi):  # our blocks are the packed layout
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None
+        layers, heads = job.slices
+        view = self.pool[:, layers, :, heads]
+        full = self._buffer(job.free_bufs, (job.chunking.blocks_per_chunk, *view.shape[1:]))
+        buf = full.narrow(0, 0, hi - lo)
+        gather_blocks(view, job.blocks[lo:hi], buf)
+        return buf, full
+
+    def _progress_send(self, job: _SendJob) -> bool:
+        if job.ipc:
+            return self._progress_send_ipc(job)
+        if job.header is not None:
+            self.comm.send(job.header, dest=job.dest, tag=job.tag)
+            job.header = None
+        while job.inflight and job.inflight[0].req is not None and job.inflight[0].req.Test():
+            e = job.inflight.popleft()
+            if e.full is not None:
+                job.free_bufs.append(e.full)
+            if e.pinned is not None:
+                self._pinned.put(e.pinned)
+        chunks = job.chunking.chunks()
+        while job.next_chunk < len(chunks) and len(job.inflight) < WINDOW:
+            lo, hi = chunks[job.next_chunk]
+            if self.mode == "host":
+                buf, full = self._send_source(job, lo, hi)
+                entry = _Out(_np(buf), None, full)
+            else:
+                with self._side:
+                    self._side.after_compute()  # the prefill's KV writes come first
+                    buf, full = self._send_source(job, lo, hi)
+                    if self.mode == "cuda_aware":
+                        entry = _Out(mpi_device_buffer(buf), None, full)
+                    elif job.ring is not None:  # D2H into the lent slot; the notice goes once it is done
+                        slot = job.ring.slot(job.next_chunk, buf.numel() * buf.element_size())
+                        typed_view(slot, buf.dtype, tuple(buf.shape)).copy_(buf, non_blocking=True)
+                        entry = _Out(np.array([job.next_chunk], dtype=np.int64), None, full,
+                                     ack=np.empty(1, dtype=np.int64))
+                    else:  # staged: D2H into pinned memory, Isend once the copy is done
+                        pinned = self._pinned.get(buf.numel() * buf.element_size())
+                        host = typed_view(pinned, buf.dtype, tuple(buf.shape))
+                        host.copy_(buf, non_blocking=True)
+                        entry = _Out(_np(host), None, full, pinned)
+                    entry.event = self._side.record()
+            job.inflight.append(entry)
+            job.bytes += buf.numel() * buf.element_size()
+            job.next_chunk += 1
+        for e in job.inflight:  # post in chunk order, each once its copy is done
+            if e.req is not None:
+                continue
+            if e.event is not None and not e.event.query():
+                break
+            if e.ack is not None:  # shared ring: a small notice (sent eagerly); done when the slot is back
+                self.comm.Send(e.msg, dest=job.dest, tag=job.tag)
+                e.req = self.comm.Irecv(e.ack, source=job.dest, tag=job.tag)
+                self.ring_chunks += 1
+                continue
+            e.req = self.comm.Isend(e.msg, dest=job.dest, tag=job.tag)
+        done = job.next_chunk == len(chunks) and not job.inflight
+        if done:
+            self.sent_bytes += job.bytes
+            self._keep(job.free_bufs)
+        return done
+
+
+def _mpi() -> Any:
+    from mpi4py import MPI
+
+    return MPI

@@ -1,0 +1,110 @@
+"""Block copies of CUDA IPC pulls and the shared staging rings, on CPU (the same code runs on GPU)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from disagg_mpi.transfer import block_copy, shared_staging
+from disagg_mpi.transfer.chunks import zero_copy_bounds
+
+
+def _pool(n: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.arange(n * 3 * 2 * 2 * 4 * 8, dtype=torch.float32).reshape(n, 3, 2, 2, 4, 8).to(dtype)
+
+
+def _ref_bounds(ctx_ids, gen_ids, max_run):
+    bounds = [0]
+    for i in range(1, len(ctx_ids)):
+        if i - bounds[-1] >= max_run or ctx_ids[i] != ctx_ids[i - 1] + 1 or gen_ids[i] != gen_ids[i - 1] + 1:
+            bounds.append(i)
+    bounds.append(len(ctx_ids))
+    return bounds
+
+
+def test_zero_copy_bounds_match_the_definition():
+    rng = random.Random(3)
+    for _ in range(2000):
+        n = rng.randint(0, 40)
+        c = sorted(rng.sample(range(100), n)) if rng.random() < 0.5 else rng.sample(range(100), n)
+        g = list(range(5, 5 + n)) if rng.random() < 0.5 else rng.sample(range(100), n)
+        m = rng.randint(1, 12)
+        assert zero_copy_bounds(c, g, m) == _ref_bounds(c, g, m), (c, g, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["one_run", "few_runs", "shuffled"])
+def test_copy_blocks_moves_exactly_the_named_blocks(dtype, pattern):
+    rng = random.Random(pattern)
+    src, dst = _pool(40, dtype), torch.full((40, 3, 2, 2, 4, 8), -1.0, dtype=dtype)
+    before = dst.clone()
+    n = 24
+    if pattern == "one_run":
+        s_ids, d_ids = list(range(3, 3 + n)), list(range(10, 10 + n))
+    elif pattern == "few_runs":
+        s_ids, d_ids = list(range(0, 12)) + list(range(20, 32)), list(range(16, 40))
+    else:  # many runs: one indexed copy (Triton kernel on GPU / under the interpreter)
+        s_ids, d_ids = rng.sample(range(40), n), rng.sample(range(40), n)
+    moved = block_copy.copy_blocks(dst, d_ids, src, s_ids)
+    assert moved == n * src[0].numel() * src.element_size()
+    for s, d in zip(s_ids, d_ids):
+        assert torch.equal(dst[d], src[s]), (s, d)
+    rest = [b for b in range(40) if b not in d_ids]
+    assert torch.equal(dst[rest], before[rest])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set before import)")
+def test_copy_blocks_triton_kernel_under_the_interpreter():
+    pytest.importorskip("triton")
+    src, dst = _pool(16), torch.zeros(16, 3, 2, 2, 4, 8)
+    s_ids, d_ids = [5, 1, 9, 3, 14, 0, 7, 11, 2, 12], [0, 2, 4, 6, 8, 10, 12, 14, 1, 3]
+    block_copy.copy_blocks(dst, d_ids, src, s_ids)
+    for s, d in zip(s_ids, d_ids):
+        assert torch.equal(dst[d], src[s])
+
+
+def test_ring_is_shared_between_its_owner_and_a_mapper():
+    owner = shared_staging.Ring(1000, 2)
+    assert owner.slot_bytes % (1 << 21) == 0 and os.path.exists(owner.path)
+    peer = shared_staging.Ring(owner.slot_bytes, 2, path=owner.path)
+    owner.slot(3, 16).copy_(torch.arange(16, dtype=torch.uint8))  # slot 3 % 2 == 1
+    assert peer.slot(1, 16).tolist() == list(range(16))
+    assert peer.slot(0, 16).sum().item() == 0
+    with pytest.raises(ValueError, match="does not fit"):
+        owner.slot(0, owner.slot_bytes + 1)
+    peer.close()
+    owner.close()
+    assert not os.path.exists(owner.path), "the owner unlinks the shared file"
+
+
+def test_ring_pool_bounds_live_rings_and_reuses_them():
+    pool = shared_staging.RingPool(max_live=2)
+    a, b = pool.get(1 << 20, 2), pool.get(1 << 20, 2)
+    assert a is not None and b is not None and a.path != b.path
+    assert pool.get(1 << 20, 2) is None, "a third concurrent pull goes over MPI"
+    pool.put(a)
+    assert pool.get(1 << 20, 2) is a
+    pool.put(a)
+    big = pool.get(8 << 20, 2)  # too big for the free ring: it is replaced
+    assert big is not None and big.slot_bytes >= 8 << 20 and pool.live == 2
+    assert not os.path.exists(a.path)
+    for r in (b, big):
+        pool.put(r)
+    pool.close()
+    assert not os.path.exists(b.path) and not os.path.exists(big.path)
+
+
+def test_ring_maps_close_the_oldest_unused_mapping():
+    owners = [shared_staging.Ring(1 << 20, 2) for _ in range(3)]
+    maps = shared_staging.RingMaps(keep=2)
+    m0 = maps.get(owners[0].describe())
+    assert maps.get(owners[0].describe()) is m0, "mapped once"
+    maps.get(owners[1].describe())
+    maps.get(owners[2].describe(), in_use={owners[1].path})
+    assert set(maps._maps) == {owners[1].path, owners[2].path}
+    maps.close()
+    for o in owners:
+        o.close()
