@@ -103,7 +103,8 @@ def zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> li
 
 def chunking_for(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int, num_tokens: int,
               cfg: CacheTransceiverConfig, ctx_ids: list[int] | None = None,
-              gen_ids: list[int] | None = None, staged: bool = False) -> Chunking:
+              gen_ids: list[int] | None = None, staged: bool = False, window: int = WINDOW) -> Chunking:
+    """How the item is cut. `window`: chunks in flight (and buffers/slots they share)."""
     c_stage, _ = ctx.coords(item.ctx_rank)
     g_stage, _ = gen.coords(gen_rank)
     whole_ctx = (item.num_layers == ctx.layer_split[c_stage]
@@ -116,10 +117,10 @@ def chunking_for(item: PlanItem, ctx: CacheState, gen: CacheState, gen_rank: int
     if zero_copy:
         # No buffer: a chunk is a run of blocks contiguous on both sides, capped at buffer_bytes
         # (staged through pinned host memory: each run has its own staging buffer, two in flight).
-        max_run = max(1, cfg.buffer_bytes // ((WINDOW if staged else 1) * max(1, block_bytes)))
+        max_run = max(1, cfg.buffer_bytes // ((window if staged else 1) * max(1, block_bytes)))
         bounds = (zero_copy_bounds(list(ctx_ids[:nblocks]), list(gen_ids[:nblocks]), max_run)
                   if ctx_ids is not None and gen_ids is not None and nblocks > 0 else None)
         return Chunking(True, 1, nblocks, bounds)
-    # Copy path: WINDOW chunks in flight share buffer_bytes.
-    per_chunk = max(1, cfg.buffer_bytes // (WINDOW * max(1, block_bytes)))
+    # Copy path: `window` chunks in flight share buffer_bytes.
+    per_chunk = max(1, cfg.buffer_bytes // (window * max(1, block_bytes)))
     return Chunking(False, per_chunk, nblocks)

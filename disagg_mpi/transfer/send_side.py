@@ -6,7 +6,7 @@ either
 - lets the generation rank map the pool (CUDA IPC: answer with the handle,
   wait for "done"),
 - copies chunks into the generation rank's shared staging ring (same node,
-  staged: D2H into slot k % WINDOW, a one-integer notice, wait for the slot to
+  staged: D2H into slot k % slots, a one-integer notice, wait for the slot to
   come back; `shared_staging.py`), or
 - sends chunks over MPI (host memory, pinned staging, or CUDA-aware MPI).
 """
@@ -165,7 +165,8 @@ class SendSide:
             if e.pinned is not None:
                 self._pinned.put(e.pinned)
         chunks = job.chunking.chunks()
-        while job.next_chunk < len(chunks) and len(job.inflight) < WINDOW:
+        window = job.ring.slots if job.ring is not None else WINDOW
+        while job.next_chunk < len(chunks) and len(job.inflight) < window:
             lo, hi = chunks[job.next_chunk]
             if self.mode == "host":
                 buf, full = self._send_source(job, lo, hi)

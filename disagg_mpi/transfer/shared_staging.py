@@ -4,10 +4,10 @@ Through MPI, a staged chunk crosses host memory three times: the context
 rank's D2H into pinned memory, the MPI library's copy between the two
 processes (Open MPI 4.1 on the H100 machine: about 5.8 GB/s, a tenth of a
 pinned copy), and the generation rank's H2D. When both ranks are on one
-node, the generation rank instead lends the context rank a ring of `WINDOW`
+node, the generation rank instead lends the context rank a ring of `SLOTS`
 slots in shared memory (a file in /dev/shm, page-locked in both processes
 with cudaHostRegister): the context rank copies a chunk D2H into slot
-k % WINDOW and sends a one-integer notice, the generation rank copies it
+k % SLOTS and sends a one-integer notice, the generation rank copies it
 H2D straight out of the slot and sends the slot back. MPI carries only the
 notices; the bytes cross host memory once each way, and with two slots one
 chunk's D2H overlaps the other's H2D.
@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
+SLOTS = int(os.environ.get("DISAGG_RING_SLOTS", "3"))  # chunks in flight through a ring (buffer_bytes shared)
 _ALIGN = 1 << 21
 _names = itertools.count()
 

@@ -120,7 +120,9 @@ class _RecvItem:
 
     @property
     def done(self) -> bool:
-        return self.ipc_done or self.next_done == len(self.chunking.chunks())
+        if self.ipc_done or self.ipc_event is not None:  # an IPC item (no chunks)
+            return self.ipc_done
+        return self.next_done == len(self.chunking.chunks())
 
 
 @dataclass
@@ -174,6 +176,7 @@ class KvTransceiver(SendSide):
         self.ipc_copy_seconds: list[float] = []  # per IPC item: copies queued .. seen complete (stats)
         self.ipc_one_sided = 0  # IPC items pulled without any message (the pool was mapped already)
         self._ipc_peers: dict[int, dict] = {}  # context rank -> its pool's IPC description (mapped)
+        self._plans: dict[CacheState, list] = {}  # context layout -> our plan items (see _plan_items)
         self._rings: shared_staging.RingPool | None = None  # generation side: rings we lend
         self._ring_maps: shared_staging.RingMaps | None = None  # context side: rings lent to us
         self.ring_chunks = 0  # chunks that went through a shared ring (either side; stats / tests)
@@ -248,31 +251,43 @@ class KvTransceiver(SendSide):
     # ---- generation side -------------------------------------------------
 
     def start_pull(self, req_id: int, opaque: OpaqueState, my_blocks: list[int]) -> None:
-        """Ask the context ranks for this rank's share of a request's KV (or copy it at once: IPC)."""
+        """Ask the context ranks for this rank's share of a request's KV (or copy it at once: IPC).
+
+        Ordered for latency: a one-sided IPC item's copy is queued as soon as its item exists,
+        and the rest of the bookkeeping runs while the GPU copies."""
         ctx = opaque.cache_state
-        plan = make_plan(ctx, self.state)[self.local_rank]
-        items = []
-        for it in plan:
-            sl = local_slices(it, ctx, self.state, self.local_rank)
+        job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, [])
+        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
+        if self._side is not None:  # our new blocks may still be read by queued steps of their last owner
+            self._side.after_compute()
+        for it, slices, direct in self._plan_items(ctx):
             source = opaque.world_ranks[it.ctx_rank]
             one_sided = self.want_ipc and source in self._ipc_peers
+            ring = self.mode == "staged" and not self.want_ipc and self._rings is not None
             # One-sided IPC needs no chunk bounds (nothing crosses the wire): skip computing them.
             ids = (None, None) if one_sided else (opaque.block_ids, my_blocks)
             ri = _RecvItem(it, source, self._alloc_tag(),
                            chunking_for(it, ctx, self.state, self.local_rank, opaque.num_tokens,
-                                        self.cfg, *ids, staged=self.mode == "staged"),
-                           (sl.gen_layers, sl.gen_heads))
-            ri.one_sided = one_sided
-            ri.direct = (self.cfg.zero_copy and ctx.block_size == self.state.block_size
-                         and it.num_layers == self.pool.shape[1] and it.num_heads == self.pool.shape[3])
-            items.append(ri)
-        job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, items)
-        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
+                                        self.cfg, *ids, staged=self.mode == "staged",
+                                        window=shared_staging.SLOTS if ring else WINDOW),
+                           slices, one_sided=one_sided, direct=direct)
+            job.items.append(ri)
+            if self.cfg.parallel_receive or len(job.items) == 1:
+                self._start_item(job, ri)
         self._recv[req_id] = job
-        if self._side is not None:  # our new blocks may still be read by queued steps of their last owner
-            self._side.after_compute()
-        for ri in items if self.cfg.parallel_receive else items[:1]:
-            self._start_item(job, ri)
+
+    def _plan_items(self, ctx: CacheState) -> list[tuple[PlanItem, tuple[slice, slice], bool]]:
+        """This rank's plan items from a context layout, with our slices of each (cached per layout)."""
+        got = self._plans.get(ctx)
+        if got is None:
+            got = []
+            for it in make_plan(ctx, self.state)[self.local_rank]:
+                sl = local_slices(it, ctx, self.state, self.local_rank)
+                direct = (self.cfg.zero_copy and ctx.block_size == self.state.block_size
+                          and it.num_layers == self.pool.shape[1] and it.num_heads == self.pool.shape[3])
+                got.append((it, (sl.gen_layers, sl.gen_heads), direct))
+            self._plans[ctx] = got
+        return got
 
     def _start_item(self, job: _RecvJob, ri: _RecvItem) -> None:
         ri.started = True
@@ -293,7 +308,7 @@ class KvTransceiver(SendSide):
         if self.want_ipc:
             msg["ipc"] = {"node": self.node}
         elif self.mode == "staged" and self._rings is not None:
-            ri.ring = self._rings.get(self._max_chunk_bytes(ri, opaque.cache_state), WINDOW)
+            ri.ring = self._rings.get(self._max_chunk_bytes(ri, opaque.cache_state), shared_staging.SLOTS)
             if ri.ring is not None:
                 msg["ring"] = {"node": self.node, **ri.ring.describe()}
         self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
@@ -310,7 +325,8 @@ class KvTransceiver(SendSide):
 
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
         chunks = ri.chunking.chunks()
-        while ri.next_post < len(chunks) and len(ri.posted) < WINDOW:
+        window = ri.ring.slots if ri.ring is not None else WINDOW
+        while ri.next_post < len(chunks) and len(ri.posted) < window:
             lo, hi = chunks[ri.next_post]
             if ri.chunking.zero_copy:  # receive straight into our blocks (a contiguous run)
                 if ri.chunking.bounds is None:
@@ -426,21 +442,24 @@ class KvTransceiver(SendSide):
         ctx = job.opaque.cache_state  # type: ignore[attr-defined]
         ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
         it = ri.item
+        if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass, queued on the side stream
+            nblk = ri.chunking.num_ctx_blocks
+            ri.ipc_bytes += copy_blocks(self.pool, job.blocks[:nblk], src, list(ctx_ids[:nblk]), self._side.stream)
+            ri.ipc_event = self._side.record()
+            ri.ipc_t0 = time.perf_counter()
+            return
         with self._side:
-            if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass
-                nblk = ri.chunking.num_ctx_blocks
-                ri.ipc_bytes += copy_blocks(self.pool, job.blocks[:nblk], src, list(ctx_ids[:nblk]))
-            else:  # re-shard / re-block: gather the item's slice, scatter into ours, chunk by chunk
-                c_stage, c_tp = ctx.coords(it.ctx_rank)
-                l0, h0 = ctx.layer_range(c_stage)[0], ctx.kv_head_range(c_tp)[0]
-                view = src[:, it.layer_start - l0: it.layer_end - l0, :, it.head_start - h0: it.head_end - h0]
-                full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, *view.shape[1:]))
-                for lo, hi in ri.chunking.chunks():
-                    buf = full.narrow(0, 0, hi - lo)
-                    gather_blocks(view, list(ctx_ids[lo:hi]), buf)
-                    self._scatter(job, ri, buf, lo)
-                    ri.ipc_bytes += buf.numel() * buf.element_size()
-                ri.free_bufs.append(full)  # reused only after ipc_event (then handed to _keep)
+            # re-shard / re-block: gather the item's slice, scatter into ours, chunk by chunk
+            c_stage, c_tp = ctx.coords(it.ctx_rank)
+            l0, h0 = ctx.layer_range(c_stage)[0], ctx.kv_head_range(c_tp)[0]
+            view = src[:, it.layer_start - l0: it.layer_end - l0, :, it.head_start - h0: it.head_end - h0]
+            full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, *view.shape[1:]))
+            for lo, hi in ri.chunking.chunks():
+                buf = full.narrow(0, 0, hi - lo)
+                gather_blocks(view, list(ctx_ids[lo:hi]), buf)
+                self._scatter(job, ri, buf, lo)
+                ri.ipc_bytes += buf.numel() * buf.element_size()
+            ri.free_bufs.append(full)  # reused only after ipc_event (then handed to _keep)
             ri.ipc_event = self._side.record()
         ri.ipc_t0 = time.perf_counter()
 

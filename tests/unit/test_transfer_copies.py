@@ -56,9 +56,19 @@ def test_copy_blocks_moves_exactly_the_named_blocks(dtype, pattern):
     assert torch.equal(dst[rest], before[rest])
 
 
+def test_copy_blocks_many_runs_take_one_indexed_copy(monkeypatch):
+    monkeypatch.setattr(block_copy, "MAX_COPIES", 0)
+    src, dst = _pool(16), torch.zeros(16, 3, 2, 2, 4, 8)
+    s_ids, d_ids = [5, 6, 7, 3, 14], [9, 10, 11, 0, 1]
+    block_copy.copy_blocks(dst, d_ids, src, s_ids)
+    for s, d in zip(s_ids, d_ids):
+        assert torch.equal(dst[d], src[s])
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set before import)")
-def test_copy_blocks_triton_kernel_under_the_interpreter():
+def test_copy_blocks_triton_kernel_under_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setattr(block_copy, "MAX_COPIES", 0)
     src, dst = _pool(16), torch.zeros(16, 3, 2, 2, 4, 8)
     s_ids, d_ids = [5, 1, 9, 3, 14, 0, 7, 11, 2, 12], [0, 2, 4, 6, 8, 10, 12, 14, 1, 3]
     block_copy.copy_blocks(dst, d_ids, src, s_ids)
