@@ -63,7 +63,7 @@ def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_id
     n = len(src_ids)
     if n == 0:
         return 0
-    block = src[0].numel() * src.element_size()
+    block = src.stride(0) * src.element_size()  # contiguous pools (checked below before raw copies)
     bounds = zero_copy_bounds(src_ids, dst_ids, n)
     contiguous = dst.is_contiguous() and src.is_contiguous()
     if stream is not None and contiguous and len(bounds) - 1 <= MAX_COPIES and _memcpy_async is not None:

@@ -71,6 +71,24 @@ def mpi_device_buffer(t: torch.Tensor) -> Any:
     return t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
 
 
+def _raw_ordering(compute: torch.cuda.Stream, side: torch.cuda.Stream):
+    """A callable making `side` wait for `compute`'s queued work through cupy's thin runtime
+    bindings (None without cupy)."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    rt = cupy.cuda.runtime
+    ev = rt.eventCreateWithFlags(getattr(rt, "eventDisableTiming", 2))
+    c, s = compute.cuda_stream, side.cuda_stream
+
+    def order() -> None:
+        rt.eventRecord(ev, c)
+        rt.streamWaitEvent(s, ev, 0)
+
+    return order
+
+
 class SideStream:
     """The transceiver's own CUDA stream; copies and scatters run there, not on the model's stream."""
 
@@ -81,10 +99,14 @@ class SideStream:
         # run there). Looked up once: torch.cuda.current_stream costs ~10 us per call.
         self.compute = torch.cuda.current_stream(device)
         self._ordered = torch.cuda.Event()
+        self._raw = _raw_ordering(self.compute, self.stream)
 
     def after_compute(self) -> None:
         """Order the side stream after everything the model's stream has queued so far
         (the prefill's KV writes on a sender; the last reads of recycled blocks on a receiver)."""
+        if self._raw is not None:  # two runtime calls, ~3 us instead of torch's ~15
+            self._raw()
+            return
         self._ordered.record(self.compute)
         self.stream.wait_event(self._ordered)
 
