@@ -84,8 +84,9 @@ class Attention(nn.Module):
         """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
         n = x.shape[0]
         q, k, v = self._qkv(x)
-        q = tk.rope_write_kv(q, k, v, cos, sin, pool, local_layer, idx.slots, self.n_q, self.n_kv, self.d)
-        o = tk.paged_decode_attention(q, pool, local_layer, idx.tables, idx.table_stride, idx.ctx)
+        # RoPE, KV write and paged attention in one kernel (was rope_write_kv + paged_decode_attention)
+        o = tk.rope_write_decode_attention(q, k, v, cos, sin, pool, local_layer, idx.slots, idx.tables,
+                                           idx.table_stride, idx.ctx, self.n_q, self.n_kv, self.d)
         o = self.o_proj(o.view(n, self.n_q * self.d))
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)

@@ -9,6 +9,13 @@ in a CUDA graph:
 - `paged_decode_attention`: each (sequence, KV head) program walks its block
   table in place (GQA: the head's query group shares the loads) with an online
   softmax; context length and table row stride are read on device.
+- `rope_write_decode_attention`: the two above in one kernel (what the model's
+  decode step uses): each (sequence, KV head) program ropes its query group and
+  its head's new k, stores k, v at the token's slot, and attends over the first
+  ctx - 1 cached tokens plus the new one taken from registers (it never reads
+  back what it wrote: no read-after-write across programs or within one).
+  Equal to the two kernels up to float rounding (the new token's softmax term
+  is folded in last instead of inside its tile).
 - `add_rmsnorm`: residual add + RMSNorm in one pass; `silu_mul`: SwiGLU.
 
 Roundings mimic the torch eager path (products and sums rounded to the model
@@ -110,7 +117,7 @@ if HAVE_TRITON:
         ok = slot >= 0
         slot = tl.maximum(slot, 0)
         base = (slot // BS) * s_blk + layer_off + (slot % BS) * D
-        wm = mk & ok
+        wm = hk < tl.where(ok, NKV, 0)      # mk & ok (the interpreter rejects tensor & scalar masks)
         PT = pool_ptr.dtype.element_ty
         tl.store(pool_ptr + base + hk * s_h + d[None, :], kr.to(PT), mask=wm)
         tl.store(pool_ptr + base + s_kv + hk * s_h + d[None, :], v.to(PT), mask=wm)
@@ -118,7 +125,7 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx, scale, layer_off,
                     s_blk, s_kv, s_h, kvh, d, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, INTERP: tl.constexpr):
         t = start + tl.arange(0, BLOCK_N)
         tm = t < ctx
         blk = tl.load(tab_ptr + seq * tstride + t // BS, mask=tm, other=0).to(tl.int64)
@@ -126,6 +133,8 @@ if HAVE_TRITON:
         k = tl.load(pool_ptr + base[:, None] + d[None, :], mask=tm[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        elif INTERP:  # the interpreter's dot multiplies bf16 bit patterns: widen (exact products)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(tm[None, :], s * scale, float("-inf"))
@@ -136,6 +145,8 @@ if HAVE_TRITON:
         v = tl.load(pool_ptr + base[:, None] + s_kv + d[None, :], mask=tm[:, None], other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        elif INTERP:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
@@ -163,15 +174,86 @@ if HAVE_TRITON:
             start = 0
             while start < ctx:
                 m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE)
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
                 start += BLOCK_N
         else:
             for start in range(0, ctx, BLOCK_N):
                 m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE)
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
         out = acc / l_i[:, None]
         tl.store(o_ptr + qoff, out.to(o_ptr.dtype.element_ty), mask=gm)
+
+    @triton.jit
+    def _rope_decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pool_ptr, tab_ptr,
+                            tab_stride_ptr, ctx_ptr, o_ptr, q_stride, k_stride, v_stride, cs_stride,
+                            scale, layer_off, s_blk, s_kv, s_h,
+                            NQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                            BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                            INTERP: tl.constexpr):
+        # _rope_write_kernel + _paged_decode_kernel for one (sequence, KV head), same roundings.
+        seq = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        DT = o_ptr.dtype.element_ty
+        PT = pool_ptr.dtype.element_ty
+        ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+        tstride = tl.load(tab_stride_ptr).to(tl.int64)
+        d = tl.arange(0, D)
+        HALF: tl.constexpr = D // 2
+        rd = (d + HALF) % D
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        c = tl.load(cos_ptr + seq * cs_stride + d).to(tl.float32)
+        s = tl.load(sin_ptr + seq * cs_stride + d).to(tl.float32)
+        # this head's query group, roped and rounded to the model dtype
+        g = tl.arange(0, G_P)
+        gm = (g < G)[:, None]
+        qh = (kvh * G + g)[:, None] * D
+        qa = tl.load(q_ptr + seq * q_stride + qh + d[None, :], mask=gm, other=0.0).to(tl.float32)
+        qb = tl.load(q_ptr + seq * q_stride + qh + rd[None, :], mask=gm, other=0.0).to(tl.float32)
+        q = ((qa * c[None, :]).to(DT).to(tl.float32)
+             + (qb * sign[None, :] * s[None, :]).to(DT).to(tl.float32)).to(DT)
+        # this head's new k (roped) and v, stored at the token's slot (slot < 0: padding, no store)
+        ka = tl.load(k_ptr + seq * k_stride + kvh * D + d).to(tl.float32)
+        kb = tl.load(k_ptr + seq * k_stride + kvh * D + rd).to(tl.float32)
+        k_new = ((ka * c).to(DT).to(tl.float32) + (kb * sign * s).to(DT).to(tl.float32)).to(DT).to(PT)
+        v_new = tl.load(v_ptr + seq * v_stride + kvh * D + d).to(PT)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        ok = slot >= 0
+        slot = tl.maximum(slot, 0)
+        base = (slot // BS) * s_blk + layer_off + kvh * s_h + (slot % BS) * D
+        wm = d < tl.where(ok, D, 0)         # all of d, or none for a padding row
+        tl.store(pool_ptr + base + d, k_new, mask=wm)
+        tl.store(pool_ptr + base + s_kv + d, v_new, mask=wm)
+        # attention over the first ctx - 1 tokens from the pool (the same BLOCK_N tiles as
+        # _paged_decode_kernel), then the new token (position ctx - 1) from registers: the
+        # program never reads what it (or another program) stores in this step.
+        m_i = tl.full([G_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_P], tl.float32)
+        acc = tl.zeros([G_P, D], tl.float32)
+        n_old = ctx - 1
+        if INTERP:  # the interpreter cannot take a loaded bound in range()
+            start = 0
+            while start < n_old:
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n_old,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+                start += BLOCK_N
+        else:
+            for start in range(0, n_old, BLOCK_N):
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n_old,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+        # one more online-softmax step for the new token (none when ctx == 0: padding row)
+        s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        s_n = tl.where(ctx > 0, s_n, float("-inf"))
+        m_new = tl.maximum(m_i, s_n)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s_n - m_new)
+        l_i = l_i * alpha + p
+        # p rounded to the cache dtype before the product, as in _attn_block's p @ v
+        acc = acc * alpha[:, None] + p.to(PT).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + seq * (NQ * D) + qh + d[None, :], out.to(DT), mask=gm)
 
 
 def _warps(block: int) -> int:
@@ -247,4 +329,34 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, layer: int, tabl
                                         NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
                                         BLOCK_N=64, IEEE=q.dtype == torch.float32,
                                         INTERP=interpreting(), num_warps=4)
+    return out
+
+
+def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, pool: torch.Tensor, layer: int, slots: torch.Tensor,
+                                tables: torch.Tensor, table_stride: torch.Tensor, ctx: torch.Tensor,
+                                n_q: int, n_kv: int, d: int) -> torch.Tensor:
+    """`rope_write_kv` then `paged_decode_attention` in one kernel (one token per sequence).
+
+    q, k, v [B, heads*d] (row-strided views, e.g. of one qkv GEMM); cos, sin [B, 1, d] or
+    [B, d]; slots [B] (< 0: padding row, nothing stored); tables, table_stride, ctx as in
+    `paged_decode_attention` (ctx counts the new token, which must sit at position ctx - 1,
+    i.e. at `slots`). The new k, v are stored in the pool and used from registers, never
+    read back. Returns the attention output [B, n_q, d] in q's dtype.
+    """
+    b = q.shape[0]
+    out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
+    if b:
+        if n_kv != pool.shape[3] or n_q % n_kv:
+            raise ValueError(f"{n_q} q heads / {n_kv} kv heads do not fit a pool of {pool.shape[3]} kv heads")
+        if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or sin.stride(0) != cos.stride(0):
+            raise ValueError("q, k, v, cos, sin must be contiguous in their last dim (cos, sin alike)")
+        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        g = n_q // n_kv
+        _rope_decode_kernel[(b, n_kv)](q, k, v, cos, sin, slots, pool, tables, table_stride, ctx, out,
+                                       q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+                                       1.0 / math.sqrt(d), layer_off, s_blk, s_kv, s_h,
+                                       NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
+                                       BLOCK_N=64, IEEE=q.dtype == torch.float32,
+                                       INTERP=interpreting(), num_warps=4)
     return out
