@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -194,8 +195,9 @@ def decode_step_bytes(model, batch, context, dtype):
 
 
 def best_of(fn, repeats):
+    """(seconds, tokens) of the fastest of `repeats` runs, and every run's seconds."""
     runs = [fn() for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0])
+    return min(runs, key=lambda r: r[0]), [r[0] for r in runs]
 
 
 def main(argv=None):
@@ -242,12 +244,16 @@ def main(argv=None):
             engines.append(("transformers", lambda k, ps=prompts: hf_run(hf, device, ps, k)))
         outputs = {}
         for name, run in engines:
-            t_full, toks = best_of(lambda run=run: run(n), args.repeats)
-            t_prefill, _ = best_of(lambda run=run: run(1), args.repeats)
+            (t_full, toks), fulls = best_of(lambda run=run: run(n), args.repeats)
+            (t_prefill, _), prefills = best_of(lambda run=run: run(1), args.repeats)
             outputs[name] = toks
             step = (t_full - t_prefill) / max(1, n - 1)
             r = {"seconds": t_full, "tokens_per_s": batch * n / t_full, "prefill_s": t_prefill,
                  "decode_step_ms": step * 1e3, "decode_tokens_per_s": batch / step if step > 0 else None}
+            if args.repeats > 1:  # the spread: the best run is reported above, the median here
+                med = (statistics.median(fulls) - statistics.median(prefills)) / max(1, n - 1)
+                r.update(runs_s=fulls, prefill_runs_s=prefills, median_decode_step_ms=med * 1e3,
+                         median_decode_tokens_per_s=batch / med if med > 0 else None)
             if bw is not None and step > 0:
                 ctx = args.prompt_len + n / 2  # mean context over the decode steps
                 nbytes = decode_step_bytes(model, batch, ctx, dtype)

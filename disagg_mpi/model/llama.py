@@ -187,6 +187,7 @@ class LlamaModel(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq: torch.Tensor | None = None
+        self._rope_table: torch.Tensor | None = None  # fast path: cos/sin of every position
 
     @classmethod
     def empty(cls, config: ModelConfig, shard: ShardSpec | None = None,
@@ -217,6 +218,22 @@ class LlamaModel(nn.Module):
                            device=device if device is not None else self.device)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        if getattr(self, "_fast_kernels", False):
+            return self._rope_rows(positions, dtype)
+        return self._rope_eager(positions, dtype)
+
+    def _rope_rows(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin rows gathered from a table of every position: one kernel per step instead of
+        seven (a captured SmolLM2 decode step is launch-bound). The table is made by the same
+        formula as `_rope_eager`, once, on the first fast step (before any graph capture)."""
+        t = self._rope_table
+        if t is None or t.device != positions.device or t.dtype != dtype:
+            every = torch.arange(self.config.max_position_embeddings, device=positions.device)
+            t = self._rope_table = torch.stack(self._rope_eager(every, dtype))   # [2, max_pos, 1, d]
+        cs = t[:, positions]
+        return cs[0], cs[1]
+
+    def _rope_eager(self, positions: torch.Tensor, dtype: torch.dtype):
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = rope_inv_freq(self.config, positions.device)
         freqs = positions.float()[:, None] * self._inv_freq[None, :]   # fp32 like HF

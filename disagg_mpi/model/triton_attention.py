@@ -256,6 +256,12 @@ if HAVE_TRITON:
         tl.store(o_ptr + seq * (NQ * D) + qh + d[None, :], out.to(DT), mask=gm)
 
 
+# Tile of the fused decode kernel. 128 tokens / 8 warps and 32 / 2 were not faster for a
+# SmolLM2-shaped batch-1 step on the H100 (run-to-run noise of the step was larger).
+_DECODE_BLOCK_N = 64
+_DECODE_WARPS = 4
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
@@ -357,6 +363,6 @@ def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                        1.0 / math.sqrt(d), layer_off, s_blk, s_kv, s_h,
                                        NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
-                                       BLOCK_N=64, IEEE=q.dtype == torch.float32,
-                                       INTERP=interpreting(), num_warps=4)
+                                       BLOCK_N=_DECODE_BLOCK_N, IEEE=q.dtype == torch.float32,
+                                       INTERP=interpreting(), num_warps=_DECODE_WARPS)
     return out
