@@ -153,6 +153,26 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _attend_cached(q, n, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv, s_h, kvh, d,
+                       G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr, INTERP: tl.constexpr):
+        """Online softmax of a query group over the first n cached tokens: (running max, sum, acc)."""
+        m_i = tl.full([G_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_P], tl.float32)
+        acc = tl.zeros([G_P, D], tl.float32)
+        if INTERP:  # the interpreter cannot take a loaded bound in range()
+            start = 0
+            while start < n:
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+                start += BLOCK_N
+        else:
+            for start in range(0, n, BLOCK_N):
+                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n,
+                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, pool_ptr, tab_ptr, tab_stride_ptr, ctx_ptr, o_ptr, scale,
                              layer_off, s_blk, s_kv, s_h,
                              NQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
@@ -167,19 +187,8 @@ if HAVE_TRITON:
         gm = (g < G)[:, None]
         qoff = seq * (NQ * D) + (kvh * G + g)[:, None] * D + d[None, :]
         q = tl.load(q_ptr + qoff, mask=gm, other=0.0)
-        m_i = tl.full([G_P], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_P], tl.float32)
-        acc = tl.zeros([G_P, D], tl.float32)
-        if INTERP:  # the interpreter cannot take a loaded bound in range()
-            start = 0
-            while start < ctx:
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
-                start += BLOCK_N
-        else:
-            for start in range(0, ctx, BLOCK_N):
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+        m_i, l_i, acc = _attend_cached(q, ctx, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv,
+                                       s_h, kvh, d, G_P, D, BS, BLOCK_N, IEEE, INTERP)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
         out = acc / l_i[:, None]
         tl.store(o_ptr + qoff, out.to(o_ptr.dtype.element_ty), mask=gm)
@@ -227,20 +236,8 @@ if HAVE_TRITON:
         # attention over the first ctx - 1 tokens from the pool (the same BLOCK_N tiles as
         # _paged_decode_kernel), then the new token (position ctx - 1) from registers: the
         # program never reads what it (or another program) stores in this step.
-        m_i = tl.full([G_P], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_P], tl.float32)
-        acc = tl.zeros([G_P, D], tl.float32)
-        n_old = ctx - 1
-        if INTERP:  # the interpreter cannot take a loaded bound in range()
-            start = 0
-            while start < n_old:
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n_old,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
-                start += BLOCK_N
-        else:
-            for start in range(0, n_old, BLOCK_N):
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n_old,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
+        m_i, l_i, acc = _attend_cached(q, ctx - 1, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk,
+                                       s_kv, s_h, kvh, d, G_P, D, BS, BLOCK_N, IEEE, INTERP)
         # one more online-softmax step for the new token (none when ctx == 0: padding row)
         s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
         s_n = tl.where(ctx > 0, s_n, float("-inf"))

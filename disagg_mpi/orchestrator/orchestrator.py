@@ -59,7 +59,7 @@ class DisaggOrchestrator:
         self._by_exec: dict[tuple[int, int], int] = {}
         self._queues: dict[str, deque[tuple[int, Response]]] = {_CTX: deque(), _GEN: deque()}
         self._seed_rng = random.Random()
-        self._backoff = Backoff()
+        self._backoff = Backoff.for_devices(any(e.device_ids for e in topo.executors))
         self.prefix = {i: PrefixIndex(e.kv_cache.block_size, e.kv_cache.num_blocks)
                        for i, e in enumerate(topo.executors)}
         self._stats: dict[int, dict] = {}

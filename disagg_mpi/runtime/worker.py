@@ -176,7 +176,7 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:
 
 
 def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> None:
-    backoff = Backoff()
+    backoff = Backoff.for_devices(group.runner.device.type == "cuda")
     overlap = cfg.cache_transceiver_config.overlap
     while True:
         active = False
@@ -210,23 +210,30 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
                 engine.release_context(msg["ctx_req_id"], by=src)
         active |= group.progress()
         engine.housekeeping()
+        # What is ready now (a generation request's first token once its KV landed, errors) goes
+        # out before the step, not a whole decode step later (7 ms for an 8B model on an H100).
+        _send_responses(comms, engine)
         if engine.busy and (overlap or not group.receiving):
             engine.step()
             active = True
-        responses = engine.take_responses()
-        if responses:
-            send(comms.ctl, {"op": "responses", "executor": comms.executor_id,
-                             "responses": [r.to_dict() for r in responses], "load": engine.load(),
-                             "free_blocks": engine.blocks.num_free}, 0, TAG_TO_ORCH)
+        _send_responses(comms, engine)
         if active:
             backoff.busy()
         else:
             backoff.idle()
 
 
+def _send_responses(comms: Comms, engine: LLMEngine) -> None:
+    responses = engine.take_responses()
+    if responses:
+        send(comms.ctl, {"op": "responses", "executor": comms.executor_id,
+                         "responses": [r.to_dict() for r in responses], "load": engine.load(),
+                         "free_blocks": engine.blocks.num_free}, 0, TAG_TO_ORCH)
+
+
 def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver | None, leader: int,
                  key: bytes) -> None:
-    backoff = Backoff()
+    backoff = Backoff.for_devices(runner.device.type == "cuda")
     while True:
         active = False
         while (got := recv_ready(comms.ctl, leader, TAG_MEMBER)):

@@ -78,38 +78,38 @@ def test_mixed_step(heads, dtype):
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
 
 
+@pytest.fixture
+def sdpa_batches(monkeypatch):
+    """The batch size of every SDPA call made while the test runs."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*a, **kw):
+        seen.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return seen
+
+
 @pytest.mark.parametrize("specs, batches", [
     ([(0, 16)] * 8, [8]),                               # equal lengths: one call
     ([(0, n) for n in (9, 16, 12, 10, 15)], [5]),       # within a factor of 2: one padded call
     ([(0, n) for n in (33, 2, 16, 1, 9, 5)], [1, 2, 1, 1, 1]),   # groups {33} {16, 9} {5} {2} {1}
     ([(0, 8), (4, 1), (0, 8), (6, 3), (0, 5)], [3, 1, 1]),       # fresh batched, the others alone
 ])
-def test_calls_do_not_grow_with_batch(monkeypatch, specs, batches):
+def test_calls_do_not_grow_with_batch(monkeypatch, sdpa_batches, specs, batches):
     """Batch size of each SDPA call (grouping as on CUDA: lengths within 2x share a call)."""
     monkeypatch.setitem(attention.PREFILL_SPREAD, "cpu", 2)
-    seen = []
-    real = F.scaled_dot_product_attention
-
-    def counting(*a, **kw):
-        seen.append(a[0].shape[0])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    seen = sdpa_batches
     out, ref = _step(specs, 4, 2, torch.float32)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     assert seen == batches
 
 
-def test_cpu_batches_only_equal_lengths(monkeypatch):
+def test_cpu_batches_only_equal_lengths(sdpa_batches):
     """On CPU padding costs more than the launches it saves: only equal lengths share a call."""
-    seen = []
-    real = F.scaled_dot_product_attention
-
-    def counting(*a, **kw):
-        seen.append(a[0].shape[0])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    seen = sdpa_batches
     out, ref = _step([(0, 9), (0, 16), (0, 9), (0, 12), (0, 16), (0, 16)], 4, 2, torch.float32)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     assert seen == [3, 1, 2]   # {16 x3} {12} {9 x2}
