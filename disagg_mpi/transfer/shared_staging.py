@@ -9,7 +9,7 @@ slots in shared memory (a file in /dev/shm, page-locked in both processes
 with cudaHostRegister): the context rank copies a chunk D2H into slot
 k % SLOTS and sends a one-integer notice, the generation rank copies it
 H2D straight out of the slot and sends the slot back. MPI carries only the
-notices; the bytes cross host memory once each way, and with two slots one
+notices; the bytes cross host memory once each way, and with several slots one
 chunk's D2H overlaps the other's H2D.
 
 `DISAGG_SHARED_STAGING=0` (or `shared_staging: false`) keeps the bytes on MPI.
