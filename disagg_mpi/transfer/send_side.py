@@ -27,6 +27,7 @@ from .staging import mpi_device_buffer, mpi_host_buffer, typed_view
 TAG_PULL = 1
 _np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
 
+
 @dataclass
 class _Out:
     """One chunk on its way out: posted to MPI once `event` (its D2H / GPU gather) is done."""
@@ -51,7 +52,7 @@ class _SendJob:
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
     bytes: int = 0
-    header: Any = None  # "copy" answer owed to a generation rank that asked for CUDA IPC
+    header: Any = None  # answer owed to a generation rank that asked for CUDA IPC or a ring: "ring" / "copy"
     ipc: bool = False  # the generation rank copies from our pool itself (CUDA IPC)
     ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
     done_req: Any = None  # IPC: receive of the generation rank's "done"

@@ -95,7 +95,7 @@ class KvTransceiver(SendSide, RecvSide):
         self._send_queue: deque[_SendJob] = deque()
         self._sending: list[_SendJob] = []
         self._recv: dict[int, _RecvJob] = {}
-        self.sent_bytes = 0
+        self.sent_bytes = 0  # bytes served as a context rank (one-sided IPC pulls never reach us)
         # Chunk buffers kept across transfers (a fresh big buffer costs its page faults every
         # time); at most _KEEP_BUFFERS, oldest dropped first.
         self._spare: list[torch.Tensor] = []
