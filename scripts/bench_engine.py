@@ -16,7 +16,8 @@ Reported per batch size and engine: end-to-end output tokens/s (prefill included
 the decode step time (from a run with 1 new token subtracted), and the ratio
 engine / transformers. On a GPU also the memory-bandwidth roofline fraction of a
 decode step: (weight bytes + KV bytes read per step) / measured device copy
-bandwidth, divided by the measured step time.
+bandwidth, divided by the measured step time. `--compare-overlap` also times the
+engine with overlapped decode off (engine/overlap.py) on the same prompts.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-hf", action="store_true", help="time this engine only")
+    p.add_argument("--compare-overlap", action="store_true",
+                   help="also time the engine with overlapped decode off (DISAGG_OVERLAP_DECODE=0), same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
@@ -77,7 +80,7 @@ def make_prompts(vocab, n, length, seed):
 # ---- this engine -----------------------------------------------------------------------
 
 
-def make_executor(model, args, device, batch):
+def make_executor(model, args, device, batch, overlap=True):
     """One long-lived executor per batch size (as a server has): warm-up and timed runs share it,
     so one-time work (CUDA graph capture, Triton compiles) happens in the warm-up."""
     bs = args.block_size
@@ -86,7 +89,16 @@ def make_executor(model, args, device, batch):
                          max_num_tokens=max(batch * args.prompt_len, 512),
                          kv_cache_config=KvCacheConfig(block_size=bs, num_blocks=per_seq * batch + 1),
                          dtype=args.dtype, device=str(device))
-    return Executor(model, cfg)
+    saved = os.environ.get("DISAGG_OVERLAP_DECODE")
+    if not overlap:
+        os.environ["DISAGG_OVERLAP_DECODE"] = "0"   # read when the runner is built
+    try:
+        return Executor(model, cfg)
+    finally:
+        if saved is None:
+            os.environ.pop("DISAGG_OVERLAP_DECODE", None)
+        else:
+            os.environ["DISAGG_OVERLAP_DECODE"] = saved
 
 
 def engine_run(ex, device, prompts, new_tokens):
@@ -194,10 +206,19 @@ def decode_step_bytes(model, batch, context, dtype):
 # ---- main ------------------------------------------------------------------------------------
 
 
-def best_of(fn, repeats):
-    """(seconds, tokens) of the fastest of `repeats` runs, and every run's seconds."""
-    runs = [fn() for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0]), [r[0] for r in runs]
+def paired_runs(run, n, repeats):
+    """Runs of n tokens and of 1 token, in turn (each pair sees the same machine state).
+
+    Returns ((seconds, tokens) of the fastest n-token run, the fastest 1-token time,
+    every n-token time, every 1-token time)."""
+    fulls, prefills, best = [], [], None
+    for _ in range(repeats):
+        t, toks = run(n)
+        fulls.append(t)
+        if best is None or t < best[0]:
+            best = (t, toks)
+        prefills.append(run(1)[0])
+    return best, min(prefills), fulls, prefills
 
 
 def main(argv=None):
@@ -240,18 +261,22 @@ def main(argv=None):
             hf_run(hf, device, warm, 4)
         row = {"batch": batch}
         engines = [("engine", lambda k, ps=prompts, ex=ex: engine_run(ex, device, ps, k))]
+        ex_sync = None
+        if args.compare_overlap:
+            ex_sync = make_executor(model, args, device, batch, overlap=False)
+            engine_run(ex_sync, device, warm, 4)
+            engines.append(("engine-sync", lambda k, ps=prompts, ex=ex_sync: engine_run(ex, device, ps, k)))
         if hf is not None:
             engines.append(("transformers", lambda k, ps=prompts: hf_run(hf, device, ps, k)))
         outputs = {}
         for name, run in engines:
-            (t_full, toks), fulls = best_of(lambda run=run: run(n), args.repeats)
-            (t_prefill, _), prefills = best_of(lambda run=run: run(1), args.repeats)
+            (t_full, toks), t_prefill, fulls, prefills = paired_runs(run, n, args.repeats)
             outputs[name] = toks
             step = (t_full - t_prefill) / max(1, n - 1)
             r = {"seconds": t_full, "tokens_per_s": batch * n / t_full, "prefill_s": t_prefill,
                  "decode_step_ms": step * 1e3, "decode_tokens_per_s": batch / step if step > 0 else None}
             if args.repeats > 1:  # the spread: the best run is reported above, the median here
-                med = (statistics.median(fulls) - statistics.median(prefills)) / max(1, n - 1)
+                med = statistics.median(f - p for f, p in zip(fulls, prefills)) / max(1, n - 1)
                 r.update(runs_s=fulls, prefill_runs_s=prefills, median_decode_step_ms=med * 1e3,
                          median_decode_tokens_per_s=batch / med if med > 0 else None)
             if bw is not None and step > 0:
@@ -263,6 +288,16 @@ def main(argv=None):
             extra = f", roofline {r['roofline_fraction']:.0%}" if "roofline_fraction" in r else ""
             print(f"  {name:>12}: {r['tokens_per_s']:8.1f} tok/s end-to-end ({t_full:.2f}s), "
                   f"decode step {r['decode_step_ms']:.1f} ms{extra}", flush=True)
+        if "engine-sync" in row:
+            a, b = row["engine"], row["engine-sync"]
+            row["overlap_speedup"] = {"end_to_end": a["tokens_per_s"] / b["tokens_per_s"],
+                                      "decode": (a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                                                 if a["decode_tokens_per_s"] and b["decode_tokens_per_s"] else None)}
+            if "median_decode_tokens_per_s" in a:
+                row["overlap_speedup"]["median_decode"] = (a["median_decode_tokens_per_s"]
+                                                           / b["median_decode_tokens_per_s"])
+            assert outputs["engine"] == outputs["engine-sync"], "overlapped decode changed the tokens"
+            print(f"  overlapped / synchronous decode: {row['overlap_speedup']}", flush=True)
         if hf is not None:
             row["ratio"] = row["engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
             if row["engine"]["decode_tokens_per_s"] and row["transformers"]["decode_tokens_per_s"]:
@@ -274,7 +309,7 @@ def main(argv=None):
                   f"{row.get('decode_ratio', float('nan')):.2f}x decode; "
                   f"greedy token agreement {row['token_agreement']:.0%}", flush=True)
         results["runs"].append(row)
-        del ex, engines
+        del ex, ex_sync, engines
 
     print("\nsummary (output tokens/s, end-to-end):")
     for row in results["runs"]:

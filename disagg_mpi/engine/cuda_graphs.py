@@ -104,28 +104,51 @@ def is_decode_only(inp) -> bool:
 
 
 class DecodeInputs:
-    """A pinned host buffer and its device twin; one copy per step."""
+    """Two pinned host buffers, used in turn, and their device twin; one copy per step.
+
+    Two, so that packing step N+1 never waits for step N's copy to leave the host
+    (with overlapped decode that copy is queued behind step N-1)."""
 
     def __init__(self, capacity: int, device: torch.device):
         self.capacity = capacity
         self.device = device
         pin = device.type == "cuda"
-        self.host = torch.zeros(capacity, dtype=torch.long, pin_memory=pin)
-        self.np = self.host.numpy()
+        self.hosts = [torch.zeros(capacity, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.dev = torch.zeros(capacity, dtype=torch.long, device=device)
-        self._copied = torch.cuda.Event() if pin else None
+        self._copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._turn = 0
 
     def fits(self, bp: int, width: int) -> bool:
         return packed_len(bp, width) <= self.capacity
 
     def upload(self, inp, bp: int) -> None:
-        if self._copied is not None:
-            self._copied.synchronize()   # the previous step's copy has left the host buffer
-        n = pack_decode(self.np, bp, inp.input_ids, inp.positions, inp.slot_mapping,
-                        inp.context_lens, inp.block_tables)
-        self.dev[:n].copy_(self.host[:n], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self.upload_arrays(bp, inp.input_ids, inp.positions, inp.slot_mapping, inp.context_lens,
+                           inp.block_tables)
+
+    def upload_arrays(self, bp: int, *arrays) -> None:
+        turn, self._turn = self._turn, self._turn ^ 1
+        host, copied = self.hosts[turn], self._copied[turn]
+        if copied is not None:
+            copied.synchronize()   # this buffer's previous copy has left the host
+        n = pack_decode(host.numpy(), bp, *arrays)
+        self.dev[:n].copy_(host[:n], non_blocking=True)
+        if copied is not None:
+            copied.record()
+
+
+class Launch:
+    """One queued decode step: views of the graph's outputs and its greedy tokens on their
+    way to pinned host memory."""
+
+    __slots__ = ("b", "event", "host", "logits", "tokens")
+
+    def __init__(self, b, logits, tokens, host, event):
+        self.b, self.logits, self.tokens, self.host, self.event = b, logits, tokens, host, event
+
+    def wait(self) -> list[int]:
+        """The greedy tokens (the step's one host sync)."""
+        self.event.synchronize()
+        return self.host[:self.b].tolist()
 
 
 class DecodeGraphs:
@@ -141,6 +164,10 @@ class DecodeGraphs:
         self.inputs = DecodeInputs(packed_len(self.max_bs, max_width), kv_pool.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = torch.cuda.graph_pool_handle()
+        # Greedy tokens go to pinned host memory; two slots, as two steps may be queued.
+        self._tokens = [torch.zeros(self.max_bs, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)]
+        self._turn = 0
 
     def can_run(self, inp) -> bool:
         bp = padded_size(len(inp.input_ids), self.sizes)
@@ -158,8 +185,7 @@ class DecodeGraphs:
 
     def capture(self, bp: int) -> None:
         # Static inputs of an all-padding batch: no KV write, no cache read.
-        pack_decode(self.inputs.np, bp, [], [], [], [], [])
-        self.inputs.dev[:4 * bp + 1].copy_(self.inputs.host[:4 * bp + 1])
+        self.inputs.upload_arrays(bp, [], [], [], [], [])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):     # warm up (Triton compiles, cuBLAS picks) off the graph
@@ -172,15 +198,27 @@ class DecodeGraphs:
             out = self._forward(bp)
         self.graphs[bp] = (graph, out)
 
-    def run(self, inp) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [b, vocab] float32, greedy tokens [b]) of the step's b sequences.
-
-        Views of the graph's static outputs: valid until the next run."""
+    def launch(self, inp, ids_from: torch.Tensor | None = None) -> Launch:
+        """Queue the step's graph; `ids_from` (a previous launch's `tokens`) gives the input ids
+        on the device instead of `inp.input_ids`."""
         b = len(inp.input_ids)
         bp = padded_size(b, self.sizes)
         if bp not in self.graphs:
             self.capture(bp)
         self.inputs.upload(inp, bp)
+        if ids_from is not None:
+            self.inputs.dev[:b].copy_(ids_from[:b])
         graph, (logits, tokens) = self.graphs[bp]
         graph.replay()
-        return logits[:b], tokens[:b]
+        turn, self._turn = self._turn, self._turn ^ 1
+        host, event = self._tokens[turn], self._events[turn]
+        host[:b].copy_(tokens[:b], non_blocking=True)
+        event.record()
+        return Launch(b, logits[:b], tokens[:b], host, event)
+
+    def run(self, inp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [b, vocab] float32, greedy tokens [b]) of the step's b sequences.
+
+        Views of the graph's static outputs: valid until the next run."""
+        launch = self.launch(inp)
+        return launch.logits, launch.tokens

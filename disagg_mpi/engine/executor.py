@@ -34,6 +34,10 @@ class _LocalGroup:
     def run_step(self, plan: StepPlan) -> list[int]:
         return self.runner.execute(plan)
 
+    @property
+    def chains_decode(self) -> bool:
+        return self.runner.chains_decode
+
     def start_pull(self, req_id: int, opaque: Any, blocks: list[int]) -> None:
         raise RequestError("KV transfer needs an MPI job: use disagg_mpi.launch()")
 

@@ -34,8 +34,10 @@ from ..api import (
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
 from .block_manager import BlockManager
+from .cuda_graphs import is_decode_only
 from .handoff import DisaggHandoff, _GenPending, _Held
 from .model_runner import StepPlan
+from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
 
@@ -62,6 +64,9 @@ class ExecutorGroup(Protocol):
     def poll_transfers(self) -> list[tuple[int, int, float]]: ...
 
     def pull_in_flight(self, req_id: int) -> bool: ...
+
+    @property
+    def chains_decode(self) -> bool: ...  # runs StepPlan.next_inputs ahead (overlap.py)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class LLMEngine(DisaggHandoff):
         self._responses: deque[Response] = deque()
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
+        self._chains = bool(getattr(group, "chains_decode", False))
 
     # ---- admission -------------------------------------------------------
 
@@ -175,7 +181,8 @@ class LLMEngine(DisaggHandoff):
         by_id = {seq.req_id: seq for seq, _ in step.items}
         sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
         plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
-                        [by_id[r].sample_key() for r in inputs.sample_req_ids])
+                        [by_id[r].sample_key() for r in inputs.sample_req_ids],
+                        self._predict_next(step, inputs, sampling))
         try:
             tokens = self.group.run_step(plan)
         except Exception as err:
@@ -198,6 +205,19 @@ class LLMEngine(DisaggHandoff):
                 self._emit(seq, [token], final=False)
         for seq in finished:
             self._finish(seq)
+
+    def _predict_next(self, step, inputs, sampling) -> Any:
+        """The next step's inputs when it can only be these sequences one position further
+        (overlap.py), else None."""
+        if not self._chains or self.scheduler.waiting or self.scheduler.ready:
+            return None
+        if len(sampling) != len(step.items) or not all(s.greedy for s in sampling):
+            return None
+        if any(len(seq.output_ids) + 1 >= seq.max_tokens for seq, _ in step.items):
+            return None   # one finishes by length now: the next step is smaller
+        if not is_decode_only(inputs):
+            return None
+        return next_decode_inputs(inputs, self.blocks.block_size)
 
     # ---- responses -------------------------------------------------------
 

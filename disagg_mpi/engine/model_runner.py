@@ -8,7 +8,7 @@ requests; it sees flat lists of token ids and block tables.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -18,11 +18,13 @@ from ..model.context import AttentionMetadata, forward_context
 from .cuda_graphs import (
     DecodeGraphs,
     DecodeInputs,
+    Launch,
     fast_path_enabled,
     is_decode_only,
     packed_len,
     unpack_views,
 )
+from .overlap import is_predicted, overlap_enabled
 from .sampler import sample
 from .scheduler import StepInputs
 from .sequence import SamplingParams
@@ -35,6 +37,9 @@ class StepPlan:
     inputs: StepInputs
     sampling: list[tuple[float, int, float, int]]  # (temperature, top_k, top_p, seed) per sampled seq
     keys: list[tuple[int, int]]  # (seed, output position) per sampled seq
+    # The predicted next decode step, to launch behind this one (overlap.py); leader only,
+    # not sent to other ranks (overlap runs on one-rank executors).
+    next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": asdict(self.inputs), "sampling": self.sampling, "keys": self.keys}
@@ -82,11 +87,14 @@ _TOKENS_TAG = 12
 class ModelRunner:
     """`fast_decode` (default: on CUDA unless DISAGG_CUDA_GRAPHS=0) runs decode-only steps on the
     Triton kernels with device-side indices; `cuda_graphs` (default: with fast_decode on one
-    rank) replays them from CUDA graphs captured per padded batch size."""
+    rank) replays them from CUDA graphs captured per padded batch size; `overlap` (default: with
+    graphs unless DISAGG_OVERLAP_DECODE=0) launches a predicted next decode step before reading
+    this one's tokens (overlap.py)."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", par: ParallelInfo | None = None,
-                 fast_decode: bool | None = None, cuda_graphs: bool | None = None):
+                 fast_decode: bool | None = None, cuda_graphs: bool | None = None,
+                 overlap: bool | None = None):
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
@@ -112,6 +120,49 @@ class ModelRunner:
         width = min(num_blocks, -(-cfg.max_position_embeddings // block_size))
         self.graphs = DecodeGraphs(model, self.kv_pool, block_size, width) if use_graphs else None
         self._decode_inputs: DecodeInputs | None = None
+        # Overlapped decode (overlap.py): the launched next step, its prediction and input ids.
+        self.chains_decode = self.graphs is not None and (overlap_enabled() if overlap is None else overlap)
+        self._chained: tuple[StepInputs, Launch, list[int]] | None = None
+        self.overlap_stats = {"launched": 0, "used": 0, "dropped": 0}
+
+    def _take_chained(self, inp: StepInputs) -> Launch | None:
+        """The launched step if `inp` is the one predicted for it, else None (it is dropped)."""
+        if self._chained is None:
+            return None
+        predicted, launch, ids = self._chained
+        self._chained = None
+        if is_predicted(predicted, inp, ids):
+            self.overlap_stats["used"] += 1
+            return launch
+        self.overlap_stats["dropped"] += 1
+        return None
+
+    def _execute_graph(self, plan: StepPlan, launch: Launch | None) -> list[int]:
+        """A decode step from CUDA graphs (one rank: it is the leader and the sampler)."""
+        inp = plan.inputs
+        if launch is None:
+            launch = self.graphs.launch(inp)
+        if not inp.sample_indices:
+            return []
+        params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
+        logits, greedy = launch.logits, launch.tokens
+        if list(inp.sample_indices) != list(range(launch.b)):
+            rows = self._tensor(inp.sample_indices)
+            logits, greedy = logits[rows], greedy[rows]
+        elif len(params) == launch.b and all(p.greedy for p in params):
+            nxt = plan.next_inputs
+            queued = None
+            if (self.chains_decode and nxt is not None and len(nxt.input_ids) == launch.b
+                    and self.graphs.can_run(nxt)):
+                queued = self.graphs.launch(nxt, ids_from=launch.tokens)
+                self.overlap_stats["launched"] += 1
+            tokens = launch.wait()   # argmax ran inside the graph: the one host sync
+            if queued is not None:
+                self._chained = (nxt, queued, tokens)
+            return tokens
+        if len(params) == len(greedy) and all(p.greedy for p in params):
+            return greedy.tolist()
+        return sample(logits, params, plan.keys)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -149,17 +200,9 @@ class ModelRunner:
         inp = plan.inputs
         n = len(inp.input_ids)
         decode = self.fast_decode and is_decode_only(inp)
-        if decode and self.graphs is not None and self.graphs.can_run(inp):
-            logits, greedy = self.graphs.run(inp)   # one rank: it is the leader and the sampler
-            if not inp.sample_indices:
-                return []
-            params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
-            if list(inp.sample_indices) != list(range(n)):
-                rows = self._tensor(inp.sample_indices)
-                logits, greedy = logits[rows], greedy[rows]
-            if len(params) == len(greedy) and all(p.greedy for p in params):
-                return greedy.tolist()   # argmax ran inside the graph: the one host sync
-            return sample(logits, params, plan.keys)
+        chained = self._take_chained(inp)
+        if decode and self.graphs is not None and (chained is not None or self.graphs.can_run(inp)):
+            return self._execute_graph(plan, chained)
         if decode:
             ids, positions, meta = self._decode_metadata(inp)
         else:

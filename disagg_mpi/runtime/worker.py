@@ -62,6 +62,10 @@ class MpiGroup:
             send(self.comms.ctl, msg, m, TAG_MEMBER)
         return self.runner.execute(plan)
 
+    @property
+    def chains_decode(self) -> bool:
+        return self.runner.chains_decode and not self.members
+
     def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None:
         assert self.transceiver is not None
         if os.environ.get("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull

@@ -20,7 +20,8 @@ from disagg_mpi.model import load_model
 MODES = {
     "eager": {"fast_decode": False, "cuda_graphs": False},     # the torch path (as on CPU)
     "triton": {"fast_decode": True, "cuda_graphs": False},     # Triton kernels, no graphs
-    "graphs": {"fast_decode": True, "cuda_graphs": True},      # Triton kernels in CUDA graphs
+    "graphs": {"fast_decode": True, "cuda_graphs": True, "overlap": False},  # Triton kernels in CUDA graphs
+    "overlap": {"fast_decode": True, "cuda_graphs": True, "overlap": True},  # + next step launched ahead
 }
 
 
@@ -29,7 +30,7 @@ def _prompts(vocab, lens, seed=0):
     return [torch.randint(1000, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-def generate(model, mode, prompts, new_tokens=24, dtype="float32", block_size=16):
+def make_executor(model, mode, prompts, new_tokens=24, dtype="float32", block_size=16):
     runner_cls = functools.partial(ModelRunner, **MODES[mode])
     saved = executor_mod.ModelRunner
     executor_mod.ModelRunner = runner_cls
@@ -40,14 +41,22 @@ def generate(model, mode, prompts, new_tokens=24, dtype="float32", block_size=16
                                                            num_blocks=per_seq * len(prompts) + 3),
                              dtype=dtype, device="cuda")
         ex = executor_mod.Executor(model, cfg)
-        if mode == "graphs":
-            assert ex._runner.graphs is not None
-        resps = ex.generate([Request(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts])
-        ex.check_blocks_free()
-        graphs = sorted(ex._runner.graphs.graphs) if ex._runner.graphs is not None else []
-        return [r.result.output_token_ids for r in resps], graphs
     finally:
         executor_mod.ModelRunner = saved
+    if mode in ("graphs", "overlap"):
+        assert ex._runner.graphs is not None
+    assert ex._runner.chains_decode == (mode == "overlap")
+    return ex
+
+
+def generate(model, mode, prompts, new_tokens=24, dtype="float32", block_size=16):
+    ex = make_executor(model, mode, prompts, new_tokens, dtype, block_size)
+    resps = ex.generate([Request(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts])
+    ex.check_blocks_free()
+    graphs = sorted(ex._runner.graphs.graphs) if ex._runner.graphs is not None else []
+    if mode == "overlap":   # every decode step but the last ran ahead of the host
+        assert ex._runner.overlap_stats == {"launched": new_tokens - 2, "used": new_tokens - 2, "dropped": 0}
+    return [r.result.output_token_ids for r in resps], graphs
 
 
 @functools.lru_cache(maxsize=2)
@@ -67,9 +76,11 @@ def test_fp32_graphs_match_eager(lens):
     ref, _ = generate(model, "eager", prompts)
     tri, _ = generate(model, "triton", prompts)
     gra, captured = generate(model, "graphs", prompts)
+    ovl, _ = generate(model, "overlap", prompts)
     assert captured, "no CUDA graph was used"
     assert tri == ref
     assert gra == ref
+    assert ovl == ref
 
 
 @pytest.mark.parametrize("lens", [[37], [5, 70, 33, 12]], ids=lambda x: f"b{len(x)}")
@@ -79,41 +90,58 @@ def test_bf16_graphs_match_triton_eager(lens):
     prompts = _prompts(model.config.vocab_size, lens)
     tri, _ = generate(model, "triton", prompts, dtype="bfloat16")
     gra, _ = generate(model, "graphs", prompts, dtype="bfloat16")
+    ovl, _ = generate(model, "overlap", prompts, dtype="bfloat16")
     assert gra == tri
+    assert ovl == tri
 
 
-def test_padding_rows_do_not_write():
-    from disagg_mpi.engine.cuda_graphs import DecodeGraphs
-    from disagg_mpi.engine.scheduler import StepInputs
+def _stops_and_a_late_request(model, mode, prompts, stops, late, new_tokens=24):
+    """Requests with stop tokens, plus one more enqueued after 5 steps; tokens per request."""
+    ex = make_executor(model, mode, prompts + [late], new_tokens)
+    ids = ex.enqueue_requests([Request(list(p), max_tokens=new_tokens, ignore_eos=True, stop_token_ids=s)
+                               for p, s in zip(prompts, stops)])
+    out = {i: [] for i in ids}
+    for _ in range(5):
+        for r in ex.await_responses(timeout=0):
+            out[r.request_id] += r.result.output_token_ids
+        ex._engine.step()
+    ids.append(ex.enqueue_request(Request(list(late), max_tokens=new_tokens, ignore_eos=True)))
+    out[ids[-1]] = []
+    while ex._engine.busy or any(not v for v in out.values()):
+        for r in ex.await_responses():
+            out[r.request_id] += r.result.output_token_ids
+    ex.check_blocks_free()
+    return [out[i] for i in ids], ex._runner.overlap_stats
 
+
+def _stop_token(tokens, lo=2, hi=20):
+    """A token whose first appearance is at index lo..hi (random weights repeat a lot)."""
+    for j, t in enumerate(tokens[lo:hi], lo):
+        if tokens.index(t) == j:
+            return t
+    return None
+
+
+def test_overlap_drops_mispredicted_steps():
+    # Sequences stopping on a stop token during decode and a request joining mid-run make
+    # the launched step wrong; the runner must drop it and give exactly the synchronous tokens.
     model = _model("float32")
-    runner = ModelRunner(model, 16, 16, "cuda", fast_decode=True, cuda_graphs=True)
-    graphs: DecodeGraphs = runner.graphs
-    pool = runner.kv_pool
-    pool.normal_()
-    before = pool.clone()
-    # 3 sequences (padded to 4): blocks 2, 5, 9; one new token each at offsets 3, 0, 7.
-    tables = [[2], [5], [9]]
-    inp = StepInputs(input_ids=[1000, 1001, 1002], positions=[3, 0, 7], slot_mapping=[35, 80, 151],
-                     query_start_loc=[0, 1, 2, 3], context_lens=[4, 1, 8], block_tables=tables,
-                     sample_indices=[0, 1, 2], sample_req_ids=[1, 2, 3])
-    logits, tokens = graphs.run(inp)
-    torch.cuda.synchronize()
-    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
-    assert tokens.tolist() == logits.argmax(-1).tolist()
-    changed = (pool != before).flatten(2).any(-1)    # [blocks, layers]
-    for blk in range(pool.shape[0]):
-        assert changed[blk].any() == (blk in (2, 5, 9)), blk
-    bs = pool.shape[4]
-    for slot in (35, 80, 151):
-        diff = (pool[slot // bs, :, :, :, slot % bs] != before[slot // bs, :, :, :, slot % bs])
-        assert diff.any()
-    # Nothing else in those blocks moved.
-    mask = torch.ones(pool.shape[0], pool.shape[4], dtype=torch.bool, device=pool.device)
-    for slot in (35, 80, 151):
-        mask[slot // bs, slot % bs] = False
-    moved = (pool != before).permute(0, 4, 1, 2, 3, 5).flatten(2).any(-1)   # [blocks, bs]
-    assert not moved[mask].any()
+    for seed in range(6):
+        prompts = _prompts(model.config.vocab_size, [37, 70, 20, 5], seed=seed)
+        ref, _ = generate(model, "graphs", prompts)
+        stops = [_stop_token(r) for r in ref]
+        if sum(s is not None for s in stops) >= 2:
+            break
+    assert sum(s is not None for s in stops) >= 2, "no prompts whose tokens vary enough"
+    stops = [[s] if s is not None else [] for s in stops]
+    late = _prompts(model.config.vocab_size, [50], seed=99)[0]
+    sync, _ = _stops_and_a_late_request(model, "graphs", prompts, stops, late)
+    ovl, stats = _stops_and_a_late_request(model, "overlap", prompts, stops, late)
+    for out, r, s in zip(sync, ref, stops):
+        assert out == (r[:r.index(s[0]) + 1] if s else r)
+    assert ovl == sync
+    # At least one stop and the join each dropped a launched step.
+    assert stats["dropped"] >= 2 and stats["used"] >= 10, stats
 
 
 def summary(out_path=None):
@@ -123,6 +151,7 @@ def summary(out_path=None):
         for lens in BATCHES + [[64] * 8]:
             prompts = _prompts(model.config.vocab_size, lens)
             toks = {m: generate(model, m, prompts, dtype=dtype)[0] for m in MODES}
+            assert toks["overlap"] == toks["graphs"]
             n = sum(len(t) for t in toks["eager"])
 
             def agree(a, b, toks=toks, n=n):
