@@ -84,7 +84,10 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         # interleaved, a 1 GiB host transfer just before an IPC pull leaves the CPU caches cold, and
         # the pull's ~50 us of Python then takes 3-5x longer (measured on the H100 host).
         for name, side in sides.items():
-            for _ in range(args.warmup + reps):
+            # IPC pulls are cheap, so they always get 4x the runs: with 5 (the large payloads'
+            # count for the slow variants) the median still carried the first runs after the
+            # previous payload's host transfers, 2x slower while the Python path warms back up.
+            for _ in range(args.warmup + (4 * args.repeats if name == "ipc" else reps)):
                 times[name].append(_pull_once(side, rank, opaque, nblk, next(req_ids)))
                 # ipc_copy: copies queued .. seen complete; excludes the time spent queueing them (the GPU
                 # runs them meanwhile), so it understates the copy time: a diagnostic, not a bandwidth.
@@ -100,7 +103,7 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"{k}_s"] = statistics.median(v[args.warmup:])
             if "ipc" in sides:  # every timed run, for the spread
                 row["ipc_runs_s"] = times["ipc"][args.warmup:]
-            row["d2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(d_src[:n]), reps, args.warmup)
+            row["d2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(d_src[:n]), 4 * args.repeats, args.warmup)  # as many runs as ipc
             row["d2h_s"] = _time_cuda(lambda: host[:n].copy_(d_src[:n], non_blocking=True), reps, args.warmup)
             row["h2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(host[:n], non_blocking=True), reps, args.warmup)
             for k in [*sides, *(["ipc_copy"] if "ipc" in sides else []), "mpi_host", "d2d", "d2h", "h2d"]:

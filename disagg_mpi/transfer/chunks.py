@@ -83,6 +83,22 @@ def is_contiguous_run(ids: list[int], lo: int, hi: int) -> bool:
     return all(ids[i] == first + (i - lo) for i in range(lo + 1, hi))
 
 
+_IDS: list[int] = list(range(4096))  # 0, 1, 2, ...: slices of it are the runs to compare with
+
+
+def is_run(ids: list[int] | tuple[int, ...], n: int) -> bool:
+    """Whether ids[:n] are n consecutive block ids. Compares with a slice of a prebuilt list:
+    ~4x faster than building list(range(...)) (new int objects) at a thousand ids."""
+    global _IDS
+    first = ids[0]
+    if first < 0 or ids[n - 1] - first != n - 1:
+        return False
+    if first + n > len(_IDS):
+        _IDS = list(range(max(first + n, 2 * len(_IDS))))
+    head = ids[:n] if isinstance(ids, list) else list(ids[:n])
+    return head == _IDS[first:first + n]
+
+
 def zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[int]:
     """Chunk starts (+ end) so that each chunk is a run contiguous in both pools, <= max_run blocks.
 
@@ -90,8 +106,7 @@ def zero_copy_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> li
     n = len(ctx_ids)
     if n <= 1:
         return [0, n]
-    c0, g0 = ctx_ids[0], gen_ids[0]
-    if list(ctx_ids) == list(range(c0, c0 + n)) and list(gen_ids[:n]) == list(range(g0, g0 + n)):
+    if is_run(ctx_ids, n) and is_run(gen_ids, n):
         return [*range(0, n, max_run), n]  # one run in both pools (the usual case): no numpy
     c, g = np.asarray(ctx_ids, dtype=np.int64), np.asarray(gen_ids[:n], dtype=np.int64)
     starts = np.flatnonzero((np.diff(c) != 1) | (np.diff(g) != 1)) + 1

@@ -15,6 +15,7 @@ keeps a few (`PinnedBuffers`), reused transfer after transfer.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -71,14 +72,44 @@ def mpi_device_buffer(t: torch.Tensor) -> Any:
     return t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
 
 
-def _raw_ordering(compute: torch.cuda.Stream, side: torch.cuda.Stream):
-    """A callable making `side` wait for `compute`'s queued work through cupy's thin runtime
-    bindings (None without cupy)."""
+def _cupy_runtime() -> Any:
     try:
         import cupy
     except ImportError:
         return None
-    rt = cupy.cuda.runtime
+    return cupy.cuda.runtime
+
+
+class RawEvent:
+    """A CUDA event recorded on a stream through cupy's thin runtime bindings.
+
+    Creating and recording one costs ~1 us each, a torch.cuda.Event ~5 us; a one-sided IPC
+    pull records one on its critical path. Only `query` and `synchronize` are offered."""
+
+    __slots__ = ("_ev", "_rt")
+
+    def __init__(self, rt: Any, stream: int):
+        self._rt = rt
+        self._ev = rt.eventCreateWithFlags(getattr(rt, "eventDisableTiming", 2))
+        rt.eventRecord(self._ev, stream)
+
+    def query(self) -> bool:
+        return self._rt.eventQuery(self._ev) == 0   # cudaSuccess; cudaErrorNotReady is 600
+
+    def synchronize(self) -> None:
+        self._rt.eventSynchronize(self._ev)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown the context may be gone
+            self._rt.eventDestroy(self._ev)
+
+
+def _raw_ordering(compute: torch.cuda.Stream, side: torch.cuda.Stream):
+    """A callable making `side` wait for `compute`'s queued work through cupy's thin runtime
+    bindings (None without cupy)."""
+    rt = _cupy_runtime()
+    if rt is None:
+        return None
     ev = rt.eventCreateWithFlags(getattr(rt, "eventDisableTiming", 2))
     c, s = compute.cuda_stream, side.cuda_stream
 
@@ -100,6 +131,10 @@ class SideStream:
         self.compute = torch.cuda.current_stream(device)
         self._ordered = torch.cuda.Event()
         self._raw = _raw_ordering(self.compute, self.stream)
+        self._rt = _cupy_runtime()
+        if self._rt is not None:  # cupy's runtime calls act on its current device: this rank's
+            self._rt.setDevice(device.index if device.index is not None else torch.cuda.current_device())
+        self._handle = self.stream.cuda_stream
 
     def after_compute(self) -> None:
         """Order the side stream after everything the model's stream has queued so far
@@ -118,7 +153,10 @@ class SideStream:
     def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
 
-    def record(self) -> torch.cuda.Event:
+    def record(self) -> RawEvent | torch.cuda.Event:
+        """An event after the work queued on the side stream so far (`query()`, `synchronize()`)."""
+        if self._rt is not None:
+            return RawEvent(self._rt, self._handle)
         ev = torch.cuda.Event()
         ev.record(self.stream)  # explicit stream: no need to be inside `with side`
         return ev

@@ -187,17 +187,20 @@ class KvTransceiver(SendSide, RecvSide):
     # ---- both ------------------------------------------------------------
 
     def poll(self) -> list[tuple[int, int, float]]:
-        """Progress everything; returns (req_id, bytes, seconds) of receives finished here."""
-        self._accept_pulls()
-        limit = self.cfg.send_concurrency if self.cfg.parallel_send else 1
-        while self._send_queue and len(self._sending) < limit:
-            self._sending.append(self._send_queue.popleft())
-        self._sending = [j for j in self._sending if not self._progress_send(j)]
+        """Progress everything; returns (req_id, bytes, seconds) of receives finished here.
+
+        Receives first: a one-sided IPC pull is done as soon as its copy is, and the MPI probe
+        for new pulls would only delay noticing it."""
         finished = []
         for req_id, job in list(self._recv.items()):
             if self._progress_recv(job):
                 del self._recv[req_id]
                 finished.append((req_id, job.bytes, time.perf_counter() - job.t0))
+        self._accept_pulls()
+        limit = self.cfg.send_concurrency if self.cfg.parallel_send else 1
+        while self._send_queue and len(self._sending) < limit:
+            self._sending.append(self._send_queue.popleft())
+        self._sending = [j for j in self._sending if not self._progress_send(j)]
         return finished
 
     @property
