@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import shared_staging
-from .block_copy import copy_blocks
+from .block_copy import PoolPair
 from .cache_state import CacheState
 from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_blocks
 from .opaque import OpaqueState
@@ -324,9 +324,11 @@ class RecvSide:
 
     def _ipc_copy_whole(self, job: _RecvJob, source: int, info: dict, nblk: int) -> int:
         """Queue the copy of the request's first `nblk` blocks from `source`'s mapped pool into ours."""
-        src = self._mapper.tensor(source, info)
-        ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
-        return copy_blocks(self.pool, job.blocks[:nblk], src, list(ctx_ids[:nblk]), self._side.stream)
+        got = self._ipc_pairs.get(source)
+        if got is None or got[0] is not info:  # first pull from it, or it re-exported its pool
+            got = (info, PoolPair(self.pool, self._mapper.tensor(source, info), self._side.stream))
+            self._ipc_pairs[source] = got
+        return got[1].copy(job.blocks, job.opaque.block_ids, nblk)  # type: ignore[attr-defined]
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices

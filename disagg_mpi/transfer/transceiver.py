@@ -112,6 +112,7 @@ class KvTransceiver(SendSide, RecvSide):
         self.ipc_copy_seconds: list[float] = []  # per IPC item: copies queued .. seen complete (stats)
         self.ipc_one_sided = 0  # IPC items pulled without any message (the pool was mapped already)
         self._ipc_peers: dict[int, dict] = {}  # context rank -> its pool's IPC description (mapped)
+        self._ipc_pairs: dict[int, tuple] = {}  # context rank -> (that description, block_copy.PoolPair)
         self._plans: dict[CacheState, list] = {}  # context layout -> our plan items (see _plan_items)
         self._rings: shared_staging.RingPool | None = None  # generation side: rings we lend
         self._ring_maps: shared_staging.RingMaps | None = None  # context side: rings lent to us
@@ -150,6 +151,7 @@ class KvTransceiver(SendSide, RecvSide):
 
     def close(self) -> None:
         """Close the CUDA IPC mappings and drop staging buffers (at executor shutdown)."""
+        self._ipc_pairs.clear()
         if self._mapper is not None:
             self._mapper.close()
         if self._pinned is not None:

@@ -118,3 +118,29 @@ def test_ring_maps_close_the_oldest_unused_mapping():
     maps.close()
     for o in owners:
         o.close()
+
+
+def test_pool_pair_copies_one_run_with_one_raw_copy(monkeypatch):
+    # The raw cudaMemcpyAsync is replaced by a host memmove on these CPU pools: the pointer
+    # arithmetic (offsets of the first ids, byte count) is what is checked.
+    import ctypes
+
+    calls = []
+
+    def memmove(dst, src, nbytes, kind, stream):
+        calls.append(nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    monkeypatch.setattr(block_copy, "_memcpy_async", memmove)
+    src, dst = _pool(16), torch.zeros(16, 3, 2, 2, 4, 8)
+    pair = block_copy.PoolPair(dst, src, None)
+    assert pair.raw
+    assert pair.copy([5, 6, 7, 99], (10, 11, 12), 3) == 3 * src[0].numel() * 4
+    assert calls == [3 * src[0].numel() * 4]
+    assert torch.equal(dst[5:8], src[10:13])
+    assert not dst[:5].any() and not dst[8:].any()
+    # Not one run: the general path (block by block here), same result.
+    pair.copy([0, 2], [1, 3], 2)
+    assert len(calls) == 1 and torch.equal(dst[0], src[1]) and torch.equal(dst[2], src[3])
+    # Pools of another block shape are never copied raw.
+    assert not block_copy.PoolPair(torch.zeros(16, 3, 2, 2, 4, 4), src, None).raw
