@@ -144,6 +144,40 @@ def test_overlap_drops_mispredicted_steps():
     assert stats["dropped"] >= 2 and stats["used"] >= 10, stats
 
 
+def test_padding_rows_do_not_write():
+    from disagg_mpi.engine.cuda_graphs import DecodeGraphs
+    from disagg_mpi.engine.scheduler import StepInputs
+
+    model = _model("float32")
+    runner = ModelRunner(model, 16, 16, "cuda", fast_decode=True, cuda_graphs=True)
+    graphs: DecodeGraphs = runner.graphs
+    pool = runner.kv_pool
+    pool.normal_()
+    before = pool.clone()
+    # 3 sequences (padded to 4): blocks 2, 5, 9; one new token each at offsets 3, 0, 7.
+    tables = [[2], [5], [9]]
+    inp = StepInputs(input_ids=[1000, 1001, 1002], positions=[3, 0, 7], slot_mapping=[35, 80, 151],
+                     query_start_loc=[0, 1, 2, 3], context_lens=[4, 1, 8], block_tables=tables,
+                     sample_indices=[0, 1, 2], sample_req_ids=[1, 2, 3])
+    logits, tokens = graphs.run(inp)
+    torch.cuda.synchronize()
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    changed = (pool != before).flatten(2).any(-1)    # [blocks, layers]
+    for blk in range(pool.shape[0]):
+        assert changed[blk].any() == (blk in (2, 5, 9)), blk
+    bs = pool.shape[4]
+    for slot in (35, 80, 151):
+        diff = (pool[slot // bs, :, :, :, slot % bs] != before[slot // bs, :, :, :, slot % bs])
+        assert diff.any()
+    # Nothing else in those blocks moved.
+    mask = torch.ones(pool.shape[0], pool.shape[4], dtype=torch.bool, device=pool.device)
+    for slot in (35, 80, 151):
+        mask[slot // bs, slot % bs] = False
+    moved = (pool != before).permute(0, 4, 1, 2, 3, 5).flatten(2).any(-1)   # [blocks, bs]
+    assert not moved[mask].any()
+
+
 def summary(out_path=None):
     res = {"device": torch.cuda.get_device_name()}
     for dtype in ("float32", "bfloat16"):
