@@ -35,6 +35,10 @@ class _LocalGroup:
         return self.runner.execute(plan)
 
     @property
+    def chain_pending(self) -> bool:
+        return self.runner.chain_pending
+
+    @property
     def chains_decode(self) -> bool:
         return self.runner.chains_decode
 

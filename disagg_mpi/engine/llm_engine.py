@@ -68,6 +68,9 @@ class ExecutorGroup(Protocol):
     @property
     def chains_decode(self) -> bool: ...  # runs StepPlan.next_inputs ahead (overlap.py)
 
+    @property
+    def chain_pending(self) -> bool: ...  # a step launched ahead waits to be claimed
+
 
 @dataclass
 class _Meta:
@@ -105,6 +108,7 @@ class LLMEngine(DisaggHandoff):
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
         self._chains = bool(getattr(group, "chains_decode", False))
+        self._predicted: list[int] | None = None  # request ids of the step predicted last
 
     # ---- admission -------------------------------------------------------
 
@@ -174,7 +178,13 @@ class LLMEngine(DisaggHandoff):
 
     def step(self) -> None:
         self.housekeeping()
-        step = self.scheduler.schedule()
+        # A step launched ahead (overlap.py) for exactly the running sequences is already on the
+        # GPU: run it as predicted and admit newcomers in the step after, instead of dropping it.
+        # They would have waited for it either way.
+        ahead = (self._predicted is not None and self.group.chain_pending
+                 and [s.req_id for s in self.scheduler.running] == self._predicted)
+        self._predicted = None
+        step = self.scheduler.schedule(admit=not ahead)
         if step.is_empty:
             return
         inputs = self.scheduler.make_step_inputs(step)
@@ -183,6 +193,8 @@ class LLMEngine(DisaggHandoff):
         plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
                         [by_id[r].sample_key() for r in inputs.sample_req_ids],
                         self._predict_next(step, inputs, sampling))
+        if plan.next_inputs is not None:
+            self._predicted = plan.next_inputs.sample_req_ids
         try:
             tokens = self.group.run_step(plan)
         except Exception as err:

@@ -125,6 +125,11 @@ class ModelRunner:
         self._chained: tuple[StepInputs, Launch, list[int]] | None = None
         self.overlap_stats = {"launched": 0, "used": 0, "dropped": 0}
 
+    @property
+    def chain_pending(self) -> bool:
+        """A step launched ahead (overlap.py) waits for the engine's next call."""
+        return self._chained is not None
+
     def _take_chained(self, inp: StepInputs) -> Launch | None:
         """The launched step if `inp` is the one predicted for it, else None (it is dropped)."""
         if self._chained is None:

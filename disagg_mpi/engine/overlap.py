@@ -10,7 +10,11 @@ The runner launches it right behind this one, its input ids copied on the
 device from this step's greedy tokens, and only then waits for this step's
 tokens. On the next call the runner compares the engine's real inputs with the
 prediction: equal, the step is already queued; different (a sequence stopped on
-EOS, was cancelled, or a request joined), the launched step is dropped.
+EOS or was cancelled), the launched step is dropped. A request that arrives
+meanwhile does not spoil it: the engine runs the launched step as predicted and
+admits the newcomer in the step after (it would have waited for the launched
+step's GPU time either way). Against overlap off, that is the price: a request
+arriving during decode starts up to one decode step later.
 
 A dropped step costs GPU time, never correctness: sequences that go on had
 their KV written at the same slot with the same token, and a stopped sequence

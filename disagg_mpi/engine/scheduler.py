@@ -138,7 +138,8 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, admit: bool = True) -> ScheduledStep:
+        """The next step; `admit=False` leaves the ready and waiting queues for a later step."""
         step = ScheduledStep()
         budget = self.max_num_tokens
         # Decodes first: one token each, latency-critical, and they always fit
@@ -153,6 +154,8 @@ class Scheduler:
                 n = min(seq.remaining_prefill, budget)
                 step.items.append((seq, n))
                 budget -= n
+        if not admit:
+            return step
         # Then new sequences: those with KV already present (no blocks needed) ...
         while self.ready and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.ready.popleft()

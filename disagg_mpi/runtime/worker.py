@@ -63,6 +63,10 @@ class MpiGroup:
         return self.runner.execute(plan)
 
     @property
+    def chain_pending(self) -> bool:
+        return self.runner.chain_pending
+
+    @property
     def chains_decode(self) -> bool:
         return self.runner.chains_decode and not self.members
 

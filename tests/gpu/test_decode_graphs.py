@@ -123,8 +123,8 @@ def _stop_token(tokens, lo=2, hi=20):
 
 
 def test_overlap_drops_mispredicted_steps():
-    # Sequences stopping on a stop token during decode and a request joining mid-run make
-    # the launched step wrong; the runner must drop it and give exactly the synchronous tokens.
+    # Sequences stopping on a stop token during decode make the launched step wrong: the runner
+    # must drop it. A request joining mid-run waits one step. Tokens equal the synchronous run's.
     model = _model("float32")
     for seed in range(6):
         prompts = _prompts(model.config.vocab_size, [37, 70, 20, 5], seed=seed)
@@ -140,8 +140,8 @@ def test_overlap_drops_mispredicted_steps():
     for out, r, s in zip(sync, ref, stops):
         assert out == (r[:r.index(s[0]) + 1] if s else r)
     assert ovl == sync
-    # At least one stop and the join each dropped a launched step.
-    assert stats["dropped"] >= 2 and stats["used"] >= 10, stats
+    # The stops dropped launched steps; the join did not (the newcomer waits one step instead).
+    assert stats["dropped"] >= 1 and stats["used"] >= 10, stats
 
 
 def test_padding_rows_do_not_write():

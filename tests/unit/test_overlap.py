@@ -147,3 +147,28 @@ def test_a_stop_token_makes_the_prediction_miss(model):
     assert plan.next_inputs is not None
     assert not is_predicted(plan.next_inputs, steps[stop_step + 1][0].inputs, tokens)
     ex.check_blocks_free()
+
+
+def test_a_newcomer_waits_one_step_instead_of_dropping_the_launched_one(model, monkeypatch):
+    # With a step launched ahead for the running sequences, a request that arrives meanwhile is
+    # admitted one step later: the launched step is used as predicted, nothing is thrown away.
+    from disagg_mpi.engine import executor as executor_mod
+
+    monkeypatch.setattr(executor_mod._LocalGroup, "chain_pending", property(lambda self: True))
+    ex, steps = _recording_executor(model)
+    a = ex.enqueue_request(Request([5, 17, 300], max_tokens=10, ignore_eos=True))
+    for _ in range(4):
+        ex._engine.step()
+    b = ex.enqueue_request(Request([9, 8, 7, 6], max_tokens=4, ignore_eos=True))
+    while ex._engine.busy:
+        ex._engine.step()
+    ids = [p.inputs.sample_req_ids for p, _ in steps]
+    first_b = next(i for i, r in enumerate(ids) if b in r)
+    assert ids[first_b - 1] == [a]
+    # The step after b arrived is the one predicted before it arrived ...
+    assert is_predicted(steps[first_b - 2][0].next_inputs, steps[first_b - 1][0].inputs, steps[first_b - 2][1])
+    # ... and b came one step later, into a step that made no prediction (b was waiting).
+    assert first_b == 5 and steps[first_b - 1][0].next_inputs is None
+    outs = {r.request_id: r for r in ex.await_responses()}
+    assert len(outs[a].result.output_token_ids) == 10 and len(outs[b].result.output_token_ids) == 4
+    ex.check_blocks_free()
