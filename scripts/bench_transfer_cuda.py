@@ -103,9 +103,9 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"{k}_s"] = statistics.median(v[args.warmup:])
             if "ipc" in sides:  # every timed run, for the spread
                 row["ipc_runs_s"] = times["ipc"][args.warmup:]
-            row["d2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(d_src[:n]), 4 * args.repeats, args.warmup)  # as many runs as ipc
-            row["d2h_s"] = _time_cuda(lambda: host[:n].copy_(d_src[:n], non_blocking=True), reps, args.warmup)
-            row["h2d_s"] = _time_cuda(lambda: d_dst[:n].copy_(host[:n], non_blocking=True), reps, args.warmup)
+            row["d2d_s"] = _time_cuda(lambda n=n: d_dst[:n].copy_(d_src[:n]), 4 * args.repeats, args.warmup)  # as many runs as ipc
+            row["d2h_s"] = _time_cuda(lambda n=n: host[:n].copy_(d_src[:n], non_blocking=True), reps, args.warmup)
+            row["h2d_s"] = _time_cuda(lambda n=n: d_dst[:n].copy_(host[:n], non_blocking=True), reps, args.warmup)
             for k in [*sides, *(["ipc_copy"] if "ipc" in sides else []), "mpi_host", "d2d", "d2h", "h2d"]:
                 row[f"{k}_gbs"] = n / row[f"{k}_s"] / 1e9
             if "ipc" in sides:

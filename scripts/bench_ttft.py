@@ -51,7 +51,7 @@ def measure(orch, prompts: list[list[int]], disaggregated: bool) -> list[dict]:
         t0 = time.perf_counter()
         first_gen = None
         req = Request(p, max_tokens=4, ignore_eos=True, streaming=True)
-        [gid] = orch.submit([req]) if disaggregated else orch.enqueue_requests([req], select_id=0)
+        [_gid] = orch.submit([req]) if disaggregated else orch.enqueue_requests([req], select_id=0)
         final = None
         while final is None:
             for _, resp in orch.advance(orch.await_responses(timeout=60)):

@@ -169,10 +169,10 @@ async def run_load(base_url: str, requests: Sequence[BenchRequest], request_rate
 
 
 async def get_json(base_url: str, path: str, timeout: float = 10.0) -> tuple[int, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        async with s.get(base_url.rstrip("/") + path) as resp:
-            text = await resp.text()
-            try:
-                return resp.status, json.loads(text)
-            except json.JSONDecodeError:
-                return resp.status, text
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                s.get(base_url.rstrip("/") + path) as resp):
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except json.JSONDecodeError:
+            return resp.status, text

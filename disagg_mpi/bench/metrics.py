@@ -106,9 +106,7 @@ def meets_slo(ttft: float | None, tpot: float | None, slo_ttft_ms: float | None,
         return False
     if slo_ttft_ms is not None and ttft > slo_ttft_ms:
         return False
-    if slo_tpot_ms is not None and tpot is not None and tpot > slo_tpot_ms:
-        return False
-    return True
+    return not (slo_tpot_ms is not None and tpot is not None and tpot > slo_tpot_ms)
 
 
 def goodput(records: Sequence[RequestRecord], duration_s: float, slo_ttft_ms: float | None,

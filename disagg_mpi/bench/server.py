@@ -55,7 +55,7 @@ class ServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI_ENV_PREFIXES)}
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the server's lifetime; closed in stop()
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
@@ -150,7 +150,7 @@ class ServeProcess:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self) -> ServeProcess:  # noqa: PYI034 - typing.Self needs Python 3.11
         self.start()
         return self
 

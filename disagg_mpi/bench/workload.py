@@ -191,7 +191,7 @@ def load_dataset_entries(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not valid JSON: {err.msg}") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object")
+            raise ValueError(f"{path}:{n}: each line must be a JSON object")  # noqa: TRY004 - a bad file, like the lines above
         if "conversations" in obj:
             entries += [{"prompt": p, "output_text": a} for p, a in _sharegpt_pairs([obj])]
             continue

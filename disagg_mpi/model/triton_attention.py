@@ -187,7 +187,7 @@ if HAVE_TRITON:
         gm = (g < G)[:, None]
         qoff = seq * (NQ * D) + (kvh * G + g)[:, None] * D + d[None, :]
         q = tl.load(q_ptr + qoff, mask=gm, other=0.0)
-        m_i, l_i, acc = _attend_cached(q, ctx, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv,
+        _m_i, l_i, acc = _attend_cached(q, ctx, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv,
                                        s_h, kvh, d, G_P, D, BS, BLOCK_N, IEEE, INTERP)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
         out = acc / l_i[:, None]

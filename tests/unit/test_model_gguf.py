@@ -81,7 +81,7 @@ def test_tp3_pp2_matches(gguf_path, prompts, ours):
         for s, st in enumerate(grid):
             outs = [None] * 3
 
-            def work(r, s=s, h=h):
+            def work(r, s=s, h=h, outs=outs, st=st):
                 outs[r] = st[r](ids if s == 0 else None, pos, pools[s][r], hidden_states=h)
             ts = [threading.Thread(target=work, args=(r,)) for r in range(3)]
             [t.start() for t in ts]

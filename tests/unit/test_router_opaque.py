@@ -31,7 +31,8 @@ def test_router_errors():
 
 def _state(**kw):
     cs = CacheState.create(30, 3, 64, 16, "float32")
-    base = dict(executor_id=0, world_ranks=(1,), ctx_req_id=7, block_ids=(3, 4), num_tokens=20, cache_state=cs)
+    base = {"executor_id": 0, "world_ranks": (1,), "ctx_req_id": 7, "block_ids": (3, 4), "num_tokens": 20,
+            "cache_state": cs}
     base.update(kw)
     return OpaqueState(**base)
 

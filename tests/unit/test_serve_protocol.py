@@ -156,8 +156,8 @@ def test_incremental_decoder_holds_partial_characters():
     assert all("\ufffd" not in s for s in parts)
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _any_json = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=True) | st.text(max_size=8),

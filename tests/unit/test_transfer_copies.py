@@ -45,7 +45,7 @@ def test_copy_blocks_moves_exactly_the_named_blocks(dtype, pattern):
     if pattern == "one_run":
         s_ids, d_ids = list(range(3, 3 + n)), list(range(10, 10 + n))
     elif pattern == "few_runs":
-        s_ids, d_ids = list(range(0, 12)) + list(range(20, 32)), list(range(16, 40))
+        s_ids, d_ids = list(range(12)) + list(range(20, 32)), list(range(16, 40))
     else:  # many runs: one indexed copy (Triton kernel on GPU / under the interpreter)
         s_ids, d_ids = rng.sample(range(40), n), rng.sample(range(40), n)
     moved = block_copy.copy_blocks(dst, d_ids, src, s_ids)
