@@ -97,27 +97,30 @@ class RecvSide:
     def start_pull(self, req_id: int, opaque: OpaqueState, my_blocks: list[int]) -> None:
         """Ask the context ranks for this rank's share of a request's KV (or copy it at once: IPC).
 
-        Ordered for latency: a one-sided IPC item's copy is queued as soon as its item exists,
-        and the rest of the bookkeeping runs while the GPU copies."""
+        Ordered for latency: a one-sided IPC item's copy is queued first, and the bookkeeping
+        (the job, the item, the completion event) runs while the GPU copies."""
+        t0 = time.perf_counter()
         ctx = opaque.cache_state
-        job = _RecvJob(req_id, list(my_blocks), ctx.block_size, opaque.num_tokens, [])
-        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
         if self._side is not None:  # our new blocks may still be read by queued steps of their last owner
             self._side.after_compute()
-        for it, slices, direct, whole in self._plan_items(ctx):
+        items = self._plan_items(ctx)
+        job = None
+        for it, slices, direct, whole in items:
             source = opaque.world_ranks[it.ctx_rank]
             one_sided = self.want_ipc and source in self._ipc_peers
-            if one_sided and whole and (self.cfg.parallel_receive or not job.items):
+            if one_sided and whole and (self.cfg.parallel_receive or job is None):
                 # The common case, on the critical path: whole blocks from a mapped pool. Queue the
-                # copy before making any of the item's bookkeeping (measured: ~15 us earlier).
+                # copy before making any bookkeeping, the job's included (measured: ~15 us earlier).
                 nblk = -(-opaque.num_tokens // ctx.block_size)
-                nbytes = self._ipc_copy_whole(job, source, self._ipc_peers[source], nblk)
+                nbytes = self._ipc_copy_whole(my_blocks, opaque.block_ids, source, self._ipc_peers[source], nblk)
+                job = job or self._new_job(req_id, opaque, my_blocks, t0)
                 ri = _RecvItem(it, source, 0, Chunking(True, 1, nblk), slices, one_sided=True, direct=direct,
                                started=True, ipc_bytes=nbytes, ipc_event=self._side.record(),
                                ipc_t0=time.perf_counter())
                 self.ipc_one_sided += 1
                 job.items.append(ri)
                 continue
+            job = job or self._new_job(req_id, opaque, my_blocks, t0)
             ring = self.mode == "staged" and not self.want_ipc and self._rings is not None
             # One-sided IPC needs no chunk bounds (nothing crosses the wire): skip computing them.
             ids = (None, None) if one_sided else (opaque.block_ids, my_blocks)
@@ -129,7 +132,13 @@ class RecvSide:
             job.items.append(ri)
             if self.cfg.parallel_receive or len(job.items) == 1:
                 self._start_item(job, ri)
-        self._recv[req_id] = job
+        self._recv[req_id] = job or self._new_job(req_id, opaque, my_blocks, t0)
+
+    @staticmethod
+    def _new_job(req_id: int, opaque: OpaqueState, my_blocks: list[int], t0: float) -> _RecvJob:
+        job = _RecvJob(req_id, list(my_blocks), opaque.cache_state.block_size, opaque.num_tokens, [], t0)
+        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
+        return job
 
     def _plan_items(self, ctx: CacheState) -> list[tuple[PlanItem, tuple[slice, slice], bool, bool]]:
         """This rank's plan items from a context layout (cached per layout): each with our slices,
@@ -303,7 +312,7 @@ class RecvSide:
         ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
         it = ri.item
         if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass, queued on the side stream
-            ri.ipc_bytes += self._ipc_copy_whole(job, ri.source, hdr, ri.chunking.num_ctx_blocks)
+            ri.ipc_bytes += self._ipc_copy_whole(job.blocks, ctx_ids, ri.source, hdr, ri.chunking.num_ctx_blocks)
             ri.ipc_event = self._side.record()
             ri.ipc_t0 = time.perf_counter()
             return
@@ -322,13 +331,13 @@ class RecvSide:
             ri.ipc_event = self._side.record()
         ri.ipc_t0 = time.perf_counter()
 
-    def _ipc_copy_whole(self, job: _RecvJob, source: int, info: dict, nblk: int) -> int:
-        """Queue the copy of the request's first `nblk` blocks from `source`'s mapped pool into ours."""
+    def _ipc_copy_whole(self, my_blocks, ctx_ids, source: int, info: dict, nblk: int) -> int:
+        """Queue the copy of a request's first `nblk` blocks from `source`'s mapped pool into ours."""
         got = self._ipc_pairs.get(source)
         if got is None or got[0] is not info:  # first pull from it, or it re-exported its pool
             got = (info, PoolPair(self.pool, self._mapper.tensor(source, info), self._side.stream))
             self._ipc_pairs[source] = got
-        return got[1].copy(job.blocks, job.opaque.block_ids, nblk)  # type: ignore[attr-defined]
+        return got[1].copy(my_blocks, ctx_ids, nblk)
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices
