@@ -22,19 +22,8 @@ from aiohttp import web
 from ..api import Response
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
-from .protocol import (
-    ApiError,
-    IncrementalDecoder,
-    ParsedRequest,
-    chunk,
-    error_body,
-    finish_reason,
-    full_body,
-    parse_chat,
-    parse_completion,
-    parse_json_body,
-    usage_chunk,
-)
+from .protocol import ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
+from .responses import IncrementalDecoder, chunk, finish_reason, full_body, usage_chunk
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> engine requests, and engine results -> OpenAI bodies.
+"""OpenAI request bodies -> engine requests (the responses are in `responses.py`).
 
 Pure functions (no aiohttp, no MPI), so they can be unit tested alone.
 Anything that cannot be served raises `ApiError` with the HTTP status and an
@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import ContextPhaseParams, Request, Response, SamplingConfig
+from ..api import ContextPhaseParams, Request, SamplingConfig
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -317,101 +317,3 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(text)
     return _finish("chat", body, ids, vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
-
-
-# ---- responses -----------------------------------------------------------------------------------
-
-
-def finish_reason(reason: str | None) -> str:
-    if reason in ("stop", "length"):
-        return reason
-    if reason == "cancelled":
-        return "abort"
-    return "length"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def disagg_params_out(resp: Response) -> dict[str, Any]:
-    cpp = resp.result.context_phase_params if resp.result is not None else None
-    if cpp is None:  # the first token ended the request: nothing to hand to a generation phase
-        return {"request_type": CONTEXT_ONLY, "first_gen_tokens": list(resp.result.output_token_ids),
-                "ctx_request_id": None, "opaque_state": None}
-    return {"request_type": CONTEXT_ONLY, "first_gen_tokens": list(cpp.first_gen_tokens),
-            "ctx_request_id": cpp.req_id, "opaque_state": base64.b64encode(cpp.opaque_state).decode()}
-
-
-def full_body(p: ParsedRequest, resp: Response, text: str) -> dict[str, Any]:
-    """The non-streaming body of a finished request."""
-    r = resp.result
-    tokens = list(r.output_token_ids)
-    reason = finish_reason(r.finish_reason)
-    if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": tokens, "logprobs": None,
-                                  "finish_reason": reason}
-        obj = "text_completion"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
-                  "logprobs": None, "finish_reason": reason}
-        obj = "chat.completion"
-    body: dict[str, Any] = {"id": p.id, "object": obj, "created": p.created, "model": p.model,
-                            "choices": [choice], "usage": usage(p.prompt_tokens, len(tokens)),
-                            # extension: per-request ttft, KV transfer, where each phase ran
-                            "metrics": {k: v for k, v in r.metrics.items()
-                                        if isinstance(v, (int, float, str)) and not isinstance(v, bool)}}
-    if p.mode == CONTEXT_ONLY:
-        dp = disagg_params_out(resp)
-        choice["disaggregated_params"] = dp
-        body["disaggregated_params"] = dp
-    return body
-
-
-def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | None,
-          first: bool = False) -> dict[str, Any]:
-    """One streaming chunk (OpenAI format; `token_ids` is an extension)."""
-    if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None,
-                                  "finish_reason": reason}
-        obj = "text_completion"
-    else:
-        delta: dict[str, Any] = {}
-        if first:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
-        obj = "chat.completion.chunk"
-    return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [choice]}
-
-
-def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:
-    obj = "text_completion" if p.kind == "completion" else "chat.completion.chunk"
-    return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [],
-            "usage": usage(p.prompt_tokens, completion_tokens)}
-
-
-class IncrementalDecoder:
-    """Token ids in, text deltas out; holds back a trailing partial UTF-8 character."""
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-
-    def add(self, tokens: list[int]) -> str:
-        self.ids.extend(tokens)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta

@@ -12,13 +12,11 @@ from disagg_mpi.serve.protocol import (
     CONTEXT_ONLY,
     GENERATION_ONLY,
     ApiError,
-    IncrementalDecoder,
-    chunk,
-    full_body,
     parse_chat,
     parse_completion,
     parse_json_body,
 )
+from disagg_mpi.serve.responses import IncrementalDecoder, chunk, full_body
 
 TOK = Tokenizer.bytes_only(1024)
 NAMES = ("random:tiny",)
