@@ -15,6 +15,8 @@ from pathlib import Path
 
 # A launcher's variables would make the child think it already runs inside an MPI job.
 _MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")
+# ... but the user's own launcher settings stay (MCA parameters; running as root in a container).
+_MPI_SETTINGS = ("OMPI_MCA_", "OMPI_ALLOW_RUN_AS_ROOT")
 _READY = re.compile(r"serving on (http://\S+)")
 
 
@@ -52,7 +54,8 @@ class ServeProcess:
                 "--port", "0", "--port-file", str(self.port_file), *self.extra_args]
 
     def start(self) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI_ENV_PREFIXES)}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(_MPI_ENV_PREFIXES) or k.startswith(_MPI_SETTINGS)}
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the server's lifetime; closed in stop()

@@ -464,3 +464,29 @@ def test_serve_process_lifecycle(tmp_path, mode):
         time.sleep(0.1)
     assert not _alive(child)
     assert not health_ok(url)
+
+
+def test_serve_process_drops_job_markers_but_keeps_launcher_settings(tmp_path, monkeypatch):
+    # A server started from inside an MPI job must not think it is a rank of it; the user's
+    # MCA parameters and Open MPI's run-as-root switches must still reach its mpiexec.
+    import subprocess
+
+    from disagg_mpi.bench.server import ServeProcess
+
+    for k, v in {"OMPI_COMM_WORLD_RANK": "3", "PMI_RANK": "3", "PMIX_NAMESPACE": "x",
+                 "OMPI_MCA_btl": "self,vader", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+
+    def fake_popen(cmd, env=None, **kw):
+        seen.update(env)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    srv = ServeProcess("cfg.yaml", tmp_path / "serve.log")
+    with pytest.raises(OSError, match="stop here"):
+        srv.start()
+    assert not {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_NAMESPACE"} & set(seen)
+    assert seen["OMPI_MCA_btl"] == "self,vader"
+    assert seen["OMPI_ALLOW_RUN_AS_ROOT"] == seen["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
