@@ -49,6 +49,7 @@ class _GenPending:
     state: str = "alloc"  # alloc -> claiming -> pulling
     cancelled: bool = False  # a pull in flight is left to finish, then freed
     skip_blocks: int = 0  # leading blocks already cached here (prefix reuse)
+    t_claimed: float = 0.0  # when the context executor granted the claim
 
 
 
@@ -121,6 +122,7 @@ class DisaggHandoff:
                 continue
             m = self._meta[req_id].metrics
             m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
+            m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
             m["kv_transfer_bytes"] = nbytes
             m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
             self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
@@ -160,6 +162,7 @@ class DisaggHandoff:
             self._error(gen_req_id, error)
             return
         p.state = "pulling"
+        p.t_claimed = time.perf_counter()
         opaque, table, k = p.opaque, self.blocks.block_table(gen_req_id), p.skip_blocks
         if k:  # pull only the blocks this executor does not cache: a smaller request, block for block
             opaque = dataclasses.replace(opaque, block_ids=opaque.block_ids[k:],

@@ -31,6 +31,7 @@ def _check_equal_to_hf(config_name: str, expect_ctx: bool) -> None:
                 assert m["context_executor"] in orch.context_ids
                 assert m["generation_executor"] in orch.generation_ids
                 assert m["kv_transfer_bytes"] > 0
+                assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"]
         orch.wait_pools_full()
 
 
