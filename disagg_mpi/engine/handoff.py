@@ -46,10 +46,19 @@ class _GenPending:
     opaque: OpaqueState
     streaming: bool
     t0: float = field(default_factory=time.perf_counter)
-    state: str = "alloc"  # alloc -> claiming -> pulling
+    state: str = "alloc"  # alloc -> claiming -> pulling (an early pull starts at claiming)
     cancelled: bool = False  # a pull in flight is left to finish, then freed
     skip_blocks: int = 0  # leading blocks already cached here (prefix reuse)
     t_claimed: float = 0.0  # when the context executor granted the claim
+    # A one-sided pull (CUDA IPC from a mapped pool) starts with the claim, not after its answer;
+    # the blocks are used only once the claim is granted (early_pull), and `landed` records a
+    # pull that finished first, with its byte count.
+    early_pull: bool = False
+    landed: int | None = None
+
+    @property
+    def pull_unfinished(self) -> bool:
+        return self.state == "pulling" or (self.early_pull and self.landed is None)
 
 
 
@@ -106,29 +115,52 @@ class DisaggHandoff:
                 self.send_peer(p.opaque.world_ranks[0], {
                     "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
                     "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
+                # A pull that needs nothing from the context ranks overlaps the claim's round trip
+                # (under load that is mostly the context executor finishing its step). Reading
+                # blocks the claim then refuses is harmless: they are only written here, and the
+                # request fails without using them.
+                if getattr(self.group, "can_pull_unclaimed", lambda _o: False)(p.opaque):
+                    p.early_pull = True
+                    self._start_pull(p)
         for req_id, nbytes, _ in self.group.poll_transfers():
             if req_id in self._quarantine:  # a timed-out pull finally landed: its blocks are safe to reuse
                 self._quarantine.discard(req_id)
                 self.blocks.free(req_id)
                 continue
-            p = self._pending.pop(req_id, None)
+            p = self._pending.get(req_id)
             if p is None:
                 continue
-            self._release_context(p.opaque)
-            if p.cancelled:
-                self.blocks.free(req_id)
-                p.seq.finish("abort")
-                self._finish(p.seq)
+            if p.state == "claiming":  # an early pull landed before the claim's answer
+                p.landed = nbytes
                 continue
-            m = self._meta[req_id].metrics
-            m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
-            m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
-            m["kv_transfer_bytes"] = nbytes
-            m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
-            self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
-            self.scheduler.add_prefilled(p.seq)
-            if p.streaming:
-                self._emit(p.seq, [p.seq.output_ids[0]], final=False)
+            del self._pending[req_id]
+            self._pulled(p, nbytes)
+
+    def _start_pull(self, p: _GenPending) -> None:
+        opaque, table, k = p.opaque, self.blocks.block_table(p.seq.req_id), p.skip_blocks
+        if k:  # pull only the blocks this executor does not cache: a smaller request, block for block
+            opaque = dataclasses.replace(opaque, block_ids=opaque.block_ids[k:],
+                                         num_tokens=opaque.num_tokens - k * self.blocks.block_size)
+        self.group.start_pull(p.seq.req_id, opaque, table[k:])
+
+    def _pulled(self, p: _GenPending, nbytes: int) -> None:
+        """The KV is in and the claim granted: the request joins the batch (or ends, if cancelled)."""
+        req_id = p.seq.req_id
+        self._release_context(p.opaque)
+        if p.cancelled:
+            self.blocks.free(req_id)
+            p.seq.finish("abort")
+            self._finish(p.seq)
+            return
+        m = self._meta[req_id].metrics
+        m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
+        m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
+        m["kv_transfer_bytes"] = nbytes
+        m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
+        self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
+        self.scheduler.add_prefilled(p.seq)
+        if p.streaming:
+            self._emit(p.seq, [p.seq.output_ids[0]], final=False)
 
     def _expire_transfers(self) -> None:
         """A transfer that does not finish in time fails its request; neither side waits forever."""
@@ -140,7 +172,7 @@ class DisaggHandoff:
             req_id = p.seq.req_id
             del self._pending[req_id]
             self._release_context(p.opaque)
-            if p.state == "pulling" and self.group.pull_in_flight(req_id):
+            if p.pull_unfinished and self.group.pull_in_flight(req_id):
                 # Receives are posted into these blocks: keep them until the bytes land.
                 self._quarantine.add(req_id)
             else:
@@ -158,16 +190,24 @@ class DisaggHandoff:
             return
         if error:
             del self._pending[gen_req_id]
-            self.blocks.free(gen_req_id)
-            self._error(gen_req_id, error)
+            if p.pull_unfinished:  # an early pull still writes into these blocks: free them once it lands
+                self._quarantine.add(gen_req_id)
+            else:
+                self.blocks.free(gen_req_id)
+            if p.cancelled:
+                p.seq.finish("abort")
+                self._finish(p.seq)
+            else:
+                self._error(gen_req_id, error)
+            return
+        p.t_claimed = time.perf_counter()
+        if p.landed is not None:  # the early pull is already in
+            del self._pending[gen_req_id]
+            self._pulled(p, p.landed)
             return
         p.state = "pulling"
-        p.t_claimed = time.perf_counter()
-        opaque, table, k = p.opaque, self.blocks.block_table(gen_req_id), p.skip_blocks
-        if k:  # pull only the blocks this executor does not cache: a smaller request, block for block
-            opaque = dataclasses.replace(opaque, block_ids=opaque.block_ids[k:],
-                                         num_tokens=opaque.num_tokens - k * self.blocks.block_size)
-        self.group.start_pull(gen_req_id, opaque, table[k:])
+        if not p.early_pull:
+            self._start_pull(p)
 
     def _release_context(self, opaque: OpaqueState) -> None:
         self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})

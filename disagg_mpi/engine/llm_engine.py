@@ -65,6 +65,8 @@ class ExecutorGroup(Protocol):
 
     def pull_in_flight(self, req_id: int) -> bool: ...
 
+    def can_pull_unclaimed(self, opaque: OpaqueState) -> bool: ...  # optional: see handoff.py
+
     @property
     def chains_decode(self) -> bool: ...  # runs StepPlan.next_inputs ahead (overlap.py)
 
@@ -284,7 +286,7 @@ class LLMEngine(DisaggHandoff):
     def cancel(self, req_id: int) -> None:
         p = self._pending.get(req_id)
         if p is not None:
-            if p.state == "pulling":
+            if p.pull_unfinished:
                 # Bytes are on the wire: let the pull finish, then free (see _advance_pending);
                 # cancelling posted receives would leave the sender waiting forever.
                 p.cancelled = True

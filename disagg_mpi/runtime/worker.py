@@ -70,6 +70,11 @@ class MpiGroup:
     def chains_decode(self) -> bool:
         return self.runner.chains_decode and not self.members
 
+    def can_pull_unclaimed(self, opaque: OpaqueState) -> bool:
+        """Whether a pull of `opaque` can start before its claim is granted: one rank here, and
+        it needs nothing from the context ranks (CUDA IPC from pools this rank has mapped)."""
+        return not self.members and self.transceiver is not None and self.transceiver.one_sided_ready(opaque)
+
     def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None:
         assert self.transceiver is not None
         if os.environ.get("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull

@@ -134,6 +134,14 @@ class RecvSide:
                 self._start_item(job, ri)
         self._recv[req_id] = job or self._new_job(req_id, opaque, my_blocks, t0)
 
+    def one_sided_ready(self, opaque: OpaqueState) -> bool:
+        """Whether a pull of `opaque` is all one-sided: whole blocks over CUDA IPC from context
+        pools this rank has mapped, so no context rank takes part (or even answers)."""
+        if not self.want_ipc:
+            return False
+        return all(whole and opaque.world_ranks[it.ctx_rank] in self._ipc_peers
+                   for it, _, _, whole in self._plan_items(opaque.cache_state))
+
     @staticmethod
     def _new_job(req_id: int, opaque: OpaqueState, my_blocks: list[int], t0: float) -> _RecvJob:
         job = _RecvJob(req_id, list(my_blocks), opaque.cache_state.block_size, opaque.num_tokens, [], t0)

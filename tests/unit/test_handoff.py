@@ -1,0 +1,157 @@
+"""The generation side of the hand-off (engine/handoff.py) against a scripted transport.
+
+The real flows run under MPI (tests/mpi, tests/gpu); here the claim's answer and the pull's
+landing come in whatever order a test needs, which a live job cannot force. In particular an
+early pull (CUDA IPC, started with the claim) must never let a request use its blocks before the
+claim is granted, nor free blocks a pull still writes into.
+"""
+from __future__ import annotations
+
+import pytest
+
+from disagg_mpi.api import (
+    CacheTransceiverConfig,
+    ContextPhaseParams,
+    ExecutorConfig,
+    KvCacheConfig,
+    Request,
+    RequestType,
+)
+from disagg_mpi.engine.llm_engine import LLMEngine
+from disagg_mpi.model import load_model
+from disagg_mpi.transfer.cache_state import CacheState
+from disagg_mpi.transfer.opaque import OpaqueState
+
+KEY = b"k" * 32
+CTX_RANK = 7
+
+
+class ScriptedGroup:
+    """The transport: records pulls; the test says when each lands."""
+
+    chains_decode = False
+    chain_pending = False
+
+    def __init__(self, early: bool):
+        self.early = early
+        self.pulls: list[int] = []
+        self.in_flight: set[int] = set()
+        self._done: list[tuple[int, int, float]] = []
+
+    def can_pull_unclaimed(self, opaque) -> bool:
+        return self.early
+
+    def start_pull(self, req_id, opaque, blocks) -> None:
+        self.pulls.append(req_id)
+        self.in_flight.add(req_id)
+
+    def land(self, req_id: int, nbytes: int = 4096) -> None:
+        self.in_flight.discard(req_id)
+        self._done.append((req_id, nbytes, 0.0))
+
+    def poll_transfers(self):
+        out, self._done = self._done, []
+        return out
+
+    def pull_in_flight(self, req_id: int) -> bool:
+        return req_id in self.in_flight
+
+    def run_step(self, plan):
+        raise AssertionError("no step in these tests")
+
+
+@pytest.fixture(scope="module")
+def model_config():
+    return load_model("random:tiny", seed=1).config
+
+
+def _engine(model_config, early):
+    cfg = ExecutorConfig(max_batch_size=4, max_num_tokens=64,
+                         kv_cache_config=KvCacheConfig(block_size=4, num_blocks=32),
+                         cache_transceiver_config=CacheTransceiverConfig(enable_cache_transceiver=True))
+    mc = model_config
+    cs = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, 4, "float32")
+    sent = []
+    group = ScriptedGroup(early)
+    eng = LLMEngine(group, mc, cfg, cs, executor_id=1, world_ranks=(2,), key=KEY,
+                    send_peer=lambda dest, msg: sent.append((dest, msg)))
+    return eng, group, sent, cs
+
+
+def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10)):
+    opaque = OpaqueState(0, (CTX_RANK,), ctx_req_id, (3, 4), len(prompt), cs)
+    cpp = ContextPhaseParams(ctx_req_id, [42], opaque.encode(KEY))
+    return Request(list(prompt), max_tokens=5, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY,
+                   context_phase_params=cpp, ignore_eos=True)
+
+
+def _ops(sent):
+    return [m["op"] for _, m in sent]
+
+
+def test_early_pull_that_lands_first_waits_for_the_grant(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    assert _ops(sent) == ["claim"] and group.pulls == [1]   # the pull went with the claim
+    group.land(1)
+    eng.housekeeping()
+    assert not eng.scheduler.ready and _ops(sent) == ["claim"]   # in, but not granted: not used
+    eng.on_claim_reply(1, None)
+    assert [s.req_id for s in eng.scheduler.ready] == [1]
+    assert _ops(sent) == ["claim", "release"]
+    m = eng._meta[1].metrics
+    assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"] and m["kv_transfer_bytes"] == 4096
+
+
+def test_early_pull_still_running_at_the_grant_finishes_as_a_normal_pull(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    eng.on_claim_reply(1, None)
+    assert not eng.scheduler.ready and group.pulls == [1]   # not pulled twice
+    group.land(1)
+    eng.housekeeping()
+    assert [s.req_id for s in eng.scheduler.ready] == [1] and _ops(sent) == ["claim", "release"]
+
+
+def test_refused_claim_keeps_the_blocks_until_the_early_pull_lands(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    free = eng.blocks.num_free
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
+    [resp] = eng.take_responses()
+    assert resp.error_msg and "already claimed" in resp.error_msg
+    assert eng.blocks.num_free < free   # the pull still writes into them
+    group.land(1)
+    eng.housekeeping()
+    assert eng.blocks.num_free == free and not eng.scheduler.ready
+    assert _ops(sent) == ["claim"]   # never released: the context is not ours
+
+
+def test_cancel_during_an_early_pull_frees_only_after_it_lands(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    free = eng.blocks.num_free
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    eng.cancel(1)
+    assert eng.blocks.num_free < free and not eng.take_responses()
+    eng.on_claim_reply(1, None)
+    group.land(1)
+    eng.housekeeping()
+    [resp] = eng.take_responses()
+    assert resp.result.finish_reason == "cancelled" and eng.blocks.num_free == free
+    assert _ops(sent) == ["claim", "release"] and not eng.scheduler.ready
+
+
+def test_without_early_pulls_the_pull_waits_for_the_grant(model_config):
+    eng, group, sent, cs = _engine(model_config, early=False)
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    assert _ops(sent) == ["claim"] and group.pulls == []
+    eng.on_claim_reply(1, None)
+    assert group.pulls == [1]
+    group.land(1)
+    eng.housekeeping()
+    assert [s.req_id for s in eng.scheduler.ready] == [1]
