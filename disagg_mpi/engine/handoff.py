@@ -169,36 +169,33 @@ class DisaggHandoff:
         for p in list(self._pending.values()):
             if p.state == "alloc" or now - p.t0 <= limit:
                 continue
-            req_id = p.seq.req_id
-            del self._pending[req_id]
             self._release_context(p.opaque)
-            if p.pull_unfinished and self.group.pull_in_flight(req_id):
-                # Receives are posted into these blocks: keep them until the bytes land.
-                self._quarantine.add(req_id)
-            else:
-                self.blocks.free(req_id)
-            if p.cancelled:
-                p.seq.finish("abort")
-                self._finish(p.seq)
-            else:
-                self._error(req_id, f"the KV transfer from context executor {p.opaque.executor_id} did not "
-                                    f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)")
+            # Receives posted into its blocks: keep them until the bytes land.
+            self._drop_pending(p, f"the KV transfer from context executor {p.opaque.executor_id} did not "
+                                  f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)",
+                               p.pull_unfinished and self.group.pull_in_flight(p.seq.req_id))
+
+    def _drop_pending(self, p: _GenPending, error: str, pull_writing: bool) -> None:
+        """End a pending request that gets no KV: it ends cancelled or with `error`; its blocks are
+        freed now, or once a pull still writing into them lands (`pull_writing`)."""
+        req_id = p.seq.req_id
+        del self._pending[req_id]
+        if pull_writing:
+            self._quarantine.add(req_id)
+        else:
+            self.blocks.free(req_id)
+        if p.cancelled:
+            p.seq.finish("abort")
+            self._finish(p.seq)
+        else:
+            self._error(req_id, error)
 
     def on_claim_reply(self, gen_req_id: int, error: str | None) -> None:
         p = self._pending.get(gen_req_id)
         if p is None or p.state != "claiming":
             return
-        if error:
-            del self._pending[gen_req_id]
-            if p.pull_unfinished:  # an early pull still writes into these blocks: free them once it lands
-                self._quarantine.add(gen_req_id)
-            else:
-                self.blocks.free(gen_req_id)
-            if p.cancelled:
-                p.seq.finish("abort")
-                self._finish(p.seq)
-            else:
-                self._error(gen_req_id, error)
+        if error:  # (an early pull may still write into the blocks)
+            self._drop_pending(p, error, p.pull_unfinished)
             return
         p.t_claimed = time.perf_counter()
         if p.landed is not None:  # the early pull is already in
