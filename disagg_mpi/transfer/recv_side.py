@@ -279,6 +279,7 @@ class RecvSide:
                 self._on_header(job, ri, hdr)
             if ri.ipc_event is not None:
                 if ri.ipc_event.query():
+                    self._side.recycle(ri.ipc_event)
                     ri.ipc_event = None
                     self.ipc_copy_seconds.append(time.perf_counter() - ri.ipc_t0)
                     del self.ipc_copy_seconds[:-64]

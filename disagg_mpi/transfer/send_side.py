@@ -85,9 +85,10 @@ class SendSide:
         return None
 
     def _accept_pulls(self) -> None:
-        mpi = _mpi()
-        status = mpi.Status()
-        while self.comm.Iprobe(source=mpi.ANY_SOURCE, tag=TAG_PULL, status=status):
+        if self._probe is None:  # made once: this runs on every poll(), on the path of every pull
+            self._probe = (_mpi().Status(), _mpi().ANY_SOURCE)
+        status, anyone = self._probe
+        while self.comm.Iprobe(source=anyone, tag=TAG_PULL, status=status):
             src = status.Get_source()
             msg = msgpack.unpackb(self.comm.recv(source=src, tag=TAG_PULL))
             ctx = self.state

@@ -93,6 +93,11 @@ class RawEvent:
         self._ev = rt.eventCreateWithFlags(getattr(rt, "eventDisableTiming", 2))
         rt.eventRecord(self._ev, stream)
 
+    def record(self, stream: int) -> RawEvent:
+        """Record again (a recycled event: no create / destroy on the critical path)."""
+        self._rt.eventRecord(self._ev, stream)
+        return self
+
     def query(self) -> bool:
         return self._rt.eventQuery(self._ev) == 0   # cudaSuccess; cudaErrorNotReady is 600
 
@@ -135,6 +140,7 @@ class SideStream:
         if self._rt is not None:  # cupy's runtime calls act on its current device: this rank's
             self._rt.setDevice(device.index if device.index is not None else torch.cuda.current_device())
         self._handle = self.stream.cuda_stream
+        self._spare_events: list[RawEvent] = []  # completed events, recorded again by record()
 
     def after_compute(self) -> None:
         """Order the side stream after everything the model's stream has queued so far
@@ -144,6 +150,11 @@ class SideStream:
             return
         self._ordered.record(self.compute)
         self.stream.wait_event(self._ordered)
+
+    def recycle(self, ev: RawEvent | torch.cuda.Event) -> None:
+        """Hand back an event of `record()` that has completed and is not looked at again."""
+        if isinstance(ev, RawEvent) and len(self._spare_events) < 8:
+            self._spare_events.append(ev)
 
     def __enter__(self) -> torch.cuda.Stream:
         self._ctx = torch.cuda.stream(self.stream)
@@ -156,6 +167,8 @@ class SideStream:
     def record(self) -> RawEvent | torch.cuda.Event:
         """An event after the work queued on the side stream so far (`query()`, `synchronize()`)."""
         if self._rt is not None:
+            if self._spare_events:
+                return self._spare_events.pop().record(self._handle)
             return RawEvent(self._rt, self._handle)
         ev = torch.cuda.Event()
         ev.record(self.stream)  # explicit stream: no need to be inside `with side`
