@@ -187,6 +187,9 @@ class CacheTransceiverConfig:
     send_concurrency: int = 4  # transfers a rank sends at once
     async_buffer: bool = False  # GPU only: stream-ordered allocator for the buffer
     lease_seconds: float = 120.0  # blocks nobody pulls are freed after this
+    # Context side, CUDA IPC pools: an answered context's blocks are not reused for this long, even
+    # once released, so a same-node one-sided pull may be used before its claim is answered (0: off)
+    keep_seconds: float = 0.25
     timeout_seconds: float = 60.0  # a transfer that does not finish fails its request
     backend: str = "auto"  # CUDA pools: auto | ipc | staged | cuda_aware_mpi (disagg_mpi/transfer/transceiver.py)
     shared_staging: bool = True  # staged, same node: MPI carries notices, bytes go through shared pinned slots
@@ -200,6 +203,7 @@ class CacheTransceiverConfig:
         "send_concurrency": ("DISAGG_SEND_CONCURRENCY", int),
         "async_buffer": ("DISAGG_ASYNC_BUFFER", bool),
         "lease_seconds": ("DISAGG_LEASE_SECONDS", float),
+        "keep_seconds": ("DISAGG_KEEP_SECONDS", float),
         "timeout_seconds": ("DISAGG_TRANSFER_TIMEOUT", float),
         "backend": ("DISAGG_KV_BACKEND", str),
         "shared_staging": ("DISAGG_SHARED_STAGING", bool),

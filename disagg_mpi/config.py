@@ -47,6 +47,7 @@ class TransceiverSpec(_Strict):
     send_concurrency: int = Field(4, ge=1)
     async_buffer: bool = False
     lease_seconds: float = Field(120.0, gt=0)
+    keep_seconds: float = Field(0.25, ge=0)
     timeout_seconds: float = Field(60.0, gt=0)
     backend: Literal["auto", "ipc", "staged", "cuda_aware_mpi"] = "auto"
     shared_staging: bool = True

@@ -8,6 +8,18 @@ cancelled, or a lease runs out. Generation side: a generation-only request
 the missing blocks, then joins the batch; a transfer that does not finish in
 time fails the request and releases the context.
 
+Using a pull before the claim's answer. The context leader answers claims
+between its steps, so under load the answer takes most of a prefill step
+(~15 ms for an 8B model on one H100). When generation ranks can map its pools
+(CUDA IPC), the context side also promises, in the signed params, a time
+(`keep_until`, `keep_seconds` after the first token) before which it reuses
+none of the blocks, even if they are released or the lease ends meanwhile.
+A one-sided pull (same node: the same monotonic clock) seen landed before
+that time read the prompt's KV, whatever the claim's answer turns out to be,
+so the request joins the batch at once; the claim and the release still go
+out, in that order, and a late refusal (a replay) changes nothing. A pull seen
+landed later waits for the answer as before.
+
 A mixin of `LLMEngine`: it uses the engine's block manager, scheduler,
 response queue and `send_peer`, and keeps the decisions in one file that
 reads alone.
@@ -27,6 +39,8 @@ from .scheduler import RequestTooLargeError
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
+# A pull is used before the claim's answer only if seen landed this long before keep_until.
+_KEEP_MARGIN_S = 0.005
 
 
 @dataclass
@@ -36,6 +50,8 @@ class _Held:
     seq: Sequence
     deadline: float
     claimed_by: int | None = None
+    keep_until: float = 0.0  # the blocks are not reused before this (time.monotonic()): see above
+    released: bool = False  # released before keep_until: freed once it passes
 
 
 @dataclass
@@ -50,6 +66,9 @@ class _GenPending:
     cancelled: bool = False  # a pull in flight is left to finish, then freed
     skip_blocks: int = 0  # leading blocks already cached here (prefix reuse)
     t_claimed: float = 0.0  # when the context executor granted the claim
+    # Wall clocks (comparable between ranks of one node): the claim sent here, answered there.
+    wall_claim: float = 0.0
+    wall_answer: float | None = None
     # A one-sided pull (CUDA IPC from a mapped pool) starts with the claim, not after its answer;
     # the blocks are used only once the claim is granted (early_pull), and `landed` records a
     # pull that finished first, with its byte count.
@@ -111,7 +130,7 @@ class DisaggHandoff:
                 self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens, prompt)
                 p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
                 p.state = "claiming"
-                p.t0 = time.perf_counter()
+                p.t0, p.wall_claim = time.perf_counter(), time.time()
                 self.send_peer(p.opaque.world_ranks[0], {
                     "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
                     "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
@@ -131,6 +150,10 @@ class DisaggHandoff:
             if p is None:
                 continue
             if p.state == "claiming":  # an early pull landed before the claim's answer
+                if time.monotonic() < p.opaque.keep_until - _KEEP_MARGIN_S:   # and the KV is good
+                    del self._pending[req_id]
+                    self._pulled(p, nbytes)
+                    continue
                 p.landed = nbytes
                 continue
             del self._pending[req_id]
@@ -154,7 +177,10 @@ class DisaggHandoff:
             return
         m = self._meta[req_id].metrics
         m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
-        m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
+        if p.t_claimed:  # (no answer yet: used on the context's keep_until promise)
+            m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
+        if p.wall_answer is not None:  # of which: until the context leader answered (one node: same clock)
+            m["kv_claim_answer_ms"] = (p.wall_answer - p.wall_claim) * 1e3
         m["kv_transfer_bytes"] = nbytes
         m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
         self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
@@ -190,10 +216,12 @@ class DisaggHandoff:
         else:
             self._error(req_id, error)
 
-    def on_claim_reply(self, gen_req_id: int, error: str | None) -> None:
+    def on_claim_reply(self, gen_req_id: int, error: str | None, answered_at: float | None = None) -> None:
+        """The context leader's answer to our claim (`answered_at`: its wall clock when it answered)."""
         p = self._pending.get(gen_req_id)
         if p is None or p.state != "claiming":
             return
+        p.wall_answer = answered_at
         if error:  # (an early pull may still write into the blocks)
             self._drop_pending(p, error, p.pull_unfinished)
             return
@@ -209,10 +237,17 @@ class DisaggHandoff:
     def _release_context(self, opaque: OpaqueState) -> None:
         self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})
 
+    def _hold(self, seq: Sequence) -> _Held:
+        """Keep an answered context's blocks for its generation side (lease; keep_until, see above)."""
+        tc, now = self.config.cache_transceiver_config, time.monotonic()
+        keep = now + tc.keep_seconds if tc.keep_seconds and getattr(self.group, "exports_ipc", False) else 0.0
+        h = self._held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), keep_until=keep)
+        return h
+
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: int) -> str | None:
         """A generation executor asks for a context's blocks; None means granted."""
         h = self._held.get(ctx_req_id)
-        if h is None:
+        if h is None or h.released:
             return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
                     "its KV cannot be transferred")
         if h.claimed_by is not None:
@@ -220,13 +255,17 @@ class DisaggHandoff:
         if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
             return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
         h.claimed_by = by
-        h.deadline = time.monotonic() + self.config.cache_transceiver_config.timeout_seconds
+        h.deadline = max(time.monotonic() + self.config.cache_transceiver_config.timeout_seconds, h.keep_until)
         return None
 
     def release_context(self, ctx_req_id: int, by: int | None = None) -> None:
-        """Free a held context; a generation executor may only release what it claimed (or nobody did)."""
+        """Free a held context; a generation executor may only release what it claimed (or nobody did).
+        Before its keep_until the blocks stay allocated until then (a pull may be reading them)."""
         h = self._held.get(ctx_req_id)
-        if h is None or (by is not None and h.claimed_by not in (None, by)):
+        if h is None or h.released or (by is not None and h.claimed_by not in (None, by)):
+            return
+        if time.monotonic() < h.keep_until:
+            h.released, h.deadline = True, h.keep_until
             return
         del self._held[ctx_req_id]
         self.blocks.free(ctx_req_id)
@@ -242,7 +281,10 @@ class DisaggHandoff:
     def expire_leases(self) -> None:
         now = time.monotonic()
         for rid, h in list(self._held.items()):
-            if now > h.deadline:
+            if now > h.deadline and h.released:  # released while kept: free now
+                del self._held[rid]
+                self.blocks.free(rid)
+            elif now > h.deadline:
                 log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,
                             rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
                 self.release_context(rid)

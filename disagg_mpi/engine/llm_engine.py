@@ -68,6 +68,9 @@ class ExecutorGroup(Protocol):
     def can_pull_unclaimed(self, opaque: OpaqueState) -> bool: ...  # optional: see handoff.py
 
     @property
+    def exports_ipc(self) -> bool: ...  # optional: generation ranks may map our pools (handoff.py)
+
+    @property
     def chains_decode(self) -> bool: ...  # runs StepPlan.next_inputs ahead (overlap.py)
 
     @property
@@ -243,11 +246,10 @@ class LLMEngine(DisaggHandoff):
         if getattr(seq, "keep_blocks", False):
             more = seq.finish_reason == "length" and seq.full_max_tokens > 1
             if more:
-                self._held[seq.req_id] = _Held(seq, time.monotonic()
-                                               + self.config.cache_transceiver_config.lease_seconds)
+                h = self._hold(seq)
                 opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                                      tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids),
-                                     self.cache_state)
+                                     self.cache_state, h.keep_until)
                 cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off

@@ -209,7 +209,8 @@ class DisaggOrchestrator:
         Each final response carries every output token (the first one included)
         and the request's metrics: ttft_ms, e2e_ms, context_executor,
         generation_executor, kv_transfer_ms (claim to landed), kv_claim_ms (of it, waiting for
-        the context executor to grant the claim), kv_transfer_bytes. Once
+        the context executor to grant the claim; kv_claim_answer_ms, of that, until the context
+        leader answered, by the two ranks' wall clocks), kv_transfer_bytes. Once
         `cancel_when()` returns True the unfinished requests are cancelled (they
         end `cancelled`, keeping the tokens they have).
         """

@@ -70,6 +70,11 @@ class MpiGroup:
     def chains_decode(self) -> bool:
         return self.runner.chains_decode and not self.members
 
+    @property
+    def exports_ipc(self) -> bool:
+        """Whether same-node generation ranks may map our KV pools (CUDA IPC) and read them unasked."""
+        return self.transceiver is not None and self.transceiver.exports_ipc
+
     def can_pull_unclaimed(self, opaque: OpaqueState) -> bool:
         """Whether a pull of `opaque` can start before its claim is granted: one rank here, and
         it needs nothing from the context ranks (CUDA IPC from pools this rank has mapped)."""
@@ -215,10 +220,10 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             op = msg["op"]
             if op == "claim":
                 err = engine.claim_context(msg["ctx_req_id"], msg["blocks"], src)
-                send(comms.ctl, {"op": "claim_reply", "gen_req_id": msg["gen_req_id"], "error": err},
-                     src, TAG_PEER)
+                send(comms.ctl, {"op": "claim_reply", "gen_req_id": msg["gen_req_id"], "error": err,
+                                 "at": time.time()}, src, TAG_PEER)
             elif op == "claim_reply":
-                engine.on_claim_reply(msg["gen_req_id"], msg["error"])
+                engine.on_claim_reply(msg["gen_req_id"], msg["error"], msg.get("at"))
             elif op == "release":
                 engine.release_context(msg["ctx_req_id"], by=src)
         active |= group.progress()

@@ -29,10 +29,14 @@ class OpaqueState:
     block_ids: tuple[int, ...]  # the blocks holding the prompt's KV, in order
     num_tokens: int  # tokens of KV in those blocks
     cache_state: CacheState
+    # The context side reuses none of these blocks before this time.monotonic() (released or not);
+    # 0: no such promise. Same-node readers only (one clock): see engine/handoff.py.
+    keep_until: float = 0.0
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
-                              list(self.block_ids), self.num_tokens, self.cache_state.to_dict()])
+                              list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
+                              self.keep_until])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -50,5 +54,5 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs = msgpack.unpackb(payload)
-        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs))
+        ex, ranks, rid, blocks, ntok, cs, keep = msgpack.unpackb(payload)
+        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep)

@@ -93,6 +93,7 @@ class KvTransceiver(SendSide, RecvSide):
         self._tag_ub = min(int(comm.Get_attr(_mpi().TAG_UB) or 32767), 1 << 30)
         self._next_tag = _FIRST_DATA_TAG
         self._send_queue: deque[_SendJob] = deque()
+        self._probe: tuple | None = None  # (MPI.Status, MPI.ANY_SOURCE) for _accept_pulls
         self._sending: list[_SendJob] = []
         self._recv: dict[int, _RecvJob] = {}
         self.sent_bytes = 0  # bytes served as a context rank (one-sided IPC pulls never reach us)
@@ -208,6 +209,11 @@ class KvTransceiver(SendSide, RecvSide):
     @property
     def busy(self) -> bool:
         return bool(self._recv or self._sending or self._send_queue)
+
+    @property
+    def exports_ipc(self) -> bool:
+        """Whether a same-node generation rank may map our pool (CUDA IPC) and copy from it unasked."""
+        return self._exporter is not None and self.backend in ("auto", "ipc")
 
     @property
     def receiving(self) -> bool:

@@ -32,6 +32,7 @@ def _check_equal_to_hf(config_name: str, expect_ctx: bool) -> None:
                 assert m["generation_executor"] in orch.generation_ids
                 assert m["kv_transfer_bytes"] > 0
                 assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"]
+                assert -1 <= m["kv_claim_answer_ms"] <= m["kv_claim_ms"] + 1   # wall vs monotonic clock
         orch.wait_pools_full()
 
 

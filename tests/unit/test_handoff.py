@@ -7,6 +7,8 @@ claim is granted, nor free blocks a pull still writes into.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from disagg_mpi.api import (
@@ -78,8 +80,8 @@ def _engine(model_config, early):
     return eng, group, sent, cs
 
 
-def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10)):
-    opaque = OpaqueState(0, (CTX_RANK,), ctx_req_id, (3, 4), len(prompt), cs)
+def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10), keep_until=0.0):
+    opaque = OpaqueState(0, (CTX_RANK,), ctx_req_id, (3, 4), len(prompt), cs, keep_until)
     cpp = ContextPhaseParams(ctx_req_id, [42], opaque.encode(KEY))
     return Request(list(prompt), max_tokens=5, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY,
                    context_phase_params=cpp, ignore_eos=True)
@@ -97,11 +99,13 @@ def test_early_pull_that_lands_first_waits_for_the_grant(model_config):
     group.land(1)
     eng.housekeeping()
     assert not eng.scheduler.ready and _ops(sent) == ["claim"]   # in, but not granted: not used
-    eng.on_claim_reply(1, None)
+    time.sleep(0.02)
+    eng.on_claim_reply(1, None, time.time() - 0.01)   # answered 10 ms ago by the context leader's clock
     assert [s.req_id for s in eng.scheduler.ready] == [1]
     assert _ops(sent) == ["claim", "release"]
     m = eng._meta[1].metrics
     assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"] and m["kv_transfer_bytes"] == 4096
+    assert 5 <= m["kv_claim_answer_ms"] <= m["kv_claim_ms"] - 5   # the claim's wait, split at the answer
 
 
 def test_early_pull_still_running_at_the_grant_finishes_as_a_normal_pull(model_config):
@@ -155,3 +159,84 @@ def test_without_early_pulls_the_pull_waits_for_the_grant(model_config):
     group.land(1)
     eng.housekeeping()
     assert [s.req_id for s in eng.scheduler.ready] == [1]
+
+
+# ---- using a pull before the claim's answer (keep_until) -----------------------------------
+
+
+def test_early_pull_landed_before_keep_until_is_used_before_the_answer(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    eng.add_request(1, _gen_request(cs, keep_until=time.monotonic() + 60))
+    eng.housekeeping()
+    group.land(1)
+    eng.housekeeping()
+    assert [s.req_id for s in eng.scheduler.ready] == [1]   # joined with no answer yet
+    assert _ops(sent) == ["claim", "release"]   # the release follows the claim (MPI keeps the order)
+    m = eng._meta[1].metrics
+    assert "kv_claim_ms" not in m and m["kv_transfer_bytes"] == 4096
+    eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
+    assert not eng.take_responses() and [s.req_id for s in eng.scheduler.ready] == [1]   # changes nothing
+
+
+def test_early_pull_landed_after_keep_until_waits_for_the_answer(model_config):
+    eng, group, sent, cs = _engine(model_config, early=True)
+    eng.add_request(1, _gen_request(cs, keep_until=time.monotonic() - 1))
+    eng.housekeeping()
+    group.land(1)
+    eng.housekeeping()
+    assert not eng.scheduler.ready and _ops(sent) == ["claim"]
+    eng.on_claim_reply(1, "context request 11 is unknown, already served, expired or freed")
+    [resp] = eng.take_responses()
+    assert "already served" in resp.error_msg and not eng.scheduler.ready
+
+
+class ContextGroup(ScriptedGroup):
+    """A context executor of one rank on CPU: real steps; `exports_ipc` as the test says."""
+
+    def __init__(self, runner, exports_ipc: bool):
+        super().__init__(early=False)
+        self.runner, self.exports_ipc = runner, exports_ipc
+
+    def run_step(self, plan):
+        return self.runner.execute(plan)
+
+
+def _context_engine(model_config, exports_ipc: bool, keep_seconds: float):
+    from disagg_mpi.engine.model_runner import ModelRunner
+
+    cfg = ExecutorConfig(max_batch_size=4, max_num_tokens=64,
+                         kv_cache_config=KvCacheConfig(block_size=4, num_blocks=32),
+                         cache_transceiver_config=CacheTransceiverConfig(enable_cache_transceiver=True,
+                                                                         keep_seconds=keep_seconds))
+    mc = model_config
+    cs = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, 4, "float32")
+    runner = ModelRunner(load_model("random:tiny", seed=1), 32, 4, "cpu")
+    eng = LLMEngine(ContextGroup(runner, exports_ipc), mc, cfg, cs, executor_id=0, world_ranks=(CTX_RANK,),
+                    key=KEY, send_peer=lambda dest, msg: None)
+    eng.add_request(5, Request([5, 6, 7, 8, 9, 10], max_tokens=4,
+                               request_type=RequestType.REQUEST_TYPE_CONTEXT_ONLY))
+    while not (responses := eng.take_responses()):
+        eng.step()
+    [resp] = responses
+    return eng, OpaqueState.decode(resp.result.context_phase_params.opaque_state, KEY)
+
+
+def test_context_released_before_keep_until_keeps_its_blocks_until_then(model_config):
+    eng, opaque = _context_engine(model_config, exports_ipc=True, keep_seconds=0.2)
+    assert opaque.keep_until > time.monotonic()
+    held = eng.blocks.num_free
+    assert eng.claim_context(5, list(opaque.block_ids), by=9) is None
+    eng.release_context(5, by=9)
+    eng.housekeeping()
+    assert eng.blocks.num_free == held   # a replayed pull may still be reading them
+    assert "already served" in eng.claim_context(5, list(opaque.block_ids), by=3)
+    time.sleep(max(0.0, opaque.keep_until - time.monotonic()) + 0.01)
+    eng.housekeeping()
+    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
+
+
+def test_context_without_ipc_promises_nothing_and_frees_on_release(model_config):
+    eng, opaque = _context_engine(model_config, exports_ipc=False, keep_seconds=0.2)
+    assert opaque.keep_until == 0.0
+    eng.release_context(5)
+    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
