@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -160,6 +161,11 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
                f"tokens; load points: " + "; ".join(_load_desc(ld) for ld in loads), err=True)
     started = time.time()
     load_before = _loadavg()
+    # SIGTERM / SIGHUP (`timeout`, a job scheduler, a closed terminal) end the run as Ctrl-C does, so
+    # the servers it started are stopped on the way out: they run in sessions of their own and
+    # would otherwise live on, holding their GPUs.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     try:
         results, rows, servers = run_benchmark(targets, settings, echo=lambda m: click.echo(m, err=True))
     except ServerError as err:

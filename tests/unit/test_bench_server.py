@@ -105,3 +105,54 @@ def test_serve_process_drops_job_markers_but_keeps_launcher_settings(tmp_path, m
     assert not {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_NAMESPACE"} & set(seen)
     assert seen["OMPI_MCA_btl"] == "self,vader"
     assert seen["OMPI_ALLOW_RUN_AS_ROOT"] == seen["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+
+
+def _servers_of(config: Path) -> list[int]:
+    """Pids of live `disagg-mpi serve --config <config>` processes (and their MPI ranks)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(config) in cmd and "serve" in cmd and _alive(int(d.name)):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_to_bench_stops_the_servers_it_started(tmp_path):
+    """`timeout` / a scheduler ends `disagg-mpi bench` with SIGTERM: the real server it started (own
+    session, with its MPI ranks) must not outlive it. It did, holding the GPUs of the next run."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text('model: {path: "random:tiny", dtype: float32}\n'
+                   "generation_executors:\n"
+                   "  - {participant_ids: [1], max_batch_size: 4, max_num_tokens: 64,\n"
+                   "     kv_cache: {block_size: 4, num_blocks: 64}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_COMM", "PMIX_", "HYDRA_"))}
+    bench = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "bench", "--config", str(cfg),
+                              "--num-requests", "1000", "--request-rate", "1", "--input-len", "8",
+                              "--output-len", "8", "--no-plots", "--no-progress", "--out", str(tmp_path / "out")],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "out" / "serve-tiny.log"
+        deadline = time.time() + 180
+        while not (log.exists() and "serving on" in log.read_text(errors="replace")):
+            assert bench.poll() is None and time.time() < deadline, "the bench's server did not come up"
+            time.sleep(0.2)
+        assert _servers_of(cfg)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) != 0
+        deadline = time.time() + 30
+        while _servers_of(cfg) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _servers_of(cfg), "the server outlived the bench"
+    finally:
+        bench.kill()
+        for pid in _servers_of(cfg):
+            os.kill(pid, signal.SIGKILL)
