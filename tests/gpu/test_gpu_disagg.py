@@ -31,6 +31,7 @@ from disagg_mpi.api import CacheTransceiverConfig
 from disagg_mpi.transfer.cache_state import CacheState
 from disagg_mpi.transfer.opaque import OpaqueState
 from disagg_mpi.transfer.transceiver import KvTransceiver
+from tests.gpu.topologies import executor, prompts
 
 WORLD = MPI.COMM_WORLD
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -183,16 +184,7 @@ MODEL = "random:tiny"
 
 
 def _executor(rank: int, backend: str | None) -> dict:
-    d = {"participant_ids": [rank], "device_ids": [0], "max_batch_size": 1, "max_num_tokens": 256,
-         "kv_cache": {"block_size": 4, "num_blocks": 256}}
-    if backend is not None:
-        d["cache_transceiver_config"] = {"enable_cache_transceiver": True, "backend": backend,
-                                         "buffer_bytes": 65536}
-    return d
-
-
-def _prompts(n: int) -> list[list[int]]:
-    return [[(7 * i + 13 * j + 1) % 1024 for j in range(1 + (i * 11) % 40)] for i in range(n)]
+    return executor([rank], [0], backend)
 
 
 def _generate(topo) -> list[list[int]] | None:
@@ -201,7 +193,7 @@ def _generate(topo) -> list[list[int]] | None:
     with launch(topo) as orch:
         if orch is None:
             return None
-        outs = orch.generate([Request(p, max_tokens=10, ignore_eos=True) for p in _prompts(6)], timeout=600)
+        outs = orch.generate([Request(p, max_tokens=10, ignore_eos=True) for p in prompts(6)], timeout=600)
         assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
         orch.wait_pools_full()
         return [o.result.output_token_ids for o in outs]
@@ -278,4 +270,4 @@ def test_disaggregated_on_one_gpu_equals_transformers_on_gpu():
                            "generation_executors": [_executor(2, "auto")]})
     got = _generate(topo)
     if WORLD.Get_rank() == 0:
-        assert got == _transformers_greedy_on_gpu(_prompts(6), 10)
+        assert got == _transformers_greedy_on_gpu(prompts(6), 10)

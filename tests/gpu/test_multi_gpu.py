@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.gpu.topologies import executor, prompts
+
 torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
@@ -29,16 +31,7 @@ NEW_TOKENS = 10
 
 
 def _ex(ranks: list[int], gpus: list[int], backend: str | None = "auto") -> dict:
-    d = {"participant_ids": ranks, "device_ids": gpus, "tensor_parallel_size": len(ranks),
-         "max_batch_size": 4, "max_num_tokens": 256, "kv_cache": {"block_size": 4, "num_blocks": 256}}
-    if backend is not None:
-        d["cache_transceiver_config"] = {"enable_cache_transceiver": True, "backend": backend,
-                                         "buffer_bytes": 65536}
-    return d
-
-
-def _prompts(n: int) -> list[list[int]]:
-    return [[(7 * i + 13 * j + 1) % 1024 for j in range(1 + (i * 11) % 40)] for i in range(n)]
+    return executor(ranks, gpus, backend, max_batch_size=4)
 
 
 def _run(topo: dict) -> tuple[list[list[int]], list[dict]]:
@@ -53,7 +46,7 @@ def _run(topo: dict) -> tuple[list[list[int]], list[dict]]:
     if sub != MPI.COMM_NULL:
         with launch(t, world=sub) as orch:
             if orch is not None:
-                outs = orch.generate([Request(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in _prompts(8)],
+                outs = orch.generate([Request(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts(8)],
                                      timeout=600)
                 errors = [o.error_msg for o in outs if o.error_msg]
                 got = errors or ([o.result.output_token_ids for o in outs], [o.result.metrics for o in outs])
