@@ -71,9 +71,15 @@ def test_fresh_prefill(lens, heads, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3), (4, 2)])
-def test_mixed_step(heads, dtype):
-    """Fresh prefills, decodes, chunked-prefill continuations and an idle sequence in one step."""
-    specs = [(0, 6), (10, 1), (0, 1), (5, 3), (0, 9), (7, 0), (3, 5), (0, 6)]
+@pytest.mark.parametrize("specs", [
+    [(0, 6), (10, 1), (0, 1), (5, 3), (0, 9), (7, 0), (3, 5), (0, 6)],                 # one decode
+    [(0, 6), (10, 1), (0, 1), (5, 3), (3, 1), (0, 9), (7, 0), (21, 1), (3, 5), (1, 1)],  # four, batched
+], ids=["lone-decode", "decodes"])
+@pytest.mark.parametrize("batched", [True, False], ids=["decodes-batched", "decodes-alone"])
+def test_mixed_step(monkeypatch, specs, heads, dtype, batched):
+    """Fresh prefills, decodes, chunked-prefill continuations and an idle sequence in one step
+    (decodes batched as on CUDA, or one at a time as on CPU)."""
+    monkeypatch.setitem(attention.BATCH_DECODES, "cpu", batched)
     out, ref = _step(specs, *heads, dtype)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
 
@@ -97,10 +103,12 @@ def sdpa_batches(monkeypatch):
     ([(0, n) for n in (9, 16, 12, 10, 15)], [5]),       # within a factor of 2: one padded call
     ([(0, n) for n in (33, 2, 16, 1, 9, 5)], [1, 2, 1, 1, 1]),   # groups {33} {16, 9} {5} {2} {1}
     ([(0, 8), (4, 1), (0, 8), (6, 3), (0, 5)], [3, 1, 1]),       # fresh batched, the others alone
+    ([(0, 8), (4, 1), (9, 1), (6, 3), (2, 1), (17, 1)], [1, 4, 1]),   # the decodes of a mixed step: one call
 ])
 def test_calls_do_not_grow_with_batch(monkeypatch, sdpa_batches, specs, batches):
-    """Batch size of each SDPA call (grouping as on CUDA: lengths within 2x share a call)."""
+    """Batch size of each SDPA call (grouping as on CUDA: lengths within 2x share a call, decodes one)."""
     monkeypatch.setitem(attention.PREFILL_SPREAD, "cpu", 2)
+    monkeypatch.setitem(attention.BATCH_DECODES, "cpu", True)
     seen = sdpa_batches
     out, ref = _step(specs, 4, 2, torch.float32)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
