@@ -166,10 +166,17 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
     # would otherwise live on, holding their GPUs.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
+    results, rows, servers = [], [], []
+    interrupted = False
     try:
-        results, rows, servers = run_benchmark(targets, settings, echo=lambda m: click.echo(m, err=True))
+        run_benchmark(targets, settings, lambda m: click.echo(m, err=True), results, rows, servers)
     except ServerError as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep the load points that finished
+        if not results:
+            raise
+        interrupted = True
+        click.echo(f"interrupted: reporting the {len(results)} load point(s) that finished", err=True)
     click.echo(format_table(results))
     if out is not None:
         meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -177,9 +184,11 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
                 "workload": workload_meta, "servers": servers,
                 "host": {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
                          "platform": platform.platform()},
-                "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}}
+                "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "interrupted": interrupted}
         paths = write_outputs(out, results, meta, rows, plots=not no_plots)
         click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+    if interrupted:
+        sys.exit(130)
     if any(r["num_errors"] for r in results):
         sys.exit(1)
 

@@ -88,8 +88,12 @@ def warm_up(url: str, s: BenchSettings, load: LoadPoint) -> None:
         log.warning("%d of %d warm-up requests failed: %s", len(bad), len(recs), bad[0].error)
 
 
-def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], None]) -> tuple[list, list]:
-    results, rows = [], []
+def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], None],
+              results: list | None = None, rows: list | None = None) -> tuple[list, list]:
+    """Every load point against `url`; each point's result and request rows are appended to
+    `results` / `rows` (new lists by default) as soon as it ends, so an interrupted sweep keeps them."""
+    results = [] if results is None else results
+    rows = [] if rows is None else rows
     if target.requests is not None:
         s = replace(s, requests=target.requests, warmup=target.warmup or [])
     warm_up(url, s, s.loads[0])
@@ -111,35 +115,51 @@ def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], 
             res["output_len_mismatches"] = mismatch
             echo(f"{target.label}: {mismatch} requests returned a different number of tokens than asked "
                  "(does the server honour ignore_eos?)")
-        results.append(res)
         for r in records:
             rows.append({"run": run_id, "label": target.label, "request_rate": load.request_rate,
                          "concurrency": load.concurrency, **r.to_dict()})
+        results.append(res)
+        echo(point_line(desc, res))
     return results, rows
 
 
-def run_benchmark(targets: Sequence[Target], s: BenchSettings,
-                  echo: Callable[[str], None] = print) -> tuple[list[dict], list[dict], list[dict]]:
-    """Every target in turn (serving configs one at a time); returns (results, request rows, server info)."""
-    results, rows, servers = [], [], []
+def point_line(desc: str, res: dict[str, Any]) -> str:
+    """One line per finished load point (a long sweep shows its progress, and what it had if cut)."""
+    def p50(key: str) -> str:
+        v = (res.get(key) or {}).get("p50")
+        return "-" if v is None else f"{v:.1f}"
+
+    line = (f"{desc}: {res.get('token_throughput', 0.0):.1f} tok/s, TTFT p50 {p50('ttft_ms')} ms, "
+            f"TPOT p50 {p50('tpot_ms')} ms")
+    if res.get("goodput") is not None:
+        line += f", goodput {res['goodput']:.2f} req/s"
+    return line + (f", {res['num_errors']} errors" if res.get("num_errors") else "")
+
+
+def run_benchmark(targets: Sequence[Target], s: BenchSettings, echo: Callable[[str], None] = print,
+                  results: list | None = None, rows: list | None = None,
+                  servers: list | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every target in turn (serving configs one at a time); returns (results, request rows, server
+    info). Given lists are filled as points end: after an interrupt they hold what finished."""
+    results = [] if results is None else results
+    rows = [] if rows is None else rows
+    servers = [] if servers is None else servers
     for t in targets:
         if t.url:
-            r, q = bench_url(t, t.url, s, echo)
-            results += r
-            rows += q
+            bench_url(t, t.url, s, echo, results, rows)
             continue
         log_path = (s.log_dir / f"serve-{_safe(t.label)}.log") if s.log_dir else None
         srv = ServeProcess(t.config, log_path, host=s.host, startup_timeout=s.startup_timeout, grace=s.stop_grace)
         echo(f"{t.label}: starting disagg-mpi serve --config {t.config}")
-        with srv:
-            echo(f"{t.label}: serving on {srv.url}")
-            r, q = bench_url(t, srv.url, s, echo)
-        rc = srv.proc.returncode if srv.proc else None
-        echo(f"{t.label}: server stopped (exit code {rc})")
-        servers.append({"label": t.label, "config": t.config, "exit_code": rc, "clean_exit": srv.clean_exit,
-                        "log": str(srv.log_path) if log_path else None})
-        results += r
-        rows += q
+        try:
+            with srv:
+                echo(f"{t.label}: serving on {srv.url}")
+                bench_url(t, srv.url, s, echo, results, rows)
+        finally:
+            rc = srv.proc.returncode if srv.proc else None
+            echo(f"{t.label}: server stopped (exit code {rc})")
+            servers.append({"label": t.label, "config": t.config, "exit_code": rc, "clean_exit": srv.clean_exit,
+                            "log": str(srv.log_path) if log_path else None})
     return results, rows, servers
 
 

@@ -392,4 +392,33 @@ def test_cli_bench_url(fake_server, tmp_path):
     assert "fake @rate=inf,conc=4" in res.output
 
 
+def test_interrupted_sweep_reports_the_points_that_finished(fake_server, tmp_path):
+    """SIGTERM (a `timeout`, a scheduler) in the middle of a rate sweep: the finished point is
+    printed as it ends and written out; the exit code says the run was cut (130)."""
+    import signal
+    import subprocess
+    import sys
+
+    url, _ = fake_server
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "bench", "--url", url, "--label", "fake",
+                             "--model", "random:tiny", "--num-requests", "6", "--input-len", "8", "--output-len", "4",
+                             "--request-rate", "100,0.5", "--warmup", "0", "--no-progress", "--no-plots",
+                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:   # the 0.5 req/s point takes ~12 s: plenty of time to cut it
+        seen.append(line)
+        if line.startswith("fake rate=100: "):
+            break
+    assert "tok/s, TTFT p50" in seen[-1], seen
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: reporting the 1 load point(s) that finished" in stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["interrupted"] is True and [r["request_rate"] for r in data["results"]] == [100.0]
+    assert data["results"][0]["num_samples"] == 6
+    assert "token_throughput" in stdout   # the table of what finished
+
+
 # ---- starting and stopping a server process ---------------------------------------
