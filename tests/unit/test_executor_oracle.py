@@ -58,8 +58,17 @@ def test_one_at_a_time(model, oracle):
     ex.check_blocks_free()
 
 
-def test_inflight_batch_staggered(model, oracle):
-    """All 8 in one in-flight batch, arriving in three waves, chunked prefill (64 tokens/step)."""
+@pytest.mark.parametrize("batched_decodes", [False, True], ids=["decodes-alone", "decodes-batched"])
+def test_inflight_batch_staggered(model, oracle, monkeypatch, batched_decodes):
+    """All 8 in one in-flight batch, arriving in three waves, chunked prefill (64 tokens/step).
+    The later waves prefill while the earlier ones decode: with `batched_decodes` those decodes
+    are attended in one padded call, as on CUDA (attention.BATCH_DECODES)."""
+    from disagg_mpi.model import attention
+
+    monkeypatch.setitem(attention.BATCH_DECODES, "cpu", batched_decodes)
+    calls = []
+    real = attention.DecodeRows.attend
+    monkeypatch.setattr(attention.DecodeRows, "attend", lambda self, *a: calls.append(1) or real(self, *a))
     prompts, expected = oracle
     ex = executor(model, max_batch_size=8, max_num_tokens=64)
     waves = [[7, 0, 2], [4, 3], [1, 5, 6]]  # the 119-token prompt first: it prefills in 2 chunks
@@ -82,6 +91,7 @@ def test_inflight_batch_staggered(model, oracle):
         assert not finals[rid].has_error(), finals[rid].error_msg
         assert finals[rid].result.output_token_ids == expected[i], f"prompt {i}"
     ex.check_blocks_free()
+    assert bool(calls) == batched_decodes   # the batched path really ran (or really did not)
 
 
 def test_oracle_prompt_ids_match_transformers_tokenizer():
