@@ -59,6 +59,13 @@ class TransceiverSpec(_Strict):
             raise ValueError(f"comm_type {v} is not available in this build; allowed: MPI")
         return v
 
+    @model_validator(mode="after")
+    def _keep_within_lease(self) -> TransceiverSpec:
+        if self.keep_seconds > min(60.0, self.lease_seconds):
+            raise ValueError(f"keep_seconds {self.keep_seconds:g} is too long: released blocks stay allocated "
+                             f"that long; allowed: 0 to min(60, lease_seconds = {self.lease_seconds:g})")
+        return self
+
     def to_api(self) -> CacheTransceiverConfig:
         d = self.model_dump()
         d["comm_type"] = CommType(d["comm_type"])

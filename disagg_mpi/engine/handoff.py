@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import Request, RequestError
-from ..transfer.opaque import OpaqueState
+from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .scheduler import RequestTooLargeError
 from .sequence import Sequence
@@ -49,7 +49,7 @@ class _Held:
 
     seq: Sequence
     deadline: float
-    claimed_by: int | None = None
+    claimed_by: tuple[int, int] | None = None  # (generation leader's rank, its request id)
     keep_until: float = 0.0  # the blocks are not reused before this (time.monotonic()): see above
     released: bool = False  # released before keep_until: freed once it passes
 
@@ -94,13 +94,13 @@ class DisaggHandoff:
         try:
             self._check_generation(seq, opaque)
         except (RequestError, RequestTooLargeError):
-            self._release_context(opaque)  # authentic params we cannot serve: don't strand the KV
+            self._release_context(opaque, seq.req_id)  # authentic params we cannot serve: don't strand the KV
             raise
         seq.output_ids = [int(cpp.first_gen_tokens[0])]
         seq.num_computed_tokens = len(seq.prompt_ids)
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
-            self._release_context(opaque)
+            self._release_context(opaque, seq.req_id)
             self._finish(seq)
             return
         self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
@@ -113,6 +113,9 @@ class DisaggHandoff:
         if opaque.num_tokens != len(seq.prompt_ids):
             raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens but the context phase "
                                f"computed {opaque.num_tokens}; send the same input_token_ids")
+        if opaque.prompt_digest and prompt_digest(seq.prompt_ids) != opaque.prompt_digest:
+            raise RequestError("the prompt differs from the one the context phase computed (same length, "
+                               "other tokens); send the same input_token_ids")
         needed = self.blocks.blocks_needed(seq.max_total_tokens)
         if needed > self.blocks.num_blocks:
             raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
@@ -169,7 +172,7 @@ class DisaggHandoff:
     def _pulled(self, p: _GenPending, nbytes: int) -> None:
         """The KV is in and the claim granted: the request joins the batch (or ends, if cancelled)."""
         req_id = p.seq.req_id
-        self._release_context(p.opaque)
+        self._release_context(p.opaque, req_id)
         if p.cancelled:
             self.blocks.free(req_id)
             p.seq.finish("abort")
@@ -195,7 +198,7 @@ class DisaggHandoff:
         for p in list(self._pending.values()):
             if p.state == "alloc" or now - p.t0 <= limit:
                 continue
-            self._release_context(p.opaque)
+            self._release_context(p.opaque, p.seq.req_id)
             # Receives posted into its blocks: keep them until the bytes land.
             self._drop_pending(p, f"the KV transfer from context executor {p.opaque.executor_id} did not "
                                   f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)",
@@ -234,8 +237,11 @@ class DisaggHandoff:
         if not p.early_pull:
             self._start_pull(p)
 
-    def _release_context(self, opaque: OpaqueState) -> None:
-        self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id})
+    def _release_context(self, opaque: OpaqueState, gen_req_id: int) -> None:
+        """Tell the context leader it may free; it heeds only the request that claimed (or, before
+        any claim, anyone): a refused replay on this same executor must not free another's blocks."""
+        self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id,
+                                               "gen_req_id": gen_req_id})
 
     def _hold(self, seq: Sequence) -> _Held:
         """Keep an answered context's blocks for its generation side (lease; keep_until, see above)."""
@@ -244,7 +250,7 @@ class DisaggHandoff:
         h = self._held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), keep_until=keep)
         return h
 
-    def claim_context(self, ctx_req_id: int, blocks: list[int], by: int) -> str | None:
+    def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
         """A generation executor asks for a context's blocks; None means granted."""
         h = self._held.get(ctx_req_id)
         if h is None or h.released:
@@ -258,8 +264,8 @@ class DisaggHandoff:
         h.deadline = max(time.monotonic() + self.config.cache_transceiver_config.timeout_seconds, h.keep_until)
         return None
 
-    def release_context(self, ctx_req_id: int, by: int | None = None) -> None:
-        """Free a held context; a generation executor may only release what it claimed (or nobody did).
+    def release_context(self, ctx_req_id: int, by: tuple[int, int | None] | None = None) -> None:
+        """Free a held context; a generation request may only release what it claimed (or nobody did).
         Before its keep_until the blocks stay allocated until then (a pull may be reading them)."""
         h = self._held.get(ctx_req_id)
         if h is None or h.released or (by is not None and h.claimed_by not in (None, by)):

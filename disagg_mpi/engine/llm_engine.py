@@ -32,7 +32,7 @@ from ..api import (
     SamplingConfig,
 )
 from ..transfer.cache_state import CacheState
-from ..transfer.opaque import OpaqueState, OpaqueStateError
+from ..transfer.opaque import OpaqueState, OpaqueStateError, prompt_digest
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
 from .handoff import DisaggHandoff, _GenPending, _Held
@@ -249,7 +249,7 @@ class LLMEngine(DisaggHandoff):
                 h = self._hold(seq)
                 opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                                      tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids),
-                                     self.cache_state, h.keep_until)
+                                     self.cache_state, h.keep_until, prompt_digest(seq.prompt_ids))
                 cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
@@ -296,7 +296,7 @@ class LLMEngine(DisaggHandoff):
             del self._pending[req_id]
             if p.state != "alloc":
                 self.blocks.free(req_id)
-            self._release_context(p.opaque)
+            self._release_context(p.opaque, req_id)
             p.seq.finish("abort")
             self._finish(p.seq)
             return

@@ -219,13 +219,14 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             active = True
             op = msg["op"]
             if op == "claim":
-                err = engine.claim_context(msg["ctx_req_id"], msg["blocks"], src)
+                err = engine.claim_context(msg["ctx_req_id"], msg["blocks"], (src, msg["gen_req_id"]))
                 send(comms.ctl, {"op": "claim_reply", "gen_req_id": msg["gen_req_id"], "error": err,
-                                 "at": time.time()}, src, TAG_PEER)
-            elif op == "claim_reply":
-                engine.on_claim_reply(msg["gen_req_id"], msg["error"], msg.get("at"))
+                                 "at": time.time(), "node": node_name()}, src, TAG_PEER)
+            elif op == "claim_reply":  # (the answer's wall clock means something on our node only)
+                engine.on_claim_reply(msg["gen_req_id"], msg["error"],
+                                      msg.get("at") if msg.get("node") == node_name() else None)
             elif op == "release":
-                engine.release_context(msg["ctx_req_id"], by=src)
+                engine.release_context(msg["ctx_req_id"], by=(src, msg.get("gen_req_id")))
         active |= group.progress()
         engine.housekeeping()
         # What is ready now (a generation request's first token once its KV landed, errors) goes

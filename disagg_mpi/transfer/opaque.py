@@ -32,11 +32,12 @@ class OpaqueState:
     # The context side reuses none of these blocks before this time.monotonic() (released or not);
     # 0: no such promise. Same-node readers only (one clock): see engine/handoff.py.
     keep_until: float = 0.0
+    prompt_digest: bytes = b""  # of the prompt whose KV this is (prompt_digest()); b"": not checked
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
                               list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
-                              self.keep_until])
+                              self.keep_until, self.prompt_digest])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -54,5 +55,10 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs, keep = msgpack.unpackb(payload)
-        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep)
+        ex, ranks, rid, blocks, ntok, cs, keep, digest = msgpack.unpackb(payload)
+        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest)
+
+
+def prompt_digest(token_ids: list[int]) -> bytes:
+    """16 bytes naming a prompt: the generation side checks it is given the prompt whose KV it pulls."""
+    return hashlib.sha256(msgpack.packb(list(token_ids))).digest()[:16]

@@ -49,6 +49,10 @@ def test_forged_altered_and_replayed_params_are_refused():
         # ... and only once: a replay finds the blocks already served.
         resp = _generate(orch, gid, prompt, cpp)
         assert resp.error_msg and "already served" in resp.error_msg
+        # The params are bound to their prompt: another one of the same length is refused.
+        other = [t + 1 if i == 0 else t for i, t in enumerate(prompt)]
+        resp = _generate(orch, gid, other, cpp)
+        assert resp.error_msg and "prompt differs" in resp.error_msg
         orch.wait_pools_full()
 
 

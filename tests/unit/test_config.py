@@ -46,6 +46,8 @@ def test_world_sizes_of_smollm2_configs():
     ({"context_executors": [_ex(1)], "generation_executors": [_ex(2, **_tc())]}, "needs cache_transceiver_config"),
     ({"context_executors": [_ex(1, cache_transceiver_config={"comm_type": "UCX"})],
       "generation_executors": [_ex(2, **_tc())]}, "not available in this build"),
+    ({"context_executors": [_ex(1, cache_transceiver_config={"lease_seconds": 1, "keep_seconds": 2})],
+      "generation_executors": [_ex(2, **_tc())]}, "keep_seconds 2 is too long"),
     ({"model": {"dtype": "int3"}, "generation_executors": [_ex(1)]}, "model.dtype"),
     ([1, 2], "must be a mapping"),
 ])

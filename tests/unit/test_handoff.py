@@ -80,8 +80,8 @@ def _engine(model_config, early):
     return eng, group, sent, cs
 
 
-def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10), keep_until=0.0):
-    opaque = OpaqueState(0, (CTX_RANK,), ctx_req_id, (3, 4), len(prompt), cs, keep_until)
+def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10), keep_until=0.0, digest=b""):
+    opaque = OpaqueState(0, (CTX_RANK,), ctx_req_id, (3, 4), len(prompt), cs, keep_until, digest)
     cpp = ContextPhaseParams(ctx_req_id, [42], opaque.encode(KEY))
     return Request(list(prompt), max_tokens=5, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY,
                    context_phase_params=cpp, ignore_eos=True)
@@ -172,6 +172,7 @@ def test_early_pull_landed_before_keep_until_is_used_before_the_answer(model_con
     eng.housekeeping()
     assert [s.req_id for s in eng.scheduler.ready] == [1]   # joined with no answer yet
     assert _ops(sent) == ["claim", "release"]   # the release follows the claim (MPI keeps the order)
+    assert sent[1][1]["gen_req_id"] == 1   # the context leader heeds it only if request 1 claimed
     m = eng._meta[1].metrics
     assert "kv_claim_ms" not in m and m["kv_transfer_bytes"] == 4096
     eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
@@ -225,11 +226,13 @@ def test_context_released_before_keep_until_keeps_its_blocks_until_then(model_co
     eng, opaque = _context_engine(model_config, exports_ipc=True, keep_seconds=0.2)
     assert opaque.keep_until > time.monotonic()
     held = eng.blocks.num_free
-    assert eng.claim_context(5, list(opaque.block_ids), by=9) is None
-    eng.release_context(5, by=9)
+    assert eng.claim_context(5, list(opaque.block_ids), by=(9, 1)) is None
+    eng.release_context(5, by=(9, 2))   # a refused replay on the same generation executor: not its to free
+    assert not eng._held[5].released
+    eng.release_context(5, by=(9, 1))
     eng.housekeeping()
     assert eng.blocks.num_free == held   # a replayed pull may still be reading them
-    assert "already served" in eng.claim_context(5, list(opaque.block_ids), by=3)
+    assert "already served" in eng.claim_context(5, list(opaque.block_ids), by=(3, 1))
     time.sleep(max(0.0, opaque.keep_until - time.monotonic()) + 0.01)
     eng.housekeeping()
     assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
@@ -240,3 +243,18 @@ def test_context_without_ipc_promises_nothing_and_frees_on_release(model_config)
     assert opaque.keep_until == 0.0
     eng.release_context(5)
     assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
+
+
+def test_a_different_prompt_of_the_same_length_is_refused(model_config):
+    from disagg_mpi.transfer.opaque import prompt_digest
+
+    eng, group, sent, cs = _engine(model_config, early=True)
+    req = _gen_request(cs, digest=prompt_digest([5, 6, 7, 8, 9, 11]))   # the context phase saw ...11
+    eng.add_request(1, req)
+    [resp] = eng.take_responses()
+    assert "prompt differs" in resp.error_msg and group.pulls == []
+    assert _ops(sent) == ["release"]   # authentic params it cannot serve: the KV is not stranded
+    eng2, group2, _, _ = _engine(model_config, early=True)
+    eng2.add_request(1, _gen_request(cs, digest=prompt_digest([5, 6, 7, 8, 9, 10])))   # the right one
+    eng2.housekeeping()
+    assert group2.pulls == [1]
