@@ -119,6 +119,9 @@ PREFILL_SPREAD = {"cuda": 2}
 # ~8 launches per decoding sequence per layer; on CPU the gather costs more than the calls it saves
 # (32 decodes + a 64-token prefill: 8.5 vs 8.2 ms per two layers on 2 cores).
 BATCH_DECODES = {"cuda": True}
+# Padded tokens one such call may gather (per layer: x 4 KiB for a Llama-3.1-8B shape); decodes
+# are grouped by context length under it, so one long context does not pad a hundred short ones.
+DECODE_GATHER_TOKENS = 1 << 16
 
 
 @dataclass
@@ -137,8 +140,9 @@ class DecodeRows:
 
 @dataclass
 class PrefillPlan:
-    """Fresh prefills batched into a few `FreshGroup`s, decodes into one `DecodeRows` (two or
-    more of them), other sequences (`rest`: chunked-prefill continuations) one at a time.
+    """Fresh prefills batched into a few `FreshGroup`s, decodes into `DecodeRows` (two or more of
+    them: one group, or a few under DECODE_GATHER_TOKENS), other sequences (`rest`: chunked-prefill
+    continuations) one at a time.
 
     Groups hold lengths within a factor of PREFILL_SPREAD (2 on CUDA) of each other, so
     padding at most quadruples the attention work and the number of calls is at most
@@ -146,7 +150,7 @@ class PrefillPlan:
     """
     groups: list[FreshGroup]
     rest: list[int]             # chunked-prefill continuations (1 < n < ctx), and a lone decode
-    decodes: DecodeRows | None = None
+    decodes: list[DecodeRows] = field(default_factory=list)
 
     @classmethod
     def build(cls, meta: AttentionMetadata, tables: torch.Tensor) -> PrefillPlan:
@@ -164,14 +168,31 @@ class PrefillPlan:
             fresh = [i for i in fresh if not (spread * lens[i] > longest or lens[i] == longest)]
             groups.append(_group(members, qsl, lens, n_all, device))
         one = [i for i in rest if qsl[i + 1] - qsl[i] == 1]
-        decodes = None
+        decodes = []
         if len(one) > 1 and BATCH_DECODES.get(device.type, False):
             rest = [i for i in rest if qsl[i + 1] - qsl[i] > 1]
-            nb = -(-max(lens[i] for i in one) // meta.block_size)
-            decodes = DecodeRows(torch.tensor([qsl[i] for i in one]).to(device),
-                                 tables[torch.tensor(one).to(device), :nb],
-                                 torch.tensor([lens[i] for i in one]).to(device), nb)
+            decodes = [_decode_rows(g, qsl, lens, tables, meta.block_size)
+                       for g in decode_groups(sorted(one, key=lambda i: lens[i]), lens, meta.block_size)]
         return cls(groups, rest, decodes)
+
+
+def decode_groups(seqs: list[int], lens: list[int], bs: int) -> list[list[int]]:
+    """Consecutive runs of `seqs` (sorted by context length) whose padded gather, count x the
+    longest's blocks x bs tokens, stays within DECODE_GATHER_TOKENS (a longer one goes alone)."""
+    out: list[list[int]] = []
+    for i in seqs:
+        if out and (len(out[-1]) + 1) * -(-lens[i] // bs) * bs <= DECODE_GATHER_TOKENS:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _decode_rows(seqs: list[int], qsl: list[int], lens: list[int], tables: torch.Tensor, bs: int) -> DecodeRows:
+    device = tables.device
+    nb = -(-max(lens[i] for i in seqs) // bs)
+    return DecodeRows(torch.tensor([qsl[i] for i in seqs]).to(device), tables[torch.tensor(seqs).to(device), :nb],
+                      torch.tensor([lens[i] for i in seqs]).to(device), nb)
 
 
 def _group(seqs: list[int], qsl: list[int], lens: list[int], n_all: int,
@@ -200,13 +221,13 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if idx.ctx is not None:
         return _decode_batched(q, pool, layer, idx)
     plan = idx.prefill_plan()
-    if len(plan.groups) == 1 and not plan.rest and plan.decodes is None and plan.groups[0].rows is None:
+    if len(plan.groups) == 1 and not plan.rest and not plan.decodes and plan.groups[0].rows is None:
         return plan.groups[0].attend(q, k_new, v_new)
     out = torch.empty_like(q)
     for g in plan.groups:        # rows is None only for a lone group covering every row
         out[g.rows] = g.attend(q, k_new, v_new)
-    if plan.decodes is not None:
-        out[plan.decodes.rows] = plan.decodes.attend(q, pool, layer, idx.meta.block_size)
+    for d in plan.decodes:
+        out[d.rows] = d.attend(q, pool, layer, idx.meta.block_size)
     qsl = idx.meta.query_start_loc
     for i in plan.rest:
         s, e = qsl[i], qsl[i + 1]

@@ -115,6 +115,18 @@ def test_calls_do_not_grow_with_batch(monkeypatch, sdpa_batches, specs, batches)
     assert seen == batches
 
 
+def test_decodes_grouped_under_the_gather_budget(monkeypatch, sdpa_batches):
+    """One long context must not pad many short ones: decodes go in runs by length under the budget."""
+    monkeypatch.setitem(attention.BATCH_DECODES, "cpu", True)
+    monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 16)
+    lens = {0: 4, 1: 5, 2: 8, 3: 30, 4: 40}
+    assert attention.decode_groups([0, 1, 2, 3, 4], lens, BS) == [[0, 1], [2], [3], [4]]   # 2 x 2 x 4 = 16
+    # contexts 3, 5, 10, 18 (block size 4): {3, 5} pad to 2 x 2 blocks = 16 tokens; 10 and 18 alone
+    out, ref = _step([(0, 8), (4, 1), (9, 1), (6, 3), (2, 1), (17, 1)], 4, 2, torch.float32)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    assert sdpa_batches == [1, 2, 1, 1, 1]
+
+
 def test_cpu_batches_only_equal_lengths(sdpa_batches):
     """On CPU padding costs more than the launches it saves: only equal lengths share a call."""
     seen = sdpa_batches
