@@ -9,6 +9,7 @@ running instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -161,36 +163,67 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
                f"tokens; load points: " + "; ".join(_load_desc(ld) for ld in loads), err=True)
     started = time.time()
     load_before = _loadavg()
-    # SIGTERM / SIGHUP (`timeout`, a job scheduler, a closed terminal) end the run as Ctrl-C does, so
-    # the servers it started are stopped on the way out: they run in sessions of their own and
-    # would otherwise live on, holding their GPUs.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
     results, rows, servers = [], [], []
     interrupted = False
+    restore = _interrupt_on_signals()
     try:
-        run_benchmark(targets, settings, lambda m: click.echo(m, err=True), results, rows, servers)
-    except ServerError as err:
-        raise click.ClickException(str(err)) from None
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep the load points that finished
-        if not results:
-            raise
-        interrupted = True
-        click.echo(f"interrupted: reporting the {len(results)} load point(s) that finished", err=True)
-    click.echo(format_table(results))
-    if out is not None:
-        meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": "disagg-mpi " + " ".join(sys.argv[1:]), "wall_s": time.time() - started,
-                "workload": workload_meta, "servers": servers,
-                "host": {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
-                         "platform": platform.platform()},
-                "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "interrupted": interrupted}
-        paths = write_outputs(out, results, meta, rows, plots=not no_plots)
-        click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+        try:
+            run_benchmark(targets, settings, _say, results, rows, servers)
+        except ServerError as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep the load points that finished
+            if not results:
+                raise
+            interrupted = True
+            _say(f"interrupted: reporting the {len(results)} load point(s) that finished")
+        if out is not None:  # files first: after a hang-up the terminal may be gone
+            meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "command": "disagg-mpi " + " ".join(sys.argv[1:]), "wall_s": time.time() - started,
+                    "workload": workload_meta, "servers": servers,
+                    "host": {"cpu_count": os.cpu_count(), "loadavg_before": load_before,
+                             "loadavg_after": _loadavg(), "platform": platform.platform()},
+                    "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "interrupted": interrupted}
+            paths = write_outputs(out, results, meta, rows, plots=not no_plots)
+            _say("wrote " + ", ".join(str(p) for p in paths))
+        with contextlib.suppress(OSError):
+            click.echo(format_table(results))
+    finally:
+        restore()
     if interrupted:
         sys.exit(130)
     if any(r["num_errors"] for r in results):
         sys.exit(1)
+
+
+def _say(message: str) -> None:
+    """Progress on stderr; a terminal that hung up (SIGHUP) does not end the run."""
+    with contextlib.suppress(OSError):
+        click.echo(message, err=True)
+
+
+def _interrupt_on_signals():
+    """Ctrl-C, SIGTERM and SIGHUP (a `timeout`, a job scheduler, a closed terminal) interrupt the run
+    (KeyboardInterrupt), so the servers it started, which run in sessions of their own and would
+    otherwise live on holding their GPUs, are stopped on the way out. Later signals are ignored
+    until then, so the stopping is not cut short. Returns what restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def interrupt(_sig, _frame):
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for s in sigs:
+        signal.signal(s, interrupt)
+
+    def restore() -> None:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+    return restore
 
 
 def _loadavg() -> list[float] | None:

@@ -57,6 +57,8 @@ class _Nccl:
     def __init__(self, comm, dev: torch.device):
         from cupy.cuda import nccl
 
+        if not getattr(nccl, "available", True):  # cupy built without NCCL: the same answer on every rank
+            raise ImportError("cupy was built without NCCL")
         self.nccl, self.comm = nccl, comm
         uid = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
         with torch.cuda.device(dev):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -74,7 +75,8 @@ def run_point(url: str, s: BenchSettings, load: LoadPoint, desc: str) -> tuple[l
         return asyncio.run(run_load(url, s.requests, load.request_rate, load.concurrency, s.seed, s.temperature,
                                     s.request_timeout, s.extra_body, s.headers, done))
     finally:
-        bar.close()
+        with contextlib.suppress(OSError):   # the terminal may have hung up (SIGHUP)
+            bar.close()
 
 
 def warm_up(url: str, s: BenchSettings, load: LoadPoint) -> None:
