@@ -18,6 +18,7 @@ from mpi4py import MPI
 from ..config import Topology, load_topology, validate_against_model
 from ..orchestrator.orchestrator import DisaggOrchestrator
 from .comms import build_comms
+from .devices import node_name
 from .worker import run_executor_rank
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestr
     configure_threads(world)
     # The key that signs context params: made on rank 0, known to every rank.
     key = world.bcast(secrets.token_bytes(32) if comms.rank == 0 else None, root=0)
+    nodes = world.allgather(node_name())
     _warn_shared_gpus(topo, world)
     try:
         if comms.rank == 0:
@@ -97,7 +99,7 @@ def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestr
             finally:
                 orch.shutdown()
         else:
-            run_executor_rank(topo, comms, key)
+            run_executor_rank(topo, comms, key, nodes)
             yield None
     finally:
         world.Barrier()

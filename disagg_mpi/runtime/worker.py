@@ -47,8 +47,9 @@ class MpiGroup:
     """The leader's view of its executor's ranks (itself included)."""
 
     def __init__(self, comms: Comms, runner: ModelRunner, transceiver: KvTransceiver | None,
-                 members: list[int], key: bytes):
+                 members: list[int], key: bytes, generation_here: bool = True):
         self.comms, self.runner, self.transceiver = comms, runner, transceiver
+        self.generation_here = generation_here  # a generation executor has a rank on our node
         self.members = members  # world ranks of the other ranks of this executor
         self.key = key
         self._left: dict[int, set[int]] = {}  # req -> ranks still receiving
@@ -72,8 +73,9 @@ class MpiGroup:
 
     @property
     def exports_ipc(self) -> bool:
-        """Whether same-node generation ranks may map our KV pools (CUDA IPC) and read them unasked."""
-        return self.transceiver is not None and self.transceiver.exports_ipc
+        """Whether same-node generation ranks may map our KV pools (CUDA IPC) and read them unasked
+        (and there are some: else keep_until would only hold released blocks for nothing)."""
+        return self.generation_here and self.transceiver is not None and self.transceiver.exports_ipc
 
     def can_pull_unclaimed(self, opaque: OpaqueState) -> bool:
         """Whether a pull of `opaque` can start before its claim is granted: one rank here, and
@@ -165,8 +167,14 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
     return runner, transceiver, cache_state, par, (cfg, mc)
 
 
-def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:
-    """Serve until rank 0 says shutdown. Collective over the executor."""
+def generation_on_node(topo: Topology, nodes: list[str], rank: int) -> bool:
+    """Whether a generation executor has a rank on `rank`'s node (`nodes`: node name per world rank)."""
+    return any(nodes[r] == nodes[rank] for ex in topo.generation_executors for r in ex.participant_ids)
+
+
+def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str] | None = None) -> None:
+    """Serve until rank 0 says shutdown. Collective over the executor. `nodes`: the node name of
+    every world rank (None: assume one node)."""
     spec = topo.executors[comms.executor_id]
     leader = spec.participant_ids[0]
     try:
@@ -184,7 +192,8 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes) -> None:
         send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": error}, 0, TAG_TO_ORCH)
         return
     members = spec.participant_ids[1:]
-    group = MpiGroup(comms, runner, transceiver, members, key)
+    group = MpiGroup(comms, runner, transceiver, members, key,
+                     generation_here=nodes is None or generation_on_node(topo, nodes, comms.rank))
     engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
                        send_peer=lambda dest, msg: send(comms.ctl, msg, dest, TAG_PEER))
     send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": None,

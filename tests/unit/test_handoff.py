@@ -258,3 +258,17 @@ def test_a_different_prompt_of_the_same_length_is_refused(model_config):
     eng2.add_request(1, _gen_request(cs, digest=prompt_digest([5, 6, 7, 8, 9, 10])))   # the right one
     eng2.housekeeping()
     assert group2.pulls == [1]
+
+
+def test_keep_promise_only_with_a_generation_rank_on_the_node():
+    """A context executor promises keep_until only if a generation rank shares its node (CUDA IPC
+    needs one); across nodes released blocks would be held for nothing."""
+    from disagg_mpi.config import parse_topology
+    from disagg_mpi.runtime.worker import generation_on_node
+
+    tc = {"cache_transceiver_config": {"enable_cache_transceiver": True}}
+    topo = parse_topology({"model": {"path": "random:tiny"},
+                           "context_executors": [{"participant_ids": [1], **tc}],
+                           "generation_executors": [{"participant_ids": [2], **tc}, {"participant_ids": [3], **tc}]})
+    assert generation_on_node(topo, ["n0", "n1", "n2", "n1"], 1)        # rank 3 shares node n1
+    assert not generation_on_node(topo, ["n0", "n1", "n2", "n2"], 1)    # both generation ranks elsewhere
