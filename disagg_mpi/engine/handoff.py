@@ -170,7 +170,8 @@ class DisaggHandoff:
         self.group.start_pull(p.seq.req_id, opaque, table[k:])
 
     def _pulled(self, p: _GenPending, nbytes: int) -> None:
-        """The KV is in and the claim granted: the request joins the batch (or ends, if cancelled)."""
+        """The KV is in, and the claim granted or the pull landed before keep_until: the request joins
+        the batch (or ends, if cancelled)."""
         req_id = p.seq.req_id
         self._release_context(p.opaque, req_id)
         if p.cancelled:
