@@ -22,6 +22,9 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.http_client import clean_env as _clean_env
+from tests.unit.http_client import post, run, stream
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 STARTUP_S = 180
@@ -47,13 +50,6 @@ generation_executors:
 
 PROMPTS = [[(7 * i + 13 * j + 1) % 1024 for j in range(1 + (i * 11) % 40)] for i in range(6)]
 TEXT_PROMPTS = ["Hello world", "The capital of France is"]
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCALNRANKS", "HYDRA_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _mpiexec() -> str:
@@ -121,31 +117,12 @@ def server(workdir, batch_run):
         proc.wait(timeout=30)
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 async def _post(session, url, body, headers=AUTH, raw=None):
-    kw = {"data": raw} if raw is not None else {"json": body}
-    async with session.post(url, headers=headers, **kw) as r:
-        return r.status, await r.json(content_type=None)
+    return await post(session, url, body, headers, raw)
 
 
 async def _stream(session, url, body):
-    """POST with stream: true; returns [(arrival time, chunk or '[DONE]')]."""
-    events = []
-    async with session.post(url, json=body, headers=AUTH) as r:
-        assert r.status == 200, await r.text()
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        buf = b""
-        async for data in r.content.iter_any():
-            buf += data
-            while b"\n\n" in buf:
-                ev, buf = buf.split(b"\n\n", 1)
-                assert ev.startswith(b"data: "), ev
-                payload = ev[len(b"data: "):]
-                events.append((time.perf_counter(), "[DONE]" if payload == b"[DONE]" else json.loads(payload)))
-    return events
+    return await stream(session, url, body, AUTH)
 
 
 def completion(server, body):
@@ -451,51 +428,3 @@ def test_sigterm_drains_and_exits_zero(server):
     rc = server.proc.wait(timeout=30)
     assert rc == 0, server.log.read_text()[-3000:]
     assert time.monotonic() - t0 < 10 + 15
-
-
-def _smollm2_cached() -> bool:
-    from disagg_mpi.model.registry import DEFAULTS, cache_dir
-
-    return (cache_dir() / Path(DEFAULTS["smollm2"]["member"]).name).is_file()
-
-
-@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2 is not in the model cache (disagg-mpi model fetch)")
-def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
-    """The real model, the chat template, and `disagg-mpi serve` starting its own mpiexec
-    (--port overrides the config's 8000); SIGTERM to the CLI reaches every rank."""
-    root = Path(__file__).resolve().parents[2]
-    port_file = tmp_path / "port"
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "serve", "--config",
-                                 str(root / "configs" / "smollm2-1ctx-1gen.yaml"), "--port", "0",
-                                 "--port-file", str(port_file)],
-                                env=_clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while not port_file.exists():
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{int(port_file.read_text())}/v1/chat/completions"
-        body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "max_tokens": 16}
-
-        async def go():
-            async with aiohttp.ClientSession() as s:
-                status, full = await _post(s, url, body, headers={})
-                assert status == 200, full
-                events = await _stream(s, url, {**body, "stream": True})
-                return full, events
-        full, events = run(go())
-        content = full["choices"][0]["message"]["content"]
-        assert "Paris" in content and full["choices"][0]["finish_reason"] == "stop", full
-        chunks = [e for _, e in events if e != "[DONE]"]
-        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-

@@ -1,0 +1,67 @@
+"""`disagg-mpi serve` with the real SmolLM2 model, starting its own mpiexec (skipped when the model
+is not in the model cache)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+
+from tests.unit.http_client import clean_env, post, run, stream
+
+STARTUP_S = 180
+
+
+def _smollm2_cached() -> bool:
+    from disagg_mpi.model.registry import DEFAULTS, cache_dir
+
+    return (cache_dir() / Path(DEFAULTS["smollm2"]["member"]).name).is_file()
+
+
+@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2 is not in the model cache (disagg-mpi model fetch)")
+def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
+    """The real model, the chat template, and `disagg-mpi serve` starting its own mpiexec
+    (--port overrides the config's 8000); SIGTERM to the CLI reaches every rank."""
+    root = Path(__file__).resolve().parents[2]
+    port_file = tmp_path / "port"
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "serve", "--config",
+                                 str(root / "configs" / "smollm2-1ctx-1gen.yaml"), "--port", "0",
+                                 "--port-file", str(port_file)],
+                                env=clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not port_file.exists():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}/v1/chat/completions"
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16}
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                status, full = await post(s, url, body)
+                assert status == 200, full
+                events = await stream(s, url, {**body, "stream": True})
+                return full, events
+        full, events = run(go())
+        content = full["choices"][0]["message"]["content"]
+        assert "Paris" in content and full["choices"][0]["finish_reason"] == "stop", full
+        chunks = [e for _, e in events if e != "[DONE]"]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
