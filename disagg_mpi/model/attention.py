@@ -145,8 +145,8 @@ class PrefillPlan:
     continuations) one at a time.
 
     Groups hold lengths within a factor of PREFILL_SPREAD (2 on CUDA) of each other, so
-    padding at most quadruples the attention work and the number of calls is at most
-    log2(longest) + 2, whatever the batch size.
+    padding at most quadruples the attention work and the fresh prefills take at most
+    log2(longest) + 1 calls, whatever the batch size; the decodes one call per gather budget.
     """
     groups: list[FreshGroup]
     rest: list[int]             # chunked-prefill continuations (1 < n < ctx), and a lone decode
