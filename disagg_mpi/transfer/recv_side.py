@@ -6,7 +6,8 @@ plan item and, per item, either copies from the context rank's mapped pool at
 once (one-sided CUDA IPC: the pool was mapped by an earlier pull), or sends a
 pull message and then
 - maps the pool and copies (the context rank answered with its IPC handle),
-- copies chunks out of the shared ring it lent (answer "ring"), or
+- copies chunks out of the shared ring it lent (answer "ring": every chunk's
+  H2D queued at once, behind a GPU-side wait for its slot), or
 - receives chunks over MPI (host memory, pinned staging, CUDA-aware MPI)
 and lands each in its blocks (H2D / scatter on the side stream for GPU pools).
 """
@@ -20,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
-from . import shared_staging
+from . import shared_staging, stream_ops
 from .block_copy import PoolPair
 from .cache_state import CacheState
 from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_blocks
@@ -49,7 +49,6 @@ class _In:
     host: torch.Tensor | None = None
     event: Any = None
     landed: bool = False
-    note: Any = None  # shared ring: the one-integer notice that the chunk is in its slot
 
 
 @dataclass
@@ -67,11 +66,14 @@ class _RecvItem:
     started: bool = False
     hdr_req: Any = None  # asked for CUDA IPC or a shared ring: receive of the context rank's answer
     ipc_event: Any = None  # IPC copies queued on the side stream; "done" goes back once complete
-    ipc_bytes: int = 0
+    queued_bytes: int = 0  # IPC or ring: bytes of the copies queued on the side stream
     ipc_t0: float = 0.0
     ipc_done: bool = False
     one_sided: bool = False  # IPC from an already mapped pool: no messages at all
-    ring: Any = None  # shared_staging.Ring lent to the context rank for this item
+    ring: Any = None  # shared_staging.Ring (ours for that context rank) this item goes through
+    ring_seq: int = 0  # the item's first chunk number in the ring
+    ring_answered: bool = False  # the context rank answered "ring"; H2Ds not queued yet
+    landing: Any = None  # ring: event after the last chunk's H2D (all queued at once)
 
     @property
     def done(self) -> bool:
@@ -115,7 +117,7 @@ class RecvSide:
                 nbytes = self._ipc_copy_whole(my_blocks, opaque.block_ids, source, self._ipc_peers[source], nblk)
                 job = job or self._new_job(req_id, opaque, my_blocks, t0)
                 ri = _RecvItem(it, source, 0, Chunking(True, 1, nblk), slices, one_sided=True, direct=direct,
-                               started=True, ipc_bytes=nbytes, ipc_event=self._side.record(),
+                               started=True, queued_bytes=nbytes, ipc_event=self._side.record(),
                                ipc_t0=time.perf_counter())
                 self.ipc_one_sided += 1
                 job.items.append(ri)
@@ -185,9 +187,15 @@ class RecvSide:
         if self.want_ipc:
             msg["ipc"] = {"node": self.node}
         elif self.mode == "staged" and self._rings is not None:
-            ri.ring = self._rings.get(self._max_chunk_bytes(ri, opaque.cache_state), shared_staging.SLOTS)
-            if ri.ring is not None:
-                msg["ring"] = {"node": self.node, **ri.ring.describe()}
+            # Slots for the usual chunk (buffer_bytes / SLOTS), or this one if bigger: the ring lasts
+            # (a first short pull must not leave it too small for the next ones).
+            slot_bytes = max(self._max_chunk_bytes(ri, opaque.cache_state),
+                             self.cfg.buffer_bytes // shared_staging.SLOTS)
+            ri.ring = self._rings.get(ri.source, slot_bytes, shared_staging.SLOTS)
+            if ri.ring is not None:  # the item's chunk numbers in the ring: the next ones
+                ri.ring_seq = ri.ring.seq
+                ri.ring.seq += len(ri.chunking.chunks())
+                msg["ring"] = {"node": self.node, **ri.ring.describe(), "seq": ri.ring_seq}
         self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
         if "ipc" in msg or "ring" in msg:  # first the context rank's answer: IPC handle, ring, or "copy"
             ri.hdr_req = self.comm.irecv(bytearray(1 << 16), source=ri.source, tag=ri.tag)
@@ -200,34 +208,30 @@ class RecvSide:
         block = it.num_layers * 2 * it.num_heads * ctx.block_size * ctx.head_dim * ctx.itemsize
         return block * max(hi - lo for lo, hi in ri.chunking.chunks())
 
+    def _chunk_dest(self, job: _RecvJob, ri: _RecvItem, lo: int, hi: int) -> tuple[torch.Tensor, Any]:
+        """Where chunk [lo, hi) lands: (our blocks, None) when it is a run of them in their layout,
+        else (a view of a chunk buffer, the buffer), scattered afterwards."""
+        if ri.chunking.zero_copy:  # straight into our blocks (a contiguous run)
+            if ri.chunking.bounds is None:
+                return self.pool[job.blocks[lo]], None
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None
+        if ri.direct and is_contiguous_run(job.blocks, lo, hi):  # packed layout == our blocks' layout
+            return self.pool.narrow(0, job.blocks[lo], hi - lo), None
+        it = ri.item
+        full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
+                                           job.ctx_block_size, self.state.head_dim))
+        return full.narrow(0, 0, hi - lo), full
+
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
         chunks = ri.chunking.chunks()
-        window = ri.ring.slots if ri.ring is not None else WINDOW
-        while ri.next_post < len(chunks) and len(ri.posted) < window:
+        while ri.next_post < len(chunks) and len(ri.posted) < WINDOW:
             lo, hi = chunks[ri.next_post]
-            if ri.chunking.zero_copy:  # receive straight into our blocks (a contiguous run)
-                if ri.chunking.bounds is None:
-                    buf = self.pool[job.blocks[lo]]
-                else:
-                    buf = self.pool.narrow(0, job.blocks[lo], hi - lo)
-                full = None
-            elif ri.direct and is_contiguous_run(job.blocks, lo, hi):  # packed layout == our blocks' layout
-                buf, full = self.pool.narrow(0, job.blocks[lo], hi - lo), None
-            else:
-                it = ri.item
-                full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
-                                                   job.ctx_block_size, self.state.head_dim))
-                buf = full.narrow(0, 0, hi - lo)
+            buf, full = self._chunk_dest(job, ri, lo, hi)
             if self.mode == "host":
                 entry = _In(self.comm.Irecv(_np(buf), source=ri.source, tag=ri.tag), buf, ri.next_post, full)
             elif self.mode == "cuda_aware":
                 entry = _In(self.comm.Irecv(mpi_device_buffer(buf), source=ri.source, tag=ri.tag), buf,
                             ri.next_post, full)
-            elif ri.ring is not None:  # the context rank copies into our ring's slot; MPI brings a notice
-                slot = ri.ring.slot(ri.next_post, buf.numel() * buf.element_size())
-                note = np.empty(1, dtype=np.int64)
-                entry = _In(self.comm.Irecv(note, source=ri.source, tag=ri.tag), buf, ri.next_post, full,
-                            host=typed_view(slot, buf.dtype, tuple(buf.shape)), note=note)
             else:  # staged: MPI lands in pinned host memory, H2D on the side stream afterwards
                 pinned = self._pinned.get(buf.numel() * buf.element_size())
                 host = typed_view(pinned, buf.dtype, tuple(buf.shape))
@@ -251,13 +255,41 @@ class RecvSide:
                 self._scatter(job, ri, e.dst, lo)
             e.event = self._side.record()
 
+    def _queue_ring_landing(self, job: _RecvJob, ri: _RecvItem) -> None:
+        """The context rank has queued every chunk into our ring, and so have we for the ring's
+        earlier items: queue every H2D, each behind a GPU-side wait for its slot's "ready" word,
+        each followed by the slot's "free" word."""
+        ops, _ = stream_ops.load()
+        ring, chunks = ri.ring, ri.chunking.chunks()
+        with self._side as stream:
+            h = stream.cuda_stream
+            for k, (slot, ready_at, free) in enumerate(shared_staging.receiver_steps(ri.ring_seq, len(chunks),
+                                                                                  ring.slots)):
+                lo, hi = chunks[k]
+                buf, full = self._chunk_dest(job, ri, lo, hi)
+                ops.wait_geq(h, ring.ready_flag(slot), ready_at)
+                buf.copy_(typed_view(ring.slot(slot, buf.numel() * buf.element_size()), buf.dtype,
+                                     tuple(buf.shape)), non_blocking=True)
+                ops.write(h, ring.free_flag(slot), free)
+                if full is not None:
+                    self._scatter(job, ri, buf, lo)
+                    ri.free_bufs.append(full)  # the next chunk lands in it after this scatter (stream order)
+                ri.queued_bytes += buf.numel() * buf.element_size()
+            ri.landing = self._side.record()
+        ring.landed = ri.ring_seq + len(chunks)
+        ri.ring_answered = False
+        self.ring_chunks += len(chunks)
+
     def _on_header(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
         if hdr["mode"] == "ipc":
             self._ipc_peers[ri.source] = hdr
             self._ipc_pull(job, ri, hdr)
             return
-        if hdr["mode"] != "ring" and ri.ring is not None:  # the context rank cannot use our ring
-            self._rings.put(ri.ring)
+        if hdr["mode"] == "ring":
+            ri.ring_answered = True  # queued in the ring's order (_progress_recv)
+            return
+        if ri.ring is not None:  # the context rank cannot use our ring (and refuses it from now on)
+            self._rings.retire(ri.source, ri.ring)
             ri.ring = None
         if hdr["mode"] == "copy":
             log.debug("rank %d: no CUDA IPC / shared ring with rank %d (%s); copying over MPI",
@@ -277,6 +309,19 @@ class RecvSide:
                     continue
                 ri.hdr_req = None
                 self._on_header(job, ri, hdr)
+            if ri.ring_answered:
+                if ri.ring.landed != ri.ring_seq:  # the ring's earlier items first (shared_staging.py)
+                    continue
+                self._queue_ring_landing(job, ri)
+            if ri.landing is not None:
+                if ri.landing.query():
+                    self._side.recycle(ri.landing)
+                    ri.landing = None
+                    ri.ring = None
+                    ri.next_done = len(ri.chunking.chunks())
+                    job.bytes += ri.queued_bytes
+                    self._keep(ri.free_bufs)
+                continue
             if ri.ipc_event is not None:
                 if ri.ipc_event.query():
                     self._side.recycle(ri.ipc_event)
@@ -286,7 +331,7 @@ class RecvSide:
                     if not ri.one_sided:
                         self.comm.send(True, dest=ri.source, tag=ri.tag)  # "done": the context may free
                     ri.ipc_done = True
-                    job.bytes += ri.ipc_bytes
+                    job.bytes += ri.queued_bytes
                     self._keep(ri.free_bufs)
                 continue
             for e in ri.posted:  # land every arrived chunk, in order
@@ -301,17 +346,11 @@ class RecvSide:
                     ri.free_bufs.append(e.full)
                 if e.pinned is not None:
                     self._pinned.put(e.pinned)
-                if e.note is not None:  # the slot is free again: hand it back to the context rank
-                    self.comm.Send(np.array([e.chunk], dtype=np.int64), dest=ri.source, tag=ri.tag)
-                    self.ring_chunks += 1
                 job.bytes += e.dst.numel() * e.dst.element_size()
                 ri.next_done += 1
                 self._post_recvs(job, ri)
                 if ri.done:
                     self._keep(ri.free_bufs)
-                    if ri.ring is not None:
-                        self._rings.put(ri.ring)
-                        ri.ring = None
         return all(ri.done for ri in job.items)
 
     def _ipc_pull(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
@@ -321,7 +360,7 @@ class RecvSide:
         ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
         it = ri.item
         if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass, queued on the side stream
-            ri.ipc_bytes += self._ipc_copy_whole(job.blocks, ctx_ids, ri.source, hdr, ri.chunking.num_ctx_blocks)
+            ri.queued_bytes += self._ipc_copy_whole(job.blocks, ctx_ids, ri.source, hdr, ri.chunking.num_ctx_blocks)
             ri.ipc_event = self._side.record()
             ri.ipc_t0 = time.perf_counter()
             return
@@ -335,7 +374,7 @@ class RecvSide:
                 buf = full.narrow(0, 0, hi - lo)
                 gather_blocks(view, list(ctx_ids[lo:hi]), buf)
                 self._scatter(job, ri, buf, lo)
-                ri.ipc_bytes += buf.numel() * buf.element_size()
+                ri.queued_bytes += buf.numel() * buf.element_size()
             ri.free_bufs.append(full)  # reused only after ipc_event (then handed to _keep)
             ri.ipc_event = self._side.record()
         ri.ipc_t0 = time.perf_counter()

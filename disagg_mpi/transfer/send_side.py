@@ -6,8 +6,8 @@ either
 - lets the generation rank map the pool (CUDA IPC: answer with the handle,
   wait for "done"),
 - copies chunks into the generation rank's shared staging ring (same node,
-  staged: D2H into slot k % slots, a one-integer notice, wait for the slot to
-  come back; `shared_staging.py`), or
+  staged: every chunk's D2H into slot k % slots queued at once, the two ranks'
+  streams waiting for each other on the GPU; `shared_staging.py`), or
 - sends chunks over MPI (host memory, pinned staging, or CUDA-aware MPI).
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
+from . import shared_staging, stream_ops
 from .chunks import WINDOW, Chunking, gather_blocks, is_contiguous_run
 from .staging import mpi_device_buffer, mpi_host_buffer, typed_view
 
@@ -36,8 +36,7 @@ class _Out:
     event: Any = None  # torch.cuda.Event, None on the host path
     full: torch.Tensor | None = None  # chunk buffer to reuse
     pinned: torch.Tensor | None = None  # pinned staging buffer to give back
-    req: Any = None  # the Isend; shared ring: the receive of the slot coming back
-    ack: Any = None  # shared ring: where the returned slot's number lands
+    req: Any = None  # the Isend
 
 
 @dataclass
@@ -57,6 +56,8 @@ class _SendJob:
     ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
     done_req: Any = None  # IPC: receive of the generation rank's "done"
     ring: Any = None  # shared_staging.Ring the generation rank lent us for this pull
+    ring_seq: int = 0  # the pull's first chunk number in the ring
+    copied: Any = None  # ring: event after the last chunk's D2H (all queued at once)
 
 
 class SendSide:
@@ -76,6 +77,8 @@ class SendSide:
 
     def _ring_refusal(self, ask: dict) -> str | None:
         """None if we can copy into this generation rank's shared ring, else why not."""
+        if ask.get("path") in self._rings_refused:
+            return f"the shared ring {ask.get('path')} was refused before"
         if self.mode != "staged":
             return f"the context rank moves chunks as {self.mode}, not staged"
         if self._ring_maps is None:
@@ -122,8 +125,12 @@ class SendSide:
                     try:
                         busy = {j.ring.path for j in (*self._sending, *self._send_queue) if j.ring is not None}
                         job.ring = self._ring_maps.get(msg["ring"], busy)
+                        job.ring_seq = int(msg["ring"]["seq"])
+                        self._ring_order.append(job)
                     except (OSError, ValueError) as err:
                         why = f"cannot map the shared ring {msg['ring'].get('path')}: {err}"
+                if why is not None:  # its later pulls would wait for chunk numbers this one skips
+                    self._rings_refused.add(msg["ring"].get("path"))
                 job.header = {"mode": "ring"} if why is None else {"mode": "copy", "why": why}
             self._send_queue.append(job)
 
@@ -154,9 +161,56 @@ class SendSide:
         gather_blocks(view, job.blocks[lo:hi], buf)
         return buf, full
 
+    def _progress_send_ring(self, job: _SendJob) -> bool:
+        if job.copied is None:
+            # Ring pulls start in the order they were asked, and those on our GPU at once all go
+            # to one generation rank (shared_staging.py: no cycle of waits across ranks).
+            if self._ring_order[0] is not job or self._ring_peer not in (None, job.dest):
+                return False
+            self._ring_order.popleft()
+            self._ring_peer = job.dest
+            self._ring_live += 1
+            self.comm.send(job.header, dest=job.dest, tag=job.tag)  # "ring": the generation side queues its waits
+            job.header = None
+            self._queue_ring_copies(job)  # every write it will wait for: queued whatever happens next
+            return False
+        if not job.copied.query():
+            return False
+        self._side.recycle(job.copied)
+        self._ring_live -= 1
+        if not self._ring_live:
+            self._ring_peer = None
+        self.sent_bytes += job.bytes
+        self._keep(job.free_bufs)
+        return True
+
+    def _queue_ring_copies(self, job: _SendJob) -> None:
+        """Queue every chunk of the pull: wait for its slot on the GPU, D2H into it, mark it ready."""
+        ops, _ = stream_ops.load()
+        ring, chunks = job.ring, job.chunking.chunks()
+        with self._side as stream:
+            self._side.after_compute()  # the prefill's KV writes come first
+            h = stream.cuda_stream
+            for k, (slot, free_at, ready) in enumerate(shared_staging.sender_steps(job.ring_seq, len(chunks),
+                                                                                ring.slots)):
+                if free_at is not None:
+                    ops.wait_geq(h, ring.free_flag(slot), free_at)
+                buf, full = self._send_source(job, *chunks[k])
+                nbytes = buf.numel() * buf.element_size()
+                typed_view(ring.slot(slot, nbytes), buf.dtype, tuple(buf.shape)).copy_(buf, non_blocking=True)
+                ops.write(h, ring.ready_flag(slot), ready)
+                if full is not None:  # the next chunk packs into it after this D2H (stream order)
+                    job.free_bufs.append(full)
+                job.bytes += nbytes
+            job.copied = self._side.record()
+        job.next_chunk = len(chunks)
+        self.ring_chunks += len(chunks)
+
     def _progress_send(self, job: _SendJob) -> bool:
         if job.ipc:
             return self._progress_send_ipc(job)
+        if job.ring is not None:
+            return self._progress_send_ring(job)
         if job.header is not None:
             self.comm.send(job.header, dest=job.dest, tag=job.tag)
             job.header = None
@@ -167,8 +221,7 @@ class SendSide:
             if e.pinned is not None:
                 self._pinned.put(e.pinned)
         chunks = job.chunking.chunks()
-        window = job.ring.slots if job.ring is not None else WINDOW
-        while job.next_chunk < len(chunks) and len(job.inflight) < window:
+        while job.next_chunk < len(chunks) and len(job.inflight) < WINDOW:
             lo, hi = chunks[job.next_chunk]
             if self.mode == "host":
                 buf, full = self._send_source(job, lo, hi)
@@ -179,11 +232,6 @@ class SendSide:
                     buf, full = self._send_source(job, lo, hi)
                     if self.mode == "cuda_aware":
                         entry = _Out(mpi_device_buffer(buf), None, full)
-                    elif job.ring is not None:  # D2H into the lent slot; the notice goes once it is done
-                        slot = job.ring.slot(job.next_chunk, buf.numel() * buf.element_size())
-                        typed_view(slot, buf.dtype, tuple(buf.shape)).copy_(buf, non_blocking=True)
-                        entry = _Out(np.array([job.next_chunk], dtype=np.int64), None, full,
-                                     ack=np.empty(1, dtype=np.int64))
                     else:  # staged: D2H into pinned memory, Isend once the copy is done
                         pinned = self._pinned.get(buf.numel() * buf.element_size())
                         host = typed_view(pinned, buf.dtype, tuple(buf.shape))
@@ -198,11 +246,6 @@ class SendSide:
                 continue
             if e.event is not None and not e.event.query():
                 break
-            if e.ack is not None:  # shared ring: a small notice (sent eagerly); done when the slot is back
-                self.comm.Send(e.msg, dest=job.dest, tag=job.tag)
-                e.req = self.comm.Irecv(e.ack, source=job.dest, tag=job.tag)
-                self.ring_chunks += 1
-                continue
             e.req = self.comm.Isend(e.msg, dest=job.dest, tag=job.tag)
         done = job.next_chunk == len(chunks) and not job.inflight
         if done:

@@ -6,11 +6,38 @@ processes (Open MPI 4.1 on the H100 machine: about 5.8 GB/s, a tenth of a
 pinned copy), and the generation rank's H2D. When both ranks are on one
 node, the generation rank instead lends the context rank a ring of `SLOTS`
 slots in shared memory (a file in /dev/shm, page-locked in both processes
-with cudaHostRegister): the context rank copies a chunk D2H into slot
-k % SLOTS and sends a one-integer notice, the generation rank copies it
-H2D straight out of the slot and sends the slot back. MPI carries only the
-notices; the bytes cross host memory once each way, and with several slots one
-chunk's D2H overlaps the other's H2D.
+with cudaHostRegister), followed by a page of flags: the context rank copies
+chunk k D2H into slot k % SLOTS, the generation rank copies it H2D straight
+out of the slot. The bytes cross host memory once each way, and with several
+slots one chunk's D2H overlaps another's H2D.
+
+A generation rank keeps one ring per context rank it pulls from, and the
+pulls from that rank take turns in it: each pull is given the next `n` chunk
+numbers of the ring (`seq` .. `seq + n`) when it is asked, and chunk number g
+uses slot g % SLOTS. The two ranks' streams wait for each other on the GPU
+(`stream_ops.py`), not on the host: after chunk g's D2H the context stream
+writes `ready[slot]` = g + 1, and the generation stream waits for it before
+the H2D; after the H2D it writes `free[slot]` = g + 1, which the context
+stream waits for before it puts chunk g + SLOTS in the slot (`sender_steps`,
+`receiver_steps`). Each side queues every chunk of a pull at once, so pulls
+run at copy speed whatever the ranks' loops are doing (an executor's loop
+polls between model steps), and MPI carries only a pull and its answer.
+
+A GPU wait that nobody satisfies would hold a stream forever, so:
+- the generation rank queues a pull's waits only after the context rank
+  answered "ring", and the context rank queues every write it owes right
+  after answering, whatever happens next;
+- both sides queue a ring's pulls in chunk-number order: the context rank
+  gets the pulls in the order they were asked (one MPI tag) and starts them
+  in that order; the generation rank holds an answered pull back until the
+  ones before it on the ring are queued;
+- a context rank's ring pulls on its GPU at any time all go to one
+  generation rank (it starts pulls for another once they are done). The
+  oldest unfinished ring pull on a generation stream then comes from a
+  context rank whose stream holds it as its oldest unfinished work that waits,
+  so some pull always progresses: no cycle of waits across ranks;
+- a ring the context rank could not use is never lent again (a gap in its
+  chunk numbers would leave the next pull waiting).
 
 `DISAGG_SHARED_STAGING=0` (or `shared_staging: false`) keeps the bytes on MPI.
 """
@@ -25,11 +52,29 @@ import weakref
 
 import torch
 
+from . import stream_ops
+
 log = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
-SLOTS = int(os.environ.get("DISAGG_RING_SLOTS", "3"))  # chunks in flight through a ring (buffer_bytes shared)
+SLOTS = int(os.environ.get("DISAGG_RING_SLOTS", "8"))  # slots of a ring: buffer_bytes / SLOTS per chunk
 _ALIGN = 1 << 21
+_FLAGS = 4096  # a page after the slots: ready[s] at 4 * s, free[s] at _FREE + 4 * s
+_FREE = _FLAGS // 2
+MAX_SLOTS = _FREE // 4
+
+
+def sender_steps(seq: int, nchunks: int, slots: int) -> list[tuple[int, int | None, int]]:
+    """Context side of a pull given chunk numbers seq .. seq + nchunks, per chunk g: (slot,
+    wait until free[slot] >= g - slots + 1 (None: the ring's first use of the slot), then the
+    D2H, then ready[slot] = g + 1)."""
+    return [(g % slots, g - slots + 1 if g >= slots else None, g + 1) for g in range(seq, seq + nchunks)]
+
+
+def receiver_steps(seq: int, nchunks: int, slots: int) -> list[tuple[int, int, int]]:
+    """Generation side, per chunk g: (slot, wait until ready[slot] >= g + 1, then the H2D,
+    then free[slot] = g + 1)."""
+    return [(g % slots, g + 1, g + 1) for g in range(seq, seq + nchunks)]
 _names = itertools.count()
 
 
@@ -39,7 +84,9 @@ def available() -> str | None:
         return "CUDA is not available"
     if not os.path.isdir(_SHM_DIR) or not os.access(_SHM_DIR, os.W_OK):
         return f"{_SHM_DIR} is not a writable folder"
-    return None
+    if not 1 <= SLOTS <= MAX_SLOTS:
+        return f"DISAGG_RING_SLOTS={SLOTS} is out of range (1..{MAX_SLOTS})"
+    return stream_ops.load()[1]
 
 
 class _Mapping:
@@ -57,12 +104,17 @@ class _Mapping:
             os.close(fd)
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8)
         self._registered = False
+        self.device_ptr = 0  # the mapping's address for GPU-side waits and writes (0: none)
         if torch.cuda.is_available():  # page-locked: async DMA at full speed (CPU-only builds: plain memory)
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            # portable | mapped: every device of this process may copy from it and poll its flags
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 3)
             if int(err) != 0:
-                log.warning("cudaHostRegister of %s failed (%s): copies will not overlap", path, err)
-            else:
-                self._registered = True
+                self.close()
+                raise OSError(f"cudaHostRegister of {path} failed ({err})")
+            self._registered = True
+            ops, _ = stream_ops.load()
+            if ops is not None:
+                self.device_ptr = ops.device_pointer(self.tensor.data_ptr())
 
     def close(self) -> None:
         if self._registered:
@@ -79,16 +131,43 @@ class Ring:
     """`slots` page-locked slots of `slot_bytes` each, in a shared file (made by the generation rank)."""
 
     def __init__(self, slot_bytes: int, slots: int, path: str | None = None):
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"a ring has 1..{MAX_SLOTS} slots, not {slots}")
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
         self.slots = slots
+        self.seq = 0  # owner: the next chunk number to give a pull
+        self.landed = 0  # owner: the first chunk number whose H2D is not queued yet
         self.owner = path is None
         self.path = path or os.path.join(_SHM_DIR, f"disagg-kv-{os.getpid()}-{next(_names)}")
-        self._map = _Mapping(self.path, self.slot_bytes * slots, create=self.owner)
+        try:
+            self._map = _Mapping(self.path, self.slot_bytes * slots + _FLAGS, create=self.owner)
+        except OSError:
+            if self.owner:
+                _unlink(self.path)
+            raise
         if self.owner:  # the file goes when we do, even if close() is never called
             self._fin = weakref.finalize(self, _unlink, self.path)
 
     def describe(self) -> dict:
         return {"path": self.path, "slot_bytes": self.slot_bytes, "slots": self.slots}
+
+    def ready_flag(self, k: int) -> int:
+        """Device address of slot k % slots' "chunk is in" word."""
+        return self._flag(k % self.slots * 4)
+
+    def free_flag(self, k: int) -> int:
+        """Device address of slot k % slots' "slot is read" word."""
+        return self._flag(_FREE + k % self.slots * 4)
+
+    def _flag(self, offset: int) -> int:
+        if not self._map.device_ptr:
+            raise RuntimeError(f"the ring {self.path} is not mapped for the GPU")
+        return self._map.device_ptr + self.slot_bytes * self.slots + offset
+
+    def flags(self) -> tuple[list[int], list[int]]:
+        """(ready, free) words as the host sees them (tests, diagnostics)."""
+        words = self._map.tensor[self.slot_bytes * self.slots:].view(torch.int32)
+        return words[: self.slots].tolist(), words[_FREE // 4: _FREE // 4 + self.slots].tolist()
 
     def slot(self, k: int, nbytes: int) -> torch.Tensor:
         """Bytes [0, nbytes) of slot k % slots, as a uint8 host tensor."""
@@ -111,27 +190,28 @@ def _unlink(path: str) -> None:
 
 
 class RingPool:
-    """Generation side: rings lent to one transfer item at a time, at most `max_live` of them.
+    """Generation side: one ring per context rank, shared by the pulls from it in turn.
 
-    A pull that finds none free goes over MPI instead (so concurrent pulls cannot pin
-    unbounded host memory, and a small /dev/shm only costs speed)."""
+    At most `max_live` rings (each pins SLOTS x slot bytes of host memory); a pull that gets
+    none (a new peer past the limit, a chunk bigger than its peer's slots, a peer that refused
+    a ring: on another node, say) goes over MPI."""
 
-    def __init__(self, max_live: int = 4):
+    def __init__(self, max_live: int = 8):
         self.max_live = max_live
-        self._free: list[Ring] = []
-        self.live = 0
+        self._rings: dict[int, Ring] = {}
+        self._retired: list[Ring] = []
+        self._refused: set[int] = set()  # peers that could not use our ring: MPI from then on
         self.made = 0
         self.failed: str | None = None  # why the last ring could not be made
 
-    def get(self, slot_bytes: int, slots: int) -> Ring | None:
-        for i, r in enumerate(self._free):
-            if r.slot_bytes >= slot_bytes and r.slots == slots:
-                return self._free.pop(i)
-        if self.live >= self.max_live:
-            if not self._free:
-                return None
-            self._free.pop(0).close()  # too small for this pull: make room for a bigger one
-            self.live -= 1
+    def get(self, peer: int, slot_bytes: int, slots: int) -> Ring | None:
+        if peer in self._refused:
+            return None
+        ring = self._rings.get(peer)
+        if ring is not None:
+            return ring if ring.slot_bytes >= slot_bytes and ring.slots == slots else None
+        if len(self._rings) >= self.max_live:
+            return None
         try:
             ring = Ring(slot_bytes, slots)
         except OSError as err:
@@ -139,17 +219,22 @@ class RingPool:
                 log.warning("cannot make a shared staging ring (%s); staged transfers go over MPI", err)
             self.failed = str(err)
             return None
-        self.live += 1
+        self._rings[peer] = ring
         self.made += 1
         return ring
 
-    def put(self, ring: Ring) -> None:
-        self._free.append(ring)
+    def retire(self, peer: int, ring: Ring) -> None:
+        """The context rank refused `ring`: lend it no ring again (this one is closed with the
+        pool: pulls answered before may still use it)."""
+        self._refused.add(peer)
+        if self._rings.get(peer) is ring:
+            self._retired.append(self._rings.pop(peer))
 
     def close(self) -> None:
-        for r in self._free:
+        for r in (*self._rings.values(), *self._retired):
             r.close()
-        self._free.clear()
+        self._rings.clear()
+        self._retired.clear()
 
 
 class RingMaps:

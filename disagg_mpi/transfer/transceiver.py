@@ -30,9 +30,10 @@ CUDA pools (`backend`, see `CacheTransceiverConfig.backend`):
 - cuda_aware_mpi: MPI moves device buffers directly (only where the MPI
   library reports CUDA support; refused otherwise);
 - staged, both ranks on one node: the generation rank lends the context rank
-  a ring of shared, page-locked staging slots; MPI carries only one-integer
-  notices, the bytes cross host memory once (`shared_staging.py`; off with
-  `shared_staging: false`);
+  a ring of shared, page-locked staging slots; the bytes cross host memory
+  once, and the two ranks' streams wait for each other on the GPU through
+  flags next to the slots, so MPI carries one answer per pull
+  (`shared_staging.py`; off with `shared_staging: false`);
 - ipc: same-node peers: the first pull to a context rank asks for its pool's
   CUDA IPC handle (the answer, a header, comes before any data), the
   generation rank maps the pool once and copies the blocks device to device
@@ -117,6 +118,12 @@ class KvTransceiver(SendSide, RecvSide):
         self._plans: dict[CacheState, list] = {}  # context layout -> our plan items (see _plan_items)
         self._rings: shared_staging.RingPool | None = None  # generation side: rings we lend
         self._ring_maps: shared_staging.RingMaps | None = None  # context side: rings lent to us
+        # Context side (send_side): ring pulls not started yet, in the order asked; the generation
+        # rank that those on our GPU go to, and how many they are; rings we refused.
+        self._ring_order: deque = deque()
+        self._ring_peer: int | None = None
+        self._ring_live = 0
+        self._rings_refused: set[str] = set()
         self.ring_chunks = 0  # chunks that went through a shared ring (either side; stats / tests)
         if pool.is_cuda:
             self._setup_cuda()

@@ -163,6 +163,78 @@ def test_ipc_mapping_is_cached():
     comm.Free()
 
 
+@pytest.mark.world(3)
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zc", "copy"])
+def test_ring_serves_two_generation_ranks_pull_after_pull(zero_copy):
+    """One context rank, two generation ranks asking three pulls each at once, through the
+    shared rings: the pulls take turns in each generation rank's ring, and the context rank's
+    pulls on its GPU go to one generation rank at a time (shared_staging.py). Every token lands
+    exactly."""
+    dev = _dev()
+    rank = WORLD.Get_rank()
+    state = CacheState.create(LAYERS, HEADS, HEAD_DIM, 4, torch.float32)
+    # 4 KiB over 8 slots: one 1.5 KiB block a chunk, 12 chunks a pull, so slots are reused in a pull
+    cfg = CacheTransceiverConfig(enable_cache_transceiver=True, backend="staged", zero_copy=zero_copy,
+                                 buffer_bytes=4096)
+    comm = WORLD.Dup()
+    glob = _global_values(40, 4, torch.float32).to(dev)
+    pool = glob.clone() if rank == 0 else torch.full_like(glob, SENTINEL)
+    tc = KvTransceiver(comm, pool, state, 0, cfg)
+    pulls = [(list(range(12 * i, 12 * i + 12)), list(range(39 - 12 * i, 27 - 12 * i, -1))) for i in range(3)]
+    deadline = time.monotonic() + TIMEOUT
+    WORLD.Barrier()
+    if rank == 0:
+        done = 0
+        while done < 2:
+            tc.poll()
+            if WORLD.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_DONE):
+                WORLD.recv(source=MPI.ANY_SOURCE, tag=TAG_DONE)
+                done += 1
+            assert time.monotonic() < deadline, "serving timed out"
+        assert tc.ring_chunks == 2 * 3 * 12 and not tc.busy
+    else:
+        for i, (ctx_ids, gen_ids) in enumerate(pulls):  # all at once: they take turns in our ring
+            tc.start_pull(i, OpaqueState(0, (0,), 0, tuple(ctx_ids), 48, state), gen_ids)
+        done = set()
+        while len(done) < len(pulls):
+            done |= {req_id for req_id, _, _ in tc.poll()}
+            assert time.monotonic() < deadline, "transfer timed out"
+        WORLD.send(True, dest=0, tag=TAG_DONE)
+        torch.cuda.synchronize()
+        for ctx_ids, gen_ids in pulls:
+            assert torch.equal(pool[gen_ids], glob[ctx_ids])
+        assert tc.ring_chunks == 3 * 12 and tc._rings.made == 1, "one ring, lent pull after pull"
+        assert tc._pinned.allocated == 0, "chunks went over MPI"
+    WORLD.Barrier()
+    tc.close()
+    comm.Free()
+
+
+@pytest.mark.world(3)
+def test_a_short_first_pull_leaves_the_ring_big_enough():
+    """The ring a generation rank keeps for a context rank is sized for the usual chunk
+    (buffer_bytes / slots), not for the first pull: a long pull after a short one still goes
+    through it, not over MPI."""
+    dev = _dev()
+    rank = WORLD.Get_rank()
+    state = CacheState.create(4, 2, 128, 16, torch.float32)  # 128 KiB blocks: 4 MiB chunks hold 32
+    cfg = CacheTransceiverConfig(enable_cache_transceiver=True, backend="staged")
+    comm = WORLD.Dup()
+    torch.manual_seed(5)  # the same values on every rank
+    glob = torch.randn(48, 4, 2, 2, 16, 128, device=dev)
+    pool = glob.clone() if rank == 0 else torch.zeros_like(glob)
+    tc = KvTransceiver(comm, pool, state, 0, cfg)
+    for i, n in enumerate((2, 48)):
+        op = OpaqueState(0, (0,), 0, tuple(range(n)), 16 * n, state)
+        _run(tc, 2, (0,), lambda op=op, i=i, n=n: tc.start_pull(i, op, list(range(n))))
+    if rank == 2:
+        torch.cuda.synchronize()
+        assert torch.equal(pool, glob)
+        assert tc._pinned.allocated == 0 and tc._rings.made == 1, "the long pull went over MPI"
+    tc.close()
+    comm.Free()
+
+
 def test_cuda_aware_mpi_refused_when_not_supported():
     from disagg_mpi.runtime.devices import mpi_cuda_support
 

@@ -90,21 +90,20 @@ def test_ring_is_shared_between_its_owner_and_a_mapper():
     assert not os.path.exists(owner.path), "the owner unlinks the shared file"
 
 
-def test_ring_pool_bounds_live_rings_and_reuses_them():
+def test_ring_pool_keeps_one_ring_per_context_rank_within_a_bound():
     pool = shared_staging.RingPool(max_live=2)
-    a, b = pool.get(1 << 20, 2), pool.get(1 << 20, 2)
+    a, b = pool.get(0, 1 << 20, 2), pool.get(1, 1 << 20, 2)
     assert a is not None and b is not None and a.path != b.path
-    assert pool.get(1 << 20, 2) is None, "a third concurrent pull goes over MPI"
-    pool.put(a)
-    assert pool.get(1 << 20, 2) is a
-    pool.put(a)
-    big = pool.get(8 << 20, 2)  # too big for the free ring: it is replaced
-    assert big is not None and big.slot_bytes >= 8 << 20 and pool.live == 2
-    assert not os.path.exists(a.path)
-    for r in (b, big):
-        pool.put(r)
+    assert pool.get(0, 1 << 20, 2) is a, "the pulls from one context rank share its ring"
+    assert pool.get(2, 1 << 20, 2) is None, "a third context rank goes over MPI"
+    assert pool.get(0, 8 << 20, 2) is None, "a chunk bigger than the ring's slots goes over MPI"
+    pool.retire(0, a)
+    assert os.path.exists(a.path), "a retired ring stays until the pool closes (answered pulls use it)"
+    assert pool.get(0, 1 << 20, 2) is None, "a context rank that refused a ring gets none again"
+    c = pool.get(2, 1 << 20, 2)
+    assert c is not None and pool.made == 3, "its place goes to another context rank"
     pool.close()
-    assert not os.path.exists(b.path) and not os.path.exists(big.path)
+    assert not any(os.path.exists(r.path) for r in (a, b, c))
 
 
 def test_ring_maps_close_the_oldest_unused_mapping():
