@@ -45,6 +45,7 @@ class Comms:
         return self.world.Get_rank()
 
     def free(self) -> None:
+        flush_sends()
         for c in (self.tp, self.executor, self.phase, self.kv, self.ctl):
             if c is not None and c != MPI.COMM_NULL:
                 c.Free()
@@ -76,12 +77,46 @@ def build_comms(topo: Topology, world: Any = None) -> Comms:
                  None if ex_id is None else phase, ex_id, local)
 
 
+# Control messages leave with MPI_Isend, never MPI_Send. A standard send may wait for its receiver
+# once the message is past the MPI library's eager limit (Open MPI's shared memory: 4 KiB; the
+# enqueue of a generation request with a 2,048-token prompt is more), and every rank posts its
+# receives only between its own sends: two leaders each in such a send to the other wait for ever
+# (seen on two H100s: the orchestrator enqueueing to the generation executor while it sent
+# responses back). So `send` returns at once and the unfinished sends are kept here, completed by
+# later calls: every loop turn polls `recv_ready`.
+_OUTBOX: list[Any] = []
+
+
 def send(comm: Any, msg: dict, dest: int, tag: int) -> None:
-    comm.send(msgpack.packb(msg), dest=dest, tag=tag)
+    _OUTBOX.append(comm.isend(msgpack.packb(msg), dest=dest, tag=tag))  # MPI keeps the order of posting
+    progress_sends()
+
+
+def progress_sends() -> int:
+    """Complete the sends that can be; returns how many are still waiting for their receiver."""
+    if _OUTBOX:
+        _OUTBOX[:] = [r for r in _OUTBOX if not r.Test()]
+    return len(_OUTBOX)
+
+
+def flush_sends(timeout: float = 10.0) -> bool:
+    """Wait (polling) until every send has been received, at most `timeout` seconds; at shutdown,
+    what is still unreceived then is cancelled, so finalizing MPI does not hang on it."""
+    deadline = time.monotonic() + timeout
+    while progress_sends():
+        if time.monotonic() > deadline:
+            for r in _OUTBOX:
+                r.Cancel()
+            _OUTBOX.clear()
+            return False
+        time.sleep(1e-4)
+    return True
 
 
 def recv_ready(comm: Any, source: int, tag: int) -> tuple[dict, int] | None:
-    """A waiting message, or None; never blocks."""
+    """A waiting message, or None; never blocks. Progresses this rank's unfinished sends first."""
+    if _OUTBOX:
+        progress_sends()
     status = MPI.Status()
     if not comm.Iprobe(source=source, tag=tag, status=status):
         return None
