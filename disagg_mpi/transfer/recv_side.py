@@ -196,7 +196,7 @@ class RecvSide:
                 ri.ring_seq = ri.ring.seq
                 ri.ring.seq += len(ri.chunking.chunks())
                 msg["ring"] = {"node": self.node, **ri.ring.describe(), "seq": ri.ring_seq}
-        self.comm.send(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL)
+        self._outbox.append(self.comm.isend(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL))
         if "ipc" in msg or "ring" in msg:  # first the context rank's answer: IPC handle, ring, or "copy"
             ri.hdr_req = self.comm.irecv(bytearray(1 << 16), source=ri.source, tag=ri.tag)
         else:

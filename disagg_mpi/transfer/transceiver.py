@@ -97,6 +97,10 @@ class KvTransceiver(SendSide, RecvSide):
         self._probe: tuple | None = None  # (MPI.Status, MPI.ANY_SOURCE) for _accept_pulls
         self._sending: list[_SendJob] = []
         self._recv: dict[int, _RecvJob] = {}
+        # Pull messages on their way (MPI_Isend): one for a long prompt (its block ids) is past the
+        # eager limit, and a blocking send would hold this rank until the context rank's loop,
+        # which polls between model steps, posts the receive.
+        self._outbox: list[Any] = []
         self.sent_bytes = 0  # bytes served as a context rank (one-sided IPC pulls never reach us)
         # Chunk buffers kept across transfers (a fresh big buffer costs its page faults every
         # time); at most _KEEP_BUFFERS, oldest dropped first.
@@ -202,6 +206,8 @@ class KvTransceiver(SendSide, RecvSide):
         Receives first: a one-sided IPC pull is done as soon as its copy is, and the MPI probe
         for new pulls would only delay noticing it."""
         finished = []
+        if self._outbox:
+            self._outbox = [r for r in self._outbox if not r.Test()]
         for req_id, job in list(self._recv.items()):
             if self._progress_recv(job):
                 del self._recv[req_id]
@@ -215,7 +221,7 @@ class KvTransceiver(SendSide, RecvSide):
 
     @property
     def busy(self) -> bool:
-        return bool(self._recv or self._sending or self._send_queue)
+        return bool(self._recv or self._sending or self._send_queue or self._outbox)
 
     @property
     def exports_ipc(self) -> bool:
