@@ -77,6 +77,25 @@ def scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> None
         dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
 
 
+def scatter_chunk(view: torch.Tensor, blocks: list[int], buf: torch.Tensor, first_ctx_block: int,
+                  ctx_block_size: int, block_size: int, num_tokens: int) -> None:
+    """Land a chunk of context blocks (`buf`, starting at the request's block `first_ctx_block`)
+    in our blocks `blocks` of `view` (the pool's slice), whatever the two block sizes."""
+    bs, cbs = block_size, ctx_block_size
+    if bs == cbs:
+        scatter_blocks(view, blocks[first_ctx_block: first_ctx_block + buf.shape[0]], buf)
+        return
+    # Different block sizes: move every token (tokens sit on dim 4 of a block) in one
+    # indexed copy: source (chunk block, offset) -> destination (our block id, offset).
+    tok0 = first_ctx_block * cbs
+    ntok = min(buf.shape[0] * cbs, num_tokens - tok0)
+    dev = view.device
+    t = torch.arange(ntok, device=dev)
+    g = t + tok0
+    dst_blk = torch.tensor(blocks, dtype=torch.int64, device=dev)[g // bs]
+    view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
+
+
 def is_contiguous_run(ids: list[int], lo: int, hi: int) -> bool:
     """Whether ids[lo:hi] are consecutive block ids (one slice of the pool)."""
     first = ids[lo]

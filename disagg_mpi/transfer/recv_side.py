@@ -26,7 +26,7 @@ import torch
 from . import shared_staging, stream_ops
 from .block_copy import PoolPair
 from .cache_state import CacheState
-from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_blocks
+from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_chunk
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
 from .send_side import TAG_PULL
@@ -389,17 +389,5 @@ class RecvSide:
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices
-        bs, cbs = self.state.block_size, job.ctx_block_size
-        view = self.pool[:, layers, :, heads]
-        if bs == cbs:
-            scatter_blocks(view, job.blocks[first_ctx_block: first_ctx_block + buf.shape[0]], buf)
-            return
-        # Different block sizes: move every token (tokens sit on dim 4 of a block) in one
-        # indexed copy: source (chunk block, offset) -> destination (our block id, offset).
-        tok0 = first_ctx_block * cbs
-        ntok = min(buf.shape[0] * cbs, job.num_tokens - tok0)
-        dev = self.pool.device
-        t = torch.arange(ntok, device=dev)
-        g = t + tok0
-        dst_blk = torch.tensor(job.blocks, dtype=torch.int64, device=dev)[g // bs]
-        view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
+        scatter_chunk(self.pool[:, layers, :, heads], job.blocks, buf, first_ctx_block, job.ctx_block_size,
+                      self.state.block_size, job.num_tokens)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from disagg_mpi.transfer import block_copy, shared_staging
+from disagg_mpi.transfer import block_copy, chunks, shared_staging
 from disagg_mpi.transfer.chunks import zero_copy_bounds
 
 
@@ -143,3 +143,21 @@ def test_pool_pair_copies_one_run_with_one_raw_copy(monkeypatch):
     assert len(calls) == 1 and torch.equal(dst[0], src[1]) and torch.equal(dst[2], src[3])
     # Pools of another block shape are never copied raw.
     assert not block_copy.PoolPair(torch.zeros(16, 3, 2, 2, 4, 4), src, None).raw
+
+
+@pytest.mark.parametrize("ctx_bs,bs", [(4, 4), (4, 8), (8, 4), (4, 6)])
+def test_scatter_chunk_lands_every_token_in_our_blocks(ctx_bs, bs):
+    # A 2-block chunk starting at the request's block 1, into our shuffled blocks: each token t
+    # of the request must land at (our block t // bs, offset t % bs), whatever the block sizes.
+    num_tokens = 13
+    ours = [7, 2, 9, 4, 0, 5, 3, 8][: -(-num_tokens // bs)]
+    pool = torch.zeros(10, 3, 2, 2, bs, 8)
+    tok = torch.arange(num_tokens, dtype=torch.float32).view(-1, 1, 1, 1, 1) + 1  # value = token + 1
+    chunk = torch.zeros(2, 3, 2, 2, ctx_bs, 8)
+    for t in range(ctx_bs, min(3 * ctx_bs, num_tokens)):
+        chunk[t // ctx_bs - 1, :, :, :, t % ctx_bs] = tok[t].view(1, 1, 1, 1)
+    chunks.scatter_chunk(pool, ours, chunk, 1, ctx_bs, bs, num_tokens)
+    for t in range(num_tokens):
+        got = pool[ours[t // bs], :, :, :, t % bs]
+        want = float(t + 1) if ctx_bs <= t < 3 * ctx_bs else 0.0
+        assert torch.all(got == want), f"token {t}"
