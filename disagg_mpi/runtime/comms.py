@@ -87,8 +87,17 @@ def build_comms(topo: Topology, world: Any = None) -> Comms:
 _OUTBOX: list[Any] = []
 
 
-def send(comm: Any, msg: dict, dest: int, tag: int) -> None:
-    _OUTBOX.append(comm.isend(msgpack.packb(msg), dest=dest, tag=tag))  # MPI keeps the order of posting
+def send(comm: Any, msg: dict, dest: int, tag: int, wait: bool = False) -> None:
+    """Send a control message without waiting for its receiver, unless `wait`.
+
+    `wait` is for a leader's messages to its own executor's ranks (step, pull): they return to
+    their loop at once, and the leader must not run ahead into a step whose collectives they
+    join while they sit in the receive of a message only the leader can progress."""
+    payload = msgpack.packb(msg)
+    if wait:
+        comm.send(payload, dest=dest, tag=tag)
+        return
+    _OUTBOX.append(comm.isend(payload, dest=dest, tag=tag))  # MPI keeps the order of posting
     progress_sends()
 
 
@@ -107,6 +116,7 @@ def flush_sends(timeout: float = 10.0) -> bool:
         if time.monotonic() > deadline:
             for r in _OUTBOX:
                 r.Cancel()
+                r.Free()
             _OUTBOX.clear()
             return False
         time.sleep(1e-4)

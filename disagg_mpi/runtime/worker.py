@@ -60,7 +60,7 @@ class MpiGroup:
     def run_step(self, plan: StepPlan) -> list[int]:
         msg = {"op": "step", "plan": plan.to_dict()}
         for m in self.members:
-            send(self.comms.ctl, msg, m, TAG_MEMBER)
+            send(self.comms.ctl, msg, m, TAG_MEMBER, wait=True)
         return self.runner.execute(plan)
 
     @property
@@ -88,7 +88,7 @@ class MpiGroup:
             return
         msg = {"op": "pull", "req_id": req_id, "opaque": opaque.encode(self.key), "blocks": blocks}
         for m in self.members:
-            send(self.comms.ctl, msg, m, TAG_MEMBER)
+            send(self.comms.ctl, msg, m, TAG_MEMBER, wait=True)
         self._left[req_id] = {self.comms.rank, *self.members}
         self._bytes[req_id] = 0
         self._t0[req_id] = time.perf_counter()
@@ -131,7 +131,7 @@ class MpiGroup:
 
     def shutdown(self) -> None:
         for m in self.members:
-            send(self.comms.ctl, {"op": "shutdown"}, m, TAG_MEMBER)
+            send(self.comms.ctl, {"op": "shutdown"}, m, TAG_MEMBER, wait=True)
 
 
 def _ANY() -> int:
