@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from .chunks import is_run, zero_copy_bounds
+from .chunks import device_ids, is_run, zero_copy_bounds
 
 try:  # pragma: no cover - depends on the install
     import triton
@@ -79,8 +79,7 @@ def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_id
             dst.narrow(0, dst_ids[lo], hi - lo).copy_(src.narrow(0, src_ids[lo], hi - lo))
     else:
         dev = dst.device
-        sidx = torch.tensor(src_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        didx = torch.tensor(dst_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        sidx, didx = device_ids(src_ids, dev), device_ids(dst_ids, dev)
         if triton is not None and (dev.type == "cuda" or _interpreting()):
             s, d = _words(src), _words(dst)
             words = s.shape[1]

@@ -57,11 +57,23 @@ def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
 MAX_RUNS = 16  # more runs than this: one index_select / index_copy_ instead of a copy per run
 
 
+def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as an int64 tensor on `device`, without waiting for the current stream.
+
+    `torch.tensor(ids, device=cuda)` copies from pageable memory and so synchronises the current
+    stream; a transfer's side stream may hold GPU-side waits on another process (the shared
+    ring), and the rank's loop would stop until that process's copies land."""
+    t = torch.tensor(ids, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def gather_blocks(src: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
     """out[i] = src[ids[i]] along dim 0."""
     runs = block_runs(ids)
     if len(runs) > MAX_RUNS:
-        torch.index_select(src, 0, torch.tensor(ids, device=src.device), out=out)
+        torch.index_select(src, 0, device_ids(ids, src.device), out=out)
         return
     for pos, first, n in runs:
         out.narrow(0, pos, n).copy_(src.narrow(0, first, n))
@@ -71,7 +83,7 @@ def scatter_blocks(dst: torch.Tensor, ids: list[int], src: torch.Tensor) -> None
     """dst[ids[i]] = src[i] along dim 0 (dst may be a strided view of the pool)."""
     runs = block_runs(ids)
     if len(runs) > MAX_RUNS:
-        dst.index_copy_(0, torch.tensor(ids, device=dst.device), src)
+        dst.index_copy_(0, device_ids(ids, dst.device), src)
         return
     for pos, first, n in runs:
         dst.narrow(0, first, n).copy_(src.narrow(0, pos, n))
@@ -92,7 +104,7 @@ def scatter_chunk(view: torch.Tensor, blocks: list[int], buf: torch.Tensor, firs
     dev = view.device
     t = torch.arange(ntok, device=dev)
     g = t + tok0
-    dst_blk = torch.tensor(blocks, dtype=torch.int64, device=dev)[g // bs]
+    dst_blk = device_ids(blocks, dev)[g // bs]
     view[dst_blk, :, :, :, g % bs] = buf[t // cbs, :, :, :, t % cbs]
 
 

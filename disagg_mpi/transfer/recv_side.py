@@ -123,7 +123,8 @@ class RecvSide:
                 job.items.append(ri)
                 continue
             job = job or self._new_job(req_id, opaque, my_blocks, t0)
-            ring = self.mode == "staged" and not self.want_ipc and self._rings is not None
+            ring = (self.mode == "staged" and not self.want_ipc and self._rings is not None
+                    and self._rings.may_lend(source))  # else cut for MPI: WINDOW chunks of buffer_bytes
             # One-sided IPC needs no chunk bounds (nothing crosses the wire): skip computing them.
             ids = (None, None) if one_sided else (opaque.block_ids, my_blocks)
             ri = _RecvItem(it, source, self._alloc_tag(),
@@ -290,6 +291,7 @@ class RecvSide:
             return
         if ri.ring is not None:  # the context rank cannot use our ring (and refuses it from now on)
             self._rings.retire(ri.source, ri.ring)
+            self._rings.give_back(ri.ring)
             ri.ring = None
         if hdr["mode"] == "copy":
             log.debug("rank %d: no CUDA IPC / shared ring with rank %d (%s); copying over MPI",
@@ -317,6 +319,7 @@ class RecvSide:
                 if ri.landing.query():
                     self._side.recycle(ri.landing)
                     ri.landing = None
+                    self._rings.give_back(ri.ring)
                     ri.ring = None
                     ri.next_done = len(ri.chunking.chunks())
                     job.bytes += ri.queued_bytes

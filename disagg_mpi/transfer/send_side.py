@@ -127,7 +127,7 @@ class SendSide:
                         job.ring = self._ring_maps.get(msg["ring"], busy)
                         job.ring_seq = int(msg["ring"]["seq"])
                         self._ring_order.append(job)
-                    except (OSError, ValueError) as err:
+                    except (OSError, ValueError, RuntimeError) as err:
                         why = f"cannot map the shared ring {msg['ring'].get('path')}: {err}"
                 if why is not None:  # its later pulls would wait for chunk numbers this one skips
                     self._rings_refused.add(msg["ring"].get("path"))

@@ -137,6 +137,7 @@ class Ring:
         self.slots = slots
         self.seq = 0  # owner: the next chunk number to give a pull
         self.landed = 0  # owner: the first chunk number whose H2D is not queued yet
+        self.users = 0  # owner: pulls it is lent to that have not finished
         self.owner = path is None
         self.path = path or os.path.join(_SHM_DIR, f"disagg-kv-{os.getpid()}-{next(_names)}")
         try:
@@ -204,28 +205,42 @@ class RingPool:
         self.made = 0
         self.failed: str | None = None  # why the last ring could not be made
 
+    def may_lend(self, peer: int) -> bool:
+        """Whether a pull from `peer` may get a ring (its chunks are cut for one if so)."""
+        return peer not in self._refused and (peer in self._rings or len(self._rings) < self.max_live)
+
     def get(self, peer: int, slot_bytes: int, slots: int) -> Ring | None:
-        if peer in self._refused:
+        """`peer`'s ring, lent to one more pull (`give_back` when it is done), or None."""
+        if not self.may_lend(peer):
             return None
         ring = self._rings.get(peer)
         if ring is not None:
-            return ring if ring.slot_bytes >= slot_bytes and ring.slots == slots else None
-        if len(self._rings) >= self.max_live:
-            return None
+            if ring.slot_bytes < slot_bytes or ring.slots != slots:
+                return None
+            ring.users += 1
+            return ring
         try:
             ring = Ring(slot_bytes, slots)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             if self.failed is None:
                 log.warning("cannot make a shared staging ring (%s); staged transfers go over MPI", err)
             self.failed = str(err)
             return None
         self._rings[peer] = ring
         self.made += 1
+        ring.users += 1
         return ring
 
+    def give_back(self, ring: Ring) -> None:
+        """A pull is done with `ring`; a retired ring is closed once no pull uses it."""
+        ring.users -= 1
+        if ring.users == 0 and ring in self._retired:
+            self._retired.remove(ring)
+            ring.close()
+
     def retire(self, peer: int, ring: Ring) -> None:
-        """The context rank refused `ring`: lend it no ring again (this one is closed with the
-        pool: pulls answered before may still use it)."""
+        """The context rank refused `ring`: lend `peer` no ring again (this one stays while pulls
+        answered before use it)."""
         self._refused.add(peer)
         if self._rings.get(peer) is ring:
             self._retired.append(self._rings.pop(peer))

@@ -97,13 +97,18 @@ def test_ring_pool_keeps_one_ring_per_context_rank_within_a_bound():
     assert pool.get(0, 1 << 20, 2) is a, "the pulls from one context rank share its ring"
     assert pool.get(2, 1 << 20, 2) is None, "a third context rank goes over MPI"
     assert pool.get(0, 8 << 20, 2) is None, "a chunk bigger than the ring's slots goes over MPI"
+    assert a.users == 2, "lent to two pulls"
     pool.retire(0, a)
-    assert os.path.exists(a.path), "a retired ring stays until the pool closes (answered pulls use it)"
     assert pool.get(0, 1 << 20, 2) is None, "a context rank that refused a ring gets none again"
+    assert not pool.may_lend(0) and pool.may_lend(2)
+    pool.give_back(a)
+    assert os.path.exists(a.path), "a retired ring stays while a pull answered before uses it"
+    pool.give_back(a)
+    assert not os.path.exists(a.path), "and is closed after the last one"
     c = pool.get(2, 1 << 20, 2)
     assert c is not None and pool.made == 3, "its place goes to another context rank"
     pool.close()
-    assert not any(os.path.exists(r.path) for r in (a, b, c))
+    assert not any(os.path.exists(r.path) for r in (b, c))
 
 
 def test_ring_maps_close_the_oldest_unused_mapping():
