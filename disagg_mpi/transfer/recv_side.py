@@ -269,13 +269,11 @@ class RecvSide:
                 lo, hi = chunks[k]
                 buf, full = self._chunk_dest(job, ri, lo, hi)
                 ops.wait_geq(h, ring.ready_flag(slot), ready_at)
-                buf.copy_(typed_view(ring.slot(slot, buf.numel() * buf.element_size()), buf.dtype,
-                                     tuple(buf.shape)), non_blocking=True)
+                ri.queued_bytes += ring.take(slot, buf, stream)
                 ops.write(h, ring.free_flag(slot), free)
                 if full is not None:
                     self._scatter(job, ri, buf, lo)
                     ri.free_bufs.append(full)  # the next chunk lands in it after this scatter (stream order)
-                ri.queued_bytes += buf.numel() * buf.element_size()
             ri.landing = self._side.record()
         ring.landed = ri.ring_seq + len(chunks)
         ri.ring_answered = False

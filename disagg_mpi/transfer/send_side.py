@@ -196,12 +196,10 @@ class SendSide:
                 if free_at is not None:
                     ops.wait_geq(h, ring.free_flag(slot), free_at)
                 buf, full = self._send_source(job, *chunks[k])
-                nbytes = buf.numel() * buf.element_size()
-                typed_view(ring.slot(slot, nbytes), buf.dtype, tuple(buf.shape)).copy_(buf, non_blocking=True)
+                job.bytes += ring.put(slot, buf, stream)
                 ops.write(h, ring.ready_flag(slot), ready)
                 if full is not None:  # the next chunk packs into it after this D2H (stream order)
                     job.free_bufs.append(full)
-                job.bytes += nbytes
             job.copied = self._side.record()
         job.next_chunk = len(chunks)
         self.ring_chunks += len(chunks)

@@ -53,6 +53,13 @@ import weakref
 import torch
 
 from . import stream_ops
+from .staging import typed_view
+
+try:  # pragma: no cover - depends on the install (CUDA machines have cupy)
+    from cupy.cuda.runtime import memcpyAsync as _memcpy_async
+except ImportError:
+    _memcpy_async = None
+_H2D, _D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +153,7 @@ class Ring:
             if self.owner:
                 _unlink(self.path)
             raise
+        self._base = self._map.tensor.data_ptr()
         if self.owner:  # the file goes when we do, even if close() is never called
             self._fin = weakref.finalize(self, _unlink, self.path)
 
@@ -176,6 +184,32 @@ class Ring:
             raise ValueError(f"chunk of {nbytes} bytes does not fit a {self.slot_bytes}-byte slot")
         start = (k % self.slots) * self.slot_bytes
         return self._map.tensor[start:start + nbytes]
+
+    def put(self, k: int, src: torch.Tensor, stream: torch.cuda.Stream) -> int:
+        """Queue on `stream` (the current one) the D2H copy of `src` into slot k % slots; returns its
+        bytes. A contiguous tensor goes as one raw cudaMemcpyAsync: ~5 us of host time where a torch
+        copy_ through a typed view of the slot costs tens, and a pull queues every chunk at once."""
+        nbytes = src.numel() * src.element_size()
+        if _memcpy_async is not None and src.is_contiguous():
+            _memcpy_async(self._slot_ptr(k, nbytes), src.data_ptr(), nbytes, _D2H, stream.cuda_stream)
+        else:
+            typed_view(self.slot(k, nbytes), src.dtype, tuple(src.shape)).copy_(src, non_blocking=True)
+        return nbytes
+
+    def take(self, k: int, dst: torch.Tensor, stream: torch.cuda.Stream) -> int:
+        """Queue on `stream` (the current one) the H2D copy of slot k % slots into `dst`; returns its
+        bytes (as `put`)."""
+        nbytes = dst.numel() * dst.element_size()
+        if _memcpy_async is not None and dst.is_contiguous():
+            _memcpy_async(dst.data_ptr(), self._slot_ptr(k, nbytes), nbytes, _H2D, stream.cuda_stream)
+        else:
+            dst.copy_(typed_view(self.slot(k, nbytes), dst.dtype, tuple(dst.shape)), non_blocking=True)
+        return nbytes
+
+    def _slot_ptr(self, k: int, nbytes: int) -> int:
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"chunk of {nbytes} bytes does not fit a {self.slot_bytes}-byte slot")
+        return self._base + (k % self.slots) * self.slot_bytes
 
     def close(self) -> None:
         self._map.close()
