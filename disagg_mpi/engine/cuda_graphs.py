@@ -15,8 +15,12 @@ so a step costs one copy of `4bp + 1 + bp*w` integers from pinned memory, and a
 graph captured for `bp` rows reads views at fixed offsets whatever `w` is.
 
 `DecodeGraphs` captures the model forward + logits per padded batch size
-(lazily, on first use) against those static views and the runner's fixed KV
-pool, and replays them. Only used on CUDA with one rank (no TP/PP: their
+against those static views and the runner's fixed KV pool, and replays them.
+An executor that decodes captures every size up to its `max_batch_size` at
+start-up (`capture_sizes`): captured lazily, the first batch of a new size in
+the middle of serving would stall every running request for the capture
+(warm-up runs, Triton compiles, the capture itself). `DISAGG_GRAPH_CAPTURE=lazy`
+keeps the lazy capture (a faster start). Only used on CUDA with one rank (no TP/PP: their
 collectives run through MPI on the host) and unless `DISAGG_CUDA_GRAPHS=0`.
 """
 from __future__ import annotations
@@ -36,6 +40,21 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 def fast_path_enabled() -> bool:
     """`DISAGG_CUDA_GRAPHS=0` turns off CUDA graphs and the Triton decode kernels."""
     return os.environ.get("DISAGG_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def capture_at_startup() -> bool:
+    """`DISAGG_GRAPH_CAPTURE=lazy` captures a batch size's graph on its first use instead."""
+    mode = os.environ.get("DISAGG_GRAPH_CAPTURE", "startup").strip().lower()
+    if mode not in ("startup", "lazy"):
+        raise ValueError(f"DISAGG_GRAPH_CAPTURE={mode!r} is not known; allowed: startup, lazy")
+    return mode == "startup"
+
+
+def capture_sizes(max_batch_size: int, sizes: Sequence[int] = GRAPH_BATCH_SIZES) -> list[int]:
+    """The padded batch sizes a scheduler of `max_batch_size` can reach: every capture size up to
+    the one that holds a full batch (all of them when a full batch is larger than all)."""
+    top = padded_size(max_batch_size, sizes)
+    return [s for s in sorted(sizes) if top is None or s <= top]
 
 
 def padded_size(b: int, sizes: Sequence[int] = GRAPH_BATCH_SIZES) -> int | None:
@@ -163,6 +182,7 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         self.inputs = DecodeInputs(packed_len(self.max_bs, max_width), kv_pool.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays: dict[int, int] = {}  # padded batch size -> steps replayed (stats, tests)
         self.mempool = torch.cuda.graph_pool_handle()
         # Greedy tokens go to pinned host memory; two slots, as two steps may be queued.
         self._tokens = [torch.zeros(self.max_bs, dtype=torch.long, pin_memory=True) for _ in range(2)]
@@ -198,6 +218,13 @@ class DecodeGraphs:
             out = self._forward(bp)
         self.graphs[bp] = (graph, out)
 
+    def capture_all(self, sizes: Sequence[int]) -> int:
+        """Capture the graphs of `sizes` not captured yet; returns how many were."""
+        todo = [bp for bp in sizes if bp in self.sizes and bp not in self.graphs]
+        for bp in todo:
+            self.capture(bp)
+        return len(todo)
+
     def launch(self, inp, ids_from: torch.Tensor | None = None) -> Launch:
         """Queue the step's graph; `ids_from` (a previous launch's `tokens`) gives the input ids
         on the device instead of `inp.input_ids`."""
@@ -210,6 +237,7 @@ class DecodeGraphs:
             self.inputs.dev[:b].copy_(ids_from[:b])
         graph, (logits, tokens) = self.graphs[bp]
         graph.replay()
+        self.replays[bp] = self.replays.get(bp, 0) + 1
         turn, self._turn = self._turn, self._turn ^ 1
         host, event = self._tokens[turn], self._events[turn]
         host[:b].copy_(tokens[:b], non_blocking=True)

@@ -63,6 +63,7 @@ class Executor:
         self.model = model
         mc = model.config
         self._runner = ModelRunner(model, kv.num_blocks, kv.block_size, config.device)
+        self._runner.capture_decode_graphs(config.max_batch_size)
         cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv.block_size,
                                         config.dtype)
         self._engine = LLMEngine(_LocalGroup(self._runner), mc, config, cache_state)

@@ -19,6 +19,8 @@ from .cuda_graphs import (
     DecodeGraphs,
     DecodeInputs,
     Launch,
+    capture_at_startup,
+    capture_sizes,
     fast_path_enabled,
     is_decode_only,
     packed_len,
@@ -124,6 +126,14 @@ class ModelRunner:
         self.chains_decode = self.graphs is not None and (overlap_enabled() if overlap is None else overlap)
         self._chained: tuple[StepInputs, Launch, list[int]] | None = None
         self.overlap_stats = {"launched": 0, "used": 0, "dropped": 0}
+
+    def capture_decode_graphs(self, max_batch_size: int) -> int:
+        """Capture now (at start-up) the decode graphs of every batch size a scheduler of
+        `max_batch_size` can reach; returns how many were captured. Nothing without graphs, or
+        with DISAGG_GRAPH_CAPTURE=lazy (each is then captured on its first use)."""
+        if self.graphs is None or not capture_at_startup():
+            return 0
+        return self.graphs.capture_all(capture_sizes(max_batch_size, self.graphs.sizes))
 
     @property
     def chain_pending(self) -> bool:

@@ -161,6 +161,11 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
     shard = ShardSpec(par.tp_rank, tp, l0, l1, all_reduce)
     model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed)
     runner = ModelRunner(model, cfg.kv_cache_config.num_blocks, cfg.kv_cache_config.block_size, device, par)
+    if not topo.is_context(ex_id):  # it decodes: no graph capture in the middle of serving
+        t0 = time.perf_counter()
+        if n := runner.capture_decode_graphs(cfg.max_batch_size):
+            log.info("rank %d: captured %d decode graphs (batch sizes up to %d) in %.1f s", comms.rank, n,
+                     cfg.max_batch_size, time.perf_counter() - t0)
     tc = cfg.cache_transceiver_config
     transceiver = (KvTransceiver(comms.kv, runner.kv_pool, cache_state, comms.local_rank, tc)
                    if tc.enable_cache_transceiver else None)

@@ -53,10 +53,10 @@ def generate(model, mode, prompts, new_tokens=24, dtype="float32", block_size=16
     ex = make_executor(model, mode, prompts, new_tokens, dtype, block_size)
     resps = ex.generate([Request(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts])
     ex.check_blocks_free()
-    graphs = sorted(ex._runner.graphs.graphs) if ex._runner.graphs is not None else []
+    graphs = sorted(ex._runner.graphs.replays) if ex._runner.graphs is not None else []
     if mode == "overlap":   # every decode step but the last ran ahead of the host
         assert ex._runner.overlap_stats == {"launched": new_tokens - 2, "used": new_tokens - 2, "dropped": 0}
-    return [r.result.output_token_ids for r in resps], graphs
+    return [r.result.output_token_ids for r in resps], graphs  # the batch sizes whose graphs replayed
 
 
 @functools.lru_cache(maxsize=2)
@@ -142,6 +142,31 @@ def test_overlap_drops_mispredicted_steps():
     assert ovl == sync
     # The stops dropped launched steps; the join did not (the newcomer waits one step instead).
     assert stats["dropped"] >= 1 and stats["used"] >= 10, stats
+
+
+def test_graphs_are_captured_at_startup_not_while_serving():
+    """An executor captures every batch size its scheduler can reach when it is made, so a new
+    batch size in the middle of serving replays a graph instead of stalling for a capture."""
+    model = _model("float32")
+    prompts = _prompts(model.config.vocab_size, [37, 5, 70, 33, 12])
+    ex = make_executor(model, "graphs", prompts)   # max_batch_size 5: sizes 1, 2, 4, 8
+    graphs = ex._runner.graphs
+    assert sorted(graphs.graphs) == [1, 2, 4, 8] and not graphs.replays
+    captured = dict(graphs.graphs)
+    resps = ex.generate([Request(list(p), max_tokens=12, ignore_eos=True) for p in prompts])
+    assert all(len(r.result.output_token_ids) == 12 for r in resps)
+    assert graphs.replays.get(8), graphs.replays          # five decodes pad to 8: that graph replayed
+    assert all(graphs.graphs[b] is captured[b] for b in captured) and graphs.graphs.keys() == captured.keys()
+
+
+def test_lazy_capture_keeps_startup_fast(monkeypatch):
+    monkeypatch.setenv("DISAGG_GRAPH_CAPTURE", "lazy")
+    model = _model("float32")
+    prompts = _prompts(model.config.vocab_size, [37, 5, 70])
+    ex = make_executor(model, "graphs", prompts)
+    assert not ex._runner.graphs.graphs
+    ex.generate([Request(list(p), max_tokens=4, ignore_eos=True) for p in prompts])
+    assert 4 in ex._runner.graphs.graphs
 
 
 def test_padding_rows_do_not_write():

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from disagg_mpi.engine.cuda_graphs import (
+    capture_at_startup,
+    capture_sizes,
     fast_path_enabled,
     is_decode_only,
     pack_decode,
@@ -18,6 +20,24 @@ def test_padded_size():
     assert [padded_size(b) for b in (1, 2, 3, 5, 8, 9, 64, 65, 128)] == [1, 2, 4, 8, 8, 16, 64, 128, 128]
     assert padded_size(129) is None
     assert padded_size(3, (2, 6)) == 6
+
+
+def test_capture_sizes_reach_a_full_batch():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 8]
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert capture_sizes(500) == [1, 2, 4, 8, 16, 32, 64, 128]   # larger batches run eagerly
+    assert capture_sizes(3, (2, 6, 10)) == [2, 6]
+
+
+def test_graph_capture_mode(monkeypatch):
+    monkeypatch.delenv("DISAGG_GRAPH_CAPTURE", raising=False)
+    assert capture_at_startup()
+    monkeypatch.setenv("DISAGG_GRAPH_CAPTURE", " Lazy ")
+    assert not capture_at_startup()
+    monkeypatch.setenv("DISAGG_GRAPH_CAPTURE", "sometimes")
+    with pytest.raises(ValueError, match="allowed: startup, lazy"):
+        capture_at_startup()
 
 
 def test_pack_layout_and_padding():
