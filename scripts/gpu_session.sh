@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work: `scripts/gpu_session.sh STAGE...` on the GPU machine.
+#
+# The machine has torch, mpi4py and Open MPI but not every dependency: wheels carried in
+# .whl/ (see docs/benchmarks.md, "GPU runs") are installed to /tmp/site first. The stages'
+# output goes to $OUT/session_$TAG.log and their JSON beside it, in $OUT (or ./out): few files,
+# as the device tool brings back at most 8. A stage that overruns its limit is stopped without
+# stopping the others. Stages:
+#   env        the card, driver, torch, MPI
+#   tests      tests/gpu on 3 ranks (one GPU)
+#   transfer   scripts/bench_transfer.py --device cuda, every backend, JSON + PNG
+#   probe      scripts/probe_ring.py: where a staged ring pull spends its time
+#   probe-ipc  scripts/probe_ring.py --ipc: the same for a one-sided CUDA IPC pull
+#   engine     scripts/bench_engine.py, 8B bf16 vs transformers, 512-token prompts, 128 new tokens
+#   engine128  the same with 128-token prompts and 64 new tokens
+#   smollm2    scripts/bench_engine.py, single-stream decode of a SmolLM2-shaped model
+#   ttft       scripts/bench_ttft.py, 2,048-token prompts, disaggregated vs aggregated
+#   graphs-serve  the aggregated 8B server at 8 req/s, decode graphs captured lazily vs at start-up
+#              (serve-lazy, serve-startup, and their second runs serve-lazy2, serve-startup2: one each;
+#              COLD=1 gives each server an empty Triton cache)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:scripts${PYTHONPATH:+:$PYTHONPATH}
+MPIRUN="mpirun --allow-run-as-root --oversubscribe --bind-to none"
+TAG=${TAG:-$(date +%H%M)}
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s)"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1
+    echo "=== $name: rc $? in $((SECONDS - t0)) s"
+}
+
+exec > >(tee -a "$OUT/session_$TAG.log") 2>&1
+serve_bench() {  # serve_bench NAME: the aggregated 8B server under Poisson load, results.json only
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    # COLD=1: every server starts with an empty Triton cache, as on a new machine (else kernels
+    # compiled by an earlier run are reused)
+    if [ "${COLD:-0}" = 1 ]; then export TRITON_CACHE_DIR=$(mktemp -d); fi
+    stage "serve-$1" 150 python3 -m disagg_mpi.cli bench --config configs/llama8b-1gpu-agg.yaml --label "$1" \
+        --num-requests 64 --input-len 512 --output-len 128 --request-rate 8 --warmup 4 --no-plots \
+        --no-progress --out "/tmp/serve-$1"
+    cp "/tmp/serve-$1/results.json" "$OUT/serve_${1}_$TAG.json"
+}
+
+for s in "$@"; do
+    case $s in
+    env)
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+        python3 -c 'import torch, mpi4py; from mpi4py import MPI; print(torch.__version__, torch.cuda.get_device_name(), MPI.Get_library_version().splitlines()[0])'
+        ;;
+    tests)
+        stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu ;;
+    transfer)
+        stage transfer 240 $MPIRUN -n 2 python3 -m mpi4py scripts/bench_transfer.py --device cuda \
+            --json "$OUT/transfer_$TAG.json" --png "$OUT/transfer_$TAG.png" ;;
+    probe)
+        stage probe 150 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_ring.py --sizes 4M 16M 64M 256M \
+            --slots 8 16 --ramp --json "$OUT/probe_$TAG.json" ;;
+    probe-ipc)
+        stage probe-ipc 120 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_ring.py --ipc --sizes 1M 16M 64M 256M \
+            --json "$OUT/probe_ipc_$TAG.json" ;;
+    engine)
+        stage engine 300 python3 scripts/bench_engine.py --device cuda --prompt-len 512 --new-tokens 128 \
+            --compare-overlap --json "$OUT/engine_p512_$TAG.json" ;;
+    engine128)
+        stage engine128 300 python3 scripts/bench_engine.py --device cuda --compare-overlap \
+            --json "$OUT/engine_p128_$TAG.json" ;;
+    smollm2)
+        stage smollm2 120 python3 scripts/bench_engine.py --device cuda --model random:smollm2 --batches 1 \
+            --skip-hf --repeats 10 --new-tokens 256 --compare-overlap --json "$OUT/engine_smollm2_$TAG.json" ;;
+    ttft)
+        stage ttft 180 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_ttft.py --device cuda --json "$OUT/ttft_$TAG.json" ;;
+    graphs-serve)  # decode graphs captured lazily vs at start-up, same load
+        DISAGG_GRAPH_CAPTURE=lazy serve_bench lazy
+        serve_bench startup ;;
+    serve-lazy|serve-lazy2)
+        DISAGG_GRAPH_CAPTURE=lazy serve_bench "${s#serve-}" ;;
+    serve-startup|serve-startup2)
+        serve_bench "${s#serve-}" ;;
+    *)
+        echo "unknown stage $s" >&2 ;;
+    esac
+done
