@@ -141,16 +141,23 @@ def _instrument(tc: KvTransceiver, stamps: dict, gpu: list) -> None:
     tc._queue_ring_landing = landing_in_side_stream
 
 
-def probe(args: argparse.Namespace) -> dict[str, Any]:
+def _setup(sizes: list[int]):
+    """(world, rank, device, layout, pool): rank r on GPU r % GPUs, a Llama-3.1-8B-shaped KV pool
+    (1 MiB blocks) large enough for the largest payload."""
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     dev = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(dev)
-    bs = 8
-    state = CacheState.create(32, 8, 128, bs, "bfloat16")
+    state = CacheState.create(32, 8, 128, 8, "bfloat16")
+    max_blocks = max(sizes) // (state.bytes_per_token_per_rank(0) * state.block_size)
+    pool = torch.zeros((max_blocks, 32, 2, 8, state.block_size, 128), dtype=torch.bfloat16, device=dev)
+    return world, rank, dev, state, pool
+
+
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    world, rank, dev, state, pool = _setup(args.sizes)
+    bs = state.block_size
     block_bytes = state.bytes_per_token_per_rank(0) * bs
-    max_blocks = max(args.sizes) // block_bytes
-    pool = torch.zeros((max_blocks, 32, 2, 8, bs, 128), dtype=torch.bfloat16, device=dev)
     if rank == 0:
         pool.fill_(1.0)
     host = torch.empty(max(args.sizes), dtype=torch.uint8, pin_memory=True)
@@ -228,15 +235,9 @@ def probe_ipc(args: argparse.Namespace) -> dict[str, Any]:
     event query loop, and a plain device copy with a synchronize (the bench's reference)."""
     from disagg_mpi.transfer import block_copy
 
-    world = MPI.COMM_WORLD
-    rank = world.Get_rank()
-    dev = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
-    bs = 8
-    state = CacheState.create(32, 8, 128, bs, "bfloat16")
+    world, rank, dev, state, pool = _setup(args.sizes)
+    bs = state.block_size
     block_bytes = state.bytes_per_token_per_rank(0) * bs
-    max_blocks = max(args.sizes) // block_bytes
-    pool = torch.zeros((max_blocks, 32, 2, 8, bs, 128), dtype=torch.bfloat16, device=dev)
     cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=True, backend="ipc")
     tc = KvTransceiver(world.Dup(), pool, state, 0, cfg)
     stamps: dict[str, float] = {}
