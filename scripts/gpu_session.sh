@@ -2,7 +2,7 @@
 # One device call's worth of GPU work: `scripts/gpu_session.sh STAGE...` on the GPU machine.
 #
 # The machine has torch, mpi4py and Open MPI but not every dependency: wheels carried in
-# .whl/ (see docs/benchmarks.md, "GPU runs") are installed to /tmp/site first. The stages'
+# .whl/ (docs/benchmarks.md, "One H200 (sixth session)", lists them) are installed to /tmp/site first. The stages'
 # output goes to $OUT/session_$TAG.log and their JSON beside it, in $OUT (or ./out): few files,
 # as the device tool brings back at most 8. A stage that overruns its limit is stopped without
 # stopping the others. Stages:

@@ -159,7 +159,7 @@ def test_graphs_are_captured_at_startup_not_while_serving():
     assert all(graphs.graphs[b] is captured[b] for b in captured) and graphs.graphs.keys() == captured.keys()
 
 
-def test_lazy_capture_keeps_startup_fast(monkeypatch):
+def test_lazy_capture_waits_for_first_use(monkeypatch):
     monkeypatch.setenv("DISAGG_GRAPH_CAPTURE", "lazy")
     model = _model("float32")
     prompts = _prompts(model.config.vocab_size, [37, 5, 70])
