@@ -47,9 +47,11 @@ def relaunch(world_size: int, args: list[str]) -> int:
     import tempfile
     import threading
 
-    from .runtime import rankmap
+    from .runtime import rankmap, signals
 
-    cmd = [mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
+    mpiexec = mpiexec_path()
+    family = signals.probe_launcher(mpiexec)
+    cmd = [mpiexec, "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
     with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
         env = {**os.environ, rankmap.ENV: folder}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -69,11 +71,11 @@ def relaunch(world_size: int, args: list[str]) -> int:
         threads.append(threading.Thread(target=watcher.run, daemon=True))
         for t in threads:
             t.start()
-        def forward(sig, _frame):  # mpiexec passes it to the ranks: `serve` drains, then exits
+        def forward(sig, _frame):  # the launcher passes it to the ranks: rank 0 drains, then all exit
             if proc.poll() is None:
-                proc.send_signal(sig)
+                proc.send_signal(signals.for_launcher(sig, family))
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, forward) for s in signals.STOP_SIGNALS}
         try:
             rc = proc.wait()
         finally:
@@ -115,7 +117,8 @@ def cli() -> None:
               help="JSONL results, one line per input line; printed as text when left out.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @click.option("--grace", type=float, default=10.0, show_default=True,
-              help="After SIGINT/SIGTERM, seconds to let in-flight requests finish before cancelling the rest.")
+              help="After SIGINT/SIGTERM/SIGUSR2, seconds to let in-flight requests finish before cancelling "
+                   "the rest.")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(config: str, input_path: str, output_path: str | None, timeout: float | None, grace: float,
         log_level: str) -> None:
@@ -141,14 +144,15 @@ def run(config: str, input_path: str, output_path: str | None, timeout: float | 
 
 
 def _drain_on_signals(rank: int, grace: float):
-    """SIGINT/SIGTERM: rank 0 lets requests run `grace` more seconds, then cancels the rest.
+    """SIGINT/SIGTERM/SIGUSR2: rank 0 lets requests run `grace` more seconds, then cancels the rest.
 
-    mpiexec passes the signal to every rank; only rank 0 acts on it, the executor
-    ranks keep serving until rank 0 leaves the job cleanly.
+    The launcher passes the signal to every rank (runtime/signals.py); only rank 0 acts on it,
+    the executor ranks keep serving until rank 0 leaves the job cleanly.
     """
+    from .runtime import signals
+
     if rank != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signals.ignore_stop_signals()
         return lambda: False
     deadline: list[float] = []
 
@@ -158,8 +162,8 @@ def _drain_on_signals(rank: int, grace: float):
                        f"{grace:g} s, then cancelling the rest", err=True)
             deadline.append(time.perf_counter() + grace)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for s in signals.STOP_SIGNALS:
+        signal.signal(s, on_signal)
     return lambda: bool(deadline) and time.perf_counter() >= deadline[0]
 
 

@@ -26,12 +26,14 @@ from .cli import (
               help="Require 'Authorization: Bearer KEY' on /v1/* (default: server.api_key of the config).")
 @click.option("--port-file", type=click.Path(), default=None, help="Write the bound port to this file once ready.")
 @click.option("--grace", type=float, default=10.0, show_default=True,
-              help="Seconds to let in-flight requests finish after SIGINT/SIGTERM before cancelling them.")
+              help="Seconds to let in-flight requests finish after SIGINT/SIGTERM/SIGUSR2 before cancelling them.")
 @click.option("--served-model-name", default=None, help="The model name clients use (default: model.path).")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(config: str, host: str | None, port: int | None, api_key: str | None, port_file: str | None,
           grace: float, served_model_name: str | None, log_level: str) -> None:
-    """Serve the topology over an OpenAI-compatible HTTP API until SIGINT/SIGTERM.
+    """Serve the topology over an OpenAI-compatible HTTP API until SIGINT/SIGTERM/SIGUSR2.
+
+    Under a hand-started Open MPI `mpirun`, send SIGUSR2 to drain: its SIGTERM kills the job.
 
     Endpoints: POST /v1/completions, POST /v1/chat/completions (stream: true for
     server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
@@ -50,14 +52,16 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     if world.Get_size() != topo.world_size:
         raise click.ClickException(f"this MPI job has {world.Get_size()} ranks but {config} needs "
                                    f"{topo.world_size}")
+    from .runtime import signals
+
     if world.Get_rank() != 0:
-        # mpiexec forwards SIGINT/SIGTERM to every rank; only rank 0 acts on them (it drains,
+        # The launcher passes stop signals to every rank; only rank 0 acts on them (it drains,
         # then tells the executors to stop), so the executors keep serving until then.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signals.ignore_stop_signals()
     else:
         # Until the server loop installs its handlers, a signal just means "stop after startup".
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for s in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(s, signal.default_int_handler)
     import asyncio
 
     from .runtime.launch import launch

@@ -7,10 +7,14 @@
 # as the device tool brings back at most 8. A stage that overruns its limit is stopped without
 # stopping the others. Stages:
 #   env        the card, driver, torch, MPI
-#   tests      tests/gpu on 3 ranks (one GPU)
+#   tests      tests/gpu on 3 ranks (one GPU), then the Triton kernel tests of tests/unit on the GPU
+#   signals    the stop-signal tests under Open MPI's mpirun (tests/unit/test_rank_failure.py)
 #   transfer   scripts/bench_transfer.py --device cuda, every backend, JSON + PNG
 #   probe      scripts/probe_ring.py: where a staged ring pull spends its time
 #   probe-ipc  scripts/probe_ring.py --ipc: the same for a one-sided CUDA IPC pull
+#   limits     scripts/probe_limits.py: this GPU's ceilings (staged pipeline, decode kernel tiles,
+#              decode GEMMs, a batch-64 decode profile; PARTS= picks some)
+#   cross      scripts/probe_limits.py --parts cross: one rank's D2H with the other's H2D, one GPU
 #   engine     scripts/bench_engine.py, 8B bf16 vs transformers, 512-token prompts, 128 new tokens
 #   engine128  the same with 128-token prompts and 64 new tokens
 #   smollm2    scripts/bench_engine.py, single-stream decode of a SmolLM2-shaped model
@@ -59,7 +63,11 @@ for s in "$@"; do
         python3 -c 'import torch, mpi4py; from mpi4py import MPI; print(torch.__version__, torch.cuda.get_device_name(), MPI.Get_library_version().splitlines()[0])'
         ;;
     tests)
-        stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu ;;
+        stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
+        stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py ;;
+    signals)  # stop signals through Open MPI's mpirun (it kills the job on a SIGTERM of its own)
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 stage signals 180 python3 -m pytest -q \
+            -p no:cacheprovider tests/unit/test_signals.py tests/unit/test_rank_failure.py ;;
     transfer)
         stage transfer 240 $MPIRUN -n 2 python3 -m mpi4py scripts/bench_transfer.py --device cuda \
             --json "$OUT/transfer_$TAG.json" --png "$OUT/transfer_$TAG.png" ;;
@@ -69,6 +77,12 @@ for s in "$@"; do
     probe-ipc)
         stage probe-ipc 120 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_ring.py --ipc --sizes 1M 16M 64M 256M \
             --json "$OUT/probe_ipc_$TAG.json" ;;
+    limits)
+        stage limits 300 python3 scripts/probe_limits.py --parts ${PARTS:-staged attn gemm profile} \
+            --json "$OUT/limits_$TAG.json" ;;
+    cross)
+        stage cross 120 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_limits.py --parts cross \
+            --json "$OUT/cross_$TAG.json" ;;
     engine)
         stage engine 300 python3 scripts/bench_engine.py --device cuda --prompt-len 512 --new-tokens 128 \
             --compare-overlap --json "$OUT/engine_p512_$TAG.json" ;;

@@ -256,31 +256,45 @@ if HAVE_TRITON:
 _SMS: dict[int, int] = {}
 
 
-def decode_tile(b: int, n_kv: int, d: int, device: torch.device, itemsize: int = 2) -> tuple[int, int]:
-    """(tokens per tile, warps) of the fused decode kernel for a batch of b sequences.
+STAGES = 3  # Triton's default pipeline depth on NVIDIA parts: kept where no sweep says otherwise
+
+
+def decode_tile(b: int, n_kv: int, d: int, device: torch.device, itemsize: int = 2) -> tuple[int, int, int]:
+    """(tokens per tile, warps, pipeline stages) of the fused decode kernel for a batch of b sequences.
 
     Its grid is one program per (sequence, KV head), each walking the context tile by tile.
-    Measured on the H100 (us per kernel, bf16, contexts of 160 and 600 tokens):
-    - few programs: longer tiles, fewer serial steps. SmolLM2 shape at batch 1: 128 tokens with 4
-      warps gave 4.8 / 9.1 vs 5.8 / 13.8 with 64. 8B shape at batch 1: 256 with 8 warps gave
-      6.5 / 14.2 vs 8.4 / 23.1.
-    - more programs than twice the SMs: short tiles keep more of them resident. 8B at batch 64: 32
-      tokens gave 24 / 70 vs 28 / 80 with 64.
+    Swept on the H200 (scripts/probe_limits.py, 8B shape, bf16, 32 layers replayed from a CUDA
+    graph, us per layer; docs/benchmarks.md has the table). Two stages beat Triton's default
+    three at every batch size:
+    - more programs than twice the SMs (batch 64): 64 tokens, 2 warps: 41.6 / 67.3 us at contexts
+      of 576 / 1,024 against 44.8 / 74.0 for the earlier 32 tokens, 4 warps, 3 stages; at 160
+      tokens the two are within 1 us.
+    - between (batch 32): 128 tokens, 4 warps: 25.3 us against 30.4 for 64 tokens, 3 stages.
+    - fewer programs than SMs: long tiles, few serial steps. Batch 1: 256 tokens, 4 warps: 12.9 /
+      29.0 us at 576 / 2,048 tokens against 13.8 / 31.7 for 8 warps, 3 stages; batch 8 the same
+      within 0.1 us. head_dim <= 64 (SmolLM2) keeps what the H100 chose (128 tokens, 4 warps
+      gave 4.8 / 9.1 us against 5.8 / 13.8 with 64 tokens) and three stages: not swept.
     """
     sms = _SMS.get(device.index or 0) if device.type == "cuda" else 132
     if sms is None:
         sms = _SMS[device.index or 0] = torch.cuda.get_device_properties(device).multi_processor_count
     programs = b * n_kv
-    if programs >= 2 * sms:
-        return 32, 4
-    if programs < sms:
-        block_n, warps = (128, 4) if d <= 64 else (256, 8)
-        # A K or V tile over 64 KiB does not fit shared memory with the pipelined copies
-        # (fp32, head_dim 128, 256 tokens asked for 289 KB on the H100's 227 KB).
-        while block_n * d * itemsize > 64 << 10:
-            block_n //= 2
-        return block_n, warps
-    return 64, 4
+    if d <= 64:
+        if programs < sms:
+            block_n, warps, stages = 128, 4, STAGES
+        else:
+            block_n, warps, stages = (32, 4, STAGES) if programs >= 2 * sms else (64, 4, STAGES)
+    elif programs >= 2 * sms:
+        block_n, warps, stages = 64, 2, 2
+    elif programs >= sms:
+        block_n, warps, stages = 128, 4, 2
+    else:
+        block_n, warps, stages = 256, 4, 2
+    # A K or V tile over 64 KiB does not fit shared memory with the pipelined copies
+    # (fp32, head_dim 128, 256 tokens asked for 289 KB on the H100's 227 KB).
+    while block_n * d * itemsize > 64 << 10:
+        block_n //= 2
+    return block_n, warps, stages
 
 
 def _warps(block: int) -> int:
@@ -362,14 +376,16 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, layer: int, tabl
 def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                                 sin: torch.Tensor, pool: torch.Tensor, layer: int, slots: torch.Tensor,
                                 tables: torch.Tensor, table_stride: torch.Tensor, ctx: torch.Tensor,
-                                n_q: int, n_kv: int, d: int) -> torch.Tensor:
+                                n_q: int, n_kv: int, d: int,
+                                tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`rope_write_kv` then `paged_decode_attention` in one kernel (one token per sequence).
 
     q, k, v [B, heads*d] (row-strided views, e.g. of one qkv GEMM); cos, sin [B, 1, d] or
     [B, d]; slots [B] (< 0: padding row, nothing stored); tables, table_stride, ctx as in
     `paged_decode_attention` (ctx counts the new token, which must sit at position ctx - 1,
     i.e. at `slots`). The new k, v are stored in the pool and used from registers, never
-    read back. Returns the attention output [B, n_q, d] in q's dtype.
+    read back. Returns the attention output [B, n_q, d] in q's dtype. `tile` (tokens per
+    tile, warps, pipeline stages) overrides `decode_tile` (scripts/probe_limits.py sweeps it).
     """
     b = q.shape[0]
     out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
@@ -380,11 +396,11 @@ def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             raise ValueError("q, k, v, cos, sin must be contiguous in their last dim (cos, sin alike)")
         layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
         g = n_q // n_kv
-        block_n, warps = decode_tile(b, n_kv, d, q.device, pool.element_size())
+        block_n, warps, stages = tile or decode_tile(b, n_kv, d, q.device, pool.element_size())
         _rope_decode_kernel[(b, n_kv)](q, k, v, cos, sin, slots, pool, tables, table_stride, ctx, out,
                                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                        1.0 / math.sqrt(d), layer_off, s_blk, s_kv, s_h,
                                        NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
                                        BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-                                       INTERP=interpreting(), num_warps=warps)
+                                       INTERP=interpreting(), num_warps=warps, num_stages=stages)
     return out

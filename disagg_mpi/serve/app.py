@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from ..api import Response
+from ..runtime.signals import STOP_SIGNALS
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
 from .protocol import ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
@@ -286,7 +286,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
                       port_file: str | None = None, grace: float = DEFAULT_GRACE,
                       served_model_name: str | None = None, tokenizer: Any = None,
                       stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or `stop` is set), then drain and return."""
+    """Serve until a stop signal (runtime/signals.py) or `stop` is set, then drain and return."""
     if tokenizer is None:
         from ..model.tokenizer import load_tokenizer
 
@@ -294,7 +294,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
     state = ServerState(orch, topo, tokenizer, api_key, topo.server.max_body_bytes, served_model_name)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
@@ -330,7 +330,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
         await asyncio.sleep(0.05)  # let handlers write their last bytes
         await state.dispatcher.stop()
         await runner.cleanup()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 TOPOLOGY = {
@@ -58,7 +59,9 @@ def _start_run(tmp_path, n: int, max_tokens: int, *extra: str) -> tuple[subproce
     inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": max_tokens,
                                        "ignore_eos": True}) + "\n" for i in range(n)))
     out = tmp_path / "out.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    # not inside a job (a root user's leave to run Open MPI is kept)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "OMPI_", "PMIX_")) or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
     proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
                              str(inp), "--output", str(out), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,15 +111,18 @@ def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
     assert "rank 2 (generation executor 1" in out, out[-2000:]
 
 
-def test_sigterm_to_the_launcher_drains_then_exits(tmp_path):
-    """SIGTERM: in-flight requests get the grace period, the rest end cancelled, every line is written."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_stop_signal_to_the_launcher_drains_then_exits(tmp_path, sig):
+    """SIGTERM or SIGUSR2 to `disagg-mpi run`: in-flight requests get the grace period, the rest end
+    cancelled, every line is written, exit code 0; with MPICH's mpiexec and with Open MPI's mpirun
+    (each is sent the signal it passes on: runtime/signals.py)."""
     n = 300
     proc, out = _start_run(tmp_path, n, 400, "--grace", "1")
     try:
         assert _wait_for_rank(proc, 0, time.time() + 120) is not None
         time.sleep(6)  # executors up, requests running
         assert proc.poll() is None, "finished before the signal"
-        log, elapsed = _signal_and_wait(proc, proc.pid, signal.SIGTERM)
+        log, elapsed = _signal_and_wait(proc, proc.pid, sig)
     finally:
         _reap(proc)
     assert proc.returncode == 0, log[-2000:]

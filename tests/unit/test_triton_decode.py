@@ -101,7 +101,8 @@ CTXS = [5, 0, 16, 17, 53, 64, 65, 130, 1, 0]
 SHAPES = [(9, 3, 64, CTXS), (32, 8, 128, [3, 0, 70, 33])]
 
 
-@pytest.mark.parametrize("tile", [None, (32, 4), (128, 8)], ids=["auto", "tile32", "tile128"])
+@pytest.mark.parametrize("tile", [None, (32, 4, 3), (64, 2, 2), (128, 4, 2)],
+                         ids=["auto", "tile32", "tile64w2", "tile128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n_q,n_kv,d,ctxs", SHAPES, ids=["9q3kv_d64", "32q8kv_d128"])
 def test_fused_matches_two_kernels(monkeypatch, n_q, n_kv, d, ctxs, dtype, tile):

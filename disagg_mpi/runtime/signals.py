@@ -1,0 +1,55 @@
+"""The signals that ask a job to drain and stop, and how they reach every rank.
+
+`disagg-mpi run` and `serve` drain on SIGINT, SIGTERM or SIGUSR2: rank 0 lets in-flight
+requests finish (up to `--grace`), then tells the executors to stop; the other ranks
+ignore the signals and wait for that word.
+
+The launchers differ in what they pass on:
+- MPICH's Hydra `mpiexec` forwards SIGINT and SIGTERM to every rank, and dies of a SIGUSR2;
+- Open MPI's `mpirun` does not: on SIGINT or SIGTERM it sends the ranks SIGTERM, waits a
+  few seconds, then SIGKILLs the job and exits with an error. It forwards SIGUSR1 and
+  SIGUSR2 as they are (its man page, "Signal Propagation").
+So the outer `disagg-mpi` process, which started the launcher itself, sends an Open MPI
+`mpirun` SIGUSR2 for any stop signal, and Hydra SIGTERM for a SIGUSR2; a user who starts
+Open MPI's `mpirun` by hand sends it SIGUSR2 to drain the job.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+def ignore_stop_signals() -> None:
+    """On ranks other than 0: rank 0 decides when the job stops."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def launcher_family(version_text: str) -> str:
+    """"openmpi", "mpich" or "other", from what `mpiexec --version` printed."""
+    if "Open MPI" in version_text or "OpenRTE" in version_text or "PRRTE" in version_text:
+        return "openmpi"
+    if "HYDRA" in version_text or "MPICH" in version_text or "Intel(R) MPI" in version_text:
+        return "mpich"
+    return "other"
+
+
+def probe_launcher(mpiexec: str) -> str:
+    """`launcher_family` of this mpiexec ("other" when it cannot say)."""
+    try:
+        done = subprocess.run([mpiexec, "--version"], check=False, capture_output=True, text=True, timeout=20,
+                              errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        return "other"
+    return launcher_family(done.stdout + done.stderr)
+
+
+def for_launcher(sig: int, family: str) -> int:
+    """The signal to send a launcher of `family` so that the ranks see a stop request `sig`:
+    SIGUSR2 for Open MPI; SIGINT or SIGTERM for the others (Hydra dies of a SIGUSR2)."""
+    if family == "openmpi":
+        return signal.SIGUSR2
+    return signal.SIGTERM if sig == signal.SIGUSR2 else sig

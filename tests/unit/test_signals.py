@@ -1,0 +1,32 @@
+"""Which signal the outer `disagg-mpi` sends its launcher for a stop request (pure)."""
+
+import signal
+
+import pytest
+
+from disagg_mpi.runtime.signals import STOP_SIGNALS, for_launcher, launcher_family
+
+OPEN_MPI = "mpirun (Open MPI) 4.1.6\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
+HYDRA = "HYDRA build details:\n    Version:                                 5.0.2\n"
+
+
+def test_families_from_version_text():
+    assert launcher_family(OPEN_MPI) == "openmpi"
+    assert launcher_family("prterun (Open MPI) 5.0.3") == "openmpi"
+    assert launcher_family(HYDRA) == "mpich"
+    assert launcher_family("Intel(R) MPI Library for Linux* OS, Version 2021.10") == "mpich"
+    assert launcher_family("") == "other"
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS)
+def test_open_mpi_gets_sigusr2(sig):
+    # its mpirun SIGKILLs the job a few seconds after a SIGINT/SIGTERM, and forwards SIGUSR2
+    assert for_launcher(sig, "openmpi") == signal.SIGUSR2
+
+
+def test_hydra_never_gets_sigusr2():
+    # Hydra forwards SIGINT/SIGTERM; a SIGUSR2 would kill it (and the job) on the spot
+    assert for_launcher(signal.SIGUSR2, "mpich") == signal.SIGTERM
+    assert for_launcher(signal.SIGTERM, "mpich") == signal.SIGTERM
+    assert for_launcher(signal.SIGINT, "mpich") == signal.SIGINT
+    assert for_launcher(signal.SIGUSR2, "other") == signal.SIGTERM
