@@ -66,7 +66,7 @@ for s in "$@"; do
         stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
         stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py ;;
     signals)  # stop signals through Open MPI's mpirun (it kills the job on a SIGTERM of its own)
-        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 stage signals 180 python3 -m pytest -q \
+        stage signals 180 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 python3 -m pytest -q \
             -p no:cacheprovider tests/unit/test_signals.py tests/unit/test_rank_failure.py ;;
     transfer)
         stage transfer 240 $MPIRUN -n 2 python3 -m mpi4py scripts/bench_transfer.py --device cuda \
