@@ -59,13 +59,22 @@ def _start_run(tmp_path, n: int, max_tokens: int, *extra: str) -> tuple[subproce
     inp.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 30)), "max_tokens": max_tokens,
                                        "ignore_eos": True}) + "\n" for i in range(n)))
     out = tmp_path / "out.jsonl"
-    # not inside a job (a root user's leave to run Open MPI is kept)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "PMIX_")) or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
+    env = {k: v for k, v in os.environ.items() if not _job_variable(k)}
     proc = subprocess.Popen([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(cfg), "--input",
                              str(inp), "--output", str(out), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, out
+
+
+def _job_variable(name: str) -> bool:
+    """Set by a launcher for its ranks (dropped: `disagg-mpi run` must see it is not in a job).
+    Open MPI's settings stay (OMPI_MCA_*, e.g. an image's plm_rsh_agent, and a root user's leave
+    to run it), except those its launcher sets for the ranks."""
+    if name.startswith(("OMPI_MCA_orte_", "OMPI_MCA_ess", "OMPI_MCA_pmix")):
+        return True
+    if name.startswith(("OMPI_MCA_", "OMPI_ALLOW_RUN_AS_ROOT")):
+        return False
+    return name.startswith(("PMI_", "OMPI_", "PMIX_"))
 
 
 def _signal_and_wait(proc: subprocess.Popen, pid: int, sig: int) -> tuple[str, float]:
