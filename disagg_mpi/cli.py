@@ -107,6 +107,10 @@ def _load_topology_or_exit(config: str):
 @click.version_option(package_name="disagg-mpi")
 def cli() -> None:
     """Disaggregated LLM serving: context and generation executors in one MPI job."""
+    if inside_mpi_job():
+        from .runtime import signals
+
+        signals.ignore_early(os.environ)
 
 
 @cli.command()

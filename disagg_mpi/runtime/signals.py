@@ -18,14 +18,41 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Mapping
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+# What a launcher tells each rank about its rank: MPICH's Hydra and PMI-2, Open MPI, PMIx.
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 def ignore_stop_signals() -> None:
     """On ranks other than 0: rank 0 decides when the job stops."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def rank_from_environ(environ: Mapping[str, str]) -> int | None:
+    """This process's world rank as its launcher set it, before MPI starts (None: not said)."""
+    for name in RANK_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def ignore_early(environ: Mapping[str, str]) -> bool:
+    """On a rank other than 0, ignore stop signals from the start (returns whether it did).
+
+    A stop request during start-up (seconds of imports and model loading) must not kill an
+    executor rank before it gets to ignore it; rank 0 keeps the default (a stop during its own
+    start-up ends the job)."""
+    rank = rank_from_environ(environ)
+    if rank is None or rank == 0:
+        return False
+    ignore_stop_signals()
+    return True
 
 
 def launcher_family(version_text: str) -> str:

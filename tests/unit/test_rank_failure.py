@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from disagg_mpi.runtime.signals import RANK_VARIABLES
+
 TOPOLOGY = {
     "model": {"path": "random:tiny", "dtype": "float32"},
     "context_executors": [{"participant_ids": [1], "kv_cache": {"block_size": 4, "num_blocks": 256},
@@ -46,7 +48,8 @@ def _rank_pid(root: int, rank: int) -> int | None:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"PMI_RANK={rank}".encode() in env and b"disagg_mpi.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        said = any(f"{name}={rank}".encode() in env for name in RANK_VARIABLES)  # MPICH, Open MPI, PMIx
+        if said and b"disagg_mpi.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
             return pid
     return None
 

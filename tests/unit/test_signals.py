@@ -1,10 +1,16 @@
-"""Which signal the outer `disagg-mpi` sends its launcher for a stop request (pure)."""
+"""Stop signals: which one the outer `disagg-mpi` sends its launcher, and which ranks ignore them (pure)."""
 
 import signal
 
 import pytest
 
-from disagg_mpi.runtime.signals import STOP_SIGNALS, for_launcher, launcher_family
+from disagg_mpi.runtime.signals import (
+    STOP_SIGNALS,
+    for_launcher,
+    ignore_early,
+    launcher_family,
+    rank_from_environ,
+)
 
 OPEN_MPI = "mpirun (Open MPI) 4.1.6\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
 HYDRA = "HYDRA build details:\n    Version:                                 5.0.2\n"
@@ -30,3 +36,24 @@ def test_hydra_never_gets_sigusr2():
     assert for_launcher(signal.SIGTERM, "mpich") == signal.SIGTERM
     assert for_launcher(signal.SIGINT, "mpich") == signal.SIGINT
     assert for_launcher(signal.SIGUSR2, "other") == signal.SIGTERM
+
+
+def test_rank_from_the_launchers_variables():
+    assert rank_from_environ({"PMI_RANK": "2"}) == 2                 # MPICH (Hydra), srun --mpi=pmi2
+    assert rank_from_environ({"OMPI_COMM_WORLD_RANK": "1"}) == 1     # Open MPI
+    assert rank_from_environ({"PMIX_RANK": "0"}) == 0
+    assert rank_from_environ({"PMI_RANK": ""}) is None
+    assert rank_from_environ({}) is None
+
+
+def test_only_ranks_other_than_0_ignore_stop_signals_from_the_start():
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        assert not ignore_early({"PMI_RANK": "0"})
+        assert not ignore_early({})
+        assert all(signal.getsignal(s) == saved[s] for s in STOP_SIGNALS)
+        assert ignore_early({"OMPI_COMM_WORLD_RANK": "3"})
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
