@@ -110,7 +110,7 @@ def cli() -> None:
     if inside_mpi_job():
         from .runtime import signals
 
-        signals.ignore_early(os.environ)
+        signals.catch_early(os.environ)
 
 
 @cli.command()
@@ -168,6 +168,10 @@ def _drain_on_signals(rank: int, grace: float):
 
     for s in signals.STOP_SIGNALS:
         signal.signal(s, on_signal)
+    early = signals.requested()
+    if early is not None:  # asked during start-up: the grace runs from then
+        on_signal(signal.SIGTERM, None)
+        deadline[0] -= time.monotonic() - early
     return lambda: bool(deadline) and time.perf_counter() >= deadline[0]
 
 

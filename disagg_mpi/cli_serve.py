@@ -68,7 +68,9 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
 
     s = topo.server
     with launch(topo) as orch:
-        if orch is not None:
+        if orch is not None and signals.requested() is not None:  # asked before the handlers were in
+            click.echo("disagg-mpi: asked to stop during start-up; not serving", err=True)
+        elif orch is not None:
             from .serve.app import serve_async
 
             try:

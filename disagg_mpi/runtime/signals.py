@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
@@ -42,17 +43,35 @@ def rank_from_environ(environ: Mapping[str, str]) -> int | None:
     return None
 
 
-def ignore_early(environ: Mapping[str, str]) -> bool:
-    """On a rank other than 0, ignore stop signals from the start (returns whether it did).
+_requested: list[float] = []  # time.monotonic() of the first stop signal caught by catch_early
 
-    A stop request during start-up (seconds of imports and model loading) must not kill an
-    executor rank before it gets to ignore it; rank 0 keeps the default (a stop during its own
-    start-up ends the job)."""
+
+def _note(_sig: int, _frame: object) -> None:
+    if not _requested:
+        _requested.append(time.monotonic())
+
+
+def catch_early(environ: Mapping[str, str]) -> int | None:
+    """Before MPI starts (its rank read from the launcher's variables): a rank other than 0
+    ignores stop signals from now on; rank 0 notes the first one (`requested`) until its
+    command installs its own handlers. Returns the rank (None: the launcher did not say).
+
+    A stop request during start-up (seconds of imports and model loading) must neither kill a
+    rank before it has handlers nor be lost."""
     rank = rank_from_environ(environ)
-    if rank is None or rank == 0:
-        return False
-    ignore_stop_signals()
-    return True
+    if rank is None:
+        return None
+    if rank:
+        ignore_stop_signals()
+    else:
+        for s in STOP_SIGNALS:
+            signal.signal(s, _note)
+    return rank
+
+
+def requested() -> float | None:
+    """When rank 0 was asked to stop before its command's own handlers were in (None: it was not)."""
+    return _requested[0] if _requested else None
 
 
 def launcher_family(version_text: str) -> str:

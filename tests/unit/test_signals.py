@@ -1,15 +1,18 @@
 """Stop signals: which one the outer `disagg-mpi` sends its launcher, and which ranks ignore them (pure)."""
 
+import os
 import signal
 
 import pytest
 
+from disagg_mpi.runtime import signals
 from disagg_mpi.runtime.signals import (
     STOP_SIGNALS,
+    catch_early,
     for_launcher,
-    ignore_early,
     launcher_family,
     rank_from_environ,
+    requested,
 )
 
 OPEN_MPI = "mpirun (Open MPI) 4.1.6\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
@@ -46,14 +49,21 @@ def test_rank_from_the_launchers_variables():
     assert rank_from_environ({}) is None
 
 
-def test_only_ranks_other_than_0_ignore_stop_signals_from_the_start():
+def test_from_the_start_other_ranks_ignore_stop_signals_and_rank_0_notes_them():
     saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
-        assert not ignore_early({"PMI_RANK": "0"})
-        assert not ignore_early({})
+        assert catch_early({}) is None
         assert all(signal.getsignal(s) == saved[s] for s in STOP_SIGNALS)
-        assert ignore_early({"OMPI_COMM_WORLD_RANK": "3"})
+        assert catch_early({"OMPI_COMM_WORLD_RANK": "3"}) == 3
         assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+        assert catch_early({"PMI_RANK": "0"}) == 0
+        assert requested() is None
+        os.kill(os.getpid(), signal.SIGUSR2)  # noted, not fatal
+        first = requested()
+        assert first is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert requested() == first           # the first one counts
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+        signals._requested.clear()  # process-wide: later tests start unasked
