@@ -204,9 +204,19 @@ def gemm(bw: float, reps: int) -> list[dict]:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             us = _graph_us(lambda ws=ws, x=x: [torch.nn.functional.linear(x, w) for w in ws], reps) / copies
             gbs = n * k * 2 / us / 1e3
-            rows.append({"m": m, "name": name, "n": n, "k": k, "us": us, "gbs": gbs, "roofline": gbs / bw})
-            print(f"gemm m={m:3d} {name:8s} [{n}x{k}]: {us:7.1f} us, {gbs:6.0f} GB/s = {gbs / bw:.2f} of copy",
-                  flush=True)
+            row = {"m": m, "name": name, "n": n, "k": k, "us": us, "gbs": gbs, "roofline": gbs / bw}
+            # the same product other ways: W @ x^T (cuBLAS sees the skinny side as N), and cuBLASLt
+            row["mm_swapped_us"] = _graph_us(lambda ws=ws, x=x: [torch.mm(w, x.t()) for w in ws], reps) / copies
+            before = torch.backends.cuda.preferred_blas_library()
+            try:
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+                row["cublaslt_us"] = _graph_us(lambda ws=ws, x=x: [torch.nn.functional.linear(x, w) for w in ws],
+                                               reps) / copies
+            finally:
+                torch.backends.cuda.preferred_blas_library(before)
+            rows.append(row)
+            print(f"gemm m={m:3d} {name:8s} [{n}x{k}]: {us:7.1f} us, {gbs:6.0f} GB/s = {gbs / bw:.2f} of copy; "
+                  f"W @ x^T {row['mm_swapped_us']:7.1f} us, cuBLASLt {row['cublaslt_us']:7.1f} us", flush=True)
             del ws
     return rows
 
