@@ -55,7 +55,7 @@ def relaunch(world_size: int, args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
         env = {**os.environ, rankmap.ENV: folder}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace")
+                                errors="replace", preexec_fn=signals.stop_with_parent)  # noqa: PLW1509
         tail: list[str] = []
 
         def pump(src, dst) -> None:

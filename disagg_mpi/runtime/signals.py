@@ -99,3 +99,14 @@ def for_launcher(sig: int, family: str) -> int:
     if family == "openmpi":
         return signal.SIGUSR2
     return signal.SIGTERM if sig == signal.SIGUSR2 else sig
+
+
+def stop_with_parent() -> None:
+    """For a launcher's `preexec_fn` (Linux): it gets SIGTERM when the `disagg-mpi` that started it
+    dies, even of SIGKILL, so the job does not run on without anyone to report to. Elsewhere a no-op."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))

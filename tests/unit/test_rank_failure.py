@@ -144,3 +144,21 @@ def test_stop_signal_to_the_launcher_drains_then_exits(tmp_path, sig):
     assert len(lines) == n and len({x["id"] for x in lines}) == n
     reasons = {x["finish_reason"] for x in lines}
     assert "cancelled" in reasons and reasons <= {"cancelled", "length"}
+
+
+def test_job_ends_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL to `disagg-mpi run` (no handler can run): its mpiexec is told by the kernel, and the
+    whole job ends instead of running on with nobody to report to."""
+    proc, _ = _start_run(tmp_path, 3000, 400)
+    try:
+        ranks = [_wait_for_rank(proc, r, time.time() + 120) for r in (0, 1, 2)]
+        assert None not in ranks, "the ranks never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks):
+            time.sleep(0.2)
+        alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
+    finally:
+        _reap(proc)
+    assert not alive, f"ranks still running after their launcher died: {alive}"
