@@ -170,8 +170,9 @@ def _drain_on_signals(rank: int, grace: float):
         signal.signal(s, on_signal)
     early = signals.requested()
     if early is not None:  # asked during start-up: the grace runs from then
-        on_signal(signal.SIGTERM, None)
-        deadline[0] -= time.monotonic() - early
+        when, sig = early
+        on_signal(sig, None)
+        deadline[0] -= time.monotonic() - when
     return lambda: bool(deadline) and time.perf_counter() >= deadline[0]
 
 

@@ -43,12 +43,12 @@ def rank_from_environ(environ: Mapping[str, str]) -> int | None:
     return None
 
 
-_requested: list[float] = []  # time.monotonic() of the first stop signal caught by catch_early
+_requested: list[tuple[float, int]] = []  # (time.monotonic(), signal) of the first one catch_early caught
 
 
-def _note(_sig: int, _frame: object) -> None:
+def _note(sig: int, _frame: object) -> None:
     if not _requested:
-        _requested.append(time.monotonic())
+        _requested.append((time.monotonic(), sig))
 
 
 def catch_early(environ: Mapping[str, str]) -> int | None:
@@ -69,8 +69,9 @@ def catch_early(environ: Mapping[str, str]) -> int | None:
     return rank
 
 
-def requested() -> float | None:
-    """When rank 0 was asked to stop before its command's own handlers were in (None: it was not)."""
+def requested() -> tuple[float, int] | None:
+    """(when, which signal) rank 0 was asked to stop before its command's own handlers were in
+    (None: it was not)."""
     return _requested[0] if _requested else None
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from disagg_mpi.model.triton_attention import STAGES, decode_tile
+from disagg_mpi.model.decode_tiles import STAGES, decode_tile
 
 CPU = torch.device("cpu")  # taken as an H100-sized part (132 SMs): the interpreter's case
 
