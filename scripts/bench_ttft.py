@@ -54,7 +54,7 @@ def measure(orch, prompts: list[list[int]], disaggregated: bool) -> list[dict]:
         [_gid] = orch.submit([req]) if disaggregated else orch.enqueue_requests([req], select_id=0)
         final = None
         while final is None:
-            for _, resp in orch.advance(orch.await_responses(timeout=60)):
+            for _, resp in orch.await_responses(timeout=60):
                 if first_gen is None and resp.result is not None and resp.result.output_token_ids:
                     first_gen = time.perf_counter()
                 if resp.is_final:

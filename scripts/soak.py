@@ -58,7 +58,7 @@ def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 
             del cancel_at[gid]
             if gid in pending:
                 orch.cancel_request(gid)
-        for gid, resp in orch.advance(orch.await_responses(timeout=0.002)):
+        for gid, resp in orch.await_responses(timeout=0.002):
             if not resp.is_final:
                 continue
             if gid in finals:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import Request, RequestError
+from ..protocol import Claim, Release
 from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .scheduler import RequestTooLargeError
@@ -134,9 +135,8 @@ class DisaggHandoff:
                 p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
                 p.state = "claiming"
                 p.t0, p.wall_claim = time.perf_counter(), time.time()
-                self.send_peer(p.opaque.world_ranks[0], {
-                    "op": "claim", "ctx_req_id": p.opaque.ctx_req_id, "gen_req_id": p.seq.req_id,
-                    "blocks": list(p.opaque.block_ids), "executor": self.executor_id})
+                self.send_peer(p.opaque.world_ranks[0], Claim(p.opaque.ctx_req_id, p.seq.req_id,
+                                                              list(p.opaque.block_ids), self.executor_id))
                 # A pull that needs nothing from the context ranks overlaps the claim's round trip
                 # (under load that is mostly the context executor finishing its step). Reading
                 # blocks the claim then refuses is harmless: they are only written here, and the
@@ -241,8 +241,7 @@ class DisaggHandoff:
     def _release_context(self, opaque: OpaqueState, gen_req_id: int) -> None:
         """Tell the context leader it may free; it heeds only the request that claimed (or, before
         any claim, anyone): a refused replay on this same executor must not free another's blocks."""
-        self.send_peer(opaque.world_ranks[0], {"op": "release", "ctx_req_id": opaque.ctx_req_id,
-                                               "gen_req_id": gen_req_id})
+        self.send_peer(opaque.world_ranks[0], Release(opaque.ctx_req_id, gen_req_id))
 
     def _hold(self, seq: Sequence) -> _Held:
         """Keep an answered context's blocks for its generation side (lease; keep_until, see above)."""

@@ -1,44 +1,32 @@
-"""Rank 0 (kLEADER): routes requests and keeps the two-phase flow together.
+"""Rank 0 (kLEADER): routes requests and owns the two-phase flow.
 
 Follows the seed's `DisaggExecutorOrchestrator`: `enqueue_context`,
 `enqueue_generation`, `await_context_responses`, `await_generation_responses`,
 each keyed by a *global* request id; the orchestrator maps it to the
-request ids of the context and generation executors. `generate` drives both
-phases for callers who do not want to.
+request ids of the context and generation executors (`tracks.py`).
+
+A request started with `submit` (or `generate`, or by the HTTP server) is moved from its context
+phase to its generation phase by rank 0 itself, as soon as the context executor answers (inside
+`poll`); callers only consume client-visible responses (`await_responses`). `enqueue_context`
+keeps the seed's manual flow: the caller awaits the context answer and enqueues the generation.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
-from ..runtime.comms import TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms, recv_ready, send
+from ..protocol import Cancel, Enqueue, ExecutorStats, Message, ProtocolError, Ready, Responses, Shutdown
+from ..protocol import StatsRequest, Tag
+from ..runtime.comms import Backoff, Comms, recv_ready, send
 from .prefix_index import PrefixIndex
 from .router import Router, run_locally
-
-_CTX, _GEN = "context", "generation"
-
-
-@dataclass
-class _Track:
-    """What rank 0 knows of one global request."""
-
-    request: Request
-    t_enqueue: float = field(default_factory=time.perf_counter)
-    phase: str = _GEN
-    executor: int = -1
-    exec_req_id: int = -1
-    t_first: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    cancelled: bool = False
+from .tracks import CONTEXT, GENERATION, Flow, Track, Tracks
 
 
 class DisaggOrchestrator:
@@ -53,16 +41,17 @@ class DisaggOrchestrator:
         self.load: dict[int, int] = {i: 0 for i in self.leaders}
         self.free_blocks: dict[int, int] = {}
         self.devices: dict[int, str] = {}
-        self._gids = itertools.count(1)
-        self._exec_ids = itertools.count(1)
-        self._tracks: dict[int, _Track] = {}
-        self._by_exec: dict[tuple[int, int], int] = {}
-        self._queues: dict[str, deque[tuple[int, Response]]] = {_CTX: deque(), _GEN: deque()}
+        self.tracks = Tracks()
+        self._context_answers: deque[tuple[int, Response]] = deque()  # Flow.MANUAL only
+        self._out: deque[tuple[int, Response]] = deque()  # what callers see
         self._seed_rng = random.Random()
         self._backoff = Backoff.for_devices(any(e.device_ids for e in topo.executors))
         self.prefix = {i: PrefixIndex(e.kv_cache.block_size, e.kv_cache.num_blocks)
                        for i, e in enumerate(topo.executors)}
         self._stats: dict[int, dict] = {}
+
+    def _send(self, msg: Message, executor: int) -> None:
+        send(self.comms.ctl, msg, self.leaders[executor])
 
     # ---- enqueue ---------------------------------------------------------
 
@@ -77,30 +66,26 @@ class DisaggOrchestrator:
         return select
 
     def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
-        t = self._tracks[gid]
-        t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
-        self._by_exec[(executor, t.exec_req_id)] = gid
+        exec_req_id = self.tracks.assign(gid, executor, phase)
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         self.prefix[executor].insert(request.input_token_ids)
-        send(self.comms.ctl, {"op": "enqueue", "items": [[t.exec_req_id, request.to_dict()]]},
-             self.leaders[executor], TAG_TO_EXEC)
+        self._send(Enqueue([(exec_req_id, request)]), executor)
 
-    def _new(self, request: Request) -> tuple[int, Request]:
+    def _new(self, request: Request, flow: Flow) -> tuple[int, Request]:
         request = copy.deepcopy(request)
         sc = request.sampling_config
         if sc.seed is None and sc.temperature > 0:
             sc.seed = self._seed_rng.getrandbits(63)  # both phases must sample with the same seed
-        gid = next(self._gids)
-        self._tracks[gid] = _Track(request)
-        return gid, request
+        return self.tracks.new(request, flow), request
 
     def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
                                select_id: int | None) -> list[int]:
         out = []
         for r in requests:
-            gid, r = self._new(r)
+            gid, r = self._new(r, Flow.AUTO)
             r.request_type = request_type
-            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), _GEN)
+            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids),
+                           GENERATION)
             out.append(gid)
         return out
 
@@ -108,96 +93,143 @@ class DisaggOrchestrator:
         """Aggregated serving: each request runs both phases on one executor."""
         return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, select_id)
 
-    def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None) -> list[int]:
+    def enqueue_generation_only(self, requests: Sequence[Request], select_gen_id: int | None = None) -> list[int]:
+        """Start the generation phase of contexts run earlier (each request carries its
+        `context_phase_params`, e.g. from an HTTP client), under new global ids."""
+        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_GENERATION_ONLY, select_gen_id)
+
+    def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None,
+                        flow: Flow = Flow.MANUAL) -> list[int]:
+        """The context phase. Flow.MANUAL (the seed's API): the answers come from
+        `await_context_responses`, and the caller enqueues the generation phase; Flow.AUTO: rank 0
+        moves each on by itself; Flow.CONTEXT_ONLY: the answer, with its ContextPhaseParams, is the
+        final response."""
         out = []
         for r in requests:
-            gid, r = self._new(r)
+            gid, r = self._new(r, flow)
             r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
             ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
                              r.input_token_ids)
-            self._dispatch(gid, r, ex, _CTX)
+            self._dispatch(gid, r, ex, CONTEXT)
             out.append(gid)
         return out
 
     def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
                            select_gen_id: int | None = None) -> None:
         for r, gid in zip(requests, global_ids, strict=True):
-            if gid not in self._tracks:
+            t = self.tracks.get(gid)
+            if t is None:
                 raise KeyError(f"global request id {gid} is unknown")
             r = copy.deepcopy(r)
             r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
-            self._tracks[gid].request = r
-            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids), _GEN)
+            t.request = r
+            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids),
+                           GENERATION)
+
+    def submit(self, requests: Sequence[Request]) -> list[int]:
+        """Start requests the way the topology serves them (disaggregated if it can); rank 0
+        moves each from its context phase to its generation phase."""
+        if not self.context_ids:
+            return self.enqueue_requests(requests)
+        limit = self.topo.router.local_prefill_max_tokens
+        gids = []
+        for r in requests:  # conditional disaggregation, request by request
+            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 else -1
+            if limit > 0 and run_locally(len(r.input_token_ids), self.prefix[gen].cached_tokens(r.input_token_ids),
+                                         limit):
+                gids += self.enqueue_requests([r], select_id=gen)
+            else:
+                gids += self.enqueue_context([r], flow=Flow.AUTO)
+        return gids
 
     def cancel_request(self, gid: int) -> None:
-        t = self._tracks.get(gid)
+        t = self.tracks.get(gid)
         if t is None:
             return
         t.cancelled = True
-        send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id}, self.leaders[t.executor], TAG_TO_EXEC)
+        self._send(Cancel(t.exec_req_id), t.executor)
 
-    # ---- responses -------------------------------------------------------
+    # ---- responses: the two-phase flow ---------------------------------------
 
     def poll(self) -> bool:
+        """Take in what the executors sent; move answered contexts on to generation."""
         got_any = False
-        while (got := recv_ready(self.comms.ctl, _any(), TAG_TO_ORCH)):
-            msg, _ = got
+        while (got := recv_ready(self.comms.ctl, _any(), Tag.TO_ORCHESTRATOR)):
             got_any = True
-            ex = msg["executor"]
-            if msg["op"] == "stats":
-                self._stats[ex] = msg
-                continue
-            if msg["op"] != "responses":
-                continue
-            self.load[ex] = msg["load"]
-            self.free_blocks[ex] = msg["free_blocks"]
-            now = time.perf_counter()
-            for rd in msg["responses"]:
-                resp = Response.from_dict(rd)
-                gid = self._by_exec.get((ex, resp.request_id))
-                if gid is None:
-                    continue
-                t = self._tracks[gid]
-                if resp.result is not None and resp.result.output_token_ids and t.t_first is None:
-                    t.t_first = now
-                if resp.is_final:
-                    del self._by_exec[(ex, resp.request_id)]
-                phase = _CTX if self.topo.is_context(ex) and t.phase == _CTX else _GEN
-                resp.request_id = gid
-                self._queues[phase].append((gid, resp))
+            match got[0]:
+                case Responses(ex, responses, load, free_blocks):
+                    self.load[ex], self.free_blocks[ex] = load, free_blocks
+                    self._on_responses(ex, responses)
+                case ExecutorStats(ex, counters):
+                    self._stats[ex] = counters
+                case other:
+                    raise ProtocolError(f"rank {got[1]} sent {other!r:.120} to rank 0 while serving")
         return got_any
 
-    def _await(self, phase: str, timeout: float | None) -> list[tuple[int, Response]]:
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        q = self._queues[phase]
-        while not q:
-            if self.poll():
-                self._backoff.busy()
+    def _on_responses(self, ex: int, responses: list[Response]) -> None:
+        now = time.perf_counter()
+        for resp in responses:
+            gid = self.tracks.of_response(ex, resp, now)
+            if gid is None:
                 continue
-            if deadline is not None and time.perf_counter() >= deadline:
-                break
-            self._backoff.idle()
-        out = list(q)
-        q.clear()
-        return out
+            resp.request_id = gid
+            t = self.tracks.get(gid)
+            if t.phase == CONTEXT:
+                t.metrics["context_executor"] = t.executor
+                self._on_context_answer(gid, t, resp)
+                continue
+            t.metrics.setdefault("generation_executor", t.executor)
+            if resp.is_final:
+                self._out.append((gid, self.tracks.finalize(gid, resp)))
+            else:
+                t.streamed.extend(resp.result.output_token_ids)
+                self._out.append((gid, resp))
 
-    def await_context_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
-        return self._await(_CTX, timeout)
+    def _on_context_answer(self, gid: int, t: Track, resp: Response) -> None:
+        if t.flow is Flow.MANUAL:
+            self._context_answers.append((gid, resp))
+            return
+        if not resp.is_final:
+            return
+        cpp = resp.result.context_phase_params if resp.result else None
+        if t.cancelled and cpp is not None:
+            self._send(Cancel(t.exec_req_id), t.executor)  # frees the held blocks
+            self._out.append((gid, self.tracks.finalize(gid, Response(gid, Result([], True, "cancelled")))))
+        elif t.flow is Flow.CONTEXT_ONLY:
+            final = self.tracks.finalize(gid, resp)
+            if final.result is not None:
+                final.result.context_phase_params = cpp
+            self._out.append((gid, final))
+        elif resp.has_error() or cpp is None:  # an error, or finished by its first token
+            self._out.append((gid, self.tracks.finalize(gid, resp)))
+        else:
+            req = copy.deepcopy(t.request)
+            req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
+            self.enqueue_generation([req], [gid])
 
-    def await_generation_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
-        return self._await(_GEN, timeout)
-
-    def await_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
-        """Both phases' responses, whichever arrive first."""
+    def _await(self, queues: list[deque], timeout: float | None) -> list[tuple[int, Response]]:
         deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
-            self.poll()
-            out = list(self._queues[_CTX]) + list(self._queues[_GEN])
+            if self.poll():
+                self._backoff.busy()
+            out = [x for q in queues for x in q]
             if out or (deadline is not None and time.perf_counter() >= deadline):
-                self._queues[_CTX].clear()
-                self._queues[_GEN].clear()
+                for q in queues:
+                    q.clear()
                 return out
             self._backoff.idle()
+
+    def await_context_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        """Context answers of Flow.MANUAL requests (`enqueue_context`)."""
+        return self._await([self._context_answers], timeout)
+
+    def await_generation_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        return self._await([self._out], timeout)
+
+    def await_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
+        """Everything a caller sees, whichever arrives first: streamed tokens, final responses
+        (every output token, under the global id, with metrics), and manual context answers."""
+        return self._await([self._context_answers, self._out], timeout)
 
     # ---- one call for both phases ------------------------------------------
 
@@ -228,88 +260,28 @@ class DisaggOrchestrator:
                     if g not in done:
                         self.cancel_request(g)
             wait = left if cancel_when is None or cancelled else min(left or 0.1, 0.1)
-            for gid, resp in self.advance(self.await_responses(timeout=wait)):
+            for gid, resp in self.await_responses(timeout=wait):
                 if on_response is not None:
                     on_response(gid, resp)
                 if resp.is_final:
                     done[gid] = resp
         return [done[g] for g in gids]
 
-    def submit(self, requests: Sequence[Request]) -> list[int]:
-        """Start requests the way the topology serves them (disaggregated if it can)."""
-        if not self.context_ids:
-            return self.enqueue_requests(requests)
-        limit = self.topo.router.local_prefill_max_tokens
-        if limit <= 0:
-            return self.enqueue_context(requests)
-        gids = []
-        for r in requests:  # conditional disaggregation, request by request
-            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids)
-            cached = self.prefix[gen].cached_tokens(r.input_token_ids)
-            if run_locally(len(r.input_token_ids), cached, limit):
-                gids += self.enqueue_requests([r], select_id=gen)
-            else:
-                gids += self.enqueue_context([r])
-        return gids
-
-    def advance(self, responses: list[tuple[int, Response]]) -> list[tuple[int, Response]]:
-        """Move context responses on to generation; returns the client-visible responses.
-
-        Streaming responses pass through as they come (new tokens only); a final
-        response holds all output tokens.
-        """
-        out = []
-        for gid, resp in responses:
-            t = self._tracks.get(gid)
-            if t is None:
-                continue
-            if t.phase == _CTX:
-                t.metrics["context_executor"] = t.executor
-                cpp = resp.result.context_phase_params if resp.result else None
-                if resp.has_error() or cpp is None:
-                    out.append((gid, self._final(gid, resp)))  # error, or finished by the first token
-                    continue
-                if t.cancelled:
-                    send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id},
-                         self.leaders[t.executor], TAG_TO_EXEC)  # frees the held blocks
-                    out.append((gid, self._final(gid, Response(gid, Result([], True, "cancelled")))))
-                    continue
-                req = copy.deepcopy(t.request)
-                req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
-                self.enqueue_generation([req], [gid])
-                continue
-            t.metrics.setdefault("generation_executor", t.executor)
-            if resp.is_final:
-                out.append((gid, self._final(gid, resp)))
-            else:
-                t.metrics.setdefault("streamed", []).extend(resp.result.output_token_ids)
-                out.append((gid, resp))
-        return out
-
-    def _final(self, gid: int, resp: Response) -> Response:
-        t = self._tracks.pop(gid)
-        now = time.perf_counter()
-        m = t.metrics
-        streamed = m.pop("streamed", [])
-        if resp.result is not None:
-            tokens = streamed + list(resp.result.output_token_ids) if t.request.streaming else list(
-                resp.result.output_token_ids)
-            m.update({k: v for k, v in resp.result.metrics.items() if k != "executor"})
-            resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
-        else:
-            resp = Response(gid, None, resp.error_msg, resp.client_id)
-        first = t.t_first if t.t_first is not None else now
-        m["ttft_ms"] = (first - t.t_enqueue) * 1e3
-        m["e2e_ms"] = (now - t.t_enqueue) * 1e3
-        return resp
-
     # ---- introspection ---------------------------------------------------
+
+    def request_executor_stats(self) -> None:
+        """Ask every executor for its counters without waiting; `poll` collects the
+        answers into `latest_executor_stats()`."""
+        for ex in self.leaders:
+            self._send(StatsRequest(), ex)
+
+    def latest_executor_stats(self) -> dict[int, dict]:
+        return dict(self._stats)
 
     def executor_stats(self, timeout: float = 30.0) -> dict[int, dict]:
         """Ask every executor for its counters (blocks, queues, iterations)."""
         self._stats = {}
-        for leader in self.leaders.values():
-            send(self.comms.ctl, {"op": "stats"}, leader, TAG_TO_EXEC)
+        self.request_executor_stats()
         deadline = time.perf_counter() + timeout
         while len(self._stats) < len(self.leaders):
             if time.perf_counter() > deadline:
@@ -337,59 +309,26 @@ class DisaggOrchestrator:
         deadline = time.perf_counter() + timeout
         errors = []
         while left:
-            got = recv_ready(self.comms.ctl, _any(), TAG_TO_ORCH)
+            got = recv_ready(self.comms.ctl, _any(), Tag.TO_ORCHESTRATOR)
             if got is None:
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"executors {sorted(left)} did not start within {timeout} s")
                 self._backoff.idle()
                 continue
-            msg, _ = got
-            if msg["op"] == "ready":
-                left.discard(msg["executor"])
-                self.devices[msg["executor"]] = msg.get("device", "?")
-                if msg["error"]:
-                    errors.append(msg["error"])
+            match got[0]:
+                case Ready(ex, error, device):
+                    left.discard(ex)
+                    self.devices[ex] = device or "?"
+                    if error:
+                        errors.append(error)
+                case other:
+                    raise ProtocolError(f"rank {got[1]} sent {other!r:.120} before every executor was ready")
         if errors:
             raise RuntimeError("executors failed to start:\n  " + "\n  ".join(errors))
 
     def shutdown(self) -> None:
-        for leader in self.leaders.values():
-            send(self.comms.ctl, {"op": "shutdown"}, leader, TAG_TO_EXEC)
-
-    # ---- split phases for a server (disagg-mpi serve) --------------------
-
-    def enqueue_generation_only(self, requests: Sequence[Request], select_gen_id: int | None = None) -> list[int]:
-        """Start the generation phase of contexts run earlier (each request carries its
-        `context_phase_params`), under new global ids; `advance` handles their responses."""
-        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_GENERATION_ONLY, select_gen_id)
-
-    def finish_context_only(self, gid: int, resp: Response) -> Response:
-        """Close a context-only request on its context response instead of moving it on
-        to generation (what `advance` does); the final response keeps the ContextPhaseParams.
-        A cancelled request has its held blocks freed and comes back cancelled."""
-        t = self._tracks.get(gid)
-        if t is None:
-            return resp
-        t.metrics["context_executor"] = t.executor
-        cpp = resp.result.context_phase_params if resp.result is not None else None
-        if t.cancelled and resp.is_final:
-            if cpp is not None:
-                send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id}, self.leaders[t.executor],
-                     TAG_TO_EXEC)
-            return self._final(gid, Response(gid, Result([], True, "cancelled")))
-        final = self._final(gid, resp)
-        if final.result is not None:
-            final.result.context_phase_params = cpp
-        return final
-
-    def request_executor_stats(self) -> None:
-        """Ask every executor for its counters without waiting; `poll` collects the
-        answers into `latest_executor_stats()`."""
-        for leader in self.leaders.values():
-            send(self.comms.ctl, {"op": "stats"}, leader, TAG_TO_EXEC)
-
-    def latest_executor_stats(self) -> dict[int, dict]:
-        return dict(self._stats)
+        for ex in self.leaders:
+            self._send(Shutdown(), ex)
 
 
 def _any() -> int:

@@ -15,18 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from mpi4py import MPI
 
+from .. import protocol
 from ..config import ConfigError, Topology
-
-# Tags on the control communicator.
-TAG_TO_EXEC = 1  # rank 0 -> executor leader: enqueue, cancel, shutdown
-TAG_TO_ORCH = 2  # executor leader -> rank 0: ready, responses
-TAG_PEER = 3  # leader <-> leader: claim, claim reply, release
-TAG_MEMBER = 4  # leader -> its other ranks: step, pull, shutdown
-TAG_MEMBER_DONE = 5  # member -> its leader: a pull finished here
-TAG_KEY = 6  # rank 0 -> everyone: the launch key
 
 
 @dataclass
@@ -87,13 +79,13 @@ def build_comms(topo: Topology, world: Any = None) -> Comms:
 _OUTBOX: list[Any] = []
 
 
-def send(comm: Any, msg: dict, dest: int, tag: int, wait: bool = False) -> None:
-    """Send a control message without waiting for its receiver, unless `wait`.
+def send(comm: Any, msg: protocol.Message, dest: int, wait: bool = False) -> None:
+    """Send a control record (on its own tag) without waiting for its receiver, unless `wait`.
 
     `wait` is for a leader's messages to its own executor's ranks (step, pull): they return to
     their loop at once, and the leader must not run ahead into a step whose collectives they
     join while they sit in the receive of a message only the leader can progress."""
-    payload = msgpack.packb(msg)
+    payload, tag = protocol.encode(msg), msg.TAG
     if wait:
         comm.send(payload, dest=dest, tag=tag)
         return
@@ -123,15 +115,16 @@ def flush_sends(timeout: float = 10.0) -> bool:
     return True
 
 
-def recv_ready(comm: Any, source: int, tag: int) -> tuple[dict, int] | None:
-    """A waiting message, or None; never blocks. Progresses this rank's unfinished sends first."""
+def recv_ready(comm: Any, source: int, tag: protocol.Tag) -> tuple[protocol.Message, int] | None:
+    """A waiting record, or None; never blocks. Progresses this rank's unfinished sends first.
+    A message that is not a record of `tag` raises protocol.ProtocolError, naming it."""
     if _OUTBOX:
         progress_sends()
     status = MPI.Status()
     if not comm.Iprobe(source=source, tag=tag, status=status):
         return None
     src = status.Get_source()
-    return msgpack.unpackb(comm.recv(source=src, tag=tag), strict_map_key=False), src
+    return protocol.decode(comm.recv(source=src, tag=tag), tag), src
 
 
 GPU_IDLE_CAP = 200e-6

@@ -25,17 +25,8 @@ from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState
 from ..transfer.transceiver import KvTransceiver
 from .allreduce import tp_all_reduce
-from .comms import (
-    TAG_MEMBER,
-    TAG_MEMBER_DONE,
-    TAG_PEER,
-    TAG_TO_EXEC,
-    TAG_TO_ORCH,
-    Backoff,
-    Comms,
-    recv_ready,
-    send,
-)
+from .. import protocol as P
+from .comms import Backoff, Comms, recv_ready, send
 from .devices import node_name, select_device
 
 log = logging.getLogger(__name__)
@@ -58,9 +49,9 @@ class MpiGroup:
         self._t0: dict[int, float] = {}
 
     def run_step(self, plan: StepPlan) -> list[int]:
-        msg = {"op": "step", "plan": plan.to_dict()}
+        msg = P.Step(plan)
         for m in self.members:
-            send(self.comms.ctl, msg, m, TAG_MEMBER, wait=True)
+            send(self.comms.ctl, msg, m, wait=True)
         return self.runner.execute(plan)
 
     @property
@@ -86,9 +77,9 @@ class MpiGroup:
         assert self.transceiver is not None
         if os.environ.get("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull
             return
-        msg = {"op": "pull", "req_id": req_id, "opaque": opaque.encode(self.key), "blocks": blocks}
+        msg = P.Pull(req_id, opaque.encode(self.key), list(blocks))
         for m in self.members:
-            send(self.comms.ctl, msg, m, TAG_MEMBER, wait=True)
+            send(self.comms.ctl, msg, m, wait=True)
         self._left[req_id] = {self.comms.rank, *self.members}
         self._bytes[req_id] = 0
         self._t0[req_id] = time.perf_counter()
@@ -112,9 +103,12 @@ class MpiGroup:
                 self._mark(req_id, self.comms.rank, nbytes)
                 busy = True
             busy = busy or self.transceiver.busy
-        while (got := recv_ready(self.comms.ctl, _ANY(), TAG_MEMBER_DONE)):
-            msg, src = got
-            self._mark(msg["req_id"], src, msg["bytes"])
+        while (got := recv_ready(self.comms.ctl, _ANY(), P.Tag.MEMBER_DONE)):
+            match got:
+                case (P.Pulled(req_id, nbytes), src):
+                    self._mark(req_id, src, nbytes)
+                case (other, src):
+                    raise P.ProtocolError(f"rank {src} sent {other!r:.120} on MEMBER_DONE")
             busy = True
         return busy
 
@@ -131,7 +125,7 @@ class MpiGroup:
 
     def shutdown(self) -> None:
         for m in self.members:
-            send(self.comms.ctl, {"op": "shutdown"}, m, TAG_MEMBER, wait=True)
+            send(self.comms.ctl, P.StopMember(), m, wait=True)
 
 
 def _ANY() -> int:
@@ -194,15 +188,14 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
         _member_loop(comms, runner, transceiver, leader, key)
         return
     if error:
-        send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": error}, 0, TAG_TO_ORCH)
+        send(comms.ctl, P.Ready(comms.executor_id, error), 0)
         return
     members = spec.participant_ids[1:]
     group = MpiGroup(comms, runner, transceiver, members, key,
                      generation_here=nodes is None or generation_on_node(topo, nodes, comms.rank))
     engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
-                       send_peer=lambda dest, msg: send(comms.ctl, msg, dest, TAG_PEER))
-    send(comms.ctl, {"op": "ready", "executor": comms.executor_id, "error": None,
-                     "device": str(runner.device)}, 0, TAG_TO_ORCH)
+                       send_peer=lambda dest, msg: send(comms.ctl, msg, dest))
+    send(comms.ctl, P.Ready(comms.executor_id, None, str(runner.device)), 0)
     _leader_loop(comms, engine, group, cfg)
     group.shutdown()
 
@@ -212,35 +205,13 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
     overlap = cfg.cache_transceiver_config.overlap
     while True:
         active = False
-        while (got := recv_ready(comms.ctl, 0, TAG_TO_EXEC)):
-            msg, _ = got
+        while (got := recv_ready(comms.ctl, 0, P.Tag.TO_EXECUTOR)):
             active = True
-            op = msg["op"]
-            if op == "enqueue":
-                from ..api import Request
-
-                for req_id, rd in msg["items"]:
-                    engine.add_request(req_id, Request.from_dict(rd))
-            elif op == "cancel":
-                engine.cancel(msg["req_id"])
-            elif op == "stats":
-                send(comms.ctl, {"op": "stats", "executor": comms.executor_id, **engine.snapshot()},
-                     0, TAG_TO_ORCH)
-            elif op == "shutdown":
+            if not _on_orchestrator(comms, engine, got[0]):
                 return
-        while (got := recv_ready(comms.ctl, _ANY(), TAG_PEER)):
-            msg, src = got
+        while (got := recv_ready(comms.ctl, _ANY(), P.Tag.PEER)):
             active = True
-            op = msg["op"]
-            if op == "claim":
-                err = engine.claim_context(msg["ctx_req_id"], msg["blocks"], (src, msg["gen_req_id"]))
-                send(comms.ctl, {"op": "claim_reply", "gen_req_id": msg["gen_req_id"], "error": err,
-                                 "at": time.time(), "node": node_name()}, src, TAG_PEER)
-            elif op == "claim_reply":  # (the answer's wall clock means something on our node only)
-                engine.on_claim_reply(msg["gen_req_id"], msg["error"],
-                                      msg.get("at") if msg.get("node") == node_name() else None)
-            elif op == "release":
-                engine.release_context(msg["ctx_req_id"], by=(src, msg.get("gen_req_id")))
+            _on_peer(comms, engine, *got)
         active |= group.progress()
         engine.housekeeping()
         # What is ready now (a generation request's first token once its KV landed, errors) goes
@@ -256,12 +227,41 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             backoff.idle()
 
 
+def _on_orchestrator(comms: Comms, engine: LLMEngine, msg: P.Message) -> bool:
+    """One record from rank 0; False once it says shutdown."""
+    match msg:
+        case P.Enqueue(items):
+            for req_id, request in items:
+                engine.add_request(req_id, request)
+        case P.Cancel(req_id):
+            engine.cancel(req_id)
+        case P.StatsRequest():
+            send(comms.ctl, P.ExecutorStats(comms.executor_id, engine.snapshot()), 0)
+        case P.Shutdown():
+            return False
+        case _:
+            raise P.ProtocolError(f"rank 0 sent {msg!r:.120} to an executor leader")
+    return True
+
+
+def _on_peer(comms: Comms, engine: LLMEngine, msg: P.Message, src: int) -> None:
+    """One record from another executor's leader (the hand-off)."""
+    match msg:
+        case P.Claim(ctx_req_id, gen_req_id, blocks, _):
+            err = engine.claim_context(ctx_req_id, blocks, (src, gen_req_id))
+            send(comms.ctl, P.ClaimReply(gen_req_id, err, time.time(), node_name()), src)
+        case P.ClaimReply(gen_req_id, error, at, node):  # (its wall clock means something on our node only)
+            engine.on_claim_reply(gen_req_id, error, at if node == node_name() else None)
+        case P.Release(ctx_req_id, gen_req_id):
+            engine.release_context(ctx_req_id, by=(src, gen_req_id))
+        case _:
+            raise P.ProtocolError(f"rank {src} sent {msg!r:.120} to an executor leader")
+
+
 def _send_responses(comms: Comms, engine: LLMEngine) -> None:
     responses = engine.take_responses()
     if responses:
-        send(comms.ctl, {"op": "responses", "executor": comms.executor_id,
-                         "responses": [r.to_dict() for r in responses], "load": engine.load(),
-                         "free_blocks": engine.blocks.num_free}, 0, TAG_TO_ORCH)
+        send(comms.ctl, P.Responses(comms.executor_id, responses, engine.load(), engine.blocks.num_free), 0)
 
 
 def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver | None, leader: int,
@@ -269,18 +269,20 @@ def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver |
     backoff = Backoff.for_devices(runner.device.type == "cuda")
     while True:
         active = False
-        while (got := recv_ready(comms.ctl, leader, TAG_MEMBER)):
-            msg, _ = got
+        while (got := recv_ready(comms.ctl, leader, P.Tag.MEMBER)):
             active = True
-            if msg["op"] == "step":
-                runner.execute(StepPlan.from_dict(msg["plan"]))
-            elif msg["op"] == "pull":
-                transceiver.start_pull(msg["req_id"], OpaqueState.decode(msg["opaque"], key), msg["blocks"])
-            elif msg["op"] == "shutdown":
-                return
+            match got[0]:
+                case P.Step(plan):
+                    runner.execute(plan)
+                case P.Pull(req_id, opaque, blocks):
+                    transceiver.start_pull(req_id, OpaqueState.decode(opaque, key), blocks)
+                case P.StopMember():
+                    return
+                case other:
+                    raise P.ProtocolError(f"leader {leader} sent {other!r:.120} to a member")
         if transceiver is not None:
             for req_id, nbytes, _ in transceiver.poll():
-                send(comms.ctl, {"op": "pulled", "req_id": req_id, "bytes": nbytes}, leader, TAG_MEMBER_DONE)
+                send(comms.ctl, P.Pulled(req_id, nbytes), leader)
                 active = True
             active = active or transceiver.busy
         if active:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..api import Request, Response
+from ..orchestrator.tracks import Flow
 from .protocol import CONTEXT_ONLY, GENERATION_ONLY
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ class Dispatcher:
     def __init__(self, orch: Any):
         self.orch = orch
         self.queues: dict[int, asyncio.Queue] = {}
-        self._ctx_only: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -54,8 +54,7 @@ class Dispatcher:
     def submit(self, request: Request, mode: str) -> tuple[int, asyncio.Queue]:
         """Enqueue one request; returns its global id and the queue its responses arrive on."""
         if mode == CONTEXT_ONLY:
-            [gid] = self.orch.enqueue_context([request])
-            self._ctx_only.add(gid)
+            [gid] = self.orch.enqueue_context([request], flow=Flow.CONTEXT_ONLY)
         elif mode == GENERATION_ONLY:
             [gid] = self.orch.enqueue_generation_only([request])
         else:
@@ -82,17 +81,9 @@ class Dispatcher:
     # ---- the poller ----------------------------------------------------------
 
     def pump(self) -> int:
-        """One non-blocking round: collect responses, route them to their queues."""
-        raw = self.orch.await_responses(timeout=0)
-        if not raw:
-            return 0
-        ctx = [(g, r) for g, r in raw if g in self._ctx_only]
-        rest = [(g, r) for g, r in raw if g not in self._ctx_only]
-        out = self.orch.advance(rest) if rest else []
-        for gid, resp in ctx:
-            if resp.is_final:
-                out.append((gid, self.orch.finish_context_only(gid, resp)))
-                self._ctx_only.discard(gid)
+        """One non-blocking round: collect client-visible responses, route them to their queues
+        (the orchestrator moves contexts on to generation itself)."""
+        out = self.orch.await_responses(timeout=0)
         for gid, resp in out:
             self._deliver(gid, resp)
         return len(out)

@@ -20,16 +20,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import torch
 
+from ..protocol import KV_PULL, PullAnswer, PullAsk, PullDone, PullPath, decode, encode
 from . import shared_staging, stream_ops
 from .block_copy import PoolPair
 from .cache_state import CacheState
 from .chunks import WINDOW, Chunking, chunking_for, gather_blocks, is_contiguous_run, scatter_chunk
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
-from .send_side import TAG_PULL
 from .staging import mpi_device_buffer, mpi_host_buffer, typed_view
 
 log = logging.getLogger(__name__)
@@ -179,15 +178,8 @@ class RecvSide:
 
     def _request(self, job: _RecvJob, ri: _RecvItem, opaque: OpaqueState) -> None:
         it = ri.item
-        msg = {"tag": ri.tag, "blocks": list(opaque.block_ids[: ri.chunking.num_ctx_blocks]),
-               "layers": [it.layer_start, it.layer_end], "heads": [it.head_start, it.head_end],
-               "zero_copy": ri.chunking.zero_copy, "per_chunk": ri.chunking.blocks_per_chunk,
-               "cache_state": opaque.cache_state.to_dict()}
-        if ri.chunking.bounds is not None:
-            msg["bounds"] = ri.chunking.bounds
-        if self.want_ipc:
-            msg["ipc"] = {"node": self.node}
-        elif self.mode == "staged" and self._rings is not None:
+        ring = None
+        if not self.want_ipc and self.mode == "staged" and self._rings is not None:
             # Slots for the usual chunk (buffer_bytes / SLOTS), or this one if bigger: the ring lasts
             # (a first short pull must not leave it too small for the next ones).
             slot_bytes = max(self._max_chunk_bytes(ri, opaque.cache_state),
@@ -196,9 +188,12 @@ class RecvSide:
             if ri.ring is not None:  # the item's chunk numbers in the ring: the next ones
                 ri.ring_seq = ri.ring.seq
                 ri.ring.seq += len(ri.chunking.chunks())
-                msg["ring"] = {"node": self.node, **ri.ring.describe(), "seq": ri.ring_seq}
-        self._outbox.append(self.comm.isend(msgpack.packb(msg), dest=ri.source, tag=TAG_PULL))
-        if "ipc" in msg or "ring" in msg:  # first the context rank's answer: IPC handle, ring, or "copy"
+                ring = {"node": self.node, **ri.ring.describe(), "seq": ri.ring_seq}
+        ask = PullAsk(ri.tag, list(opaque.block_ids[: ri.chunking.num_ctx_blocks]), [it.layer_start, it.layer_end],
+                      [it.head_start, it.head_end], ri.chunking.zero_copy, ri.chunking.blocks_per_chunk,
+                      opaque.cache_state.to_dict(), ri.chunking.bounds, self.node if self.want_ipc else None, ring)
+        self._outbox.append(self.comm.isend(encode(ask), dest=ri.source, tag=KV_PULL))
+        if self.want_ipc or ring is not None:  # first the context rank's answer: IPC handle, ring, or copy
             ri.hdr_req = self.comm.irecv(bytearray(1 << 16), source=ri.source, tag=ri.tag)
         else:
             self._post_recvs(job, ri)
@@ -279,21 +274,24 @@ class RecvSide:
         ri.ring_answered = False
         self.ring_chunks += len(chunks)
 
-    def _on_header(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
-        if hdr["mode"] == "ipc":
-            self._ipc_peers[ri.source] = hdr
-            self._ipc_pull(job, ri, hdr)
+    def _on_header(self, job: _RecvJob, ri: _RecvItem, payload: bytes) -> None:
+        hdr = decode(payload)
+        if not isinstance(hdr, PullAnswer):
+            raise TypeError(f"rank {ri.source} answered a pull with {hdr!r:.120}")
+        if hdr.path == PullPath.IPC:
+            self._ipc_peers[ri.source] = hdr.ipc
+            self._ipc_pull(job, ri, hdr.ipc)
             return
-        if hdr["mode"] == "ring":
+        if hdr.path == PullPath.RING:
             ri.ring_answered = True  # queued in the ring's order (_progress_recv)
             return
         if ri.ring is not None:  # the context rank cannot use our ring (and refuses it from now on)
             self._rings.retire(ri.source, ri.ring)
             self._rings.give_back(ri.ring)
             ri.ring = None
-        if hdr["mode"] == "copy":
+        if hdr.path == PullPath.COPY:
             log.debug("rank %d: no CUDA IPC / shared ring with rank %d (%s); copying over MPI",
-                      self.comm.Get_rank(), ri.source, hdr.get("why"))
+                      self.comm.Get_rank(), ri.source, hdr.why)
         self._post_recvs(job, ri)
 
     def _progress_recv(self, job: _RecvJob) -> bool:
@@ -330,7 +328,7 @@ class RecvSide:
                     self.ipc_copy_seconds.append(time.perf_counter() - ri.ipc_t0)
                     del self.ipc_copy_seconds[:-64]
                     if not ri.one_sided:
-                        self.comm.send(True, dest=ri.source, tag=ri.tag)  # "done": the context may free
+                        self.comm.send(encode(PullDone()), dest=ri.source, tag=ri.tag)  # the context may free
                     ri.ipc_done = True
                     job.bytes += ri.queued_bytes
                     self._keep(ri.free_bufs)

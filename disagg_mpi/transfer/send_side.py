@@ -17,14 +17,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import torch
 
+from ..protocol import KV_PULL, PullAnswer, PullAsk, PullPath, decode, encode
 from . import shared_staging, stream_ops
 from .chunks import WINDOW, Chunking, gather_blocks, is_contiguous_run
 from .staging import mpi_device_buffer, mpi_host_buffer, typed_view
 
-TAG_PULL = 1
 _np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)
 
 
@@ -51,7 +50,7 @@ class _SendJob:
     free_bufs: list = field(default_factory=list)  # reusable chunk buffers (copy path)
     direct: bool = False  # copy path, but the item is our whole slice: contiguous runs skip the pack
     bytes: int = 0
-    header: Any = None  # answer owed to a generation rank that asked for CUDA IPC or a ring: "ring" / "copy"
+    header: PullAnswer | None = None  # owed to a generation rank that asked for CUDA IPC or a ring
     ipc: bool = False  # the generation rank copies from our pool itself (CUDA IPC)
     ready: Any = None  # IPC: event on our compute stream; the pool holds the KV once it is done
     done_req: Any = None  # IPC: receive of the generation rank's "done"
@@ -63,7 +62,7 @@ class _SendJob:
 class SendSide:
     """Context-side methods of KvTransceiver."""
 
-    def _ipc_refusal(self, ask: dict) -> str | None:
+    def _ipc_refusal(self, ask: PullAsk) -> str | None:
         """None if we can let this generation rank map our pool, else why not."""
         if not self.pool.is_cuda:
             return "the context pool is not on CUDA"
@@ -71,41 +70,43 @@ class SendSide:
             return f"the context rank's backend is {self.backend}"
         if self._exporter is None:
             return f"CUDA IPC is not usable on the context rank: {self.ipc_reason}"
-        if ask.get("node") != self.node:
-            return f"different nodes ({ask.get('node')} vs {self.node})"
+        if ask.ipc_node != self.node:
+            return f"different nodes ({ask.ipc_node} vs {self.node})"
         return None
 
-    def _ring_refusal(self, ask: dict) -> str | None:
+    def _ring_refusal(self, ring: dict) -> str | None:
         """None if we can copy into this generation rank's shared ring, else why not."""
-        if ask.get("path") in self._rings_refused:
-            return f"the shared ring {ask.get('path')} was refused before"
+        if ring.get("path") in self._rings_refused:
+            return f"the shared ring {ring.get('path')} was refused before"
         if self.mode != "staged":
             return f"the context rank moves chunks as {self.mode}, not staged"
         if self._ring_maps is None:
             return f"shared staging is not usable on the context rank: {self.ring_reason}"
-        if ask.get("node") != self.node:
-            return f"different nodes ({ask.get('node')} vs {self.node})"
+        if ring.get("node") != self.node:
+            return f"different nodes ({ring.get('node')} vs {self.node})"
         return None
 
     def _accept_pulls(self) -> None:
         if self._probe is None:  # made once: this runs on every poll(), on the path of every pull
             self._probe = (_mpi().Status(), _mpi().ANY_SOURCE)
         status, anyone = self._probe
-        while self.comm.Iprobe(source=anyone, tag=TAG_PULL, status=status):
+        while self.comm.Iprobe(source=anyone, tag=KV_PULL, status=status):
             src = status.Get_source()
-            msg = msgpack.unpackb(self.comm.recv(source=src, tag=TAG_PULL))
+            msg = decode(self.comm.recv(source=src, tag=KV_PULL), KV_PULL)
+            if not isinstance(msg, PullAsk):
+                raise TypeError(f"rank {src} sent {msg!r:.120} on the KV pull tag")
             ctx = self.state
             c_stage, c_tp = ctx.coords(self.local_rank)
             l0 = ctx.layer_range(c_stage)[0]
             h0 = ctx.kv_head_range(c_tp)[0]
-            layers = slice(msg["layers"][0] - l0, msg["layers"][1] - l0)
-            heads = slice(msg["heads"][0] - h0, msg["heads"][1] - h0)
-            chunking = Chunking(msg["zero_copy"], msg["per_chunk"], len(msg["blocks"]), msg.get("bounds"))
-            job = _SendJob(src, msg["tag"], msg["blocks"], (layers, heads), chunking)
+            layers = slice(msg.layers[0] - l0, msg.layers[1] - l0)
+            heads = slice(msg.heads[0] - h0, msg.heads[1] - h0)
+            chunking = Chunking(msg.zero_copy, msg.per_chunk, len(msg.blocks), msg.bounds)
+            job = _SendJob(src, msg.tag, msg.blocks, (layers, heads), chunking)
             job.direct = (self.cfg.zero_copy and layers.stop - layers.start == self.pool.shape[1]
                           and heads.stop - heads.start == self.pool.shape[3])
-            if "ipc" in msg:
-                why = self._ipc_refusal(msg["ipc"])
+            if msg.ipc_node is not None:
+                why = self._ipc_refusal(msg)
                 if why is None:
                     job.ipc = True
                     # The pool holds the KV once our compute stream has drained. Usually it has (the
@@ -116,29 +117,29 @@ class SendSide:
                         job.ready = torch.cuda.Event()
                         job.ready.record(stream)
                     one = self.pool[0, layers, :, heads]
-                    job.bytes = len(msg["blocks"]) * one.numel() * one.element_size()
+                    job.bytes = len(msg.blocks) * one.numel() * one.element_size()
                 else:
-                    job.header = {"mode": "copy", "why": why}
-            elif "ring" in msg:
-                why = self._ring_refusal(msg["ring"])
+                    job.header = PullAnswer(PullPath.COPY, why)
+            elif msg.ring is not None:
+                why = self._ring_refusal(msg.ring)
                 if why is None:
                     try:
                         busy = {j.ring.path for j in (*self._sending, *self._send_queue) if j.ring is not None}
-                        job.ring = self._ring_maps.get(msg["ring"], busy)
-                        job.ring_seq = int(msg["ring"]["seq"])
+                        job.ring = self._ring_maps.get(msg.ring, busy)
+                        job.ring_seq = int(msg.ring["seq"])
                         self._ring_order.append(job)
                     except (OSError, ValueError, RuntimeError) as err:
-                        why = f"cannot map the shared ring {msg['ring'].get('path')}: {err}"
+                        why = f"cannot map the shared ring {msg.ring.get('path')}: {err}"
                 if why is not None:  # its later pulls would wait for chunk numbers this one skips
-                    self._rings_refused.add(msg["ring"].get("path"))
-                job.header = {"mode": "ring"} if why is None else {"mode": "copy", "why": why}
+                    self._rings_refused.add(msg.ring.get("path"))
+                job.header = PullAnswer(PullPath.RING) if why is None else PullAnswer(PullPath.COPY, why)
             self._send_queue.append(job)
 
     def _progress_send_ipc(self, job: _SendJob) -> bool:
         if job.done_req is None:
             if job.ready is not None and not job.ready.query():  # the prefill's writes are not all in yet
                 return False
-            self.comm.send({"mode": "ipc", **self._exporter.info()}, dest=job.dest, tag=job.tag)
+            self.comm.send(encode(PullAnswer(PullPath.IPC, ipc=self._exporter.info())), dest=job.dest, tag=job.tag)
             job.done_req = self.comm.irecv(bytearray(256), source=job.dest, tag=job.tag)
             return False
         got, _ = job.done_req.test()
@@ -170,7 +171,7 @@ class SendSide:
             self._ring_order.popleft()
             self._ring_peer = job.dest
             self._ring_live += 1
-            self.comm.send(job.header, dest=job.dest, tag=job.tag)  # "ring": the generation side queues its waits
+            self.comm.send(encode(job.header), dest=job.dest, tag=job.tag)  # RING: the generation side queues its waits
             job.header = None
             self._queue_ring_copies(job)  # every write it will wait for: queued whatever happens next
             return False
@@ -210,7 +211,7 @@ class SendSide:
         if job.ring is not None:
             return self._progress_send_ring(job)
         if job.header is not None:
-            self.comm.send(job.header, dest=job.dest, tag=job.tag)
+            self.comm.send(encode(job.header), dest=job.dest, tag=job.tag)
             job.header = None
         while job.inflight and job.inflight[0].req is not None and job.inflight[0].req.Test():
             e = job.inflight.popleft()

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from ..api import CacheTransceiverConfig
+from ..protocol import KV_FIRST_DATA_TAG
 from . import cuda_ipc, shared_staging
 from .cache_state import CacheState
 from .recv_side import RecvSide, _RecvJob
@@ -69,7 +70,6 @@ from .staging import PinnedBuffers, SideStream
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "ipc", "staged", "cuda_aware_mpi")
 
-_FIRST_DATA_TAG = 100
 _KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
 
@@ -92,7 +92,7 @@ class KvTransceiver(SendSide, RecvSide):
                                                             * state.bytes_per_token_per_rank(local_rank)))
         self.cfg = cfg
         self._tag_ub = min(int(comm.Get_attr(_mpi().TAG_UB) or 32767), 1 << 30)
-        self._next_tag = _FIRST_DATA_TAG
+        self._next_tag = KV_FIRST_DATA_TAG
         self._send_queue: deque[_SendJob] = deque()
         self._probe: tuple | None = None  # (MPI.Status, MPI.ANY_SOURCE) for _accept_pulls
         self._sending: list[_SendJob] = []
@@ -234,7 +234,7 @@ class KvTransceiver(SendSide, RecvSide):
 
     def _alloc_tag(self) -> int:
         tag = self._next_tag
-        self._next_tag = tag + 1 if tag + 1 < self._tag_ub else _FIRST_DATA_TAG
+        self._next_tag = tag + 1 if tag + 1 < self._tag_ub else KV_FIRST_DATA_TAG
         return tag
 
 

@@ -23,7 +23,7 @@ _FINALS: dict = {}  # finals of other requests that arrive while waiting for one
 
 def _final(orch, gid, on_stream=None):
     while gid not in _FINALS:
-        for g, resp in orch.advance(orch.await_responses(timeout=30)):
+        for g, resp in orch.await_responses(timeout=30):
             if resp.is_final:
                 _FINALS[g] = resp
             elif g == gid and on_stream is not None:
@@ -36,7 +36,7 @@ def _wait_until(orch, pred, limit=2000):
         stats = orch.executor_stats()
         if pred(stats):
             return stats
-        for g, resp in orch.advance(orch.await_responses(timeout=0.005)):
+        for g, resp in orch.await_responses(timeout=0.005):
             if resp.is_final:
                 _FINALS[g] = resp
     raise AssertionError("stage never reached")

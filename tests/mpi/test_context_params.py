@@ -21,10 +21,12 @@ def _context(orch, prompt):
 
 
 def _generate(orch, gid, prompt, cpp):
-    orch.enqueue_generation([Request(prompt, max_tokens=6, ignore_eos=True, context_phase_params=cpp)], [gid])
+    """A generation phase with these params, under a new global id each time (as an HTTP client's
+    generation_only request): the context's own id `gid` ends with its first generation phase."""
+    [g] = orch.enqueue_generation_only([Request(prompt, max_tokens=6, ignore_eos=True, context_phase_params=cpp)])
     while True:
-        for g, resp in orch.await_generation_responses(timeout=60):
-            if resp.is_final:
+        for got, resp in orch.await_generation_responses(timeout=60):
+            if got == g and resp.is_final:
                 return resp
 
 
@@ -93,7 +95,7 @@ def test_stalled_transfer_times_out_and_frees_both_sides(monkeypatch):
         gids = orch.submit([Request(p, max_tokens=6, ignore_eos=True) for p in prompts])
         finals = {}
         while len(finals) < 3:
-            for gid, resp in orch.advance(orch.await_responses(timeout=30)):
+            for gid, resp in orch.await_responses(timeout=30):
                 if resp.is_final:
                     finals[gid] = resp
         for gid in gids:
@@ -109,12 +111,12 @@ def test_cancel_while_waiting_for_a_transfer(monkeypatch):
         [gid] = orch.submit([Request(tiny_prompts(2)[1], max_tokens=6, ignore_eos=True)])
         moved = False
         while not moved:  # wait until the request sits on the generation side
-            orch.advance(orch.await_responses(timeout=0.05))
+            orch.await_responses(timeout=0.05)
             moved = orch.executor_stats()[1]["pending_transfers"] == 1
         orch.cancel_request(gid)
         final = None
         while final is None:
-            for g, resp in orch.advance(orch.await_responses(timeout=30)):
+            for g, resp in orch.await_responses(timeout=30):
                 if resp.is_final:
                     final = resp
         assert final.error_msg is None and final.result.finish_reason == "cancelled"

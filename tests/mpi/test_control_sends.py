@@ -17,10 +17,10 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+from disagg_mpi.protocol import Pull, Tag
 from disagg_mpi.runtime import comms
 
 WORLD = MPI.COMM_WORLD
-TAG = 77
 
 
 @pytest.mark.world(2)
@@ -31,16 +31,16 @@ def test_large_control_messages_cross_without_deadlock():
     other = 1 - rank
     big = list(range(rank, rank + 600_000))  # ~2.4 MB of msgpack: far past any eager limit
     for i in range(3):  # several in a row, then the receives: they come in the order sent
-        comms.send(ctl, {"i": i, "ids": big}, other, TAG)
+        comms.send(ctl, Pull(i, b"", big), other)
     got = []
     deadline = time.monotonic() + 30
     while len(got) < 3:
-        msg = comms.recv_ready(ctl, other, TAG)
+        msg = comms.recv_ready(ctl, other, Tag.MEMBER)
         if msg is not None:
             got.append(msg[0])
         assert time.monotonic() < deadline, "the crossing sends did not complete"
-    assert [m["i"] for m in got] == [0, 1, 2]
-    assert got[0]["ids"][:3] == [other, other + 1, other + 2] and len(got[2]["ids"]) == 600_000
+    assert [m.req_id for m in got] == [0, 1, 2]
+    assert got[0].blocks[:3] == [other, other + 1, other + 2] and len(got[2].blocks) == 600_000
     assert comms.flush_sends(timeout=10)
     WORLD.Barrier()
     ctl.Free()

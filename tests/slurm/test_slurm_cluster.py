@@ -36,7 +36,7 @@ STUB_CLI = '''
 import json, os
 import click
 from mpi4py import MPI
-from disagg_mpi.cli_slurm import validate
+from disagg_mpi.cli.slurm import validate
 from disagg_mpi.placement import local_rank
 
 @click.group()
@@ -163,7 +163,7 @@ def test_smollm2_disaggregated_under_slurm_matches_mpiexec(slurm_cluster, tmp_pa
     # The same run as a batch job, through the CLI a user types.
     got = tmp_path / "slurm.jsonl"
     script = tmp_path / "job.sbatch"
-    res = subprocess.run([sys.executable, "-m", "disagg_mpi.cli_slurm", "slurm", "--config", str(CONFIG),
+    res = subprocess.run([sys.executable, "-m", "disagg_mpi.cli", "slurm", "--config", str(CONFIG),
                           "--overcommit", "--partition", slurm_cluster.partition, "--output", str(script),
                           "--", "--input", str(inp), "--output", str(got)],
                          check=False, env=_job_env(slurm_cluster), cwd=REPO, capture_output=True, text=True,

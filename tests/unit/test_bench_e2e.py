@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("disagg_mpi.cli_serve") is None,
-                                reason="disagg_mpi.cli_serve (the `disagg-mpi serve` command) does not exist yet; "
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("disagg_mpi.cli.serve") is None,
+                                reason="disagg_mpi.cli.serve (the `disagg-mpi serve` command) does not exist yet; "
                                        "the benchmark needs a server to start")
 
 TINY = """\

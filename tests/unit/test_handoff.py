@@ -88,7 +88,7 @@ def _gen_request(cs, ctx_req_id=11, prompt=(5, 6, 7, 8, 9, 10), keep_until=0.0, 
 
 
 def _ops(sent):
-    return [m["op"] for _, m in sent]
+    return [type(m).__name__.lower() for _, m in sent]   # protocol records: Claim, Release
 
 
 def test_early_pull_that_lands_first_waits_for_the_grant(model_config):
@@ -172,7 +172,7 @@ def test_early_pull_landed_before_keep_until_is_used_before_the_answer(model_con
     eng.housekeeping()
     assert [s.req_id for s in eng.scheduler.ready] == [1]   # joined with no answer yet
     assert _ops(sent) == ["claim", "release"]   # the release follows the claim (MPI keeps the order)
-    assert sent[1][1]["gen_req_id"] == 1   # the context leader heeds it only if request 1 claimed
+    assert sent[1][1].gen_req_id == 1   # the context leader heeds it only if request 1 claimed
     m = eng._meta[1].metrics
     assert "kv_claim_ms" not in m and m["kv_transfer_bytes"] == 4096
     eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")

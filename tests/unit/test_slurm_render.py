@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from disagg_mpi.cli_slurm import slurm, summary_line, validate
+from disagg_mpi.cli.slurm import slurm, summary_line, validate
 from disagg_mpi.config import parse_topology
 from disagg_mpi.placement import PlacementError
 from disagg_mpi.slurm import SlurmOptions, render_sbatch, srun_mpi_for_library

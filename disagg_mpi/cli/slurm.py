@@ -1,8 +1,6 @@
 """`disagg-mpi slurm` and `disagg-mpi validate`.
 
-Both are plain click commands; `disagg_mpi.cli` registers them with
-`cli.add_command(slurm)` / `cli.add_command(validate)`. Neither starts MPI
-ranks. `python -m disagg_mpi.cli_slurm` runs them without the main CLI.
+Both are plain click commands that `disagg_mpi.cli` registers; neither starts MPI ranks.
 """
 
 from __future__ import annotations
@@ -12,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, Topology, load_topology
-from .placement import default_gpus_per_node, plan_placement
-from .slurm import options_from_environment, render_sbatch
+from ..config import ConfigError, Topology, load_topology
+from ..placement import default_gpus_per_node, plan_placement
+from ..slurm import options_from_environment, render_sbatch
 
 EXIT_BAD_CONFIG = 2
 
@@ -123,15 +121,3 @@ def slurm(config: str, nodes: int, gpus_per_node: int | None, partition: str | N
         click.echo(f"wrote {output}; submit it with: sbatch {output}", err=True)
     else:
         click.echo(text, nl=False)
-
-
-@click.group()
-def _standalone() -> None:
-    """disagg-mpi's SLURM helpers (the same commands as in `disagg-mpi`)."""
-
-
-_standalone.add_command(slurm)
-_standalone.add_command(validate)
-
-if __name__ == "__main__":
-    _standalone()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from ..config import Topology, load_topology, validate_against_model
-from ..orchestrator.orchestrator import DisaggOrchestrator
-from .comms import build_comms
-from .devices import node_name
-from .worker import run_executor_rank
+from .config import Topology, load_topology, validate_against_model
+from .orchestrator.orchestrator import DisaggOrchestrator
+from .runtime.comms import build_comms
+from .runtime.devices import node_name
+from .runtime.worker import run_executor_rank
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ def _topology(config: str | Path | Topology) -> Topology:
 @contextlib.contextmanager
 def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestrator | None]:
     """Collective over the world: start executors, yield the orchestrator on rank 0."""
-    from ..model.loader import load_model_config
+    from .model.loader import load_model_config
 
     world = world or MPI.COMM_WORLD
     topo = _topology(config)
-    from . import rankmap
+    from .runtime import rankmap
 
     rankmap.record(world.Get_rank(), rankmap.role_of(topo, world.Get_rank()))
     mc = load_model_config(topo.model.path)

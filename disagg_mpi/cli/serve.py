@@ -7,14 +7,7 @@ import sys
 
 import click
 
-from .cli import (
-    _fetch_if_default,
-    _load_topology_or_exit,
-    _setup_logging,
-    inside_mpi_job,
-    relaunch,
-    require_extra,
-)
+from .common import fetch_if_default, inside_mpi_job, load_topology_or_exit, relaunch, require_extra, setup_logging
 
 
 @click.command()
@@ -39,20 +32,20 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
     """
     require_extra("serve", "aiohttp", "prometheus_client")
-    topo = _load_topology_or_exit(config)
+    topo = load_topology_or_exit(config)
     if port is not None and not 0 <= port <= 65535:
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():
-        _fetch_if_default(topo.model.path)
+        fetch_if_default(topo.model.path)
         sys.exit(relaunch(topo.world_size, sys.argv[1:]))
-    _setup_logging(log_level)
+    setup_logging(log_level)
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     if world.Get_size() != topo.world_size:
         raise click.ClickException(f"this MPI job has {world.Get_size()} ranks but {config} needs "
                                    f"{topo.world_size}")
-    from .runtime import signals
+    from ..runtime import signals
 
     if world.Get_rank() != 0:
         # The launcher passes stop signals to every rank; only rank 0 acts on them (it drains,
@@ -64,14 +57,14 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
             signal.signal(s, signal.default_int_handler)
     import asyncio
 
-    from .runtime.launch import launch
+    from ..launch import launch
 
     s = topo.server
     with launch(topo) as orch:
         if orch is not None and signals.requested() is not None:  # asked before the handlers were in
             click.echo("disagg-mpi: asked to stop during start-up; not serving", err=True)
         elif orch is not None:
-            from .serve.app import serve_async
+            from ..serve.app import serve_async
 
             try:
                 asyncio.run(serve_async(orch, topo, host or s.host, s.port if port is None else port,

@@ -83,15 +83,15 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
           warmup, seed, temperature, slo_ttft_ms, slo_tpot_ms, out_dir, no_plots, no_progress, host,
           startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level):
     """Benchmark serving: each --config served in turn (or --url), one workload, a side-by-side table."""
-    from .cli import require_extra
+    from .common import require_extra
 
     require_extra("bench", "aiohttp", "matplotlib")
     import logging
 
-    from .bench.report import format_table, write_outputs
-    from .bench.runner import BenchSettings, LoadPoint, Target, run_benchmark
-    from .bench.server import ServerError
-    from .bench.workload import parse_int_list, parse_rates
+    from ..bench.report import format_table, write_outputs
+    from ..bench.runner import BenchSettings, LoadPoint, Target, run_benchmark
+    from ..bench.server import ServerError
+    from ..bench.workload import parse_int_list, parse_rates
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -125,7 +125,7 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
         if model_spec:
             specs[t.label] = model_spec
         elif t.config:
-            from .config import ConfigError, load_topology
+            from ..config import ConfigError, load_topology
 
             try:
                 specs[t.label] = load_topology(t.config).model.path
@@ -240,8 +240,8 @@ def _load_desc(ld) -> str:
 
 def _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_len_dist, output_len_dist,
               shared_prefix_ratio, max_input_len, max_output_len, seed):
-    from .bench.workload import dataset_requests, load_dataset_entries, parse_dist, synthetic_requests
-    from .model.tokenizer import load_tokenizer
+    from ..bench.workload import dataset_requests, load_dataset_entries, parse_dist, synthetic_requests
+    from ..model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec)
     if dataset:
@@ -255,7 +255,7 @@ def _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_
     specials = [tok.bos_token_id, *tok.eos_token_ids]
     vocab = tok.vocab_size
     try:   # ids the model can embed (the server refuses others)
-        from .model.loader import load_model_config
+        from ..model.loader import load_model_config
 
         vocab = min(vocab, load_model_config(spec).vocab_size)
     except Exception as err:  # noqa: BLE001 - the tokenizer's size is a fine fallback

@@ -1,0 +1,116 @@
+"""What the commands share: finding out whether we are inside an MPI job, starting one, logging,
+loading the topology, and the optional extras a command needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import ConfigError, load_topology
+
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def inside_mpi_job() -> bool:
+    """Started by a launcher? Decided from the environment, before MPI initialises."""
+    return any(v in os.environ for v in _MPI_ENV)
+
+
+def mpiexec_path() -> str:
+    """The mpiexec of this environment (the mpich wheel puts one beside python)."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise click.ClickException("no mpiexec found: pip install mpich (or load your cluster's MPI)")
+    return found
+
+
+def relaunch(world_size: int, args: list[str]) -> int:
+    """Run this CLI again under `mpiexec -n world_size`; returns its exit code.
+
+    The job's output passes through as it comes; if the job fails, the rank
+    that died is named (mpiexec itself only names a PID).
+    """
+    import tempfile
+    import threading
+
+    from ..runtime import rankmap, signals
+
+    mpiexec = mpiexec_path()
+    family = signals.probe_launcher(mpiexec)
+    cmd = [mpiexec, "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
+    with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
+        env = {**os.environ, rankmap.ENV: folder}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace", preexec_fn=signals.stop_with_parent)  # noqa: PLW1509
+        tail: list[str] = []
+
+        def pump(src, dst) -> None:
+            for line in src:
+                dst.write(line)
+                dst.flush()
+                tail.append(line)
+                del tail[:-200]
+
+        threads = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, sys.stderr), daemon=True)]
+        watcher = rankmap.Watcher(folder)
+        threads.append(threading.Thread(target=watcher.run, daemon=True))
+        for t in threads:
+            t.start()
+        def forward(sig, _frame):  # the launcher passes it to the ranks: rank 0 drains, then all exit
+            if proc.poll() is None:
+                proc.send_signal(signals.for_launcher(sig, family))
+
+        previous = {s: signal.signal(s, forward) for s in signals.STOP_SIGNALS}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        watcher.stop()
+        for t in threads:
+            t.join(timeout=5)
+        if rc != 0:
+            msg = watcher.explain(rc)
+            if msg:
+                click.echo(msg, err=True)
+        return rc
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+
+def load_topology_or_exit(config: str):
+    try:
+        return load_topology(config)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def fetch_if_default(path: str) -> None:
+    from ..model.registry import DEFAULTS, default_model_path
+
+    if path in DEFAULTS:
+        try:
+            default_model_path(path)
+        except RuntimeError as err:
+            raise click.ClickException(str(err)) from None
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """A clear error when an optional dependency group is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'disagg-mpi[{extra}]'")

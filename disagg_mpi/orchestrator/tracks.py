@@ -1,0 +1,110 @@
+"""What rank 0 knows of each request in flight: its phase, where it runs, its metrics.
+
+Pure bookkeeping (no MPI): global request ids, the map from an executor's own request ids
+back to them, and the final response that sums a request up.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import Request, Response, Result
+
+CONTEXT, GENERATION = "context", "generation"
+
+
+class Flow(enum.Enum):
+    """Who moves a request from its context phase to its generation phase."""
+
+    AUTO = "auto"  # rank 0, as soon as the context answers (submit, generate, serve)
+    MANUAL = "manual"  # the caller: await_context_responses, then enqueue_generation (the seed's API)
+    CONTEXT_ONLY = "context_only"  # nobody: the context answer (with its params) is the final response
+
+
+@dataclass
+class Track:
+    request: Request
+    flow: Flow = Flow.AUTO
+    phase: str = GENERATION
+    executor: int = -1
+    exec_req_id: int = -1
+    t_enqueue: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    cancelled: bool = False
+    streamed: list[int] = field(default_factory=list)  # tokens already passed on to a streaming caller
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Tracks:
+    def __init__(self) -> None:
+        self._gids = itertools.count(1)
+        self._exec_ids = itertools.count(1)
+        self._tracks: dict[int, Track] = {}
+        self._by_exec: dict[tuple[int, int], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    def __contains__(self, gid: int) -> bool:
+        return gid in self._tracks
+
+    def get(self, gid: int) -> Track | None:
+        return self._tracks.get(gid)
+
+    def new(self, request: Request, flow: Flow) -> int:
+        gid = next(self._gids)
+        self._tracks[gid] = Track(request, flow)
+        return gid
+
+    def assign(self, gid: int, executor: int, phase: str) -> int:
+        """The request's next phase runs on `executor`; returns the id it has there."""
+        t = self._tracks[gid]
+        t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
+        self._by_exec[(executor, t.exec_req_id)] = gid
+        return t.exec_req_id
+
+    def unassign(self, gid: int) -> None:
+        """Forget where the request runs (its dispatch failed)."""
+        t = self._tracks[gid]
+        self._by_exec.pop((t.executor, t.exec_req_id), None)
+
+    def drop(self, gid: int) -> None:
+        t = self._tracks.pop(gid, None)
+        if t is not None:
+            self._by_exec.pop((t.executor, t.exec_req_id), None)
+
+    def of_response(self, executor: int, resp: Response, now: float) -> int | None:
+        """The global id of an executor's response (None: already finished here), noting its
+        first token's time; a final response ends the mapping."""
+        key = (executor, resp.request_id)
+        gid = self._by_exec.get(key)
+        if gid is None:
+            return None
+        if resp.is_final:
+            del self._by_exec[key]
+        t = self._tracks[gid]
+        if resp.result is not None and resp.result.output_token_ids and t.t_first is None:
+            t.t_first = now
+        return gid
+
+    def finalize(self, gid: int, resp: Response) -> Response:
+        """The request's final response under its global id: every output token (streamed ones
+        included) and its metrics (ttft_ms, e2e_ms, executors, the KV hand-off's)."""
+        t = self._tracks.pop(gid)
+        now = time.perf_counter()
+        m = t.metrics
+        if resp.result is not None:
+            tokens = t.streamed + list(resp.result.output_token_ids) if t.request.streaming else list(
+                resp.result.output_token_ids)
+            m.update({k: v for k, v in resp.result.metrics.items() if k != "executor"})
+            resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
+        else:
+            resp = Response(gid, None, resp.error_msg, resp.client_id)
+        first = t.t_first if t.t_first is not None else now
+        m["ttft_ms"] = (first - t.t_enqueue) * 1e3
+        m["e2e_ms"] = (now - t.t_enqueue) * 1e3
+        return resp
