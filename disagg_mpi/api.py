@@ -7,7 +7,6 @@ the same here; everything is a plain dataclass so it can cross MPI as msgpack.
 from __future__ import annotations
 
 import enum
-import itertools
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -236,11 +235,3 @@ class ExecutorConfig:
     cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     dtype: str = "float32"
     device: str = "cpu"
-
-
-_ids = itertools.count(1)
-
-
-def next_request_id() -> int:
-    """Process-wide increasing request ids (per executor, as in the seed)."""
-    return next(_ids)

@@ -300,7 +300,7 @@ def decode(payload: bytes, tag: int | None = None) -> Message:
     """The record in `payload`; with `tag`, also check that it belongs there."""
     try:
         values = msgpack.unpackb(payload, strict_map_key=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - whatever msgpack raises, the message is not ours
         raise ProtocolError(f"a message on tag {tag} is not msgpack: {err}") from None
     if not isinstance(values, list) or not values or not isinstance(values[0], int):
         raise ProtocolError(f"a message on tag {tag} is not a [kind, fields...] record: {values!r:.200}")
@@ -316,7 +316,7 @@ def decode(payload: bytes, tag: int | None = None) -> Message:
         return cls._from_wire(args)
     except ProtocolError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - a nested record's own conversion failed: name the message
         raise ProtocolError(f"malformed {cls.__name__}: {type(err).__name__}: {err}") from None
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from disagg_mpi import Request, launch  # noqa: E402
-from disagg_mpi.config import parse_topology  # noqa: E402
+from disagg_mpi import Request, launch
+from disagg_mpi.config import parse_topology
 
 
 def _topology():

@@ -157,7 +157,7 @@ def _graph_us(fn, reps: int) -> float:
 
 def attn(cases: dict[tuple[int, int], list[tuple[int, int, int]]], bw: float, reps: int) -> list[dict]:
     """Each (batch, context) case: the fused decode kernel over 32 layers per tile, from a graph."""
-    from disagg_mpi.model import triton_attention as tk
+    from disagg_mpi.model import triton_kernels as tk
 
     layers, n_q, n_kv, d, bs = 32, 32, 8, 128, 16
     rows = []

@@ -7,7 +7,14 @@ import sys
 
 import click
 
-from .common import fetch_if_default, inside_mpi_job, load_topology_or_exit, relaunch, require_extra, setup_logging
+from .common import (
+    fetch_if_default,
+    inside_mpi_job,
+    load_topology_or_exit,
+    relaunch,
+    require_extra,
+    setup_logging,
+)
 
 
 @click.command()

@@ -178,9 +178,6 @@ class LLMEngine(DisaggHandoff):
 
     # ---- steps -----------------------------------------------------------
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
     def step(self) -> None:
         self.housekeeping()
         # A step launched ahead (overlap.py) for exactly the running sequences is already on the
@@ -243,7 +240,7 @@ class LLMEngine(DisaggHandoff):
         if meta is None:
             return
         cpp = None
-        if getattr(seq, "keep_blocks", False):
+        if seq.keep_blocks:
             more = seq.finish_reason == "length" and seq.full_max_tokens > 1
             if more:
                 h = self._hold(seq)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..model import triton_attention
+from ..model import triton_kernels
 from ..model.context import AttentionMetadata, forward_context
 from .cuda_graphs import (
     DecodeGraphs,
@@ -104,7 +104,7 @@ class ModelRunner:
         self.kv_pool = model.allocate_kv_pool(num_blocks, block_size, device=self.device)
         self.hidden_size = model.config.hidden_size
         self.dtype = next(model.parameters()).dtype
-        supported = (triton_attention.available(self.device)
+        supported = (triton_kernels.available(self.device)
                      and getattr(model, "supports_fast_decode", lambda: False)())
         if fast_decode is None:
             fast_decode = self.device.type == "cuda" and fast_path_enabled()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, no blocks yet
-    WAITING_FOR_KV = "waiting_for_kv"  # generation-only: blocks held, KV transfer in flight
     RUNNING = "running"  # blocks reserved, scheduled every step
     FINISHED_STOPPED = "finished_stopped"  # eos or a stop token
     FINISHED_LENGTH = "finished_length"  # reached max_tokens
@@ -85,6 +84,7 @@ class Sequence:
     # Context-only requests hand their KV to a generation executor, so the
     # scheduler leaves their blocks allocated at finish; the caller frees them.
     keep_blocks: bool = False
+    full_max_tokens: int = 0  # context-only (max_tokens 1 here): the client's max_tokens, for its answer
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -17,7 +17,7 @@ from disagg_mpi.model.context import AttentionMetadata
 class DecodeMetadata(AttentionMetadata):
     """A decode-only step (one new token per sequence) whose indices live on the device.
 
-    Used on CUDA with the Triton kernels (`model/triton_attention.py`), eagerly or
+    Used on CUDA with the Triton kernels (`model/triton_kernels.py`), eagerly or
     inside a captured CUDA graph. `slot_mapping` [B] may hold -1 (padding row: no
     write); `block_tables` is flat: row i starts at i * table_stride[0];
     `context_lens_t` [B] (0 = padding row). `context_lens` / `query_start_loc`

@@ -1,4 +1,4 @@
-"""Which tile the fused decode kernel (`triton_attention.rope_write_decode_attention`) runs with.
+"""Which tile the fused decode kernel (`triton_kernels.rope_write_decode_attention`) runs with.
 
 Pure: the choice depends on the batch, the KV heads, head_dim and the part's SM count, and is
 tested without Triton or a GPU (tests/unit/test_decode_tile.py).

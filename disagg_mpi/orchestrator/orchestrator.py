@@ -21,8 +21,18 @@ from collections.abc import Callable, Sequence
 
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
-from ..protocol import Cancel, Enqueue, ExecutorStats, Message, ProtocolError, Ready, Responses, Shutdown
-from ..protocol import StatsRequest, Tag
+from ..protocol import (
+    Cancel,
+    Enqueue,
+    ExecutorStats,
+    Message,
+    ProtocolError,
+    Ready,
+    Responses,
+    Shutdown,
+    StatsRequest,
+    Tag,
+)
 from ..runtime.comms import Backoff, Comms, recv_ready, send
 from .prefix_index import PrefixIndex
 from .router import Router, run_locally

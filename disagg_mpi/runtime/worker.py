@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import protocol as P
 from ..config import Topology
 from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner, ParallelInfo, StepPlan
@@ -25,7 +26,6 @@ from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState
 from ..transfer.transceiver import KvTransceiver
 from .allreduce import tp_all_reduce
-from .. import protocol as P
 from .comms import Backoff, Comms, recv_ready, send
 from .devices import node_name, select_device
 

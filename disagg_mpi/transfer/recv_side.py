@@ -85,8 +85,7 @@ class _RecvItem:
 class _RecvJob:
     req_id: int
     blocks: list[int]  # this rank's blocks for the request
-    ctx_block_size: int
-    num_tokens: int
+    opaque: OpaqueState  # where the KV is (items are asked for one after another)
     items: list[_RecvItem]
     t0: float = field(default_factory=time.perf_counter)
     bytes: int = 0
@@ -146,9 +145,7 @@ class RecvSide:
 
     @staticmethod
     def _new_job(req_id: int, opaque: OpaqueState, my_blocks: list[int], t0: float) -> _RecvJob:
-        job = _RecvJob(req_id, list(my_blocks), opaque.cache_state.block_size, opaque.num_tokens, [], t0)
-        job.opaque = opaque  # type: ignore[attr-defined] - kept for sequential receive
-        return job
+        return _RecvJob(req_id, list(my_blocks), opaque, [], t0)
 
     def _plan_items(self, ctx: CacheState) -> list[tuple[PlanItem, tuple[slice, slice], bool, bool]]:
         """This rank's plan items from a context layout (cached per layout): each with our slices,
@@ -174,7 +171,7 @@ class RecvSide:
             self.ipc_one_sided += 1
             self._ipc_pull(job, ri, self._ipc_peers[ri.source])
         else:
-            self._request(job, ri, job.opaque)  # type: ignore[attr-defined]
+            self._request(job, ri, job.opaque)
 
     def _request(self, job: _RecvJob, ri: _RecvItem, opaque: OpaqueState) -> None:
         it = ri.item
@@ -215,7 +212,7 @@ class RecvSide:
             return self.pool.narrow(0, job.blocks[lo], hi - lo), None
         it = ri.item
         full = self._buffer(ri.free_bufs, (ri.chunking.blocks_per_chunk, it.num_layers, 2, it.num_heads,
-                                           job.ctx_block_size, self.state.head_dim))
+                                           job.opaque.cache_state.block_size, self.state.head_dim))
         return full.narrow(0, 0, hi - lo), full
 
     def _post_recvs(self, job: _RecvJob, ri: _RecvItem) -> None:
@@ -355,8 +352,8 @@ class RecvSide:
     def _ipc_pull(self, job: _RecvJob, ri: _RecvItem, hdr: dict) -> None:
         """Copy the item device to device from the mapped context pool (side stream)."""
         src = self._mapper.tensor(ri.source, hdr)
-        ctx = job.opaque.cache_state  # type: ignore[attr-defined]
-        ctx_ids = job.opaque.block_ids  # type: ignore[attr-defined]
+        ctx = job.opaque.cache_state
+        ctx_ids = job.opaque.block_ids
         it = ri.item
         if ri.chunking.zero_copy:  # whole blocks, pool to pool, in one pass, queued on the side stream
             ri.queued_bytes += self._ipc_copy_whole(job.blocks, ctx_ids, ri.source, hdr, ri.chunking.num_ctx_blocks)
@@ -388,5 +385,5 @@ class RecvSide:
 
     def _scatter(self, job: _RecvJob, ri: _RecvItem, buf: torch.Tensor, first_ctx_block: int) -> None:
         layers, heads = ri.slices
-        scatter_chunk(self.pool[:, layers, :, heads], job.blocks, buf, first_ctx_block, job.ctx_block_size,
-                      self.state.block_size, job.num_tokens)
+        scatter_chunk(self.pool[:, layers, :, heads], job.blocks, buf, first_ctx_block,
+                      job.opaque.cache_state.block_size, self.state.block_size, job.opaque.num_tokens)

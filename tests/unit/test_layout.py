@@ -4,7 +4,6 @@ by a literal "op" or "mode" string (every message between ranks is a record of p
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "disagg_mpi"
@@ -87,3 +86,21 @@ def test_no_message_dicts_keyed_by_op_or_mode():
     found = {str(f.relative_to(PKG)): lines for f in PKG.rglob("*.py") if (lines := _op_dicts(f.read_text()))}
     assert found == {}
     assert _op_dicts('send({"op": "step", "plan": p})') == [1]  # the check sees one
+
+
+# Each layer of DESIGN.md imports nothing from the layers above it.
+_ABOVE = {
+    "model": {"engine", "transfer", "runtime", "orchestrator", "serve", "cli", "bench", "launch", "protocol"},
+    "transfer": {"engine", "orchestrator", "serve", "cli", "bench", "launch"},
+    "engine": {"runtime", "orchestrator", "serve", "cli", "bench", "launch"},
+    "runtime": {"orchestrator", "serve", "cli", "bench", "launch"},
+    "orchestrator": {"serve", "cli", "bench", "launch"},
+}
+
+
+def test_layers_import_nothing_from_above():
+    mods = _modules()
+    wrong = sorted((name, target) for name, f in mods.items() for target in _imports(name, f, mods)
+                   if name.count(".") and target.count(".")
+                   and target.split(".")[1] in _ABOVE.get(name.split(".")[1], ()))
+    assert wrong == []

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from disagg_mpi.model import ShardSpec, load_model, load_model_config
-from disagg_mpi.model.generate import blocks_needed, greedy_generate, model_forward_fn
 from disagg_mpi.model.registry import default_model_path
+from tests.paged_generate import blocks_needed, greedy_generate, model_forward_fn
 
 pytestmark = pytest.mark.oracle
 NEW, BS = 24, 16

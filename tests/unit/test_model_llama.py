@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from disagg_mpi.model import AttentionMetadata, forward_context, load_model, load_model_config
-from disagg_mpi.model.generate import blocks_needed, greedy_generate, model_forward_fn
 from tests.hf_folder import save_hf_folder
+from tests.paged_generate import blocks_needed, greedy_generate, model_forward_fn
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from disagg_mpi.model import ShardSpec, load_model
-from disagg_mpi.model.generate import blocks_needed, greedy_generate, model_forward_fn
 from disagg_mpi.model.parallel import even_layer_split, layer_range
+from tests.paged_generate import blocks_needed, greedy_generate, model_forward_fn
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 12, 13]]
 BS, NEW = 4, 8

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from disagg_mpi.model import triton_attention as tk
+from disagg_mpi.model import triton_kernels as tk
 
 DEVICE = "cpu" if tk.interpreting() else "cuda"
 pytestmark = pytest.mark.skipif(
