@@ -6,10 +6,12 @@ the same here; everything is a plain dataclass so it can cross MPI as msgpack.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
+
+from .knobs import env_overrides, field_knobs, knob
 
 
 class RequestType(enum.IntEnum):
@@ -162,56 +164,68 @@ class Response:
         return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"))
 
 
-def _env(name: str, default: Any, kind: type) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
-
-
 @dataclass
 class CacheTransceiverConfig:
-    """KV transfer settings. Each knob has an environment override (see docs/transfer.md)."""
+    """KV transfer settings: each field is a knob (`knobs.py`), documented once here; the YAML schema,
+    the environment overrides and the table in docs/transfer.md are derived from these fields."""
 
-    enable_cache_transceiver: bool = False
-    comm_type: CommType | None = None
-    max_num_tokens: int | None = None  # transfer buffer size, in tokens of KV
-    parallel_send: bool = True  # serve several requests' pulls at once
-    overlap: bool = True  # keep decoding other requests while a transfer runs
-    parallel_receive: bool = True  # pull from several context ranks at once
-    zero_copy: bool = True  # send whole blocks straight from the pool when layouts match
-    buffer_bytes: int = 32 << 20  # bounded transfer buffer per peer
-    send_concurrency: int = 4  # transfers a rank sends at once
-    async_buffer: bool = False  # GPU only: stream-ordered allocator for the buffer
-    lease_seconds: float = 120.0  # blocks nobody pulls are freed after this
-    # Context side, CUDA IPC pools: an answered context's blocks are not reused for this long, even
-    # once released, so a same-node one-sided pull may be used before its claim is answered (0: off)
-    keep_seconds: float = 0.25
-    timeout_seconds: float = 60.0  # a transfer that does not finish fails its request
-    backend: str = "auto"  # CUDA pools: auto | ipc | staged | cuda_aware_mpi (disagg_mpi/transfer/transceiver.py)
-    shared_staging: bool = True  # staged, same node: MPI carries notices, bytes go through shared pinned slots
-
-    ENV: ClassVar[dict[str, tuple[str, type]]] = {
-        "parallel_send": ("DISAGG_PARALLEL_SEND", bool),
-        "overlap": ("DISAGG_OVERLAP", bool),
-        "parallel_receive": ("DISAGG_PARALLEL_RECEIVE", bool),
-        "zero_copy": ("DISAGG_ZERO_COPY", bool),
-        "buffer_bytes": ("DISAGG_BUFFER_BYTES", int),
-        "send_concurrency": ("DISAGG_SEND_CONCURRENCY", int),
-        "async_buffer": ("DISAGG_ASYNC_BUFFER", bool),
-        "lease_seconds": ("DISAGG_LEASE_SECONDS", float),
-        "keep_seconds": ("DISAGG_KEEP_SECONDS", float),
-        "timeout_seconds": ("DISAGG_TRANSFER_TIMEOUT", float),
-        "backend": ("DISAGG_KV_BACKEND", str),
-        "shared_staging": ("DISAGG_SHARED_STAGING", bool),
-    }
+    enable_cache_transceiver: bool = knob(
+        False, "build a transceiver on the executor's ranks; required for context and generation executors of "
+        "a disaggregated topology (`true` in the YAML's `cache_transceiver_config`, `false` in the Python "
+        "dataclass)")
+    comm_type: CommType | None = knob(  # noqa: RUF009 - knob() is a dataclasses.field
+        None, "transport (the YAML's default is `MPI`; unset means MPI); only `MPI` exists in this build "
+        "(`UCX`, `NIXL` are refused)", choices=("MPI",))
+    max_num_tokens: int | None = knob(
+        None, "the transfer buffer in tokens (TensorRT-LLM's form): when set, `buffer_bytes` = max_num_tokens x "
+        "this rank's KV bytes per token", ge=1)
+    parallel_send: bool = knob(
+        True, "serve several pulls at once (up to `send_concurrency`); off: one at a time, in arrival order",
+        env="DISAGG_PARALLEL_SEND")
+    send_concurrency: int = knob(
+        4, "pulls a context rank sends at once when `parallel_send` is on", env="DISAGG_SEND_CONCURRENCY", ge=1)
+    parallel_receive: bool = knob(
+        True, "a generation rank pulls from all its context ranks at once; off: one plan item after the other",
+        env="DISAGG_PARALLEL_RECEIVE")
+    overlap: bool = knob(
+        True, "the generation executor keeps stepping its other requests while a transfer runs; off: it waits "
+        "for the transfer", env="DISAGG_OVERLAP")
+    zero_copy: bool = knob(
+        True, "send/receive blocks straight from/into the pools when the layouts match (and skip one side's "
+        "copy when that side's slice is whole); off: always pack and scatter", env="DISAGG_ZERO_COPY")
+    buffer_bytes: int = knob(
+        32 << 20, "bound on the chunk buffers of one transfer (two chunks in flight share it); also the longest "
+        "zero-copy message", env="DISAGG_BUFFER_BYTES", ge=4096)
+    async_buffer: bool = knob(
+        False, "`false`: device chunk buffers are allocated once and reused by every later transfer; `true`: "
+        "each transfer allocates its chunk buffers on the transceiver's side stream through the stream-ordered "
+        "(caching) allocator and returns them when it ends", env="DISAGG_ASYNC_BUFFER", where="GPU only")
+    lease_seconds: float = knob(
+        120.0, "context blocks nobody claims are freed after this", env="DISAGG_LEASE_SECONDS", gt=0)
+    keep_seconds: float = knob(
+        0.25, "context executor whose pools generation ranks may map (CUDA IPC, and a generation executor has "
+        "a rank on its node): after a context's first token, none of its blocks is reused for this long, even "
+        "once released; the signed params carry that time, so a same-node one-sided IPC pull that landed "
+        "before it is used at once instead of waiting for the claim's answer. Released blocks stay allocated "
+        "until then; 0: off, every pull waits for the answer; at most min(60, `lease_seconds`)",
+        env="DISAGG_KEEP_SECONDS", where="GPU with CUDA IPC", ge=0)
+    timeout_seconds: float = knob(
+        60.0, "a transfer not finished this long after the claim fails its generation request with a clear "
+        "error (or ends it cancelled); both sides free the request's blocks", env="DISAGG_TRANSFER_TIMEOUT", gt=0)
+    backend: str = knob(
+        "auto", "CUDA pools only: `ipc` (CUDA IPC device-to-device pulls between ranks of one node), `staged` "
+        "(pinned host buffers over any MPI), `cuda_aware_mpi` (device buffers straight to MPI; refused with the "
+        "reason unless `MPIX_Query_cuda_support()` says yes); `auto` = IPC on one node, else staged",
+        env="DISAGG_KV_BACKEND", where="GPU only", choices=("auto", "ipc", "staged", "cuda_aware_mpi"))
+    shared_staging: bool = knob(
+        True, "staged transfers between ranks of one node go through a ring of shared, page-locked slots "
+        "(`DISAGG_RING_SLOTS` of `buffer_bytes` / slots each, a file in /dev/shm) that both GPUs' streams "
+        "synchronise on; off, or when /dev/shm cannot hold a ring: the bytes go through MPI",
+        env="DISAGG_SHARED_STAGING", where="GPU only")
 
     def with_env_overrides(self) -> CacheTransceiverConfig:
-        values = {k: _env(name, getattr(self, k), kind) for k, (name, kind) in self.ENV.items()}
-        return CacheTransceiverConfig(self.enable_cache_transceiver, self.comm_type,
-                                      self.max_num_tokens, **values)
+        """This config with every knob whose environment variable is set replaced by its value."""
+        return dataclasses.replace(self, **env_overrides(field_knobs(CacheTransceiverConfig)))
 
     def check_available(self) -> None:
         if self.enable_cache_transceiver and self.comm_type not in (None, CommType.MPI):

@@ -6,13 +6,23 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .api import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig
+from .knobs import Knob, field_knobs
 
 
 class ConfigError(ValueError):
@@ -35,24 +45,10 @@ class KvCacheSpec(_Strict):
     enable_prefix_reuse: bool = False
 
 
-class TransceiverSpec(_Strict):
-    enable_cache_transceiver: bool = True
-    comm_type: Literal["MPI", "UCX", "NIXL"] = "MPI"
-    max_num_tokens: int | None = Field(None, ge=1)
-    parallel_send: bool = True
-    overlap: bool = True
-    parallel_receive: bool = True
-    zero_copy: bool = True
-    buffer_bytes: int = Field(32 << 20, ge=4096)
-    send_concurrency: int = Field(4, ge=1)
-    async_buffer: bool = False
-    lease_seconds: float = Field(120.0, gt=0)
-    keep_seconds: float = Field(0.25, ge=0)
-    timeout_seconds: float = Field(60.0, gt=0)
-    backend: Literal["auto", "ipc", "staged", "cuda_aware_mpi"] = "auto"
-    shared_staging: bool = True
+class _TransceiverChecks(_Strict):
+    """Checks across knobs; the fields come from CacheTransceiverConfig (see TransceiverSpec)."""
 
-    @field_validator("comm_type")
+    @field_validator("comm_type", check_fields=False)
     @classmethod
     def _only_mpi(cls, v: str) -> str:
         if v != "MPI":
@@ -60,7 +56,7 @@ class TransceiverSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _keep_within_lease(self) -> TransceiverSpec:
+    def _keep_within_lease(self) -> _TransceiverChecks:
         if self.keep_seconds > min(60.0, self.lease_seconds):
             raise ValueError(f"keep_seconds {self.keep_seconds:g} is too long: released blocks stay allocated "
                              f"that long; allowed: 0 to min(60, lease_seconds = {self.lease_seconds:g})")
@@ -70,6 +66,22 @@ class TransceiverSpec(_Strict):
         d = self.model_dump()
         d["comm_type"] = CommType(d["comm_type"])
         return CacheTransceiverConfig(**d).with_env_overrides()
+
+
+_YAML_DEFAULTS = {"enable_cache_transceiver": True, "comm_type": "MPI"}  # a YAML section means "use it"
+
+
+def _spec_field(k: Knob) -> tuple[Any, Any]:
+    kind = str if isinstance(k.type, type) and issubclass(k.type, enum.Enum) else k.type
+    if k.choices and kind is str and k.name != "comm_type":
+        kind = Literal[k.choices]  # type: ignore[valid-type]
+    default = _YAML_DEFAULTS.get(k.name, k.default)
+    return (kind | None if default is None else kind), Field(default, ge=k.ge, gt=k.gt, le=k.le, description=k.doc)
+
+
+# `cache_transceiver_config` in the YAML: one field per knob of CacheTransceiverConfig.
+TransceiverSpec = create_model("TransceiverSpec", __base__=_TransceiverChecks,
+                               **{k.name: _spec_field(k) for k in field_knobs(CacheTransceiverConfig)})
 
 
 class ExecutorSpec(_Strict):

@@ -25,12 +25,12 @@ collectives run through MPI on the host) and unless `DISAGG_CUDA_GRAPHS=0`.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from ..knobs import env_value
 from ..model.attention import DecodeMetadata
 from ..model.context import forward_context
 
@@ -39,15 +39,12 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def fast_path_enabled() -> bool:
     """`DISAGG_CUDA_GRAPHS=0` turns off CUDA graphs and the Triton decode kernels."""
-    return os.environ.get("DISAGG_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_value("DISAGG_CUDA_GRAPHS")
 
 
 def capture_at_startup() -> bool:
     """`DISAGG_GRAPH_CAPTURE=lazy` captures a batch size's graph on its first use instead."""
-    mode = os.environ.get("DISAGG_GRAPH_CAPTURE", "startup").strip().lower()
-    if mode not in ("startup", "lazy"):
-        raise ValueError(f"DISAGG_GRAPH_CAPTURE={mode!r} is not known; allowed: startup, lazy")
-    return mode == "startup"
+    return env_value("DISAGG_GRAPH_CAPTURE") == "startup"
 
 
 def capture_sizes(max_batch_size: int, sizes: Sequence[int] = GRAPH_BATCH_SIZES) -> list[int]:

@@ -25,13 +25,12 @@ turns this off.
 """
 from __future__ import annotations
 
-import os
-
+from ..knobs import env_value
 from .scheduler import StepInputs
 
 
 def overlap_enabled() -> bool:
-    return os.environ.get("DISAGG_OVERLAP_DECODE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_value("DISAGG_OVERLAP_DECODE")
 
 
 def next_decode_inputs(inp: StepInputs, block_size: int) -> StepInputs | None:

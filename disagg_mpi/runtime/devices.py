@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from ..knobs import env_value
+
 log = logging.getLogger(__name__)
 
 
@@ -58,12 +60,11 @@ def mpi_cuda_support() -> tuple[bool, str]:
     mpi4py loaded. `DISAGG_MPI_CUDA_AWARE=0` forces "no".
     """
     import ctypes
-    import os
 
     from mpi4py import MPI
 
     version = MPI.Get_library_version().splitlines()[0].strip()
-    if os.environ.get("DISAGG_MPI_CUDA_AWARE", "").strip().lower() in ("0", "false", "no", "off"):
+    if not env_value("DISAGG_MPI_CUDA_AWARE"):
         return False, f"{version}: DISAGG_MPI_CUDA_AWARE=0"
     path = _loaded_libmpi()
     try:

@@ -10,7 +10,6 @@ generation ranks receive them between steps.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from .. import protocol as P
 from ..config import Topology
 from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner, ParallelInfo, StepPlan
+from ..knobs import env_value
 from ..model.loader import load_model
 from ..model.parallel import ShardSpec
 from ..transfer.cache_state import CacheState
@@ -75,7 +75,7 @@ class MpiGroup:
 
     def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None:
         assert self.transceiver is not None
-        if os.environ.get("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull
+        if env_value("DISAGG_FAULT_STALL_PULL"):  # fault injection for tests: never pull
             return
         msg = P.Pull(req_id, opaque.encode(self.key), list(blocks))
         for m in self.members:

@@ -52,6 +52,7 @@ import weakref
 
 import torch
 
+from ..knobs import env_value
 from . import stream_ops
 from .staging import typed_view
 
@@ -64,7 +65,7 @@ _H2D, _D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
 log = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
-SLOTS = int(os.environ.get("DISAGG_RING_SLOTS", "8"))  # slots of a ring: buffer_bytes / SLOTS per chunk
+SLOTS = env_value("DISAGG_RING_SLOTS")  # slots of a ring: buffer_bytes / SLOTS per chunk (1..MAX_SLOTS)
 _ALIGN = 1 << 21
 _FLAGS = 4096  # a page after the slots: ready[s] at 4 * s, free[s] at _FREE + 4 * s
 _FREE = _FLAGS // 2

@@ -1,0 +1,170 @@
+"""Every setting a user can turn, each declared once: name, type, default, environment variable, doc.
+
+Two kinds:
+- **transceiver knobs**: the fields of `api.CacheTransceiverConfig`, each declared with `knob()`.
+  Set in the YAML under `cache_transceiver_config`, each with an environment override that wins
+  over the file. The YAML schema (`config.TransceiverSpec`), the overrides
+  (`with_env_overrides`) and the docs table (docs/transfer.md) are all derived from the fields.
+- **process knobs** (`PROCESS`): environment variables only (engine switches, paths), read with
+  `env_value(name)`, which refuses a value it cannot parse and names what is allowed.
+
+`markdown_table()` renders both tables for the docs; a test checks the docs hold them as rendered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    type: type  # bool, int, float or str
+    default: Any
+    env: str | None
+    doc: str
+    where: str = "CPU and GPU"
+    choices: tuple[str, ...] | None = None
+    ge: float | None = None  # lower bound (inclusive)
+    gt: float | None = None  # lower bound (exclusive)
+    le: float | None = None  # upper bound (inclusive)
+
+    def parse(self, raw: str) -> Any:
+        """A value from its environment-variable text; ValueError names the variable and what is allowed."""
+        text = raw.strip()
+        try:
+            if self.type is bool:
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError
+                value = text.lower() in _TRUE
+            else:
+                value = self.type(text)
+        except ValueError:
+            raise ValueError(f"{self.env}={raw!r} is not a {self.type.__name__}"
+                             + (": use one of 1/true/yes/on or 0/false/no/off" if self.type is bool else "")) from None
+        self.check(value, f"{self.env}={raw!r}")
+        return value
+
+    def check(self, value: Any, what: str) -> None:
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{what} is not allowed; allowed: {', '.join(self.choices)}")
+        bounds = [(self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
+                  (self.le, lambda b: value <= b, "<=")]
+        for bound, ok, sign in bounds:
+            if bound is not None and not ok(bound):
+                raise ValueError(f"{what} is out of range; allowed: {sign} {bound:g}")
+
+
+def knob(default: Any, doc: str, env: str | None = None, where: str = "CPU and GPU", **limits: Any) -> Any:
+    """A dataclass field that is also a knob (its type comes from the annotation)."""
+    return dataclasses.field(default=default, metadata={"knob": {"doc": doc, "env": env, "where": where, **limits}})
+
+
+def field_knobs(cls: type) -> list[Knob]:
+    """The knobs declared as fields of a dataclass (`knob()`), in order."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("knob")
+        if meta is None:
+            continue
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        out.append(Knob(f.name, args[0] if args else kind, f.default, **meta))
+    return out
+
+
+def env_overrides(knobs: list[Knob], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """{field name: value} for every knob whose environment variable is set (and not empty)."""
+    environ = os.environ if environ is None else environ
+    return {k.name: k.parse(environ[k.env]) for k in knobs if k.env and environ.get(k.env, "").strip()}
+
+
+PROCESS: tuple[Knob, ...] = (
+    Knob("cuda_graphs", bool, True, "DISAGG_CUDA_GRAPHS",
+         "CUDA graphs and the Triton decode kernels for decode-only steps (off: eager torch)", "GPU only"),
+    Knob("graph_capture", str, "startup", "DISAGG_GRAPH_CAPTURE",
+         "when decode graphs are captured: at start-up, for every batch size the scheduler can reach, "
+         "or lazily on each size's first use (a faster start, a stall on first use)", "GPU only",
+         choices=("startup", "lazy")),
+    Knob("overlap_decode", bool, True, "DISAGG_OVERLAP_DECODE",
+         "launch the predicted next decode step before this one's tokens reach the host", "GPU only"),
+    Knob("ring_slots", int, 8, "DISAGG_RING_SLOTS", "slots of a shared staging ring (`shared_staging`)",
+         "GPU only", ge=1, le=512),
+    Knob("mpi_cuda_aware", bool, True, "DISAGG_MPI_CUDA_AWARE",
+         "ask the MPI library whether it is CUDA-aware (`MPIX_Query_cuda_support`); 0 forces no", "GPU only"),
+    Knob("model_cache", str, "", "DISAGG_MPI_CACHE",
+         "folder of downloaded models (empty: ~/.cache/disagg_mpi); keep it on shared storage under SLURM"),
+    Knob("api_key", str, "", "DISAGG_API_KEY", "`serve`: the key clients must send (empty: none)"),
+    Knob("rankmap", str, "", "DISAGG_MPI_RANKMAP",
+         "internal: the folder where `disagg-mpi` learns which rank is which process (set by the CLI)"),
+    Knob("fault_stall_pull", bool, False, "DISAGG_FAULT_STALL_PULL",
+         "tests only: the generation side claims a context but never pulls (fault injection)"),
+)
+_BY_ENV = {k.env: k for k in PROCESS}
+
+
+def env_value(env: str, environ: dict[str, str] | None = None) -> Any:
+    """A process knob's value: its environment variable, parsed, or its default."""
+    k = _BY_ENV[env]
+    raw = (os.environ if environ is None else environ).get(env, "")
+    return k.parse(raw) if raw.strip() else k.default
+
+
+def all_env_names() -> set[str]:
+    """Every DISAGG_* variable the package reads."""
+    from .api import CacheTransceiverConfig
+
+    return {k.env for k in (*PROCESS, *field_knobs(CacheTransceiverConfig)) if k.env}
+
+
+def _default_text(k: Knob) -> str:
+    if k.type is bool:
+        return f"`{str(k.default).lower()}`"
+    return "unset" if k.default is None else f"`{k.default if k.default != '' else '(empty)'}`"
+
+
+def markdown_table(knobs: list[Knob] | tuple[Knob, ...], field_column: bool = True) -> str:
+    names = (["field"] if field_column else []) + ["environment variable", "default", "what it does", "CPU / GPU"]
+    rows = ["| " + " | ".join(names) + " |", "| " + " | ".join(["---"] * len(names)) + " |"]
+    for k in knobs:
+        limits = ", ".join(f"{s} {v:g}" for s, v in ((">=", k.ge), (">", k.gt), ("<=", k.le)) if v is not None)
+        what = k.doc + (f" (allowed: {', '.join(k.choices)})" if k.choices else "") + (f" ({limits})" if limits else "")
+        cells = ([f"`{k.name}`"] if field_column else []) + [f"`{k.env}`" if k.env else "-", _default_text(k), what,
+                                                             k.where]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+_BEGIN, _END = "<!-- knobs: generated by `python -m disagg_mpi.knobs docs/transfer.md` -->", "<!-- /knobs -->"
+
+
+def docs_section() -> str:
+    """The generated part of docs/transfer.md: both tables."""
+    from .api import CacheTransceiverConfig
+
+    return (f"{_BEGIN}\n\n" + markdown_table(field_knobs(CacheTransceiverConfig))
+            + "\nProcess-wide switches, read from the environment of every rank:\n\n"
+            + markdown_table(PROCESS, field_column=False) + f"\n{_END}")
+
+
+def with_docs_section(text: str) -> str:
+    """`text` with its generated section replaced by the current one."""
+    head, _, rest = text.partition(_BEGIN)
+    _, _, tail = rest.partition(_END)
+    return head + docs_section() + tail
+
+
+if __name__ == "__main__":  # rewrite the tables in the docs page given
+    import sys
+    from pathlib import Path
+
+    page = Path(sys.argv[1])
+    page.write_text(with_docs_section(page.read_text()))
