@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing the package must not initialise MPI or torch.
     if name == "launch":
-        from .launch import launch
+        from .spmd import launch
 
         return launch
     if name == "Executor":

@@ -120,12 +120,45 @@ class Request:
 
 
 @dataclass
+class RequestMetrics:
+    """One request's measurements, filled in as it goes: by the executors (`executor`,
+    `num_prompt_tokens`, the KV hand-off's) and by rank 0 (where each phase ran, ttft, e2e).
+    Times in ms; a field stays None where its event did not happen (no context phase, no transfer)."""
+
+    ttft_ms: float | None = None  # rank 0: arrival to the first token back
+    e2e_ms: float | None = None  # rank 0: arrival to the final response
+    context_executor: int | None = None
+    generation_executor: int | None = None
+    executor: int | None = None  # the executor that sent this response
+    num_prompt_tokens: int | None = None
+    kv_transfer_ms: float | None = None  # generation side: claim sent to KV landed
+    kv_claim_ms: float | None = None  # of it: until the context executor granted the claim
+    kv_claim_answer_ms: float | None = None  # of that: until the context leader answered (one node's clocks)
+    kv_transfer_bytes: int | None = None
+    kv_cached_tokens: int | None = None  # prompt tokens the generation executor already cached (prefix reuse)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set (JSON output, the wire)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RequestMetrics:
+        return cls(**(d or {}))
+
+    def merge(self, other: RequestMetrics, skip: tuple[str, ...] = ()) -> None:
+        """Take `other`'s set fields (but `skip`)."""
+        for k, v in other.to_dict().items():
+            if k not in skip:
+                setattr(self, k, v)
+
+
+@dataclass
 class Result:
     output_token_ids: list[int]
     is_final: bool
     finish_reason: str | None = None
     context_phase_params: ContextPhaseParams | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
 @dataclass
@@ -150,6 +183,7 @@ class Response:
             r = asdict(self.result)
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
+            r["metrics"] = self.result.metrics.to_dict()
         return {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
                 "client_id": self.client_id}
 
@@ -160,7 +194,8 @@ class Response:
         if r is not None:
             cpp = r.get("context_phase_params")
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
-                            ContextPhaseParams.from_dict(cpp) if cpp else None, r.get("metrics") or {})
+                            ContextPhaseParams.from_dict(cpp) if cpp else None,
+                            RequestMetrics.from_dict(r.get("metrics")))
         return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"))
 
 

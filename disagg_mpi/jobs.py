@@ -102,9 +102,9 @@ def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str 
         r = resp.result
         reason = r.finish_reason or "length"
         return {"id": line_id, "output_ids": r.output_token_ids, "text": tokenizer.decode(r.output_token_ids),
-                "finish_reason": reason, "error": None, "metrics": _round(r.metrics)}
+                "finish_reason": reason, "error": None, "metrics": _round(r.metrics.to_dict())}
     msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
-    metrics = _round(resp.result.metrics) if resp is not None and resp.result is not None else {}
+    metrics = _round(resp.result.metrics.to_dict()) if resp is not None and resp.result is not None else {}
     return {"id": line_id, "output_ids": [], "text": "", "finish_reason": "error", "error": msg,
             "metrics": metrics}
 

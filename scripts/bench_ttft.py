@@ -62,8 +62,8 @@ def measure(orch, prompts: list[list[int]], disaggregated: bool) -> list[dict]:
         if final.error_msg:
             raise RuntimeError(final.error_msg)
         m = final.result.metrics
-        out.append({"ttft_ms": m["ttft_ms"], "gen_first_ms": (first_gen - t0) * 1e3,
-                    "kv_transfer_ms": m.get("kv_transfer_ms"), "kv_transfer_bytes": m.get("kv_transfer_bytes")})
+        out.append({"ttft_ms": m.ttft_ms, "gen_first_ms": (first_gen - t0) * 1e3,
+                    "kv_transfer_ms": m.kv_transfer_ms, "kv_transfer_bytes": m.kv_transfer_bytes})
     return out
 
 

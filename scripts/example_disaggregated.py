@@ -26,7 +26,7 @@ with launch(config) as orchestrator:
         [gid] = orchestrator.enqueue_context([request])
         [(gid, ctx_response)] = orchestrator.await_context_responses()
         params: ContextPhaseParams = ctx_response.result.context_phase_params
-        print(f"context phase done on executor {ctx_response.result.metrics['executor']}: "
+        print(f"context phase done on executor {ctx_response.result.metrics.executor}: "
               f"first token {params.first_gen_tokens}")
 
         # 2. Generation phase: the same request plus the context's params; the
@@ -39,6 +39,6 @@ with launch(config) as orchestrator:
             tokens = gen_response.result.output_token_ids
             if gen_response.is_final:
                 break
-        print(f"generation phase on executor {gen_response.result.metrics['executor']}, "
-              f"KV moved in {gen_response.result.metrics['kv_transfer_ms']:.1f} ms")
+        print(f"generation phase on executor {gen_response.result.metrics.executor}, "
+              f"KV moved in {gen_response.result.metrics.kv_transfer_ms:.1f} ms")
         print("answer:", tok.decode(tokens))

@@ -43,7 +43,7 @@ def run(config: str, input_path: str, output_path: str | None, timeout: float | 
     if MPI.COMM_WORLD.Get_size() != topo.world_size:
         raise click.ClickException(f"this MPI job has {MPI.COMM_WORLD.Get_size()} ranks but {config} needs "
                                    f"{topo.world_size}")
-    from ..launch import launch
+    from ..spmd import launch
 
     drain = _drain_on_signals(MPI.COMM_WORLD.Get_rank(), grace)
     with launch(topo) as orch:

@@ -64,7 +64,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
             signal.signal(s, signal.default_int_handler)
     import asyncio
 
-    from ..launch import launch
+    from ..spmd import launch
 
     s = topo.server
     with launch(topo) as orch:

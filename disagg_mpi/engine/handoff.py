@@ -180,13 +180,13 @@ class DisaggHandoff:
             self._finish(p.seq)
             return
         m = self._meta[req_id].metrics
-        m["kv_transfer_ms"] = (time.perf_counter() - p.t0) * 1e3
+        m.kv_transfer_ms = (time.perf_counter() - p.t0) * 1e3
         if p.t_claimed:  # (no answer yet: used on the context's keep_until promise)
-            m["kv_claim_ms"] = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
+            m.kv_claim_ms = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
         if p.wall_answer is not None:  # of which: until the context leader answered (one node: same clock)
-            m["kv_claim_answer_ms"] = (p.wall_answer - p.wall_claim) * 1e3
-        m["kv_transfer_bytes"] = nbytes
-        m["kv_cached_tokens"] = p.skip_blocks * self.blocks.block_size
+            m.kv_claim_answer_ms = (p.wall_answer - p.wall_claim) * 1e3
+        m.kv_transfer_bytes = nbytes
+        m.kv_cached_tokens = p.skip_blocks * self.blocks.block_size
         self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
         self.scheduler.add_prefilled(p.seq)
         if p.streaming:

@@ -26,6 +26,7 @@ from ..api import (
     FinishReason,
     Request,
     RequestError,
+    RequestMetrics,
     RequestType,
     Response,
     Result,
@@ -84,7 +85,7 @@ class _Meta:
     client_id: str | None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
     num_streamed: int = 0  # output tokens already sent in non-final streaming responses
 
 
@@ -264,13 +265,12 @@ class LLMEngine(DisaggHandoff):
                 reason = None  # not finished: the generation side goes on
             elif reason == "abort":
                 reason = FinishReason.CANCELLED.value
-            m = meta.metrics
-            m["executor"] = self.executor_id
-            m["num_prompt_tokens"] = len(seq.prompt_ids)
+            meta.metrics.executor = self.executor_id
+            meta.metrics.num_prompt_tokens = len(seq.prompt_ids)
             self._meta.pop(seq.req_id)
         if meta.streaming:
             meta.num_streamed += len(tokens)
-        result = Result(tokens, final, reason, cpp, dict(meta.metrics) if final else {})
+        result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics())
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
     def _error(self, req_id: int, message: str) -> None:

@@ -185,10 +185,11 @@ class DisaggOrchestrator:
             resp.request_id = gid
             t = self.tracks.get(gid)
             if t.phase == CONTEXT:
-                t.metrics["context_executor"] = t.executor
+                t.metrics.context_executor = t.executor
                 self._on_context_answer(gid, t, resp)
                 continue
-            t.metrics.setdefault("generation_executor", t.executor)
+            if t.metrics.generation_executor is None:
+                t.metrics.generation_executor = t.executor
             if resp.is_final:
                 self._out.append((gid, self.tracks.finalize(gid, resp)))
             else:

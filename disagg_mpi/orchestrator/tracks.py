@@ -10,9 +10,8 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..api import Request, Response, Result
+from ..api import Request, RequestMetrics, Response, Result
 
 CONTEXT, GENERATION = "context", "generation"
 
@@ -36,7 +35,7 @@ class Track:
     t_first: float | None = None
     cancelled: bool = False
     streamed: list[int] = field(default_factory=list)  # tokens already passed on to a streaming caller
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
 class Tracks:
@@ -100,11 +99,11 @@ class Tracks:
         if resp.result is not None:
             tokens = t.streamed + list(resp.result.output_token_ids) if t.request.streaming else list(
                 resp.result.output_token_ids)
-            m.update({k: v for k, v in resp.result.metrics.items() if k != "executor"})
+            m.merge(resp.result.metrics, skip=("executor",))
             resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
         else:
             resp = Response(gid, None, resp.error_msg, resp.client_id)
         first = t.t_first if t.t_first is not None else now
-        m["ttft_ms"] = (first - t.t_enqueue) * 1e3
-        m["e2e_ms"] = (now - t.t_enqueue) * 1e3
+        m.ttft_ms = (first - t.t_enqueue) * 1e3
+        m.e2e_ms = (now - t.t_enqueue) * 1e3
         return resp

@@ -185,10 +185,6 @@ def _finish_full(state: ServerState, p: ParsedRequest, resp: Response) -> web.Re
     return _json(full_body(p, resp, text))
 
 
-def _public_metrics(m: dict) -> dict:
-    return {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-
-
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -216,7 +212,7 @@ async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gi
                 text = dec.add(new) + dec.flush()
                 reason = resp.result.finish_reason
                 last = chunk(p, text, new, finish_reason(reason), first)
-                last["metrics"] = _public_metrics(resp.result.metrics)  # extension: ttft, KV transfer, where
+                last["metrics"] = resp.result.metrics.to_dict()  # extension: ttft, KV transfer, where
                 await out.write(_sse(last))
                 if reason == "cancelled":
                     state.metrics.outcome("cancelled")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..api import RequestMetrics
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -53,22 +53,21 @@ class ServerMetrics:
     def outcome(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
 
-    def finished(self, metrics: dict[str, Any], prompt_tokens: int, n_out: int) -> None:
+    def finished(self, metrics: RequestMetrics, prompt_tokens: int, n_out: int) -> None:
         """Feed the metrics of one final response."""
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(n_out)
-        ttft = metrics.get("ttft_ms")
-        e2e = metrics.get("e2e_ms")
+        ttft, e2e = metrics.ttft_ms, metrics.e2e_ms
         if ttft is not None:
             self.ttft.observe(ttft / 1e3)
         if e2e is not None:
             self.e2e.observe(e2e / 1e3)
         if ttft is not None and e2e is not None and n_out > 1:
             self.tpot.observe(max(0.0, e2e - ttft) / 1e3 / (n_out - 1))
-        if metrics.get("kv_transfer_bytes"):
-            self.kv_bytes.inc(metrics["kv_transfer_bytes"])
-        if metrics.get("kv_transfer_ms"):
-            self.kv_seconds.inc(metrics["kv_transfer_ms"] / 1e3)
+        if metrics.kv_transfer_bytes:
+            self.kv_bytes.inc(metrics.kv_transfer_bytes)
+        if metrics.kv_transfer_ms:
+            self.kv_seconds.inc(metrics.kv_transfer_ms / 1e3)
 
     def update_executors(self, load: dict[int, int], free_blocks: dict[int, int], stats: dict[int, dict]) -> None:
         for ex, kind in self.kinds.items():

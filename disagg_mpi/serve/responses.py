@@ -51,8 +51,7 @@ def full_body(p: ParsedRequest, resp: Response, text: str) -> dict[str, Any]:
     body: dict[str, Any] = {"id": p.id, "object": obj, "created": p.created, "model": p.model,
                             "choices": [choice], "usage": usage(p.prompt_tokens, len(tokens)),
                             # extension: per-request ttft, KV transfer, where each phase ran
-                            "metrics": {k: v for k, v in r.metrics.items()
-                                        if isinstance(v, (int, float, str)) and not isinstance(v, bool)}}
+                            "metrics": r.metrics.to_dict()}
     if p.mode == CONTEXT_ONLY:
         dp = disagg_params_out(resp)
         choice["disaggregated_params"] = dp

@@ -75,7 +75,7 @@ def test_context_on_gpu0_generation_on_gpu1_equals_aggregated(backend):
                             "generation_executors": [_ex([2], [1], backend)]})
     assert tokens == _reference()
     assert all(len(t) == NEW_TOKENS for t in tokens)
-    assert all(m["kv_transfer_bytes"] > 0 and m["generation_executor"] == 1 for m in metrics)
+    assert all(m.kv_transfer_bytes > 0 and m.generation_executor == 1 for m in metrics)
 
 
 def test_tp2_over_nccl_equals_tp1():
@@ -92,7 +92,7 @@ def test_resharding_between_gpus_equals_aggregated(ctx, gen):
     pytest.importorskip("cupy")
     tokens, metrics = _run({"context_executors": [_ex(*ctx)], "generation_executors": [_ex(*gen)]})
     assert tokens == _reference()
-    assert all(m["kv_transfer_bytes"] > 0 for m in metrics)
+    assert all(m.kv_transfer_bytes > 0 for m in metrics)
 
 
 def test_tp_all_reduce_uses_nccl_on_distinct_gpus():

@@ -28,11 +28,11 @@ def _check_equal_to_hf(config_name: str, expect_ctx: bool) -> None:
             assert o.result.output_token_ids == want, f"prompt {i} differs from transformers"
             m = o.result.metrics
             if expect_ctx:
-                assert m["context_executor"] in orch.context_ids
-                assert m["generation_executor"] in orch.generation_ids
-                assert m["kv_transfer_bytes"] > 0
-                assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"]
-                assert -1 <= m["kv_claim_answer_ms"] <= m["kv_claim_ms"] + 1   # wall vs monotonic clock
+                assert m.context_executor in orch.context_ids
+                assert m.generation_executor in orch.generation_ids
+                assert m.kv_transfer_bytes > 0
+                assert 0 <= m.kv_claim_ms <= m.kv_transfer_ms
+                assert -1 <= m.kv_claim_answer_ms <= m.kv_claim_ms + 1   # wall vs monotonic clock
         orch.wait_pools_full()
 
 
@@ -116,8 +116,8 @@ def _many_in_flight(n_ctx: int, n_gen: int) -> None:
         assert len(outs) == 64 and len({o.request_id for o in outs}) == 64
         assert all(o.error_msg is None and o.result.is_final for o in outs)
         assert [o.result.output_token_ids for o in outs] == _reference_outputs(prompts, 12)
-        ctx_seq = [o.result.metrics["context_executor"] for o in outs]
-        gen_seq = [o.result.metrics["generation_executor"] for o in outs]
+        ctx_seq = [o.result.metrics.context_executor for o in outs]
+        gen_seq = [o.result.metrics.generation_executor for o in outs]
         # Round robin: consecutive requests alternate over the executors of each phase.
         if n_ctx > 1:
             assert ctx_seq[:8] == [orch.context_ids[i % n_ctx] for i in range(8)], ctx_seq[:8]

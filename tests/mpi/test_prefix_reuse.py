@@ -39,14 +39,14 @@ def test_repeated_prompt_reuses_cache_on_both_sides():
         assert computed1 - computed0 >= 1200
         assert computed2 - computed1 <= 16
         # The generation side already held the prefix: only the uncached blocks moved.
-        assert cold.metrics["kv_cached_tokens"] == 0
-        assert warm.metrics["kv_cached_tokens"] >= 1200 - 16 - 15
-        assert warm.metrics["kv_transfer_bytes"] * 10 < cold.metrics["kv_transfer_bytes"]
-        assert warm.metrics["ttft_ms"] < cold.metrics["ttft_ms"]
+        assert cold.metrics.kv_cached_tokens == 0
+        assert warm.metrics.kv_cached_tokens >= 1200 - 16 - 15
+        assert warm.metrics.kv_transfer_bytes * 10 < cold.metrics.kv_transfer_bytes
+        assert warm.metrics.ttft_ms < cold.metrics.ttft_ms
         # A longer prompt sharing the prefix reuses it too, and stays correct.
         longer = prompt + _prompt(2, 40)
         shared = _one(orch, longer)
-        assert shared.metrics["kv_cached_tokens"] >= 1184
+        assert shared.metrics.kv_cached_tokens >= 1184
         orch.wait_pools_full()  # cached blocks count as free: every reference was dropped
 
 
@@ -74,12 +74,12 @@ def test_kv_aware_routes_repeated_prefixes_to_their_executor():
         if orch is None:
             return
         a, b = _prompt(5, 600), _prompt(6, 600)
-        first_a = _one(orch, a).metrics["context_executor"]
-        first_b = _one(orch, b).metrics["context_executor"]
+        first_a = _one(orch, a).metrics.context_executor
+        first_b = _one(orch, b).metrics.context_executor
         # Later requests follow their prefix, not a turn counter.
         for _ in range(3):
-            assert _one(orch, a + _prompt(7, 5)).metrics["context_executor"] == first_a
-            assert _one(orch, b + _prompt(8, 5)).metrics["context_executor"] == first_b
+            assert _one(orch, a + _prompt(7, 5)).metrics.context_executor == first_a
+            assert _one(orch, b + _prompt(8, 5)).metrics.context_executor == first_b
         orch.wait_pools_full()
 
 
@@ -90,8 +90,8 @@ def test_conditional_disaggregation_skips_the_transfer_for_short_prompts():
         if orch is None:
             return
         short = _one(orch, _prompt(9, 20))
-        assert "context_executor" not in short.metrics  # ran where it decodes
-        assert short.metrics["generation_executor"] in orch.generation_ids
+        assert short.metrics.context_executor is None  # ran where it decodes
+        assert short.metrics.generation_executor in orch.generation_ids
         long = _one(orch, _prompt(10, 300))
-        assert long.metrics["context_executor"] in orch.context_ids and long.metrics["kv_transfer_bytes"] > 0
+        assert long.metrics.context_executor in orch.context_ids and long.metrics.kv_transfer_bytes > 0
         orch.wait_pools_full()

@@ -205,7 +205,7 @@ def test_max_tokens(model, hf_ref, n):
     [r] = ex.generate([greedy(PROMPTS[4], n=n)])
     assert r.result.finish_reason == "length"
     assert r.result.output_token_ids == hf_ref(PROMPTS[4])[:n]
-    assert r.result.metrics["num_prompt_tokens"] == len(PROMPTS[4])
+    assert r.result.metrics.num_prompt_tokens == len(PROMPTS[4])
 
 
 # ---- sampling ---------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def test_early_pull_that_lands_first_waits_for_the_grant(model_config):
     assert [s.req_id for s in eng.scheduler.ready] == [1]
     assert _ops(sent) == ["claim", "release"]
     m = eng._meta[1].metrics
-    assert 0 <= m["kv_claim_ms"] <= m["kv_transfer_ms"] and m["kv_transfer_bytes"] == 4096
-    assert 5 <= m["kv_claim_answer_ms"] <= m["kv_claim_ms"] - 5   # the claim's wait, split at the answer
+    assert 0 <= m.kv_claim_ms <= m.kv_transfer_ms and m.kv_transfer_bytes == 4096
+    assert 5 <= m.kv_claim_answer_ms <= m.kv_claim_ms - 5   # the claim's wait, split at the answer
 
 
 def test_early_pull_still_running_at_the_grant_finishes_as_a_normal_pull(model_config):
@@ -174,7 +174,7 @@ def test_early_pull_landed_before_keep_until_is_used_before_the_answer(model_con
     assert _ops(sent) == ["claim", "release"]   # the release follows the claim (MPI keeps the order)
     assert sent[1][1].gen_req_id == 1   # the context leader heeds it only if request 1 claimed
     m = eng._meta[1].metrics
-    assert "kv_claim_ms" not in m and m["kv_transfer_bytes"] == 4096
+    assert m.kv_claim_ms is None and m.kv_transfer_bytes == 4096
     eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
     assert not eng.take_responses() and [s.req_id for s in eng.scheduler.ready] == [1]   # changes nothing
 

@@ -90,11 +90,11 @@ def test_no_message_dicts_keyed_by_op_or_mode():
 
 # Each layer of DESIGN.md imports nothing from the layers above it.
 _ABOVE = {
-    "model": {"engine", "transfer", "runtime", "orchestrator", "serve", "cli", "bench", "launch", "protocol"},
-    "transfer": {"engine", "orchestrator", "serve", "cli", "bench", "launch"},
-    "engine": {"runtime", "orchestrator", "serve", "cli", "bench", "launch"},
-    "runtime": {"orchestrator", "serve", "cli", "bench", "launch"},
-    "orchestrator": {"serve", "cli", "bench", "launch"},
+    "model": {"engine", "transfer", "runtime", "orchestrator", "serve", "cli", "bench", "spmd", "protocol"},
+    "transfer": {"engine", "orchestrator", "serve", "cli", "bench", "spmd"},
+    "engine": {"runtime", "orchestrator", "serve", "cli", "bench", "spmd"},
+    "runtime": {"orchestrator", "serve", "cli", "bench", "spmd"},
+    "orchestrator": {"serve", "cli", "bench", "spmd"},
 }
 
 
@@ -104,3 +104,14 @@ def test_layers_import_nothing_from_above():
                    if name.count(".") and target.count(".")
                    and target.split(".")[1] in _ABOVE.get(name.split(".")[1], ()))
     assert wrong == []
+
+
+def test_no_submodule_shadows_a_public_name():
+    """Importing a submodule sets it as an attribute of its package: a module named like one of the
+    package's public (lazy) names would replace that name (`from disagg_mpi import launch` gave the
+    module once `disagg_mpi/launch.py` existed)."""
+    import disagg_mpi
+
+    public = set(disagg_mpi.__all__) | {"Executor", "DisaggOrchestrator"}
+    submodules = {p.stem for p in PKG.glob("*.py")} | {p.name for p in PKG.iterdir() if p.is_dir()}
+    assert public & submodules == set()

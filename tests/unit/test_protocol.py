@@ -8,7 +8,15 @@ import msgpack
 import pytest
 
 from disagg_mpi import protocol as P
-from disagg_mpi.api import ContextPhaseParams, Request, RequestType, Response, Result, SamplingConfig
+from disagg_mpi.api import (
+    ContextPhaseParams,
+    Request,
+    RequestMetrics,
+    RequestType,
+    Response,
+    Result,
+    SamplingConfig,
+)
 from disagg_mpi.engine.model_runner import StepPlan
 
 
@@ -17,7 +25,8 @@ def _examples() -> list[P.Message]:
                   streaming=True, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY,
                   context_phase_params=ContextPhaseParams(3, [11], b"\x00sig"), stop_token_ids=[2],
                   client_id="c")
-    resp = Response(4, Result([1, 2], True, "length", ContextPhaseParams(1, [2], b"o"), {"ttft_ms": 1.5}))
+    resp = Response(4, Result([1, 2], True, "length", ContextPhaseParams(1, [2], b"o"),
+                                   RequestMetrics(ttft_ms=1.5, kv_transfer_bytes=64)))
     plan = StepPlan.from_dict(_plan_dict())
     return [
         P.Enqueue([(7, req)]), P.Cancel(7), P.StatsRequest(), P.Shutdown(),

@@ -90,7 +90,7 @@ def test_prefix_index_tracks_full_block_chains():
 
 
 def test_shared_gpus_are_found_per_node():
-    from disagg_mpi.launch import shared_gpus
+    from disagg_mpi.spmd import shared_gpus
 
     placements = [("a", None, None), ("a", 0, 0), ("a", 1, 0), ("a", 1, 1), ("b", 2, 0), ("a", 3, None)]
     assert shared_gpus(placements) == {("a", 0): [0, 1]}

@@ -123,7 +123,7 @@ def test_disaggregated_params_in_and_out():
     assert (cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state) == (4, [9], opaque)
     from disagg_mpi.api import ContextPhaseParams
 
-    resp = Response(1, Result([9], True, None, ContextPhaseParams(4, [9], opaque), {}))
+    resp = Response(1, Result([9], True, None, ContextPhaseParams(4, [9], opaque)))
     body = full_body(p, resp, "t")
     dp = body["choices"][0]["disaggregated_params"]
     assert dp == body["disaggregated_params"]
@@ -141,7 +141,7 @@ def test_bodies_and_chunks():
     c = chunk(q, "y", [5], None, first=True)
     assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"role": "assistant",
                                                                                      "content": "y"}
-    body = full_body(q, Response(1, Result([5, 6], True, "stop", None, {})), "hi")
+    body = full_body(q, Response(1, Result([5, 6], True, "stop")), "hi")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert body["choices"][0]["finish_reason"] == "stop"
 
