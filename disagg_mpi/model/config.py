@@ -8,6 +8,16 @@ from typing import Any
 
 import torch
 
+from disagg_mpi.model.families import (
+    HF_ARCHITECTURES,
+    QK_NORM,
+    QKV_BIAS_ALWAYS,
+    check_hf_options,
+    gguf_family,
+    hf_family,
+    sliding_window_of,
+)
+
 
 @dataclass
 class ModelConfig:
@@ -26,9 +36,14 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    architecture: str = "llama"          # family (model/families.py): llama, qwen2, qwen3
+    qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None    # attend to the last `sliding_window` positions only
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        family = hf_family(d)
+        check_hf_options(d, family)
         heads = d["num_attention_heads"]
         # transformers 5 moved rope settings into `rope_parameters`; 4.x used
         # `rope_theta` + `rope_scaling`. Accept both.
@@ -40,7 +55,7 @@ class ModelConfig:
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
             scaling = None
         eos = d.get("eos_token_id", 2)
-        return cls(
+        cfg = cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
@@ -50,15 +65,31 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 has q/k/v biases without a config flag.
-            attention_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
+            attention_bias=family in QKV_BIAS_ALWAYS or bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
+            architecture=family, qk_norm=family in QK_NORM,
+            sliding_window=sliding_window_of(d, family),
         )
+        return cfg.checked()
+
+    def checked(self) -> ModelConfig:
+        """Refuse what the forward pass does not implement; the config itself otherwise."""
+        rope_inv_freq(self)   # raises on an unsupported rope_scaling type
+        w = self.sliding_window
+        if w is not None and w >= self.max_position_embeddings:
+            return self.replace(sliding_window=None)   # the window never binds: full attention
+        if w is not None:
+            raise ValueError(f"sliding_window={w} is smaller than max_position_embeddings="
+                             f"{self.max_position_embeddings}, and sliding-window attention is not "
+                             "implemented; allowed: none, or a window >= the context")
+        return self
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A LlamaForCausalLM config.json (used by tests and HF exports)."""
+        """A config.json of this family that `from_hf_dict` reads back (used by tests and exports)."""
+        arch = {f: a for a, f in HF_ARCHITECTURES.items()}[self.architecture]
         d = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": [arch], "model_type": self.architecture,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -68,7 +99,13 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
             "mlp_bias": False, "hidden_act": "silu", "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
+            "sliding_window": self.sliding_window,
         }
+        if self.architecture in QKV_BIAS_ALWAYS:
+            d.pop("attention_bias")
+        if self.architecture in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["max_window_layers"] = 0
         return d
 
     @classmethod
@@ -78,8 +115,7 @@ class ModelConfig:
             return f.contents() if f is not None else default
 
         arch = get("general.architecture", "llama")
-        if arch not in ("llama", "qwen2"):
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        family = gguf_family(arch)
         hidden = int(get(f"{arch}.embedding_length"))
         heads = int(get(f"{arch}.attention.head_count"))
         names = {t.name for t in reader.tensors}
@@ -104,7 +140,9 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
-        )
+            architecture=family, qk_norm=family in QK_NORM,
+            sliding_window=get(f"{arch}.attention.sliding_window"),
+        ).checked()
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM2, Qwen2-style q/k/v bias) over a paged KV pool.
+"""Llama-family decoder (Llama, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm) over a paged KV pool.
 
 One module per rank: it holds only its TP slice of heads/MLP columns and its
 PP range of layers. Parameter names mirror HF LlamaForCausalLM.
@@ -50,6 +50,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.v_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.o_proj = nn.Linear(n_q * d, hid, bias=False)   # bias-free: TP partial sums are exact
+        if cfg.qk_norm:   # Qwen3: RMSNorm over each head's head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, pool, local_layer, idx):
         n = x.shape[0]
@@ -57,6 +60,8 @@ class Attention(nn.Module):
         q = q.reshape(n, self.n_q, self.d)
         k = k.reshape(n, self.n_kv, self.d)
         v = v.reshape(n, self.n_kv, self.d)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         write_kv(pool, local_layer, k, v, idx)
@@ -84,6 +89,12 @@ class Attention(nn.Module):
         """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
         n = x.shape[0]
         q, k, v = self._qkv(x)
+        if hasattr(self, "q_norm"):
+            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, in
+            # torch (no host work, so still graph-capturable); [n, heads * d], contiguous, as the
+            # kernel takes its q and k.
+            q = self.q_norm(q.reshape(n, self.n_q, self.d)).reshape(n, self.n_q * self.d)
+            k = self.k_norm(k.reshape(n, self.n_kv, self.d)).reshape(n, self.n_kv * self.d)
         # RoPE, KV write and paged attention in one kernel (was rope_write_kv + paged_decode_attention)
         o = tk.rope_write_decode_attention(q, k, v, cos, sin, pool, local_layer, idx.slots, idx.tables,
                                            idx.table_stride, idx.ctx, self.n_q, self.n_kv, self.d)

@@ -19,6 +19,8 @@ def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (cfg.vocab_size, h)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return (d,)
     if name.endswith("norm.weight"):
         return (h,)
     last = name.split(".")[-2]

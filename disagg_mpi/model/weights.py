@@ -42,6 +42,9 @@ def weight_plan(model) -> dict[str, WeightSlice]:
                 plan[n] = WeightSlice(n, 0, a * d, b * d)
         n = p + "self_attn.o_proj.weight"
         plan[n] = WeightSlice(n, 1, qs * d, qe * d)
+        if cfg.qk_norm:   # one [head_dim] weight shared by every head: each rank takes it whole
+            for n in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                plan[p + n] = WeightSlice(p + n)
         for proj in ("gate_proj", "up_proj"):
             n = f"{p}mlp.{proj}.weight"
             plan[n] = WeightSlice(n, 0, i0, i1)
