@@ -37,6 +37,10 @@ _SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, head_dim=32, tie_word_embeddings=False)),
     "qwen3-tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, head_dim=32, tie_word_embeddings=True)),
+    # Sliding windows of 8 positions: they bind on every test prompt (up to 40 tokens + new ones).
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_SMALL, head_dim=16, sliding_window=8)),
+    "qwen3-swa": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, head_dim=32, use_sliding_window=True,
+                                                         sliding_window=8, max_window_layers=0)),
 }
 
 STD = 0.2   # weights' std: large enough that greedy decoding has no near-ties

@@ -36,7 +36,7 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
-    architecture: str = "llama"          # family (model/families.py): llama, qwen2, qwen3
+    architecture: str = "llama"          # family (model/families.py): llama, mistral, qwen2, qwen3
     qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None    # attend to the last `sliding_window` positions only
 
@@ -77,12 +77,10 @@ class ModelConfig:
         """Refuse what the forward pass does not implement; the config itself otherwise."""
         rope_inv_freq(self)   # raises on an unsupported rope_scaling type
         w = self.sliding_window
+        if w is not None and w < 1:
+            raise ValueError(f"sliding_window={w} must be >= 1 (or null for full attention)")
         if w is not None and w >= self.max_position_embeddings:
             return self.replace(sliding_window=None)   # the window never binds: full attention
-        if w is not None:
-            raise ValueError(f"sliding_window={w} is smaller than max_position_embeddings="
-                             f"{self.max_position_embeddings}, and sliding-window attention is not "
-                             "implemented; allowed: none, or a window >= the context")
         return self
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -141,7 +139,6 @@ class ModelConfig:
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
             architecture=family, qk_norm=family in QK_NORM,
-            sliding_window=get(f"{arch}.attention.sliding_window"),
         ).checked()
 
     def replace(self, **kw: Any) -> ModelConfig:

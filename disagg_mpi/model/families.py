@@ -16,6 +16,7 @@ from typing import Any
 # HF `architectures[0]` -> our family name (= the HF model_type it must come with).
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
@@ -73,6 +74,8 @@ def check_hf_options(d: dict[str, Any], family: str) -> None:
 def sliding_window_of(d: dict[str, Any], family: str) -> int | None:
     """The attention window every layer uses, None for full attention; refuses mixed layers."""
     n = d["num_hidden_layers"]
+    if family == "llama":
+        return None   # transformers' Llama has no sliding window: a stray key changes nothing there
     if family in ("qwen2", "qwen3"):
         window = d.get("sliding_window") if d.get("use_sliding_window") else None
         start = d.get("max_window_layers", 0) or 0

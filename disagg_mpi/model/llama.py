@@ -46,6 +46,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hid, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
         self.n_q, self.n_kv, self.d, self.shard = n_q, n_kv, d, shard
+        self.window = cfg.sliding_window
         self.q_proj = nn.Linear(hid, n_q * d, bias=bias)
         self.k_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.v_proj = nn.Linear(hid, n_kv * d, bias=bias)
@@ -65,7 +66,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         write_kv(pool, local_layer, k, v, idx)
-        o = paged_attention(q, k, v, pool, local_layer, idx)
+        o = paged_attention(q, k, v, pool, local_layer, idx, self.window)
         o = self.o_proj(o.reshape(n, self.n_q * self.d))
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)
@@ -87,6 +88,8 @@ class Attention(nn.Module):
 
     def forward_fast(self, x, cos, sin, pool, local_layer, idx):
         """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
+        if self.window is not None:   # supports_fast_decode() keeps the runner off this path
+            raise NotImplementedError("sliding-window attention is not implemented in the Triton decode kernel")
         n = x.shape[0]
         q, k, v = self._qkv(x)
         if hasattr(self, "q_norm"):
@@ -274,9 +277,10 @@ class LlamaModel(nn.Module):
         return h
 
     def supports_fast_decode(self) -> bool:
-        """The Triton decode kernels handle this shape (power-of-two head_dim)."""
+        """The Triton decode kernels handle this model: power-of-two head_dim, full attention
+        (their decode kernel has no sliding window: such a model runs the torch attention)."""
         d = self.config.head_dim
-        return d >= 16 and d & (d - 1) == 0
+        return d >= 16 and d & (d - 1) == 0 and self.config.sliding_window is None
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

@@ -90,6 +90,41 @@ def test_shards_consume_exactly_the_checkpoint(name):
             assert used == set(checkpoint_names(cfg)), (tp, pp)
 
 
+# ---- sliding window ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3-swa"])
+def test_sliding_window_greedy_equals_transformers(name):
+    folder = family_checkpoint(name)
+    cfg = load_model_config(str(folder))
+    assert cfg.sliding_window == 8
+    model = load_model(str(folder))
+    assert not model.supports_fast_decode()   # the Triton decode kernel has no window: torch attention
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        model.model.layers["0"].self_attn.forward_fast(None, None, None, None, 0, None)
+    assert executor_tokens(model) == hf_greedy(PROMPTS, NEW, folder, None)
+    # All prompts prefilled in one step, then batched decodes (the other attention paths).
+    assert executor_tokens(model, max_num_tokens=256) == hf_greedy(PROMPTS, NEW, folder, None)
+
+
+def test_sliding_window_has_teeth():
+    """The same Mistral weights with full attention give other tokens (the window binds)."""
+    folder = family_checkpoint("mistral")
+    model = load_model(str(folder))
+    for layer in model.model.layers.values():
+        layer.self_attn.window = None
+    assert executor_tokens(model) != hf_greedy(PROMPTS, NEW, folder, None)
+
+
+def test_mixed_sliding_layers_refused(tmp_path):
+    folder = _copy(tmp_path, "qwen3-swa")
+    d = json.loads((folder / "config.json").read_text())
+    d.pop("layer_types", None)
+    d["max_window_layers"] = 2     # layers 0-1 full, 2-3 sliding
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"mixes sliding-window layers \[2, 3\] \(sliding_window=8\)"):
+        load_model_config(str(folder))
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 
 def _copy(tmp_path, name="qwen3"):
