@@ -41,6 +41,16 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_SMALL, head_dim=16, sliding_window=8)),
     "qwen3-swa": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, head_dim=32, use_sliding_window=True,
                                                          sliding_window=8, max_window_layers=0)),
+    # Mixture of experts: 4 or 8 experts, 2 active; Qwen3-MoE with a dense layer (mlp_only_layers).
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_SMALL, head_dim=16, num_local_experts=4,
+                                                            num_experts_per_tok=2, sliding_window=None)),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(_SMALL, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
+    "qwen3-moe-unnorm": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                         dict(_SMALL, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=1,
+                              mlp_only_layers=[])),
 }
 
 STD = 0.2   # weights' std: large enough that greedy decoding has no near-ties

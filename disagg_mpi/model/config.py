@@ -15,6 +15,7 @@ from disagg_mpi.model.families import (
     check_hf_options,
     gguf_family,
     hf_family,
+    moe_fields,
     sliding_window_of,
 )
 
@@ -39,6 +40,15 @@ class ModelConfig:
     architecture: str = "llama"          # family (model/families.py): llama, mistral, qwen2, qwen3
     qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None    # attend to the last `sliding_window` positions only
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_experts == 0: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0       # each expert's FFN width
+    norm_topk_prob: bool = False         # renormalize the top-k routing weights (Mixtral: always)
+    dense_layers: list[int] = field(default_factory=list)   # layers of an MoE model with a dense MLP
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -70,6 +80,7 @@ class ModelConfig:
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
             architecture=family, qk_norm=family in QK_NORM,
             sliding_window=sliding_window_of(d, family),
+            **moe_fields(d, family),
         )
         return cfg.checked()
 
@@ -101,9 +112,15 @@ class ModelConfig:
         }
         if self.architecture in QKV_BIAS_ALWAYS:
             d.pop("attention_bias")
-        if self.architecture in ("qwen2", "qwen3"):
+        if self.architecture in ("qwen2", "qwen3", "qwen3_moe"):
             d["use_sliding_window"] = self.sliding_window is not None
             d["max_window_layers"] = 0
+        if self.architecture == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+        if self.architecture == "qwen3_moe":
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                     decoder_sparse_step=1, mlp_only_layers=list(self.dense_layers))
         return d
 
     @classmethod

@@ -19,12 +19,14 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # GGUF `general.architecture` -> family.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 # Families whose attention has per-head q/k RMSNorm, q/k/v biases, or o_proj bias from `attention_bias`.
-QK_NORM = {"qwen3"}
+QK_NORM = {"qwen3", "qwen3_moe"}
 QKV_BIAS_ALWAYS = {"qwen2"}
 
 
@@ -76,7 +78,7 @@ def sliding_window_of(d: dict[str, Any], family: str) -> int | None:
     n = d["num_hidden_layers"]
     if family == "llama":
         return None   # transformers' Llama has no sliding window: a stray key changes nothing there
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         window = d.get("sliding_window") if d.get("use_sliding_window") else None
         start = d.get("max_window_layers", 0) or 0
         types = d.get("layer_types") or ["sliding_attention" if window is not None and i >= start
@@ -95,6 +97,37 @@ def sliding_window_of(d: dict[str, Any], family: str) -> int | None:
                          "with full-attention layers (layer_types / max_window_layers); only all or none "
                          "is supported")
     return int(window)
+
+
+def moe_fields(d: dict[str, Any], family: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a config.json (empty for a dense family)."""
+    n = d["num_hidden_layers"]
+    if family == "mixtral":
+        return {"num_experts": d["num_local_experts"], "num_experts_per_tok": d["num_experts_per_tok"],
+                "moe_intermediate_size": d["intermediate_size"], "norm_topk_prob": True}
+    if family != "qwen3_moe":
+        return {}
+    experts = d.get("num_experts", d.get("num_local_experts"))   # transformers 5 saves the latter
+    step, only = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or [])
+    return {"num_experts": experts, "num_experts_per_tok": d["num_experts_per_tok"],
+            "moe_intermediate_size": d["moe_intermediate_size"],
+            "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+            "dense_layers": [i for i in range(n) if i in only or (i + 1) % step != 0]}
+
+
+def router_name(cfg, layer: int) -> str:
+    block = "block_sparse_moe" if cfg.architecture == "mixtral" else "mlp"
+    return f"model.layers.{layer}.{block}.gate.weight"
+
+
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def expert_name(cfg, layer: int, expert: int, proj: str) -> str:
+    """Checkpoint name of expert `expert`'s `proj` (gate_proj, up_proj, down_proj) weight."""
+    if cfg.architecture == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[proj]}.weight"
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
 
 def checkpoint_names(cfg) -> list[str]:
@@ -117,8 +150,11 @@ def layer_names(cfg, layer: int) -> list[str]:
             names.append(f"{p}self_attn.{proj}.bias")
     if cfg.qk_norm:
         names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-    names += [f"{p}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
-    return names
+    projs = ("gate_proj", "up_proj", "down_proj")
+    if not cfg.is_moe_layer(layer):
+        return names + [f"{p}mlp.{proj}.weight" for proj in projs]
+    names.append(router_name(cfg, layer))
+    return names + [expert_name(cfg, layer, e, proj) for e in range(cfg.num_experts) for proj in projs]
 
 
 def check_names(present: Iterable[str], expected: Iterable[str], source: str, shown: int = 8) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg_mpi.model.families import expert_name, router_name
+
 
 @dataclass(frozen=True)
 class WeightSlice:
@@ -45,6 +47,9 @@ def weight_plan(model) -> dict[str, WeightSlice]:
         if cfg.qk_norm:   # one [head_dim] weight shared by every head: each rank takes it whole
             for n in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
                 plan[p + n] = WeightSlice(p + n)
+        if cfg.is_moe_layer(layer):
+            plan.update(_moe_plan(cfg, layer, model.expert_ffn_range))
+            continue
         for proj in ("gate_proj", "up_proj"):
             n = f"{p}mlp.{proj}.weight"
             plan[n] = WeightSlice(n, 0, i0, i1)
@@ -57,6 +62,17 @@ def weight_plan(model) -> dict[str, WeightSlice]:
         elif not model.is_first:
             # Tied, but the embedding lives on another stage: keep our own copy.
             plan["lm_head.weight"] = WeightSlice("model.embed_tokens.weight")
+    return plan
+
+
+def _moe_plan(cfg, layer: int, ffn: tuple[int, int]) -> dict[str, WeightSlice]:
+    """The router whole on every rank; each expert's FFN columns [ffn) like a dense MLP's."""
+    p = f"model.layers.{layer}.mlp."
+    plan = {p + "gate.weight": WeightSlice(router_name(cfg, layer))}
+    for e in range(cfg.num_experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            dim = 1 if proj == "down_proj" else 0
+            plan[f"{p}experts.{e}.{proj}.weight"] = WeightSlice(expert_name(cfg, layer, e, proj), dim, *ffn)
     return plan
 
 

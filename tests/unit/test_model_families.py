@@ -72,7 +72,7 @@ def test_qwen3_gguf_equals_safetensors(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "qwen3-tied"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3-tied", "mixtral", "qwen3-moe"])
 def test_shards_consume_exactly_the_checkpoint(name):
     """Over every TP x PP shard, the weight plans read every checkpoint tensor and nothing else."""
     cfg = load_model_config(str(family_checkpoint(name)))
@@ -123,6 +123,45 @@ def test_mixed_sliding_layers_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"mixes sliding-window layers \[2, 3\] \(sliding_window=8\)"):
         load_model_config(str(folder))
+
+
+# ---- mixture of experts --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "qwen3-moe-unnorm"])
+def test_moe_greedy_equals_transformers(name):
+    folder = family_checkpoint(name)
+    cfg = load_model_config(str(folder))
+    assert cfg.num_experts in (4, 8) and cfg.num_experts_per_tok == 2
+    assert cfg.dense_layers == ([1] if name == "qwen3-moe" else [])
+    model = load_model(str(folder))
+    assert not model.supports_fast_decode()
+    assert executor_tokens(model) == hf_greedy(PROMPTS, NEW, folder, None)
+
+
+def test_moe_norm_topk_has_teeth():
+    """The same Qwen3-MoE weights without the top-k renormalization give other tokens."""
+    folder = family_checkpoint("qwen3-moe")
+    model = load_model(str(folder))
+    for layer in model.model.layers.values():
+        if hasattr(layer.mlp, "normalize"):
+            layer.mlp.normalize = False
+    assert executor_tokens(model) != hf_greedy(PROMPTS, NEW, folder, None)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])
+def test_moe_tensor_parallel_shards_every_expert(name):
+    """TP=2 x PP=2 over the MoE checkpoint (ranks in threads) decodes as transformers does."""
+    from disagg_mpi.model.generate import greedy_generate
+    from tests.unit.test_model_sharding import ThreadAllReduce, grid_forward_fn
+
+    folder = family_checkpoint(name)
+    red = [ThreadAllReduce(2), ThreadAllReduce(2)]
+    grid = [[load_model(str(folder), shard=ShardSpec(r, 2, l0, l1, red[s].for_rank(r))) for r in range(2)]
+            for s, (l0, l1) in enumerate(((0, 2), (2, 4)))]
+    expert = grid[0][0].model.layers["0"].mlp.experts[0]
+    assert expert.gate_proj.weight.shape[0] == load_model_config(str(folder)).moe_intermediate_size // 2
+    prompts = PROMPTS[:2]     # 9 and 3 tokens, as the pool of grid_forward_fn is sized
+    assert greedy_generate(grid_forward_fn(grid), prompts, 8, 4) == hf_greedy(prompts, 8, folder, None)
 
 
 # ---- refusals ------------------------------------------------------------------------------------
