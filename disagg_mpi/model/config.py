@@ -203,6 +203,18 @@ PRESETS: dict[str, ModelConfig] = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+    # Qwen3 shapes (config.json of Qwen/Qwen3-8B and Qwen/Qwen3-30B-A3B): q/k norm, head_dim 128.
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_ids=[151645], architecture="qwen3", qk_norm=True),
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_ids=[151645], architecture="qwen3_moe", qk_norm=True, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 }
 
 

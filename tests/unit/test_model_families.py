@@ -4,6 +4,7 @@ Each checkpoint is written by transformers itself (tests/hf_folder.py, built onc
 machine); greedy tokens of the in-process Executor must equal transformers' `generate`.
 """
 import json
+import math
 import shutil
 
 import pytest
@@ -269,3 +270,28 @@ def test_gguf_unknown_architecture_and_extra_tensor_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['blk.1.attn_sinks.weight'\]"):
         load_model_config(str(extra))
     _cli_refuses(extra, tmp_path, "blk.1.attn_sinks.weight")
+
+
+# ---- random presets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,total,active", [("qwen3-8b", 8.19e9, 8.19e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9)])
+def test_qwen3_presets_have_the_real_shapes(name, total, active):
+    """random:<preset> of Qwen3 shapes: every slice the plan asks for has the model's shape (meta
+    tensors, nothing allocated), and the parameter counts are the published ones."""
+    from disagg_mpi.model import LlamaModel
+    from disagg_mpi.model.config import preset
+    from disagg_mpi.model.random_init import full_shape
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        m = LlamaModel(cfg, ShardSpec(1, 2, 0, 2, all_reduce=lambda x: x))   # TP rank 1 of 2, 2 layers
+    params = dict(m.named_parameters())
+    for pname, ws in weight_plan(m).items():
+        shape = list(full_shape(cfg, ws.source))
+        if ws.dim is not None:
+            shape[ws.dim] = ws.end - ws.start
+        assert tuple(shape) == tuple(params[pname].shape), pname
+    n = sum(math.prod(full_shape(cfg, name)) for name in checkpoint_names(cfg))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    n_active = n - cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * expert
+    assert n == pytest.approx(total, rel=0.01) and n_active == pytest.approx(active, rel=0.03)
