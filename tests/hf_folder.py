@@ -51,6 +51,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                          dict(_SMALL, head_dim=32, num_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=1,
                               mlp_only_layers=[])),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(_SMALL, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64, norm_topk_prob=False, decoder_sparse_step=1,
+                       mlp_only_layers=[2], qkv_bias=True)),
 }
 
 STD = 0.2   # weights' std: large enough that greedy decoding has no near-ties

@@ -15,6 +15,7 @@ from disagg_mpi.model.families import (
     check_hf_options,
     gguf_family,
     hf_family,
+    qkv_bias,
     moe_fields,
     sliding_window_of,
 )
@@ -37,7 +38,7 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
-    architecture: str = "llama"          # family (model/families.py): llama, mistral, qwen2, qwen3
+    architecture: str = "llama"          # family: a value of model/families.py HF_ARCHITECTURES
     qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None    # attend to the last `sliding_window` positions only
     # Mixture of experts (Mixtral, Qwen3-MoE); num_experts == 0: a dense model.
@@ -46,6 +47,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0       # each expert's FFN width
     norm_topk_prob: bool = False         # renormalize the top-k routing weights (Mixtral: always)
     dense_layers: list[int] = field(default_factory=list)   # layers of an MoE model with a dense MLP
+    shared_expert_intermediate_size: int = 0   # Qwen2-MoE: an always-on expert (0: none)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -75,7 +77,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 has q/k/v biases without a config flag.
-            attention_bias=family in QKV_BIAS_ALWAYS or bool(d.get("attention_bias", False)),
+            attention_bias=qkv_bias(d, family),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
             architecture=family, qk_norm=family in QK_NORM,
@@ -112,7 +114,7 @@ class ModelConfig:
         }
         if self.architecture in QKV_BIAS_ALWAYS:
             d.pop("attention_bias")
-        if self.architecture in ("qwen2", "qwen3", "qwen3_moe"):
+        if self.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
             d["use_sliding_window"] = self.sliding_window is not None
             d["max_window_layers"] = 0
         if self.architecture == "mixtral":

@@ -21,13 +21,24 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # GGUF `general.architecture` -> family.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
-# Families whose attention has per-head q/k RMSNorm, q/k/v biases, or o_proj bias from `attention_bias`.
+# Families whose attention has per-head q/k RMSNorm; whose q/k/v biases (never an o_proj bias)
+# come without a flag (qwen2) or from `qkv_bias` (qwen2_moe, default true).
 QK_NORM = {"qwen3", "qwen3_moe"}
 QKV_BIAS_ALWAYS = {"qwen2"}
+QWEN_WINDOWS = {"qwen2", "qwen3", "qwen3_moe", "qwen2_moe"}   # use_sliding_window + max_window_layers
+
+
+def qkv_bias(d: dict[str, Any], family: str) -> bool:
+    if family in QKV_BIAS_ALWAYS:
+        return True
+    if family == "qwen2_moe":
+        return bool(d.get("qkv_bias", True))
+    return bool(d.get("attention_bias", False))
 
 
 def _supported_list() -> str:
@@ -67,7 +78,7 @@ def check_hf_options(d: dict[str, Any], family: str) -> None:
         raise ValueError(f"config.json hidden_act={act!r} is not supported (allowed: 'silu')")
     if d.get("mlp_bias"):
         raise ValueError("config.json mlp_bias=True is not supported (allowed: false)")
-    if family != "qwen2" and d.get("attention_bias"):
+    if family not in ("qwen2", "qwen2_moe") and d.get("attention_bias"):
         # Llama/Qwen3 attention_bias also puts a bias on o_proj, which would break exact TP sums.
         raise ValueError(f"config.json attention_bias=True is not supported for {family} "
                          "(it adds an o_proj bias); allowed: false")
@@ -78,7 +89,7 @@ def sliding_window_of(d: dict[str, Any], family: str) -> int | None:
     n = d["num_hidden_layers"]
     if family == "llama":
         return None   # transformers' Llama has no sliding window: a stray key changes nothing there
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
+    if family in QWEN_WINDOWS:
         window = d.get("sliding_window") if d.get("use_sliding_window") else None
         start = d.get("max_window_layers", 0) or 0
         types = d.get("layer_types") or ["sliding_attention" if window is not None and i >= start
@@ -105,14 +116,17 @@ def moe_fields(d: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "mixtral":
         return {"num_experts": d["num_local_experts"], "num_experts_per_tok": d["num_experts_per_tok"],
                 "moe_intermediate_size": d["intermediate_size"], "norm_topk_prob": True}
-    if family != "qwen3_moe":
+    if family not in ("qwen3_moe", "qwen2_moe"):
         return {}
     experts = d.get("num_experts", d.get("num_local_experts"))   # transformers 5 saves the latter
     step, only = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or [])
-    return {"num_experts": experts, "num_experts_per_tok": d["num_experts_per_tok"],
-            "moe_intermediate_size": d["moe_intermediate_size"],
-            "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
-            "dense_layers": [i for i in range(n) if i in only or (i + 1) % step != 0]}
+    out = {"num_experts": experts, "num_experts_per_tok": d["num_experts_per_tok"],
+           "moe_intermediate_size": d["moe_intermediate_size"],
+           "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+           "dense_layers": [i for i in range(n) if i in only or (i + 1) % step != 0]}
+    if family == "qwen2_moe":   # a shared expert beside the routed ones, gated by sigmoid(x @ w)
+        out["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
+    return out
 
 
 def router_name(cfg, layer: int) -> str:
@@ -154,6 +168,8 @@ def layer_names(cfg, layer: int) -> list[str]:
     if not cfg.is_moe_layer(layer):
         return names + [f"{p}mlp.{proj}.weight" for proj in projs]
     names.append(router_name(cfg, layer))
+    if cfg.shared_expert_intermediate_size:
+        names += [f"{p}mlp.shared_expert.{proj}.weight" for proj in projs] + [f"{p}mlp.shared_expert_gate.weight"]
     return names + [expert_name(cfg, layer, e, proj) for e in range(cfg.num_experts) for proj in projs]
 
 

@@ -190,6 +190,8 @@ class LlamaModel(nn.Module):
         self.ffn_range = (shard.tp_rank * ffn, (shard.tp_rank + 1) * ffn)
         eff = cfg.moe_intermediate_size // tp
         self.expert_ffn_range = (shard.tp_rank * eff, (shard.tp_rank + 1) * eff)
+        sff = cfg.shared_expert_intermediate_size // tp
+        self.shared_ffn_range = (shard.tp_rank * sff, (shard.tp_rank + 1) * sff)
         n_q = self.q_heads[1] - self.q_heads[0]
         n_kv = self.kv_heads[1] - self.kv_heads[0]
         self.num_local_layers = self.layer_end - self.layer_start

@@ -1,7 +1,8 @@
-"""Mixture-of-experts FFN (Mixtral, Qwen3-MoE), as transformers computes it.
+"""Mixture-of-experts FFN (Mixtral, Qwen3-MoE, Qwen2-MoE), as transformers computes it.
 
 Router: logits = gate(x); softmax in fp32; top-k; renormalized over the k when
-`norm_topk_prob` (always for Mixtral). Each expert is a SwiGLU MLP. Tensor
+`norm_topk_prob` (always for Mixtral). Each expert is a SwiGLU MLP; Qwen2-MoE adds
+a shared expert, weighted by sigmoid(shared_expert_gate(x)). Tensor
 parallelism shards every expert's FFN columns like a dense MLP (the router is
 replicated), so one all-reduce after the expert loop sums the ranks' partials.
 
@@ -47,6 +48,9 @@ class SparseMoE(nn.Module):
         self.round_weights = cfg.architecture != "mixtral"
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, ffn_local) for _ in range(cfg.num_experts))
+        if cfg.shared_expert_intermediate_size:   # Qwen2-MoE; TP splits it like the others
+            self.shared_expert = Expert(cfg.hidden_size, cfg.shared_expert_intermediate_size // shard.tp_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)   # replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize)
@@ -57,6 +61,8 @@ class SparseMoE(nn.Module):
             tok, slot = torch.where(ids == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
+        if hasattr(self, "shared_expert"):   # sigmoid gate of the whole x: the same on every TP rank
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.shard.tp_size > 1:
             out = self.shard.all_reduce(out)
         return out

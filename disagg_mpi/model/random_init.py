@@ -19,6 +19,10 @@ def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     if ".experts." in name or ".block_sparse_moe." in name:
         f = cfg.moe_intermediate_size
+    if ".shared_expert." in name:
+        f = cfg.shared_expert_intermediate_size
+    if name.endswith("shared_expert_gate.weight"):
+        return (1, h)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (cfg.vocab_size, h)
     if name.endswith(("q_norm.weight", "k_norm.weight")):

@@ -73,7 +73,7 @@ def test_qwen3_gguf_equals_safetensors(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "qwen3-tied", "mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3-tied", "mixtral", "qwen3-moe", "qwen2-moe"])
 def test_shards_consume_exactly_the_checkpoint(name):
     """Over every TP x PP shard, the weight plans read every checkpoint tensor and nothing else."""
     cfg = load_model_config(str(family_checkpoint(name)))
@@ -128,12 +128,13 @@ def test_mixed_sliding_layers_refused(tmp_path):
 
 # ---- mixture of experts --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "qwen3-moe-unnorm"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "qwen3-moe-unnorm", "qwen2-moe"])
 def test_moe_greedy_equals_transformers(name):
     folder = family_checkpoint(name)
     cfg = load_model_config(str(folder))
     assert cfg.num_experts in (4, 8) and cfg.num_experts_per_tok == 2
-    assert cfg.dense_layers == ([1] if name == "qwen3-moe" else [])
+    assert cfg.dense_layers == {"qwen3-moe": [1], "qwen2-moe": [2]}.get(name, [])
+    assert bool(cfg.shared_expert_intermediate_size) == (name == "qwen2-moe")
     model = load_model(str(folder))
     assert not model.supports_fast_decode()
     assert executor_tokens(model) == hf_greedy(PROMPTS, NEW, folder, None)
@@ -149,7 +150,18 @@ def test_moe_norm_topk_has_teeth():
     assert executor_tokens(model) != hf_greedy(PROMPTS, NEW, folder, None)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])
+def test_moe_shared_expert_has_teeth():
+    """Qwen2-MoE without its shared expert gives other tokens."""
+    folder = family_checkpoint("qwen2-moe")
+    model = load_model(str(folder))
+    assert model.config.attention_bias    # qkv_bias
+    for layer in model.model.layers.values():
+        if hasattr(layer.mlp, "shared_expert"):
+            del layer.mlp.shared_expert
+    assert executor_tokens(model) != hf_greedy(PROMPTS, NEW, folder, None)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "qwen2-moe"])
 def test_moe_tensor_parallel_shards_every_expert(name):
     """TP=2 x PP=2 over the MoE checkpoint (ranks in threads) decodes as transformers does."""
     from disagg_mpi.model.generate import greedy_generate
