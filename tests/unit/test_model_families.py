@@ -59,6 +59,29 @@ def test_qwen3_ignoring_qk_norm_would_differ():
     assert executor_tokens(model) != hf_greedy(PROMPTS, NEW, folder, None)
 
 
+def test_qwen3_triton_decode_path_equals_transformers(monkeypatch):
+    """The fast decode path (q/k norm in torch, then the fused RoPE + KV write + attention kernel,
+    Triton norms and SwiGLU around it) gives transformers' tokens. Runs on CPU under the Triton
+    interpreter (`TRITON_INTERPRET=1`, triton installed); skipped otherwise (CI has no triton)."""
+    import functools
+
+    import disagg_mpi.engine.executor as executor_mod
+    from disagg_mpi.engine.model_runner import ModelRunner
+    from disagg_mpi.model import triton_attention as tk
+
+    if not tk.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    monkeypatch.setattr(executor_mod, "ModelRunner", functools.partial(ModelRunner, fast_decode=True,
+                                                                       cuda_graphs=False))
+    folder = family_checkpoint("qwen3")
+    model = load_model(str(folder))
+    assert model.supports_fast_decode()
+    prompts = PROMPTS[:2]
+    ex_tokens = executor_tokens(model, prompts, 6, max_num_tokens=256)
+    assert model._fast_kernels
+    assert ex_tokens == hf_greedy(prompts, 6, folder, None)
+
+
 def test_qwen3_gguf_equals_safetensors(tmp_path):
     """A qwen3 GGUF (llama.cpp names, attn_q_norm / attn_k_norm) loads to the same logits."""
     from tests.gguf_file import write_gguf
