@@ -169,7 +169,8 @@ def layer_names(cfg, layer: int) -> list[str]:
         return names + [f"{p}mlp.{proj}.weight" for proj in projs]
     names.append(router_name(cfg, layer))
     if cfg.shared_expert_intermediate_size:
-        names += [f"{p}mlp.shared_expert.{proj}.weight" for proj in projs] + [f"{p}mlp.shared_expert_gate.weight"]
+        names += [f"{p}mlp.shared_expert.{proj}.weight" for proj in projs]
+        names.append(f"{p}mlp.shared_expert_gate.weight")
     return names + [expert_name(cfg, layer, e, proj) for e in range(cfg.num_experts) for proj in projs]
 
 

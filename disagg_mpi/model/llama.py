@@ -90,7 +90,8 @@ class Attention(nn.Module):
     def forward_fast(self, x, cos, sin, pool, local_layer, idx):
         """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
         if self.window is not None:   # supports_fast_decode() keeps the runner off this path
-            raise NotImplementedError("sliding-window attention is not implemented in the Triton decode kernel")
+            raise NotImplementedError("sliding-window attention is not implemented in the Triton decode "
+                                      "kernel")
         n = x.shape[0]
         q, k, v = self._qkv(x)
         if hasattr(self, "q_norm"):

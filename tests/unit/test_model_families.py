@@ -309,7 +309,8 @@ def test_gguf_unknown_architecture_and_extra_tensor_refused(tmp_path):
 
 # ---- random presets ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,total,active", [("qwen3-8b", 8.19e9, 8.19e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9)])
+@pytest.mark.parametrize("name,total,active", [("qwen3-8b", 8.19e9, 8.19e9),
+                                               ("qwen3-30b-a3b", 30.5e9, 3.3e9)])
 def test_qwen3_presets_have_the_real_shapes(name, total, active):
     """random:<preset> of Qwen3 shapes: every slice the plan asks for has the model's shape (meta
     tensors, nothing allocated), and the parameter counts are the published ones."""
