@@ -130,6 +130,17 @@ def test_sliding_window_greedy_equals_transformers(name):
     assert executor_tokens(model, max_num_tokens=256) == hf_greedy(PROMPTS, NEW, folder, None)
 
 
+def test_sliding_window_on_the_cuda_grouping(monkeypatch):
+    """The attention plan CUDA uses (fresh prefills padded together, decodes of a mixed step in one
+    padded call), run on CPU: the window holds there too."""
+    import disagg_mpi.model.attention as attn
+
+    monkeypatch.setitem(attn.PREFILL_SPREAD, "cpu", 2)
+    monkeypatch.setitem(attn.BATCH_DECODES, "cpu", True)
+    folder = family_checkpoint("mistral")
+    assert executor_tokens(load_model(str(folder)), max_num_tokens=24) == hf_greedy(PROMPTS, NEW, folder, None)
+
+
 def test_sliding_window_has_teeth():
     """The same Mistral weights with full attention give other tokens (the window binds)."""
     folder = family_checkpoint("mistral")
