@@ -81,6 +81,10 @@ def _key(prompt_ids_list, max_new_tokens: int, model_file: Path) -> str:
               "model_size": size, "version": 1}
     if digest:
         fields["model_sha"] = digest
+    config = model_file.parent / "config.json"
+    if model_file.suffix != ".gguf" and config.is_file():
+        # Same weights under another config (e.g. a sliding window) are another model.
+        fields["config_sha"] = hashlib.sha256(config.read_bytes()).hexdigest()
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -52,10 +52,17 @@ def validate(config: str, world_size: int | None) -> None:
     """Check a topology without starting anything.
 
     Prints a one-line summary (world size, every executor's TP/PP and ranks).
-    Exits 2 with the reason on a bad config or when --world-size differs from
-    the world size the topology needs.
+    Exits 2 with the reason on a bad config, on a model we do not support (its
+    architecture, options or checkpoint tensor names, read without loading
+    weights), or when --world-size differs from the world size the topology needs.
     """
+    from .model.loader import load_model_config
+
     topology = _load(config)
+    try:
+        load_model_config(topology.model.path)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(f"model.path={topology.model.path!r}: {err}")
     if world_size is not None and world_size != topology.world_size:
         _fail(f"{config} needs a world size of {topology.world_size} (rank 0 plus "
               f"{topology.world_size - 1} executor ranks) but the job has {world_size}; "

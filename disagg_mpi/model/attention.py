@@ -2,6 +2,10 @@
 
 Pool layout of one rank: [num_blocks, num_local_layers, 2, kv_heads, block_size, head_dim].
 A token's slot is block_id * block_size + offset.
+
+`window` (sliding-window attention, Mistral): the query at position i sees keys at
+positions i - window < j <= i, as transformers' sliding-window mask. None: all j <= i.
+Blocks behind the window stay allocated (they are only masked out).
 """
 from __future__ import annotations
 
@@ -99,12 +103,16 @@ class FreshGroup:
     pick: tuple[torch.Tensor, torch.Tensor] | None  # (seq, pos) of each real token; None: no padding
     rows: torch.Tensor | None   # output rows of the real tokens; None: all N rows in order
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Output [n, Hq, D] of the group's real tokens, in `rows` order."""
         def batch(x):   # [N, H, D] -> [B, H, T, D]
             x = x if self.src is None else x[self.src]
             return x.reshape(self.b, self.t, x.shape[1], x.shape[2]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, enable_gqa=True)
+        if window is None or window >= self.t:
+            o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, enable_gqa=True)
+        else:   # every sequence starts at position 0, so one [T, T] mask serves the group
+            mask = window_mask(torch.arange(self.t, device=q.device), self.t, window)
+            o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), attn_mask=mask, enable_gqa=True)
         o = o.transpose(1, 2)                                  # [B, T, Hq, D]
         if self.pick is None:
             return o.reshape(self.b * self.t, o.shape[2], o.shape[3])
@@ -134,8 +142,9 @@ class DecodeRows:
     ctx: torch.Tensor       # [b] their context lengths (device)
     nb: int                 # blocks of the longest context
 
-    def attend(self, q: torch.Tensor, pool: torch.Tensor, layer: int, block_size: int) -> torch.Tensor:
-        return _decode_over(q[self.rows], pool, layer, self.tables, self.ctx, self.nb, block_size)
+    def attend(self, q: torch.Tensor, pool: torch.Tensor, layer: int, block_size: int,
+               window: int | None = None) -> torch.Tensor:
+        return _decode_over(q[self.rows], pool, layer, self.tables, self.ctx, self.nb, block_size, window)
 
 
 @dataclass
@@ -211,55 +220,66 @@ def _group(seqs: list[int], qsl: list[int], lens: list[int], n_all: int,
     return FreshGroup(b, t, src.flatten().to(device), (seq.to(device), pos.to(device)), rows)
 
 
+def window_mask(qpos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
+    """[n, ctx] bool: query at position qpos[j] sees key position p iff qpos[j] - window < p <= qpos[j]."""
+    kpos = torch.arange(ctx, device=qpos.device)[None, :]
+    mask = kpos <= qpos[:, None]
+    if window is not None:
+        mask &= kpos > qpos[:, None] - window
+    return mask
+
+
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                    pool: torch.Tensor, layer: int, idx: StepIndex) -> torch.Tensor:
+                    pool: torch.Tensor, layer: int, idx: StepIndex, window: int | None = None) -> torch.Tensor:
     """Causal attention of the step's queries q [N, Hq, D] over each sequence's cache.
 
     Must run after write_kv for this layer. Returns [N, Hq, D]. Fresh prefills run
     batched (a constant number of ops per layer); the rest one sequence at a time.
+    `window`: sliding-window attention (see the module's docstring).
     """
     if idx.ctx is not None:
-        return _decode_batched(q, pool, layer, idx)
+        return _decode_batched(q, pool, layer, idx, window)
     plan = idx.prefill_plan()
     if len(plan.groups) == 1 and not plan.rest and not plan.decodes and plan.groups[0].rows is None:
-        return plan.groups[0].attend(q, k_new, v_new)
+        return plan.groups[0].attend(q, k_new, v_new, window)
     out = torch.empty_like(q)
     for g in plan.groups:        # rows is None only for a lone group covering every row
-        out[g.rows] = g.attend(q, k_new, v_new)
+        out[g.rows] = g.attend(q, k_new, v_new, window)
     for d in plan.decodes:
-        out[d.rows] = d.attend(q, pool, layer, idx.meta.block_size)
+        out[d.rows] = d.attend(q, pool, layer, idx.meta.block_size, window)
     qsl = idx.meta.query_start_loc
     for i in plan.rest:
         s, e = qsl[i], qsl[i + 1]
-        out[s:e] = _attend_cached(q[s:e], pool, layer, idx, i)
+        out[s:e] = _attend_cached(q[s:e], pool, layer, idx, i, window)
     return out
 
 
-def _attend_cached(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex, i: int) -> torch.Tensor:
+def _attend_cached(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex, i: int,
+                   window: int | None = None) -> torch.Tensor:
     """Sequence i's n new queries q [n, Hq, D] over its whole cache (n < ctx)."""
     n, ctx, bs = q.shape[0], idx.meta.context_lens[i], idx.meta.block_size
     k, v = _gather_seq(pool, layer, idx.tables[i, :(ctx + bs - 1) // bs], ctx)
     k, v = k.to(q.dtype).unsqueeze(0), v.to(q.dtype).unsqueeze(0)
     qi = q.transpose(0, 1).unsqueeze(0)                    # [1, Hq, n, D]
-    if n == 1:
+    if n == 1 and (window is None or window >= ctx):
         o = F.scaled_dot_product_attention(qi, k, v, enable_gqa=True)
     else:
         # New query j sits at position ctx - n + j and sees keys 0..ctx - n + j
         # (SDPA's is_causal aligns top-left, which is wrong when n < ctx).
-        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+        mask = window_mask(torch.arange(ctx - n, ctx, device=q.device), ctx, window)
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, enable_gqa=True)
     return o[0].transpose(0, 1)
 
 
-def _decode_batched(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex) -> torch.Tensor:
+def _decode_batched(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex,
+                    window: int | None = None) -> torch.Tensor:
     """A decode-only step: one new token per sequence."""
     bs = idx.meta.block_size
-    return _decode_over(q, pool, layer, idx.tables, idx.ctx, -(-max(idx.meta.context_lens) // bs), bs)
+    return _decode_over(q, pool, layer, idx.tables, idx.ctx, -(-max(idx.meta.context_lens) // bs), bs, window)
 
 
 def _decode_over(q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.Tensor, ctx: torch.Tensor,
-                 nb: int, bs: int) -> torch.Tensor:
+                 nb: int, bs: int, window: int | None = None) -> torch.Tensor:
     """q [B, Hq, D], one query per sequence at its last position: gather the B caches (the first
     `nb` blocks of each table, `ctx` tokens valid) into a padded [B, H, T, D] and attend at once."""
     b = tables.shape[0]
@@ -267,6 +287,10 @@ def _decode_over(q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.
     kv = pool[tables, layer]                      # [B, nb, 2, H, bs, D]
     h, d = kv.shape[3], kv.shape[5]
     kv = kv.permute(2, 0, 3, 1, 4, 5).reshape(2, b, h, nb * bs, d).to(q.dtype)
-    mask = (torch.arange(nb * bs, device=pool.device)[None, :] < ctx[:, None])[:, None, None, :]
+    kpos = torch.arange(nb * bs, device=pool.device)[None, :]
+    keep = kpos < ctx[:, None]
+    if window is not None:    # the query sits at position ctx - 1
+        keep &= kpos >= ctx[:, None] - window
+    mask = keep[:, None, None, :]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=mask, enable_gqa=True)
     return o[:, :, 0]

@@ -8,6 +8,18 @@ from typing import Any
 
 import torch
 
+from disagg_mpi.model.families import (
+    HF_ARCHITECTURES,
+    QK_NORM,
+    QKV_BIAS_ALWAYS,
+    check_hf_options,
+    gguf_family,
+    hf_family,
+    qkv_bias,
+    moe_fields,
+    sliding_window_of,
+)
+
 
 @dataclass
 class ModelConfig:
@@ -26,9 +38,24 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    architecture: str = "llama"          # family: a value of model/families.py HF_ARCHITECTURES
+    qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None    # attend to the last `sliding_window` positions only
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_experts == 0: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0       # each expert's FFN width
+    norm_topk_prob: bool = False         # renormalize the top-k routing weights (Mixtral: always)
+    dense_layers: list[int] = field(default_factory=list)   # layers of an MoE model with a dense MLP
+    shared_expert_intermediate_size: int = 0   # Qwen2-MoE: an always-on expert (0: none)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        family = hf_family(d)
+        check_hf_options(d, family)
         heads = d["num_attention_heads"]
         # transformers 5 moved rope settings into `rope_parameters`; 4.x used
         # `rope_theta` + `rope_scaling`. Accept both.
@@ -40,7 +67,7 @@ class ModelConfig:
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
             scaling = None
         eos = d.get("eos_token_id", 2)
-        return cls(
+        cfg = cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
@@ -50,15 +77,30 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 has q/k/v biases without a config flag.
-            attention_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
+            attention_bias=qkv_bias(d, family),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
+            architecture=family, qk_norm=family in QK_NORM,
+            sliding_window=sliding_window_of(d, family),
+            **moe_fields(d, family),
         )
+        return cfg.checked()
+
+    def checked(self) -> ModelConfig:
+        """Refuse what the forward pass does not implement; the config itself otherwise."""
+        rope_inv_freq(self)   # raises on an unsupported rope_scaling type
+        w = self.sliding_window
+        if w is not None and w < 1:
+            raise ValueError(f"sliding_window={w} must be >= 1 (or null for full attention)")
+        if w is not None and w >= self.max_position_embeddings:
+            return self.replace(sliding_window=None)   # the window never binds: full attention
+        return self
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A LlamaForCausalLM config.json (used by tests and HF exports)."""
+        """A config.json of this family that `from_hf_dict` reads back (used by tests and exports)."""
+        arch = {f: a for a, f in HF_ARCHITECTURES.items()}[self.architecture]
         d = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": [arch], "model_type": self.architecture,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -68,7 +110,19 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
             "mlp_bias": False, "hidden_act": "silu", "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
+            "sliding_window": self.sliding_window,
         }
+        if self.architecture in QKV_BIAS_ALWAYS:
+            d.pop("attention_bias")
+        if self.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["max_window_layers"] = 0
+        if self.architecture == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+        if self.architecture == "qwen3_moe":
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                     decoder_sparse_step=1, mlp_only_layers=list(self.dense_layers))
         return d
 
     @classmethod
@@ -78,8 +132,7 @@ class ModelConfig:
             return f.contents() if f is not None else default
 
         arch = get("general.architecture", "llama")
-        if arch not in ("llama", "qwen2"):
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        family = gguf_family(arch)
         hidden = int(get(f"{arch}.embedding_length"))
         heads = int(get(f"{arch}.attention.head_count"))
         names = {t.name for t in reader.tensors}
@@ -104,7 +157,8 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
-        )
+            architecture=family, qk_norm=family in QK_NORM,
+        ).checked()
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -151,6 +205,18 @@ PRESETS: dict[str, ModelConfig] = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+    # Qwen3 shapes (config.json of Qwen/Qwen3-8B and Qwen/Qwen3-30B-A3B): q/k norm, head_dim 128.
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_ids=[151645], architecture="qwen3", qk_norm=True),
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_ids=[151645], architecture="qwen3_moe", qk_norm=True, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 }
 
 

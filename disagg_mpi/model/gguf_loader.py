@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from disagg_mpi.model.config import ModelConfig
+from disagg_mpi.model.families import check_names, checkpoint_names
 from disagg_mpi.model.weights import Fetch
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 _GLOBAL_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                "lm_head.weight": "output.weight"}
@@ -71,6 +73,8 @@ class GGUFCheckpoint:
         self.tensors = {t.name: t for t in self.reader.tensors}
         if "rope_freqs.weight" in self.tensors:
             raise ValueError(f"{path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+        # The whole file's names, whatever this rank's shard: never load it half-understood.
+        check_names(self.tensors, [gguf_name(n) for n in checkpoint_names(self.config)], str(path))
 
     def fetch(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
         gname = gguf_name(name)

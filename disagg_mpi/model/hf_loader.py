@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from disagg_mpi.model.config import ModelConfig
+from disagg_mpi.model.families import check_names, checkpoint_names
 from disagg_mpi.model.weights import Fetch
 
 
@@ -39,9 +40,8 @@ class HFCheckpoint:
         self.config = read_hf_config(self.folder)
         self.weight_map = _weight_map(self.folder)
         self._handles: dict[Path, object] = {}
-        if any(k.endswith("o_proj.bias") for k in self.weight_map):
-            # Our o_proj is bias-free so TP partial sums stay exact; refuse rather than drop it.
-            raise ValueError(f"{folder}: o_proj biases are not supported (Llama attention_bias=True)")
+        # The whole checkpoint's names, whatever this rank's shard: never load it half-understood.
+        check_names(self.weight_map, checkpoint_names(self.config), str(folder))
 
     def _handle(self, path: Path):
         if path not in self._handles:

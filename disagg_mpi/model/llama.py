@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM2, Qwen2-style q/k/v bias) over a paged KV pool.
+"""Llama-family decoder (Llama, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm) over a paged KV pool.
 
 One module per rank: it holds only its TP slice of heads/MLP columns and its
 PP range of layers. Parameter names mirror HF LlamaForCausalLM.
@@ -13,6 +13,7 @@ from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
+from disagg_mpi.model.moe import SparseMoE
 from disagg_mpi.model.parallel import (
     ShardSpec,
     check_gqa_consistent,
@@ -46,10 +47,14 @@ class Attention(nn.Module):
         super().__init__()
         d, hid, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
         self.n_q, self.n_kv, self.d, self.shard = n_q, n_kv, d, shard
+        self.window = cfg.sliding_window
         self.q_proj = nn.Linear(hid, n_q * d, bias=bias)
         self.k_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.v_proj = nn.Linear(hid, n_kv * d, bias=bias)
         self.o_proj = nn.Linear(n_q * d, hid, bias=False)   # bias-free: TP partial sums are exact
+        if cfg.qk_norm:   # Qwen3: RMSNorm over each head's head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, pool, local_layer, idx):
         n = x.shape[0]
@@ -57,10 +62,12 @@ class Attention(nn.Module):
         q = q.reshape(n, self.n_q, self.d)
         k = k.reshape(n, self.n_kv, self.d)
         v = v.reshape(n, self.n_kv, self.d)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         write_kv(pool, local_layer, k, v, idx)
-        o = paged_attention(q, k, v, pool, local_layer, idx)
+        o = paged_attention(q, k, v, pool, local_layer, idx, self.window)
         o = self.o_proj(o.reshape(n, self.n_q * self.d))
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)
@@ -82,8 +89,17 @@ class Attention(nn.Module):
 
     def forward_fast(self, x, cos, sin, pool, local_layer, idx):
         """Decode-only step on the Triton kernels (no host work: graph-capturable)."""
+        if self.window is not None:   # supports_fast_decode() keeps the runner off this path
+            raise NotImplementedError("sliding-window attention is not implemented in the Triton decode "
+                                      "kernel")
         n = x.shape[0]
         q, k, v = self._qkv(x)
+        if hasattr(self, "q_norm"):
+            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, in
+            # torch (no host work, so still graph-capturable); [n, heads * d], contiguous, as the
+            # kernel takes its q and k.
+            q = self.q_norm(q.reshape(n, self.n_q, self.d)).reshape(n, self.n_q * self.d)
+            k = self.k_norm(k.reshape(n, self.n_kv, self.d)).reshape(n, self.n_kv * self.d)
         # RoPE, KV write and paged attention in one kernel (was rope_write_kv + paged_decode_attention)
         o = tk.rope_write_decode_attention(q, k, v, cos, sin, pool, local_layer, idx.slots, idx.tables,
                                            idx.table_stride, idx.ctx, self.n_q, self.n_kv, self.d)
@@ -134,12 +150,14 @@ def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, ffn_local: int, shard: ShardSpec):
+    def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, ffn_local: int, shard: ShardSpec,
+                 expert_ffn_local: int | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, n_q, n_kv, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, ffn_local, shard)
+        self.mlp = (SparseMoE(cfg, expert_ffn_local, shard) if expert_ffn_local is not None
+                    else MLP(cfg, ffn_local, shard))
 
     def forward(self, h, cos, sin, pool, local_layer, idx):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, pool, local_layer, idx)
@@ -171,6 +189,10 @@ class LlamaModel(nn.Module):
         self.kv_heads = kv_head_range(shard.tp_rank, tp, cfg.num_kv_heads)
         ffn = cfg.intermediate_size // tp
         self.ffn_range = (shard.tp_rank * ffn, (shard.tp_rank + 1) * ffn)
+        eff = cfg.moe_intermediate_size // tp
+        self.expert_ffn_range = (shard.tp_rank * eff, (shard.tp_rank + 1) * eff)
+        sff = cfg.shared_expert_intermediate_size // tp
+        self.shared_ffn_range = (shard.tp_rank * sff, (shard.tp_rank + 1) * sff)
         n_q = self.q_heads[1] - self.q_heads[0]
         n_kv = self.kv_heads[1] - self.kv_heads[0]
         self.num_local_layers = self.layer_end - self.layer_start
@@ -180,7 +202,7 @@ class LlamaModel(nn.Module):
         if self.is_first:
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard)
+            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard, eff if cfg.is_moe_layer(i) else None)
             for i in range(self.layer_start, self.layer_end)})
         if self.is_last:
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -263,9 +285,12 @@ class LlamaModel(nn.Module):
         return h
 
     def supports_fast_decode(self) -> bool:
-        """The Triton decode kernels handle this shape (power-of-two head_dim)."""
+        """The Triton decode kernels handle this model: power-of-two head_dim, full attention
+        (their decode kernel has no sliding window: such a model runs the torch attention), dense
+        (the MoE expert loop reads routing on the host: no CUDA graph)."""
         d = self.config.head_dim
-        return d >= 16 and d & (d - 1) == 0
+        cfg = self.config
+        return d >= 16 and d & (d - 1) == 0 and cfg.sliding_window is None and cfg.num_experts == 0
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

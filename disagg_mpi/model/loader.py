@@ -44,14 +44,16 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, object]:
 
 
 def load_model_config(spec: str | os.PathLike) -> ModelConfig:
+    """The model's config, after checking that we support it: its architecture and options, and
+    every tensor name of the checkpoint (names only, no data; raises ValueError naming the culprit)."""
     kind, arg = _resolve(spec)
     if kind == "random":
         return preset(arg)
     if kind == "hf":
-        from disagg_mpi.model.hf_loader import read_hf_config
-        return read_hf_config(arg)
-    from disagg_mpi.model.gguf_loader import open_gguf
-    return ModelConfig.from_gguf(open_gguf(arg))
+        from disagg_mpi.model.hf_loader import HFCheckpoint
+        return HFCheckpoint(arg).config
+    from disagg_mpi.model.gguf_loader import GGUFCheckpoint
+    return GGUFCheckpoint(arg).config
 
 
 def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32,

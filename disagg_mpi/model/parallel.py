@@ -113,6 +113,12 @@ def validate_split(config, tp: int, pp: int, layer_split: Sequence[int] | None =
                          f"of it; allowed tp: {allowed_tp(config.num_kv_heads, config.num_heads)}")
     if config.intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide intermediate_size={config.intermediate_size}")
+    if getattr(config, "num_experts", 0) and config.moe_intermediate_size % tp:
+        raise ValueError(f"tp={tp} must divide moe_intermediate_size={config.moe_intermediate_size} "
+                         "(every expert's FFN is split across the TP ranks)")
+    if getattr(config, "shared_expert_intermediate_size", 0) % tp:
+        raise ValueError(f"tp={tp} must divide shared_expert_intermediate_size="
+                         f"{config.shared_expert_intermediate_size}")
     for r in range(tp):
         check_gqa_consistent(r, tp, config.num_heads, config.num_kv_heads)
     if layer_split is None:

@@ -17,11 +17,22 @@ STD = 0.02
 
 def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    if ".experts." in name or ".block_sparse_moe." in name:
+        f = cfg.moe_intermediate_size
+    if ".shared_expert." in name:
+        f = cfg.shared_expert_intermediate_size
+    if name.endswith("shared_expert_gate.weight"):
+        return (1, h)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (cfg.vocab_size, h)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return (d,)
     if name.endswith("norm.weight"):
         return (h,)
     last = name.split(".")[-2]
+    if last == "gate":   # an MoE router
+        return (cfg.num_experts, h)
+    last = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(last, last)   # Mixtral names
     rows = {"q_proj": cfg.num_heads * d, "k_proj": cfg.num_kv_heads * d, "v_proj": cfg.num_kv_heads * d,
             "o_proj": h, "gate_proj": f, "up_proj": f, "down_proj": h}[last]
     if name.endswith(".bias"):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg_mpi.model.families import expert_name, router_name
+
 
 @dataclass(frozen=True)
 class WeightSlice:
@@ -42,6 +44,12 @@ def weight_plan(model) -> dict[str, WeightSlice]:
                 plan[n] = WeightSlice(n, 0, a * d, b * d)
         n = p + "self_attn.o_proj.weight"
         plan[n] = WeightSlice(n, 1, qs * d, qe * d)
+        if cfg.qk_norm:   # one [head_dim] weight shared by every head: each rank takes it whole
+            for n in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                plan[p + n] = WeightSlice(p + n)
+        if cfg.is_moe_layer(layer):
+            plan.update(_moe_plan(cfg, layer, model.expert_ffn_range, model.shared_ffn_range))
+            continue
         for proj in ("gate_proj", "up_proj"):
             n = f"{p}mlp.{proj}.weight"
             plan[n] = WeightSlice(n, 0, i0, i1)
@@ -54,6 +62,23 @@ def weight_plan(model) -> dict[str, WeightSlice]:
         elif not model.is_first:
             # Tied, but the embedding lives on another stage: keep our own copy.
             plan["lm_head.weight"] = WeightSlice("model.embed_tokens.weight")
+    return plan
+
+
+def _moe_plan(cfg, layer: int, ffn: tuple[int, int], shared: tuple[int, int]) -> dict[str, WeightSlice]:
+    """The router (and shared-expert gate) whole on every rank; each expert's FFN columns [ffn),
+    the shared expert's [shared), like a dense MLP's."""
+    p = f"model.layers.{layer}.mlp."
+    plan = {p + "gate.weight": WeightSlice(router_name(cfg, layer))}
+    for e in range(cfg.num_experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            dim = 1 if proj == "down_proj" else 0
+            plan[f"{p}experts.{e}.{proj}.weight"] = WeightSlice(expert_name(cfg, layer, e, proj), dim, *ffn)
+    if cfg.shared_expert_intermediate_size:
+        plan[p + "shared_expert_gate.weight"] = WeightSlice(p + "shared_expert_gate.weight")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            n = f"{p}shared_expert.{proj}.weight"
+            plan[n] = WeightSlice(n, 1 if proj == "down_proj" else 0, *shared)
     return plan
 
 
