@@ -28,9 +28,9 @@ def save_hf_folder(model, folder):
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-_SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              rope_theta=10000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+_SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2}
 
 # name -> (transformers config class, causal-LM class, config kwargs). head_dim 32 != 64 / 4: the
 # explicit head_dim path (as Qwen3-0.6B: hidden 1024, 16 heads, head_dim 128).

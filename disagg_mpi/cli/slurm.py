@@ -56,7 +56,7 @@ def validate(config: str, world_size: int | None) -> None:
     architecture, options or checkpoint tensor names, read without loading
     weights), or when --world-size differs from the world size the topology needs.
     """
-    from .model.loader import load_model_config
+    from ..model.loader import load_model_config
 
     topology = _load(config)
     try:

@@ -15,8 +15,8 @@ from disagg_mpi.model.families import (
     check_hf_options,
     gguf_family,
     hf_family,
-    qkv_bias,
     moe_fields,
+    qkv_bias,
     sliding_window_of,
 )
 

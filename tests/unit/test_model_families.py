@@ -67,7 +67,7 @@ def test_qwen3_triton_decode_path_equals_transformers(monkeypatch):
 
     import disagg_mpi.engine.executor as executor_mod
     from disagg_mpi.engine.model_runner import ModelRunner
-    from disagg_mpi.model import triton_attention as tk
+    from disagg_mpi.model import triton_kernels as tk
 
     if not tk.available("cpu"):
         pytest.skip("needs triton and TRITON_INTERPRET=1")
@@ -198,7 +198,7 @@ def test_moe_shared_expert_has_teeth():
 @pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "qwen2-moe"])
 def test_moe_tensor_parallel_shards_every_expert(name):
     """TP=2 x PP=2 over the MoE checkpoint (ranks in threads) decodes as transformers does."""
-    from disagg_mpi.model.generate import greedy_generate
+    from tests.paged_generate import greedy_generate
     from tests.unit.test_model_sharding import ThreadAllReduce, grid_forward_fn
 
     folder = family_checkpoint(name)
@@ -230,7 +230,7 @@ def _cli_refuses(spec, tmp_path, *needles):
     topo = tmp_path / "topo.yaml"
     topo.write_text(yaml.safe_dump({"model": {"path": str(spec)},
                                     "generation_executors": [{"participant_ids": [1]}]}))
-    from disagg_mpi.cli_slurm import validate
+    from disagg_mpi.cli.slurm import validate
     res = CliRunner().invoke(validate, ["--config", str(topo)])
     assert res.exit_code == 2 and all(n in res.output for n in needles), res.output
 
