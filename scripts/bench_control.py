@@ -15,6 +15,10 @@ any version of the control plane):
 
 Prints medians and p90s in microseconds. Compare two versions by running both in the same
 minute on the same machine (the figures move with the machine's load).
+
+`--codec` (no MPI) times the encode + decode of typical control messages as protocol records
+against the untyped dicts they replaced (msgpack of `{"op": ..., ...}`, the wire before issue 19),
+in the same process: the per-message cost as a ratio, and the bytes on the wire.
 """
 
 from __future__ import annotations
@@ -45,12 +49,70 @@ def _summary(samples: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50_us": statistics.median(s) * 1e6, "p90_us": s[int(0.9 * (len(s) - 1))] * 1e6}
 
 
+def _codec_cases():
+    from disagg_mpi import protocol as P
+    from disagg_mpi.api import Response, Result
+
+    req = Request(list(range(2048)), max_tokens=128)
+    resp = Response(7, Result([11], False))
+    # Each legacy case builds its dict as the old senders did (to_dict included) and parses it
+    # as the old receivers did (from_dict included).
+    return [
+        ("enqueue, 2,048-token prompt", P.Enqueue([(7, req)]),
+         lambda: {"op": "enqueue", "items": [[7, req.to_dict()]]},
+         lambda d: [Request.from_dict(rd) for _, rd in d["items"]]),
+        ("responses, 8 streamed tokens", P.Responses(1, [resp] * 8, 4096, 100),
+         lambda: {"op": "responses", "executor": 1, "responses": [resp.to_dict() for _ in range(8)],
+                  "load": 4096, "free_blocks": 100},
+         lambda d: [Response.from_dict(rd) for rd in d["responses"]]),
+        ("claim, 128 blocks", P.Claim(3, 9, list(range(128)), 1),
+         lambda: {"op": "claim", "ctx_req_id": 3, "gen_req_id": 9, "blocks": list(range(128)), "executor": 1},
+         lambda d: d["blocks"]),
+        ("cancel", P.Cancel(7), lambda: {"op": "cancel", "req_id": 7}, lambda d: d["req_id"]),
+    ]
+
+
+def codec(repeats: int) -> dict:
+    import msgpack
+
+    from disagg_mpi import protocol as P
+
+    out = {}
+    for name, record, build, parse in _codec_cases():
+        def typed():
+            P.decode(P.encode(record))
+
+        def untyped():
+            parse(msgpack.unpackb(msgpack.packb(build()), strict_map_key=False))
+
+        times = {}
+        for label, fn in (("record", typed), ("dict", untyped)) * 2:  # interleaved, best of two
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            times[label] = min(times.get(label, 1e9), (time.perf_counter() - t0) / repeats)
+        out[name] = {"record_us": times["record"] * 1e6, "dict_us": times["dict"] * 1e6,
+                     "ratio": times["record"] / times["dict"],
+                     "record_bytes": len(P.encode(record)), "dict_bytes": len(msgpack.packb(build()))}
+        r = out[name]
+        print(f"{name:30s} record {r['record_us']:8.1f} us  dict {r['dict_us']:8.1f} us  ratio {r['ratio']:.2f}"
+              f"   bytes {r['record_bytes']} vs {r['dict_bytes']}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--codec", action="store_true", help="time the codec only (no MPI job)")
+    ap.add_argument("--repeats", type=int, default=2000, help="--codec: calls per message kind")
     ap.add_argument("--stats", type=int, default=500, help="stats round trips")
     ap.add_argument("--requests", type=int, default=100, help="disaggregated requests, one at a time")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.codec:
+        out = codec(args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return 0
     with launch(_topology()) as orch:
         if not orch:
             return 0
