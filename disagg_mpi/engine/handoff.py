@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import Request, RequestError
-from ..transfer.opaque import OpaqueState, prompt_digest
+from ..transfer.opaque import OpaqueState
 from ..transfer.plan import LayoutMismatchError, check_compatible
+from .handoff_check import check_handoff
 from .scheduler import RequestTooLargeError
 from .sequence import Sequence
 
@@ -89,14 +90,10 @@ class DisaggHandoff:
         if cpp is None or not cpp.first_gen_tokens:
             raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens")
         opaque = OpaqueState.decode(cpp.opaque_state, self.key)
-        if opaque.ctx_req_id != cpp.req_id:
-            raise RequestError("context_phase_params.req_id does not match its opaque state")
-        try:
-            self._check_generation(seq, opaque)
-        except (RequestError, RequestTooLargeError):
-            self._release_context(opaque, seq.req_id)  # authentic params we cannot serve: don't strand the KV
-            raise
-        seq.output_ids = [int(cpp.first_gen_tokens[0])]
+        # Refusals leave the context's KV alone: the genuine request may still come (or its lease ends).
+        check_handoff(cpp, opaque, seq.prompt_ids)
+        self._check_generation(seq, opaque)
+        seq.output_ids = [int(opaque.first_tokens[0])]
         seq.num_computed_tokens = len(seq.prompt_ids)
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
@@ -110,12 +107,6 @@ class DisaggHandoff:
             check_compatible(opaque.cache_state, self.cache_state)
         except LayoutMismatchError as err:
             raise RequestError(str(err)) from None
-        if opaque.num_tokens != len(seq.prompt_ids):
-            raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens but the context phase "
-                               f"computed {opaque.num_tokens}; send the same input_token_ids")
-        if opaque.prompt_digest and prompt_digest(seq.prompt_ids) != opaque.prompt_digest:
-            raise RequestError("the prompt differs from the one the context phase computed (same length, "
-                               "other tokens); send the same input_token_ids")
         needed = self.blocks.blocks_needed(seq.max_total_tokens)
         if needed > self.blocks.num_blocks:
             raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "

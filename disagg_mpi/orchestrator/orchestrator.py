@@ -21,6 +21,7 @@ from typing import Any
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
 from ..runtime.comms import TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms, recv_ready, send
+from .admission import check_request, model_limits
 from .prefix_index import PrefixIndex
 from .router import Router, run_locally
 
@@ -78,12 +79,27 @@ class DisaggOrchestrator:
 
     def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
         t = self._tracks[gid]
-        t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
+        exec_req_id = next(self._exec_ids)
+        # Sent before any bookkeeping: a request that cannot be sent leaves none behind.
+        send(self.comms.ctl, {"op": "enqueue", "items": [[exec_req_id, request.to_dict()]]},
+             self.leaders[executor], TAG_TO_EXEC)
+        t.phase, t.executor, t.exec_req_id = phase, executor, exec_req_id
         self._by_exec[(executor, t.exec_req_id)] = gid
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         self.prefix[executor].insert(request.input_token_ids)
-        send(self.comms.ctl, {"op": "enqueue", "items": [[t.exec_req_id, request.to_dict()]]},
-             self.leaders[executor], TAG_TO_EXEC)
+
+    def _dispatch_new(self, gid: int, request: Request, executor: int, phase: str) -> None:
+        try:
+            self._dispatch(gid, request, executor, phase)
+        except BaseException:
+            self._tracks.pop(gid, None)  # rank 0 forgets a request it could not start
+            raise
+
+    def _check(self, requests: Sequence[Request], generation_only: bool = False) -> None:
+        """Every request's values, before any of them starts (admission.py): all or none."""
+        limits = model_limits(str(self.topo.model.path))
+        for r in requests:
+            check_request(r, limits, generation_only)
 
     def _new(self, request: Request) -> tuple[int, Request]:
         request = copy.deepcopy(request)
@@ -96,11 +112,13 @@ class DisaggOrchestrator:
 
     def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
                                select_id: int | None) -> list[int]:
+        self._check(requests, request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY)
         out = []
         for r in requests:
+            ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
             gid, r = self._new(r)
             r.request_type = request_type
-            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), _GEN)
+            self._dispatch_new(gid, r, ex, _GEN)
             out.append(gid)
         return out
 
@@ -109,18 +127,20 @@ class DisaggOrchestrator:
         return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, select_id)
 
     def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None) -> list[int]:
+        self._check(requests)
         out = []
         for r in requests:
-            gid, r = self._new(r)
-            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
             ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
                              r.input_token_ids)
-            self._dispatch(gid, r, ex, _CTX)
+            gid, r = self._new(r)
+            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
+            self._dispatch_new(gid, r, ex, _CTX)
             out.append(gid)
         return out
 
     def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
                            select_gen_id: int | None = None) -> None:
+        self._check(requests, generation_only=True)
         for r, gid in zip(requests, global_ids, strict=True):
             if gid not in self._tracks:
                 raise KeyError(f"global request id {gid} is unknown")
@@ -237,6 +257,7 @@ class DisaggOrchestrator:
 
     def submit(self, requests: Sequence[Request]) -> list[int]:
         """Start requests the way the topology serves them (disaggregated if it can)."""
+        self._check(requests)
         if not self.context_ids:
             return self.enqueue_requests(requests)
         limit = self.topo.router.local_prefill_max_tokens
@@ -276,7 +297,13 @@ class DisaggOrchestrator:
                     continue
                 req = copy.deepcopy(t.request)
                 req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
-                self.enqueue_generation([req], [gid])
+                try:
+                    self.enqueue_generation([req], [gid])
+                except Exception as err:  # noqa: BLE001 - fail this request alone, free its context's KV
+                    send(self.comms.ctl, {"op": "cancel", "req_id": t.exec_req_id}, self.leaders[t.executor],
+                         TAG_TO_EXEC)
+                    out.append((gid, self._final(gid, Response(gid, None, f"internal error: the generation "
+                                                               f"phase could not start: {err}"))))
                 continue
             t.metrics.setdefault("generation_executor", t.executor)
             if resp.is_final:

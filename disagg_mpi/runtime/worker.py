@@ -273,7 +273,10 @@ def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver |
             msg, _ = got
             active = True
             if msg["op"] == "step":
-                runner.execute(StepPlan.from_dict(msg["plan"]))
+                try:
+                    runner.execute(StepPlan.from_dict(msg["plan"]))
+                except Exception:  # the leader failed too: it retries each request alone (step_isolation.py)
+                    log.exception("rank %d: step failed", comms.rank)
             elif msg["op"] == "pull":
                 transceiver.start_pull(msg["req_id"], OpaqueState.decode(msg["opaque"], key), msg["blocks"])
             elif msg["op"] == "shutdown":
