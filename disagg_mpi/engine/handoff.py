@@ -196,7 +196,7 @@ class DisaggHandoff:
                                   f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)",
                                p.pull_unfinished and self.group.pull_in_flight(p.seq.req_id))
 
-    def _drop_pending(self, p: _GenPending, error: str, pull_writing: bool) -> None:
+    def _drop_pending(self, p: _GenPending, error: str, pull_writing: bool, param: str | None = None) -> None:
         """End a pending request that gets no KV: it ends cancelled or with `error`; its blocks are
         freed now, or once a pull still writing into them lands (`pull_writing`)."""
         req_id = p.seq.req_id
@@ -209,7 +209,7 @@ class DisaggHandoff:
             p.seq.finish("abort")
             self._finish(p.seq)
         else:
-            self._error(req_id, error)
+            self._error(req_id, error, param)
 
     def on_claim_reply(self, gen_req_id: int, error: str | None, answered_at: float | None = None) -> None:
         """The context leader's answer to our claim (`answered_at`: its wall clock when it answered)."""
@@ -218,7 +218,7 @@ class DisaggHandoff:
             return
         p.wall_answer = answered_at
         if error:  # (an early pull may still write into the blocks)
-            self._drop_pending(p, error, p.pull_unfinished)
+            self._drop_pending(p, error, p.pull_unfinished, "context_phase_params")  # (a replay, most likely)
             return
         p.t_claimed = time.perf_counter()
         if p.landed is not None:  # the early pull is already in

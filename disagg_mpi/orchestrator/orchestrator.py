@@ -324,7 +324,7 @@ class DisaggOrchestrator:
             m.update({k: v for k, v in resp.result.metrics.items() if k != "executor"})
             resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
         else:
-            resp = Response(gid, None, resp.error_msg, resp.client_id)
+            resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param)
         first = t.t_first if t.t_first is not None else now
         m["ttft_ms"] = (first - t.t_enqueue) * 1e3
         m["e2e_ms"] = (now - t.t_enqueue) * 1e3
@@ -417,6 +417,11 @@ class DisaggOrchestrator:
 
     def latest_executor_stats(self) -> dict[int, dict]:
         return dict(self._stats)
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests rank 0 keeps state for: 0 once idle (a refused or failed request leaves none)."""
+        return len(self._tracks)
 
 
 def _any() -> int:

@@ -271,7 +271,8 @@ async def health(request: web.Request) -> web.Response:
     if state.shutting_down:
         return _json({"status": "shutting_down"}, 503)
     devices = {str(k): v for k, v in sorted(state.orch.devices.items())}
-    return _json({"status": "ok", "executors": devices, "in_flight": state.dispatcher.in_flight})
+    return _json({"status": "ok", "executors": devices, "in_flight": state.dispatcher.in_flight,
+                  "tracked": state.orch.num_tracked})
 
 
 async def metrics(request: web.Request) -> web.Response:
