@@ -57,8 +57,6 @@ def _as_int(value: Any) -> int | None:
 
 def _param_of(err: Exception) -> str | None:
     """The request field a refusal is about (shown to HTTP clients as the error's `param`)."""
-    if isinstance(err, RequestTooLargeError):
-        return "max_tokens"
     if isinstance(err, OpaqueStateError):
         return "context_phase_params.opaque_state"
     return getattr(err, "param", None)

@@ -20,7 +20,11 @@ from disagg_mpi.engine.sequence import Sequence, SequenceStatus
 
 
 class RequestTooLargeError(ValueError):
-    """The request cannot fit the block pool even when it is empty."""
+    """The request cannot fit the block pool even when it is empty; `param`: the field to change."""
+
+    def __init__(self, message: str, param: str | None = "max_tokens"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -85,7 +89,8 @@ class Scheduler:
                 f"the request needs {needed} KV blocks (prompt {seq.num_prompt_tokens} tokens"
                 f" + {here}, block_size {bm.block_size}) but the "
                 f"pool has {bm.num_blocks}; shorten the prompt, lower max_tokens or give the "
-                "executor more KV blocks"
+                "executor more KV blocks",
+                "input_token_ids" if seq.keep_blocks else "max_tokens",
             )
         self._check_new(seq)
         seq.status = SequenceStatus.WAITING

@@ -75,7 +75,8 @@ def _token_ids(v: Any, name: str, vocab: int, allow_empty: bool = False) -> list
     ids = [_int(t) for t in v]
     bad = [t for t, i in zip(v, ids, strict=True) if i is None or not 0 <= i < vocab]
     if bad:
-        raise RequestError(f"{name}: token ids {[_shown(t) for t in bad[:5]]} are outside the vocabulary "
+        shown = "[" + ", ".join(_shown(t) for t in bad[:5]) + "]"
+        raise RequestError(f"{name}: token ids {shown} are outside the vocabulary "
                            f"[0, {vocab})", name)
     return ids
 

@@ -33,7 +33,6 @@ BIG = 2**64
 @pytest.fixture(scope="module")
 def batch_run():
     """serve_server's `server` starts a `disagg-mpi run` beside it for test_serve_http.py; not needed here."""
-    return None
 
 
 @pytest.fixture(scope="module")
