@@ -225,7 +225,7 @@ _VALID = st.fixed_dictionaries(
     {"prompt": st.one_of(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), st.text(min_size=1, max_size=12))},
     optional={"max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
               "top_k": st.integers(0, 2000), "seed": st.integers(0, 2**63 - 1), "ignore_eos": st.booleans(),
-              "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2)})
+              "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2), "stream": st.booleans()})
 _DISAGG = st.fixed_dictionaries(
     {"request_type": st.sampled_from(["context_only", "generation_only", "context_and_generation", "x"])},
     optional={"first_gen_tokens": st.one_of(st.lists(st.one_of(st.integers(-1, VOCAB + 1), _ODD_INTS),
@@ -236,6 +236,27 @@ _FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "sto
            "stop", "user", "disaggregated_params"]
 _CHANGES = st.lists(st.tuples(st.sampled_from(_FIELDS), st.one_of(_WEIRD, _DISAGG)), max_size=2)
 _BODY = st.builds(lambda body, changes: {**body, **dict(changes)}, _VALID, _CHANGES)
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                            "content": st.one_of(st.text(max_size=10), _WEIRD)}),
+                     min_size=1, max_size=3)
+_CHAT_CHANGES = st.lists(st.tuples(st.sampled_from(["messages", "max_completion_tokens"] + _FIELDS[1:]),
+                                   st.one_of(_WEIRD, _DISAGG, _MESSAGES)), max_size=2)
+_CHAT_BODY = st.builds(lambda body, messages, changes: {**{k: v for k, v in body.items() if k != "prompt"},
+                                                         "messages": messages, **dict(changes)},
+                       _VALID, _MESSAGES, _CHAT_CHANGES)
+
+
+def _from_sse(raw: bytes) -> dict:
+    """A stream as the body it stands for: every token and the last finish_reason (or its error)."""
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+    assert events and events[-1] == b"[DONE]", raw[-200:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    errors = [c["error"] for c in chunks if "error" in c]
+    if errors:
+        return {"stream_error": errors[0]}
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    return {"choices": [{"token_ids": [t for ch in choices for t in ch["token_ids"]],
+                         "finish_reason": choices[-1]["finish_reason"]}]}
 
 
 def _post_sync(url, body):
@@ -243,26 +264,42 @@ def _post_sync(url, body):
     req = urllib.request.Request(url, data, {"Content-Type": "application/json", **AUTH})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            raw = r.read()
+            if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return r.status, _from_sse(raw)
+            return r.status, json.loads(raw)
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def _check_answer(body, status, out, max_tokens_field="max_tokens"):
+    """4xx with a message, or a 200 whose answer is well formed: never a 5xx, never a broken stream."""
+    assert status < 500, (body, out)
+    if status != 200:
+        assert out["error"]["message"], out
+        return
+    assert "stream_error" not in out, (body, out)
+    [choice] = out["choices"]
+    assert choice["finish_reason"] in ("stop", "length"), out
+    assert all(0 <= t < VOCAB for t in choice["token_ids"]), out
+    mode = (body.get("disaggregated_params") or {}).get("request_type")
+    default = 16 if max_tokens_field == "max_tokens" else 128
+    limit = 1 if mode == "context_only" else (body.get(max_tokens_field) or body.get("max_tokens") or default)
+    assert 1 <= len(choice["token_ids"]) <= limit, out
 
 
 @settings(max_examples=int(os.environ.get("DISAGG_FUZZ_EXAMPLES", "100")), deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                       HealthCheck.too_slow])
 @given(body=_BODY)
 def test_fuzz_bodies_get_4xx_or_a_correct_answer(server, body):
-    status, out = _post_sync(server.url + "/v1/completions", body)
-    assert status < 500, (body, out)
-    if status != 200:
-        assert out["error"]["message"], out
-        return
-    [choice] = out["choices"]
-    assert choice["finish_reason"] in ("stop", "length"), out
-    assert all(0 <= t < VOCAB for t in choice["token_ids"]), out
-    mode = (body.get("disaggregated_params") or {}).get("request_type")
-    limit = 1 if mode == "context_only" else (body.get("max_tokens") or 16)
-    assert 1 <= len(choice["token_ids"]) <= limit, out
+    _check_answer(body, *_post_sync(server.url + "/v1/completions", body))
+
+
+@settings(max_examples=int(os.environ.get("DISAGG_FUZZ_EXAMPLES", "60")), deadline=10_000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_CHAT_BODY)
+def test_fuzz_chat_bodies_get_4xx_or_a_correct_answer(server, body):
+    _check_answer(body, *_post_sync(server.url + "/v1/chat/completions", body), "max_completion_tokens")
 
 
 def test_after_the_fuzz_nothing_is_left_behind(server):
