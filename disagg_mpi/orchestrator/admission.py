@@ -10,8 +10,10 @@ Python API and `disagg-mpi run` (DisaggOrchestrator) all call it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +91,7 @@ def check_sampling(sc: Any) -> None:
                            "sampling_config.beam_width")
     for name, lo_open, hi in (("temperature", False, math.inf), ("top_p", True, 1.0)):
         v = getattr(sc, name)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
         if not ok or v < 0 or (lo_open and v == 0) or v > hi:
             allowed = "a finite number >= 0 (0 is greedy)" if name == "temperature" else "a number in (0, 1]"
             raise RequestError(f"sampling_config.{name}={_shown(v)} must be {allowed}", f"sampling_config.{name}")
@@ -136,3 +138,22 @@ def check_request(r: Any, limits: ModelLimits, generation_only: bool | None = No
         generation_only = r.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
     if generation_only:
         check_context_phase_params(r.context_phase_params, limits.vocab_size)
+
+
+def admitted(r: Request, limits: ModelLimits, generation_only: bool | None = None) -> Request:
+    """`check_request`, then a copy of `r` whose integers are Python ints (numpy and torch integers
+    pass the check but msgpack cannot send them)."""
+    check_request(r, limits, generation_only)
+    r = copy.deepcopy(r)
+    r.input_token_ids = [operator.index(t) for t in r.input_token_ids]
+    r.max_tokens = operator.index(r.max_tokens)
+    r.stop_token_ids = [operator.index(t) for t in (r.stop_token_ids or [])]
+    sc = r.sampling_config
+    sc.beam_width, sc.top_k = operator.index(sc.beam_width), operator.index(sc.top_k)
+    sc.temperature, sc.top_p = float(sc.temperature), float(sc.top_p)
+    sc.seed = None if sc.seed is None else operator.index(sc.seed)
+    cpp = r.context_phase_params
+    if cpp is not None and generation_only is not False and isinstance(cpp, ContextPhaseParams):
+        cpp.req_id = operator.index(cpp.req_id)
+        cpp.first_gen_tokens = [operator.index(t) for t in cpp.first_gen_tokens]
+    return r

@@ -21,7 +21,7 @@ from typing import Any
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
 from ..runtime.comms import TAG_TO_EXEC, TAG_TO_ORCH, Backoff, Comms, recv_ready, send
-from .admission import check_request, model_limits
+from .admission import admitted, model_limits
 from .prefix_index import PrefixIndex
 from .router import Router, run_locally
 
@@ -95,11 +95,10 @@ class DisaggOrchestrator:
             self._tracks.pop(gid, None)  # rank 0 forgets a request it could not start
             raise
 
-    def _check(self, requests: Sequence[Request], generation_only: bool = False) -> None:
+    def _check(self, requests: Sequence[Request], generation_only: bool = False) -> list[Request]:
         """Every request's values, before any of them starts (admission.py): all or none."""
         limits = model_limits(str(self.topo.model.path))
-        for r in requests:
-            check_request(r, limits, generation_only)
+        return [admitted(r, limits, generation_only) for r in requests]
 
     def _new(self, request: Request) -> tuple[int, Request]:
         request = copy.deepcopy(request)
@@ -112,7 +111,7 @@ class DisaggOrchestrator:
 
     def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
                                select_id: int | None) -> list[int]:
-        self._check(requests, request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY)
+        requests = self._check(requests, request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY)
         out = []
         for r in requests:
             ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
@@ -127,7 +126,7 @@ class DisaggOrchestrator:
         return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, select_id)
 
     def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None) -> list[int]:
-        self._check(requests)
+        requests = self._check(requests)
         out = []
         for r in requests:
             ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
@@ -140,7 +139,7 @@ class DisaggOrchestrator:
 
     def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
                            select_gen_id: int | None = None) -> None:
-        self._check(requests, generation_only=True)
+        requests = self._check(requests, generation_only=True)
         for r, gid in zip(requests, global_ids, strict=True):
             if gid not in self._tracks:
                 raise KeyError(f"global request id {gid} is unknown")
@@ -257,7 +256,7 @@ class DisaggOrchestrator:
 
     def submit(self, requests: Sequence[Request]) -> list[int]:
         """Start requests the way the topology serves them (disaggregated if it can)."""
-        self._check(requests)
+        requests = self._check(requests)
         if not self.context_ids:
             return self.enqueue_requests(requests)
         limit = self.topo.router.local_prefill_max_tokens

@@ -127,6 +127,8 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
     request (issue 20)."""
     import json
 
+    import numpy as np
+
     from disagg_mpi.api import RequestError, SamplingConfig
     from disagg_mpi.cli import _run_batch
 
@@ -147,6 +149,16 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
             orch.enqueue_generation_only([Request(prompt, context_phase_params=first_oov)])
         assert err.value.param == "context_phase_params.first_gen_tokens"
         assert orch.num_tracked == 0 and dict(orch.load) == load
+        # numpy integers pass the check and are sent as plain ints (msgpack cannot pack numpy's) ...
+        [r] = orch.generate([Request([np.int64(t) for t in prompt], max_tokens=np.int32(3), ignore_eos=True)])
+        assert r.error_msg is None and len(r.result.output_token_ids) == 3
+        # ... and a dispatch that fails anyway (here: one that skips the check) leaves no state behind
+        ex, load = orch.generation_ids[0], dict(orch.load)
+        gid, raw = orch._new(Request([np.int64(7)] * 12, max_tokens=2))
+        with pytest.raises(TypeError):
+            orch._dispatch_new(gid, raw, ex, "generation")
+        assert orch.num_tracked == 0 and dict(orch.load) == load
+        assert orch.prefix[ex].cached_tokens([7] * 13) == 0
         gid, cpp = _context(orch, prompt)
         for first in ([cpp.first_gen_tokens[0] ^ 1], cpp.first_gen_tokens + [5]):
             resp = _generate(orch, gid, prompt, ContextPhaseParams(cpp.req_id, first, cpp.opaque_state))

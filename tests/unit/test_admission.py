@@ -15,7 +15,7 @@ from disagg_mpi.api import ContextPhaseParams, Request, RequestError, RequestTyp
 from disagg_mpi.engine.handoff_check import check_handoff
 from disagg_mpi.engine.scheduler import ScheduledStep
 from disagg_mpi.engine.step_isolation import retry_alone
-from disagg_mpi.orchestrator.admission import ModelLimits, check_request
+from disagg_mpi.orchestrator.admission import ModelLimits, admitted, check_request
 from disagg_mpi.serve.protocol import ApiError, http_param, parse_json_body
 from disagg_mpi.serve.responses import finish_reason
 from disagg_mpi.transfer.cache_state import CacheState
@@ -92,6 +92,19 @@ def test_good_requests_pass():
     check_request(Request([1], sampling_config=SamplingConfig(temperature=0.7, top_k=2**63 - 1, top_p=1.0,
                                                               seed=2**63 - 1)), LIMITS)
     check_request(gen(), LIMITS)
+
+
+def test_admitted_is_a_copy_with_plain_ints():
+    r = gen(first=(np.int64(7),), req_id=np.int32(3), stop_token_ids=[np.int64(4)],
+            sampling_config=SamplingConfig(temperature=np.float32(0.5), top_k=np.int16(2), seed=np.uint8(1)))
+    r.input_token_ids = [np.int64(1), np.int32(2)]
+    a = admitted(r, LIMITS)
+    assert a is not r and type(r.input_token_ids[0]) is np.int64  # the caller's request is left alone
+    msgpack.packb(a.to_dict())
+    assert a.input_token_ids == [1, 2] and a.context_phase_params.first_gen_tokens == [7]
+    assert (a.sampling_config.top_k, a.sampling_config.seed, a.stop_token_ids) == (2, 1, [4])
+    with pytest.raises(RequestError):
+        admitted(Request([LIMITS.vocab_size]), LIMITS)
 
 
 def test_generation_only_is_checked_as_the_caller_says():
