@@ -88,7 +88,8 @@ class DisaggHandoff:
     def _admit_generation(self, seq: Sequence, r: Request) -> None:
         cpp = r.context_phase_params
         if cpp is None or not cpp.first_gen_tokens:
-            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens")
+            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens",
+                               "context_phase_params")
         opaque = OpaqueState.decode(cpp.opaque_state, self.key)
         # Refusals leave the context's KV alone: the genuine request may still come (or its lease ends).
         check_handoff(cpp, opaque, seq.prompt_ids)
