@@ -201,12 +201,15 @@ def _outcomes(server):
     return {s.labels["outcome"]: s.value for s in fams["disagg_requests"].samples if s.name.endswith("_total")}
 
 
-def test_refusals_count_as_refused_not_error(server):
+def test_refusals_count_as_refused_not_error(server, victim_ref):
     before = _outcomes(server)
-    status, _ = run(_one(server, "/v1/completions", {"prompt": [VOCAB], "max_tokens": 2}))
-    assert status == 400
-    status, _ = run(_one(server, "/v1/completions", {"prompt": [5], "max_tokens": 2, "seed": BIG}))
-    assert status == 400
+
+    async def attack(s):
+        return [await _cmpl(s, server, {"prompt": [VOCAB], "max_tokens": 2}),
+                await _cmpl(s, server, {"prompt": [5], "max_tokens": 2, "seed": BIG})]
+    oov, seed = with_victim(server, victim_ref, attack)
+    _refused(*oov, "prompt", "outside the vocabulary")
+    _refused(*seed, "seed")
     after = _outcomes(server)
     assert after["refused"] - before.get("refused", 0) == 2
     assert after["error"] == before["error"]
