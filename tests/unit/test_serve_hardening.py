@@ -227,8 +227,9 @@ _WEIRD = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=4), s
 _VALID = st.fixed_dictionaries(
     {"prompt": st.one_of(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), st.text(min_size=1, max_size=12))},
     optional={"max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
-              "top_k": st.integers(0, 2000), "seed": st.integers(0, 2**63 - 1), "ignore_eos": st.booleans(),
-              "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2), "stream": st.booleans()})
+              "top_k": st.one_of(st.integers(0, 2000), _ODD_INTS), "seed": st.one_of(st.integers(0, 2**63 - 1), _ODD_INTS),
+              "ignore_eos": st.booleans(), "stream": st.booleans(),
+              "stop_token_ids": st.lists(st.one_of(st.integers(0, VOCAB - 1), _ODD_INTS), max_size=2)})
 _DISAGG = st.fixed_dictionaries(
     {"request_type": st.sampled_from(["context_only", "generation_only", "context_and_generation", "x"])},
     optional={"first_gen_tokens": st.one_of(st.lists(st.one_of(st.integers(-1, VOCAB + 1), _ODD_INTS),
