@@ -37,7 +37,12 @@ DISAGG_NOT_ENABLED = "Disaggregated serving is not enabled, please check the con
 
 
 class RequestError(ValueError):
-    """A request that cannot be served; the message says what was wrong."""
+    """A request that cannot be served; the message says what was wrong, `param` which field
+    (dotted, as in `Request`: "max_tokens", "context_phase_params.first_gen_tokens"), or None."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -52,15 +57,17 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.beam_width != 1:
-            raise RequestError(f"beam_width={self.beam_width} is not supported: only beam width 1")
+            raise RequestError(f"beam_width={self.beam_width} is not supported: only beam width 1",
+                               "sampling_config.beam_width")
         if not self.temperature >= 0:
-            raise RequestError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+            raise RequestError(f"temperature={self.temperature} must be >= 0 (0 is greedy)", "sampling_config.temperature")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k={self.top_k} must be an integer >= 0 (0 disables top-k)")
+            raise RequestError(f"top_k={self.top_k} must be an integer >= 0 (0 disables top-k)",
+                               "sampling_config.top_k")
         if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p={self.top_p} must be in (0, 1]")
+            raise RequestError(f"top_p={self.top_p} must be in (0, 1]", "sampling_config.top_p")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise RequestError(f"seed={self.seed} must be an integer in [0, 2**63)")
+            raise RequestError(f"seed={self.seed} must be an integer in [0, 2**63)", "sampling_config.seed")
 
 
 @dataclass
@@ -169,6 +176,7 @@ class Response:
     result: Result | None = None
     error_msg: str | None = None
     client_id: str | None = None
+    error_param: str | None = None  # the request field an error is about (RequestError.param), if any
 
     def has_error(self) -> bool:
         return self.error_msg is not None
@@ -185,7 +193,7 @@ class Response:
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
         return {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
-                "client_id": self.client_id}
+                "client_id": self.client_id, "error_param": self.error_param}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Response:
@@ -196,7 +204,7 @@ class Response:
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
                             ContextPhaseParams.from_dict(cpp) if cpp else None,
                             RequestMetrics.from_dict(r.get("metrics")))
-        return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"))
+        return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"))
 
 
 @dataclass

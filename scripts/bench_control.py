@@ -79,10 +79,10 @@ def codec(repeats: int) -> dict:
 
     out = {}
     for name, record, build, parse in _codec_cases():
-        def typed():
+        def typed(record=record):
             P.decode(P.encode(record))
 
-        def untyped():
+        def untyped(build=build, parse=parse):
             parse(msgpack.unpackb(msgpack.packb(build()), strict_map_key=False))
 
         times = {}

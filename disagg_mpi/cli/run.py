@@ -82,10 +82,13 @@ def _drain_on_signals(rank: int, grace: float):
 
 def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: float | None,
                cancel_when=None) -> None:
+    from ..api import RequestError
     from ..jobs import LineError, output_line, parse_line
     from ..model.tokenizer import load_tokenizer
+    from ..orchestrator.admission import check_request, model_limits
 
     tok = load_tokenizer(topo.model.path)
+    limits = model_limits(str(topo.model.path))
     lines, order, requests, ids = [], [], [], []
     with open(input_path) as f:
         raw_lines = [ln for ln in f.read().splitlines() if ln.strip()]
@@ -93,6 +96,10 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
     for n, raw in enumerate(raw_lines, 1):
         try:
             line_id, req = parse_line(raw, n, tok)
+            try:  # rank 0's edge check, line by line: the orchestrator refuses a batch holding a bad one
+                check_request(req, limits)
+            except RequestError as err:
+                raise LineError(line_id, str(err)) from None
             requests.append(req)
             ids.append((n, line_id))
         except LineError as err:

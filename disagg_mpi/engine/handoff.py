@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 from ..api import Request, RequestError
 from ..protocol import Claim, Release
-from ..transfer.opaque import OpaqueState, prompt_digest
+from ..transfer.opaque import OpaqueState
 from ..transfer.plan import LayoutMismatchError, check_compatible
+from .handoff_check import check_handoff
 from .scheduler import RequestTooLargeError
 from .sequence import Sequence
 
@@ -88,16 +89,13 @@ class DisaggHandoff:
     def _admit_generation(self, seq: Sequence, r: Request) -> None:
         cpp = r.context_phase_params
         if cpp is None or not cpp.first_gen_tokens:
-            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens")
+            raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens",
+                               "context_phase_params")
         opaque = OpaqueState.decode(cpp.opaque_state, self.key)
-        if opaque.ctx_req_id != cpp.req_id:
-            raise RequestError("context_phase_params.req_id does not match its opaque state")
-        try:
-            self._check_generation(seq, opaque)
-        except (RequestError, RequestTooLargeError):
-            self._release_context(opaque, seq.req_id)  # authentic params we cannot serve: don't strand the KV
-            raise
-        seq.output_ids = [int(cpp.first_gen_tokens[0])]
+        # Refusals leave the context's KV alone: the genuine request may still come (or its lease ends).
+        check_handoff(cpp, opaque, seq.prompt_ids)
+        self._check_generation(seq, opaque)
+        seq.output_ids = [int(opaque.first_tokens[0])]
         seq.num_computed_tokens = len(seq.prompt_ids)
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
@@ -111,12 +109,6 @@ class DisaggHandoff:
             check_compatible(opaque.cache_state, self.cache_state)
         except LayoutMismatchError as err:
             raise RequestError(str(err)) from None
-        if opaque.num_tokens != len(seq.prompt_ids):
-            raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens but the context phase "
-                               f"computed {opaque.num_tokens}; send the same input_token_ids")
-        if opaque.prompt_digest and prompt_digest(seq.prompt_ids) != opaque.prompt_digest:
-            raise RequestError("the prompt differs from the one the context phase computed (same length, "
-                               "other tokens); send the same input_token_ids")
         needed = self.blocks.blocks_needed(seq.max_total_tokens)
         if needed > self.blocks.num_blocks:
             raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
@@ -205,7 +197,7 @@ class DisaggHandoff:
                                   f"complete within {limit:g} s (cache_transceiver_config.timeout_seconds)",
                                p.pull_unfinished and self.group.pull_in_flight(p.seq.req_id))
 
-    def _drop_pending(self, p: _GenPending, error: str, pull_writing: bool) -> None:
+    def _drop_pending(self, p: _GenPending, error: str, pull_writing: bool, param: str | None = None) -> None:
         """End a pending request that gets no KV: it ends cancelled or with `error`; its blocks are
         freed now, or once a pull still writing into them lands (`pull_writing`)."""
         req_id = p.seq.req_id
@@ -218,7 +210,7 @@ class DisaggHandoff:
             p.seq.finish("abort")
             self._finish(p.seq)
         else:
-            self._error(req_id, error)
+            self._error(req_id, error, param)
 
     def on_claim_reply(self, gen_req_id: int, error: str | None, answered_at: float | None = None) -> None:
         """The context leader's answer to our claim (`answered_at`: its wall clock when it answered)."""
@@ -227,7 +219,7 @@ class DisaggHandoff:
             return
         p.wall_answer = answered_at
         if error:  # (an early pull may still write into the blocks)
-            self._drop_pending(p, error, p.pull_unfinished)
+            self._drop_pending(p, error, p.pull_unfinished, "context_phase_params")  # (a replay, most likely)
             return
         p.t_claimed = time.perf_counter()
         if p.landed is not None:  # the early pull is already in

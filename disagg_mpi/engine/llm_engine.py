@@ -41,6 +41,7 @@ from .model_runner import StepPlan
 from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
+from .step_isolation import retry_alone
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ def _as_int(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _param_of(err: Exception) -> str | None:
+    """The request field a refusal is about (shown to HTTP clients as the error's `param`)."""
+    if isinstance(err, OpaqueStateError):
+        return "context_phase_params.opaque_state"
+    return getattr(err, "param", None)
 
 
 class ExecutorGroup(Protocol):
@@ -129,7 +137,7 @@ class LLMEngine(DisaggHandoff):
             else:
                 self.scheduler.add(seq)
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
-            self._error(req_id, str(err))
+            self._error(req_id, str(err), _param_of(err))
         except TypeError as err:  # a field of the wrong type that the checks above missed
             self._error(req_id, f"malformed request: {err}")
 
@@ -138,35 +146,38 @@ class LLMEngine(DisaggHandoff):
         if rt != RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION and not self.transceiver_enabled:
             raise RequestError(DISAGG_NOT_ENABLED)
         if not isinstance(r.sampling_config, SamplingConfig):
-            raise RequestError(f"sampling_config must be a SamplingConfig, got {type(r.sampling_config).__name__}")
+            raise RequestError(f"sampling_config must be a SamplingConfig, got {type(r.sampling_config).__name__}",
+                               "sampling_config")
         sc = r.sampling_config
         for name in ("temperature", "top_p"):
             v = getattr(sc, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isinf(v):
-                raise RequestError(f"{name}={v!r} must be a finite number")
+                raise RequestError(f"{name}={v!r} must be a finite number", f"sampling_config.{name}")
         sc.validate()
         ids = r.input_token_ids
         if ids is None or (isinstance(ids, (list, tuple)) and not ids):
-            raise RequestError("the prompt is empty; send at least one token")
+            raise RequestError("the prompt is empty; send at least one token", "input_token_ids")
         if not isinstance(ids, (list, tuple)):
-            raise RequestError(f"input_token_ids must be a list of token ids, got {type(ids).__name__}")
+            raise RequestError(f"input_token_ids must be a list of token ids, got {type(ids).__name__}",
+                               "input_token_ids")
         vocab = self.model_config.vocab_size
         ids = [_as_int(t) for t in ids]  # numpy / torch integers are fine; bool, float, str are not
         bad = [t for t in ids if t is None or not 0 <= t < vocab]
         if bad:
             shown = [t for t, i in zip(r.input_token_ids, ids) if i is None or not 0 <= i < vocab][:5]
-            raise RequestError(f"token ids {shown} are outside the vocabulary [0, {vocab})")
+            raise RequestError(f"token ids {shown} are outside the vocabulary [0, {vocab})", "input_token_ids")
         full_max_tokens = _as_int(r.max_tokens)
         if full_max_tokens is None or full_max_tokens < 1:
-            raise RequestError(f"max_tokens={r.max_tokens!r} must be an integer >= 1")
+            raise RequestError(f"max_tokens={r.max_tokens!r} must be an integer >= 1", "max_tokens")
         stop = r.stop_token_ids if r.stop_token_ids is not None else []
         stop_ids = [_as_int(t) for t in stop] if isinstance(stop, (list, tuple, set)) else [None]
         if None in stop_ids:
-            raise RequestError(f"stop_token_ids={r.stop_token_ids!r} must be a list of integer token ids")
+            raise RequestError(f"stop_token_ids={r.stop_token_ids!r} must be a list of integer token ids",
+                               "stop_token_ids")
         limit = self.model_config.max_position_embeddings
         if len(ids) + full_max_tokens > limit:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({full_max_tokens}) exceeds the "
-                               f"model's context of {limit} tokens")
+                               f"model's context of {limit} tokens", "max_tokens")
         seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
         max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
         seq = Sequence(req_id, ids, max_tokens, SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed),
@@ -190,25 +201,21 @@ class LLMEngine(DisaggHandoff):
         step = self.scheduler.schedule(admit=not ahead)
         if step.is_empty:
             return
-        inputs = self.scheduler.make_step_inputs(step)
         by_id = {seq.req_id: seq for seq, _ in step.items}
-        sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
-        plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
-                        [by_id[r].sample_key() for r in inputs.sample_req_ids],
-                        self._predict_next(step, inputs, sampling))
-        if plan.next_inputs is not None:
-            self._predicted = plan.next_inputs.sample_req_ids
         try:
-            tokens = self.group.run_step(plan)
-        except Exception as err:
-            log.exception("executor %d: step failed", self.executor_id)
-            for seq, _ in step.items:
-                self.scheduler.abort(seq.req_id)
-                self._error(seq.req_id, f"internal error while running the model: {err}")
-            return
+            sampled = self._run(step, predict=True)
+        except Exception:
+            log.exception("executor %d: a step of %d requests failed; running each alone", self.executor_id,
+                          len(step.items))
+            self._predicted = None
+            step, sampled, failed = retry_alone(step, lambda one: self._run(one, predict=False))
+            for rid, err in failed.items():  # (the request itself is at fault: the others go on)
+                self.scheduler.abort(rid)
+                self._error(rid, f"internal error while running the model: {type(err).__name__}: {err}")
+            if step.is_empty:
+                return
         self.stats["iterations"] += 1
         self.stats["tokens"] += step.num_tokens
-        sampled = dict(zip(inputs.sample_req_ids, tokens))
         finished = self.scheduler.update(step, sampled)
         now = time.perf_counter()
         for rid, token in sampled.items():
@@ -220,6 +227,18 @@ class LLMEngine(DisaggHandoff):
                 self._emit(seq, [token], final=False)
         for seq in finished:
             self._finish(seq)
+
+    def _run(self, step: Any, predict: bool) -> dict[int, int]:
+        """Run one scheduled step on the executor's ranks: {req_id: sampled token}."""
+        inputs = self.scheduler.make_step_inputs(step)
+        by_id = {seq.req_id: seq for seq, _ in step.items}
+        sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
+        plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
+                        [by_id[r].sample_key() for r in inputs.sample_req_ids],
+                        self._predict_next(step, inputs, sampling) if predict else None)
+        if plan.next_inputs is not None:
+            self._predicted = plan.next_inputs.sample_req_ids
+        return dict(zip(inputs.sample_req_ids, self.group.run_step(plan), strict=True))
 
     def _predict_next(self, step, inputs, sampling) -> Any:
         """The next step's inputs when it can only be these sequences one position further
@@ -247,7 +266,8 @@ class LLMEngine(DisaggHandoff):
                 h = self._hold(seq)
                 opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                                      tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids),
-                                     self.cache_state, h.keep_until, prompt_digest(seq.prompt_ids))
+                                     self.cache_state, h.keep_until, prompt_digest(seq.prompt_ids),
+                                     tuple(seq.output_ids))
                 cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
@@ -273,9 +293,9 @@ class LLMEngine(DisaggHandoff):
         result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics())
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
-    def _error(self, req_id: int, message: str) -> None:
+    def _error(self, req_id: int, message: str, param: str | None = None) -> None:
         meta = self._meta.pop(req_id, None)
-        self._responses.append(Response(req_id, None, message, meta.client_id if meta else None))
+        self._responses.append(Response(req_id, None, message, meta.client_id if meta else None, param))
 
     def take_responses(self) -> list[Response]:
         out = list(self._responses)

@@ -59,7 +59,12 @@ def _sample_rows(
 
     # Sort once (stable, so equal logits keep a fixed order); top-k and top-p
     # are then masks on ranks, and the draw walks the sorted order.
-    scaled = logits.float() / temperature[:, None]
+    # Shifted so each row's largest logit is 0 (softmax does not change): a temperature so small that
+    # logits / temperature overflows (a request sent 1e-309, 0 in float32) then tends to greedy
+    # (0 / tiny = 0, the rest -inf) instead of inf / inf = nan and an index out of range.
+    tiny = torch.finfo(torch.float32).tiny
+    logits = logits.float()
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.float().clamp_min(tiny)[:, None]
     values, order = scaled.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))

@@ -20,7 +20,11 @@ from disagg_mpi.engine.sequence import Sequence, SequenceStatus
 
 
 class RequestTooLargeError(ValueError):
-    """The request cannot fit the block pool even when it is empty."""
+    """The request cannot fit the block pool even when it is empty; `param`: the field to change."""
+
+    def __init__(self, message: str, param: str | None = "max_tokens"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -77,11 +81,16 @@ class Scheduler:
         bm = self.block_manager
         needed = bm.blocks_needed(seq.max_total_tokens)
         if needed > bm.num_blocks:
+            # (No request id: it is this executor's, not the client's. A context-only request
+            # computes its prompt and one token here, whatever max_tokens the client asked.)
+            here = ("the first token" if seq.keep_blocks
+                    else f"max_tokens {seq.max_tokens}")
             raise RequestTooLargeError(
-                f"request {seq.req_id} needs {needed} KV blocks (prompt {seq.num_prompt_tokens}"
-                f" + max_tokens {seq.max_tokens} tokens, block_size {bm.block_size}) but the "
+                f"the request needs {needed} KV blocks (prompt {seq.num_prompt_tokens} tokens"
+                f" + {here}, block_size {bm.block_size}) but the "
                 f"pool has {bm.num_blocks}; shorten the prompt, lower max_tokens or give the "
-                "executor more KV blocks"
+                "executor more KV blocks",
+                "input_token_ids" if seq.keep_blocks else "max_tokens",
             )
         self._check_new(seq)
         seq.status = SequenceStatus.WAITING

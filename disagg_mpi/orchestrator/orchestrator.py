@@ -34,6 +34,7 @@ from ..protocol import (
     Tag,
 )
 from ..runtime.comms import Backoff, Comms, recv_ready, send
+from .admission import admitted, model_limits
 from .prefix_index import PrefixIndex
 from .router import Router, run_locally
 from .tracks import CONTEXT, GENERATION, Flow, Track, Tracks
@@ -76,10 +77,24 @@ class DisaggOrchestrator:
         return select
 
     def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
-        exec_req_id = self.tracks.assign(gid, executor, phase)
+        exec_req_id = self.tracks.next_exec_id()
+        # Sent before any bookkeeping: a request that cannot be sent leaves none behind.
+        self._send(Enqueue([(exec_req_id, request)]), executor)
+        self.tracks.assign(gid, executor, phase, exec_req_id)
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         self.prefix[executor].insert(request.input_token_ids)
-        self._send(Enqueue([(exec_req_id, request)]), executor)
+
+    def _dispatch_new(self, gid: int, request: Request, executor: int, phase: str) -> None:
+        try:
+            self._dispatch(gid, request, executor, phase)
+        except BaseException:
+            self.tracks.drop(gid)  # rank 0 forgets a request it could not start
+            raise
+
+    def _check(self, requests: Sequence[Request], generation_only: bool = False) -> list[Request]:
+        """Every request's values, before any of them starts (admission.py): all or none."""
+        limits = model_limits(str(self.topo.model.path))
+        return [admitted(r, limits, generation_only) for r in requests]
 
     def _new(self, request: Request, flow: Flow) -> tuple[int, Request]:
         request = copy.deepcopy(request)
@@ -90,12 +105,13 @@ class DisaggOrchestrator:
 
     def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
                                select_id: int | None) -> list[int]:
+        requests = self._check(requests, request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY)
         out = []
         for r in requests:
+            ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
             gid, r = self._new(r, Flow.AUTO)
             r.request_type = request_type
-            self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids),
-                           GENERATION)
+            self._dispatch_new(gid, r, ex, GENERATION)
             out.append(gid)
         return out
 
@@ -114,18 +130,20 @@ class DisaggOrchestrator:
         `await_context_responses`, and the caller enqueues the generation phase; Flow.AUTO: rank 0
         moves each on by itself; Flow.CONTEXT_ONLY: the answer, with its ContextPhaseParams, is the
         final response."""
+        requests = self._check(requests)
         out = []
         for r in requests:
-            gid, r = self._new(r, flow)
-            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
             ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
                              r.input_token_ids)
-            self._dispatch(gid, r, ex, CONTEXT)
+            gid, r = self._new(r, flow)
+            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
+            self._dispatch_new(gid, r, ex, CONTEXT)
             out.append(gid)
         return out
 
     def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
                            select_gen_id: int | None = None) -> None:
+        requests = self._check(requests, generation_only=True)
         for r, gid in zip(requests, global_ids, strict=True):
             t = self.tracks.get(gid)
             if t is None:
@@ -139,6 +157,7 @@ class DisaggOrchestrator:
     def submit(self, requests: Sequence[Request]) -> list[int]:
         """Start requests the way the topology serves them (disaggregated if it can); rank 0
         moves each from its context phase to its generation phase."""
+        requests = self._check(requests)
         if not self.context_ids:
             return self.enqueue_requests(requests)
         limit = self.topo.router.local_prefill_max_tokens
@@ -216,7 +235,12 @@ class DisaggOrchestrator:
         else:
             req = copy.deepcopy(t.request)
             req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
-            self.enqueue_generation([req], [gid])
+            try:
+                self.enqueue_generation([req], [gid])
+            except Exception as err:  # noqa: BLE001 - fail this request alone, free its context's KV
+                self._send(Cancel(t.exec_req_id), t.executor)
+                self._out.append((gid, self.tracks.finalize(gid, Response(
+                    gid, None, f"internal error: the generation phase could not start: {err}"))))
 
     def _await(self, queues: list[deque], timeout: float | None) -> list[tuple[int, Response]]:
         deadline = None if timeout is None else time.perf_counter() + timeout
@@ -340,6 +364,11 @@ class DisaggOrchestrator:
     def shutdown(self) -> None:
         for ex in self.leaders:
             self._send(Shutdown(), ex)
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests rank 0 keeps state for: 0 once idle (a refused or failed request leaves none)."""
+        return len(self.tracks)
 
 
 def _any() -> int:

@@ -59,17 +59,15 @@ class Tracks:
         self._tracks[gid] = Track(request, flow)
         return gid
 
-    def assign(self, gid: int, executor: int, phase: str) -> int:
-        """The request's next phase runs on `executor`; returns the id it has there."""
-        t = self._tracks[gid]
-        t.phase, t.executor, t.exec_req_id = phase, executor, next(self._exec_ids)
-        self._by_exec[(executor, t.exec_req_id)] = gid
-        return t.exec_req_id
+    def next_exec_id(self) -> int:
+        """The id the next phase sent to an executor will have there."""
+        return next(self._exec_ids)
 
-    def unassign(self, gid: int) -> None:
-        """Forget where the request runs (its dispatch failed)."""
+    def assign(self, gid: int, executor: int, phase: str, exec_req_id: int) -> None:
+        """The request's next phase runs on `executor` under `exec_req_id` (sent already)."""
         t = self._tracks[gid]
-        self._by_exec.pop((t.executor, t.exec_req_id), None)
+        t.phase, t.executor, t.exec_req_id = phase, executor, exec_req_id
+        self._by_exec[(executor, exec_req_id)] = gid
 
     def drop(self, gid: int) -> None:
         t = self._tracks.pop(gid, None)
@@ -102,7 +100,7 @@ class Tracks:
             m.merge(resp.result.metrics, skip=("executor",))
             resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
         else:
-            resp = Response(gid, None, resp.error_msg, resp.client_id)
+            resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param)
         first = t.t_first if t.t_first is not None else now
         m.ttft_ms = (first - t.t_enqueue) * 1e3
         m.e2e_ms = (now - t.t_enqueue) * 1e3

@@ -273,7 +273,10 @@ def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver |
             active = True
             match got[0]:
                 case P.Step(plan):
-                    runner.execute(plan)
+                    try:
+                        runner.execute(plan)
+                    except Exception:  # the leader failed too: it retries each request alone (step_isolation.py)
+                        log.exception("rank %d: step failed", comms.rank)
                 case P.Pull(req_id, opaque, blocks):
                     transceiver.start_pull(req_id, OpaqueState.decode(opaque, key), blocks)
                 case P.StopMember():

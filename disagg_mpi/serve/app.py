@@ -19,10 +19,20 @@ from typing import Any
 from aiohttp import web
 
 from ..api import Response
+from ..orchestrator.admission import ModelLimits, model_limits
 from ..runtime.signals import STOP_SIGNALS
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
-from .protocol import ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
+from .protocol import (
+    ApiError,
+    ParsedRequest,
+    check_limits,
+    error_body,
+    http_param,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+)
 from .responses import IncrementalDecoder, chunk, finish_reason, full_body, usage_chunk
 
 log = logging.getLogger(__name__)
@@ -40,7 +50,8 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         name = served_model_name or topo.model.path
         self.model_names = tuple(dict.fromkeys([name, str(topo.model.path)]))
-        self.vocab = _vocab(topo)
+        self.limits = _limits(topo)
+        self.vocab = self.limits.vocab_size if self.limits else None
         kinds = {ex: ("context" if topo.is_context(ex) else "generation") for ex in range(len(topo.executors))}
         self.metrics = ServerMetrics(kinds)
         self.dispatcher = Dispatcher(orch)
@@ -48,12 +59,10 @@ class ServerState:
         self.started = int(time.time())
 
 
-def _vocab(topo: Any) -> int | None:
+def _limits(topo: Any) -> ModelLimits | None:
     try:
-        from ..model.loader import load_model_config
-
-        return load_model_config(topo.model.path).vocab_size
-    except Exception:  # noqa: BLE001 - the engine checks token ids anyway
+        return model_limits(str(topo.model.path))
+    except Exception:  # noqa: BLE001 - the orchestrator checks again (and fails loudly) on submit
         return None
 
 
@@ -132,14 +141,18 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     try:
         raw = await request.read()
         p = parse(parse_json_body(raw), state.tok, state.model_names, state.vocab)
-    except (ApiError, web.HTTPException):
-        state.metrics.outcome("error")
+        check_limits(p, state.limits)
+    except ApiError as err:
+        state.metrics.outcome("refused" if err.status < 500 else "error")
+        raise
+    except web.HTTPException as err:
+        state.metrics.outcome("refused" if err.status < 500 else "error")
         raise
     try:
         gid, q = state.dispatcher.submit(p.request, p.mode)
     except (ValueError, KeyError) as err:
-        state.metrics.outcome("error")
-        raise ApiError(400, str(err), None, "request_refused") from None
+        state.metrics.outcome("refused")
+        raise ApiError(400, str(err), http_param(getattr(err, "param", None), p.kind), "request_refused") from None
     state.metrics.in_flight.set(state.dispatcher.in_flight)
     try:
         if p.stream:
@@ -164,17 +177,18 @@ async def _final(q: asyncio.Queue) -> Response:
             return resp
 
 
-def _engine_error(state: ServerState, resp: Response) -> web.Response:
-    state.metrics.outcome("error")
+def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
     msg = resp.error_msg or "unknown error"
     if msg.startswith("internal error") or "shutting down" in msg:
+        state.metrics.outcome("error")
         return _err(500, msg, "server_error")
-    return _err(400, msg, code="request_refused")
+    state.metrics.outcome("refused")  # the client's request, not the server, was at fault
+    return _err(400, msg, param=http_param(resp.error_param, p.kind), code="request_refused")
 
 
 def _finish_full(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
     if resp.has_error() or resp.result is None:
-        return _engine_error(state, resp)
+        return _engine_error(state, p, resp)
     r = resp.result
     if r.finish_reason == "cancelled":
         state.metrics.outcome("cancelled")
@@ -193,7 +207,7 @@ async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gi
                   q: asyncio.Queue) -> web.StreamResponse:
     resp = await q.get()
     if resp.has_error():  # refused before anything was sent: a plain error body
-        return _engine_error(state, resp)
+        return _engine_error(state, p, resp)
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                       "X-Accel-Buffering": "no"})
     await out.prepare(request)
@@ -253,7 +267,8 @@ async def health(request: web.Request) -> web.Response:
     if state.shutting_down:
         return _json({"status": "shutting_down"}, 503)
     devices = {str(k): v for k, v in sorted(state.orch.devices.items())}
-    return _json({"status": "ok", "executors": devices, "in_flight": state.dispatcher.in_flight})
+    return _json({"status": "ok", "executors": devices, "in_flight": state.dispatcher.in_flight,
+                  "tracked": state.orch.num_tracked})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -10,7 +10,8 @@ from ..api import RequestMetrics
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-OUTCOMES = ("ok", "error", "cancelled")
+# "refused": the client's fault (a 4xx); "error": the server's (a 5xx, or a stream cut by an error)
+OUTCOMES = ("ok", "refused", "error", "cancelled")
 
 
 class ServerMetrics:

@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import ContextPhaseParams, Request, SamplingConfig
+from ..api import ContextPhaseParams, Request, RequestError, SamplingConfig
+from ..orchestrator.admission import ModelLimits, check_request
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -81,6 +82,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:  # (the parser recurses once per level: 100,000 levels overflow it)
+        raise bad("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -92,6 +95,17 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(v: str, param: str) -> str:
+    """`v`, if it is valid Unicode text: JSON's \\ud800 escapes decode to lone UTF-16 surrogates, which
+    no tokenizer can encode."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad(f"{param} holds a lone UTF-16 surrogate ({v[err.start]!r} at character {err.start}); "
+                  "send valid Unicode text", param) from None
+    return v
 
 
 def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None:
@@ -266,7 +280,7 @@ def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[st
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(_text(prompt, "prompt"))
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise bad(f"only one prompt per request is supported (got {len(prompt)})", "prompt")
     elif isinstance(prompt, list):
@@ -302,6 +316,7 @@ def _messages(v: Any) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        _text(content, f"{where}.content")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -317,3 +332,35 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(text)
     return _finish("chat", body, ids, vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
+
+
+# The fields of `Request` (admission.py's names) under their names in an OpenAI body.
+_HTTP_PARAMS = {
+    "max_tokens": "max_tokens", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+    "streaming": "stream", "context_phase_params": "disaggregated_params",
+    "context_phase_params.req_id": "disaggregated_params.ctx_request_id",
+    "context_phase_params.first_gen_tokens": "disaggregated_params.first_gen_tokens",
+    "context_phase_params.opaque_state": "disaggregated_params.opaque_state",
+}
+
+
+def http_param(param: str | None, kind: str) -> str | None:
+    """A `Request` field name (RequestError.param) as the OpenAI body names it."""
+    if param is None:
+        return None
+    if param == "input_token_ids":
+        return "prompt" if kind == "completion" else "messages"
+    if param.startswith("sampling_config."):
+        return param.removeprefix("sampling_config.")
+    return _HTTP_PARAMS.get(param, param)
+
+
+def check_limits(p: ParsedRequest, limits: ModelLimits | None) -> None:
+    """The edge check of every value against the model (vocabulary, context) and 64-bit ranges
+    (orchestrator/admission.py), with OpenAI's field names."""
+    if limits is None:
+        return
+    try:
+        check_request(p.request, limits, p.mode == GENERATION_ONLY)
+    except RequestError as err:
+        raise bad(str(err), http_param(err.param, p.kind)) from None

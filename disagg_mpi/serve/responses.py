@@ -14,10 +14,10 @@ from .protocol import CONTEXT_ONLY, ParsedRequest
 
 
 def finish_reason(reason: str | None) -> str:
-    if reason in ("stop", "length"):
+    """OpenAI's `stop` and `length`, plus `cancelled` (our one extension, documented in the README):
+    the request was cancelled (client gone, server shutting down) and ends with the tokens it had."""
+    if reason in ("stop", "length", "cancelled"):
         return reason
-    if reason == "cancelled":
-        return "abort"
     return "length"
 
 

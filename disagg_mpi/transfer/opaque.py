@@ -33,11 +33,14 @@ class OpaqueState:
     # 0: no such promise. Same-node readers only (one clock): see engine/handoff.py.
     keep_until: float = 0.0
     prompt_digest: bytes = b""  # of the prompt whose KV this is (prompt_digest()); b"": not checked
+    # The token(s) the context phase sampled: the generation side decodes on from these and no others
+    # (a client's first_gen_tokens must equal them: engine/handoff_check.py).
+    first_tokens: tuple[int, ...] = ()
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
                               list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
-                              self.keep_until, self.prompt_digest])
+                              self.keep_until, self.prompt_digest, list(self.first_tokens)])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -55,8 +58,9 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs, keep, digest = msgpack.unpackb(payload)
-        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest)
+        ex, ranks, rid, blocks, ntok, cs, keep, digest, first = msgpack.unpackb(payload)
+        return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest,
+                   tuple(first))
 
 
 def prompt_digest(token_ids: list[int]) -> bytes:

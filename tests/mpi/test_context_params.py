@@ -121,3 +121,60 @@ def test_cancel_while_waiting_for_a_transfer(monkeypatch):
                     final = resp
         assert final.error_msg is None and final.result.finish_reason == "cancelled"
         orch.wait_pools_full(timeout=10)
+
+
+def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory):
+    """Rank 0 refuses what would crash a step or overflow the control plane, keeping no state for it;
+    first_gen_tokens other than the signed ones are refused and leave the context for the genuine
+    request (issue 20)."""
+    import json
+
+    import numpy as np
+
+    from disagg_mpi.api import RequestError, SamplingConfig
+    from disagg_mpi.cli import _run_batch
+
+    topo = tiny_topology(1, 1)
+    with launch(topo) as orch:
+        if orch is None:
+            return
+        prompt = tiny_prompts(3)[2]
+        load = dict(orch.load)
+        bad = [Request(prompt, sampling_config=SamplingConfig(temperature=1.0, seed=2**64)),
+               Request(prompt, stop_token_ids=[2**64]), Request([5, 1024]), Request(prompt, max_tokens=2**64)]
+        for r in bad:
+            for enqueue in (orch.submit, orch.enqueue_context, orch.enqueue_requests):
+                with pytest.raises(RequestError):
+                    enqueue([Request(prompt), r])  # all or none: the good one does not start either
+        first_oov = ContextPhaseParams(1, [1024], b"x")
+        with pytest.raises(RequestError, match="outside the vocabulary") as err:
+            orch.enqueue_generation_only([Request(prompt, context_phase_params=first_oov)])
+        assert err.value.param == "context_phase_params.first_gen_tokens"
+        assert orch.num_tracked == 0 and dict(orch.load) == load
+        # numpy integers pass the check and are sent as plain ints (msgpack cannot pack numpy's) ...
+        [r] = orch.generate([Request([np.int64(t) for t in prompt], max_tokens=np.int32(3), ignore_eos=True)])
+        assert r.error_msg is None and len(r.result.output_token_ids) == 3
+        # ... and a dispatch that fails anyway (here: one that skips the check) leaves no state behind
+        ex, load = orch.generation_ids[0], dict(orch.load)
+        gid, raw = orch._new(Request([np.int64(7)] * 12, max_tokens=2))
+        with pytest.raises(TypeError):
+            orch._dispatch_new(gid, raw, ex, "generation")
+        assert orch.num_tracked == 0 and dict(orch.load) == load
+        assert orch.prefix[ex].cached_tokens([7] * 13) == 0
+        gid, cpp = _context(orch, prompt)
+        for first in ([cpp.first_gen_tokens[0] ^ 1], cpp.first_gen_tokens + [5]):
+            resp = _generate(orch, gid, prompt, ContextPhaseParams(cpp.req_id, first, cpp.opaque_state))
+            assert resp.error_msg and "differ from the token(s)" in resp.error_msg, resp.error_msg
+            assert resp.error_param == "context_phase_params.first_gen_tokens"
+        good = _generate(orch, gid, prompt, cpp)
+        assert good.error_msg is None and good.result.output_token_ids[0] == cpp.first_gen_tokens[0]
+        # `disagg-mpi run`: a bad line is that line's error, the others run
+        d = tmp_path_factory.mktemp("run")
+        lines = [{"id": "good", "input_ids": prompt, "max_tokens": 3}, {"id": "top_k", "input_ids": prompt,
+                 "top_k": 2**64, "temperature": 1.0}, {"id": "oov", "input_ids": [5, 4096]}]
+        (d / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        _run_batch(orch, topo, str(d / "in.jsonl"), str(d / "out.jsonl"), timeout=60)
+        out = {x["id"]: x for x in map(json.loads, (d / "out.jsonl").read_text().splitlines())}
+        assert out["good"]["error"] is None and len(out["good"]["output_ids"]) == 3
+        assert "sampling_config.top_k" in out["top_k"]["error"] and "vocabulary" in out["oov"]["error"]
+        orch.wait_pools_full()

@@ -27,8 +27,9 @@ async def post(session, url, body, headers=None, raw=None):
         return r.status, await r.json(content_type=None)
 
 
-async def stream(session, url, body, headers=None):
-    """POST with stream: true; returns [(arrival time, chunk or '[DONE]')]."""
+async def stream(session, url, body, headers=None, started=None):
+    """POST with stream: true; returns [(arrival time, chunk or '[DONE]')]. `started` (an
+    asyncio.Event), if given, is set when the first event arrives."""
     events = []
     async with session.post(url, json=body, headers=headers or {}) as r:
         assert r.status == 200, await r.text()
@@ -41,4 +42,6 @@ async def stream(session, url, body, headers=None):
                 assert ev.startswith(b"data: "), ev
                 payload = ev[len(b"data: "):]
                 events.append((time.perf_counter(), "[DONE]" if payload == b"[DONE]" else json.loads(payload)))
+                if started is not None:
+                    started.set()
     return events

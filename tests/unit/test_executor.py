@@ -308,7 +308,8 @@ def test_blocks_free_after_mixed_outcomes(model, monkeypatch):
     for _ in range(4):
         ex._engine.step()
     ex.cancel_request(ids[0])
-    # A step that fails inside the model fails only that step's requests.
+    # A step that fails once inside the model (a transient failure, no request's fault) is run
+    # again request by request (engine/step_isolation.py): nobody fails.
     runner = ex._runner
     real = runner.execute
     calls = {"n": 0}
@@ -324,11 +325,9 @@ def test_blocks_free_after_mixed_outcomes(model, monkeypatch):
     finals = {i: rs[-1] for i, rs in got.items()}
     assert finals[ids[2]].has_error() and "empty" in finals[ids[2]].error_msg
     assert finals[ids[0]].result.finish_reason == "cancelled"
-    failed = [i for i in ids if finals[i].has_error() and "injected failure" in finals[i].error_msg]
-    assert failed, "the injected failure should fail the requests of that step"
-    assert all("internal error" in finals[i].error_msg for i in failed)
+    assert calls["n"] > 1
     ok = [i for i in ids if not finals[i].has_error()]
-    assert ids[0] in ok and len(ok) + len(failed) + 1 == len(ids)
+    assert ids[0] in ok and len(ok) + 1 == len(ids)
     ex.check_blocks_free()
     stats = ex.get_latest_iteration_stats()
     assert stats["num_free_blocks"] == stats["num_blocks"] == 64

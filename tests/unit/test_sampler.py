@@ -106,3 +106,19 @@ def test_batch_size_mismatch_is_an_error():
     with pytest.raises(ValueError, match="batch size"):
         sample(torch.zeros(2, 4), [SamplingParams()], [(0, 0)])
     assert sample(torch.zeros(0, 4), [], []) == []
+
+
+@pytest.mark.parametrize("temperature", [2.2e-309, 1e-40, 1e-30, 1e-7])
+def test_a_tiny_temperature_tends_to_greedy(temperature):
+    """logits / temperature overflowed (1e-309 is 0 in float32): softmax of inf / inf gave nan and an
+    index outside the vocabulary, which crashed the step (found by the HTTP fuzz test)."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    got = sample(logits, [SamplingParams(temperature, 0, 1.0, 3)] * 5, [(3, i) for i in range(5)])
+    assert got == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300])
+def test_a_huge_temperature_samples_inside_the_vocabulary(temperature):
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    got = sample(logits, [SamplingParams(temperature, 0, 1.0, 3)] * 5, [(3, i) for i in range(5)])
+    assert all(0 <= t < 50 for t in got)

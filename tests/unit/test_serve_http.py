@@ -240,7 +240,7 @@ def test_metrics(server):
     text = run(go())
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     reqs = {s.labels["outcome"]: s.value for s in fams["disagg_requests"].samples if s.name.endswith("_total")}
-    assert set(reqs) == {"ok", "error", "cancelled"} and reqs["ok"] >= 1
+    assert set(reqs) == {"ok", "refused", "error", "cancelled"} and reqs["ok"] >= 1
     for name in ("disagg_time_to_first_token_seconds", "disagg_time_per_output_token_seconds",
                  "disagg_e2e_request_latency_seconds"):
         count = [s.value for s in fams[name].samples if s.name == name + "_count"]

@@ -1,0 +1,32 @@
+"""Whether a generation-only request is the one its signed hand-off state was made for.
+
+The client sends back `ContextPhaseParams` next to its prompt; everything the
+generation side uses must equal what the context side signed (the prompt, by
+length and digest; the first token(s); the context's request id). A mismatch is
+refused here, before the request claims or pulls anything, so the context's KV
+is untouched and the genuine request still works. Pure: no engine state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..api import ContextPhaseParams, RequestError
+from ..transfer.opaque import OpaqueState, prompt_digest
+
+
+def check_handoff(cpp: ContextPhaseParams, opaque: OpaqueState, prompt_ids: Sequence[int]) -> None:
+    """Raise RequestError naming the field that differs from the signed state `opaque`."""
+    if opaque.ctx_req_id != cpp.req_id:
+        raise RequestError(f"context_phase_params.req_id={cpp.req_id} does not match its opaque state "
+                           "(send the context-only response's values unchanged)", "context_phase_params.req_id")
+    if not opaque.first_tokens or list(cpp.first_gen_tokens) != list(opaque.first_tokens):
+        raise RequestError(f"context_phase_params.first_gen_tokens={list(cpp.first_gen_tokens)[:8]} differ from "
+                           "the token(s) the context phase sampled (send the context-only response's "
+                           "first_gen_tokens unchanged)", "context_phase_params.first_gen_tokens")
+    if opaque.num_tokens != len(prompt_ids):
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the context phase computed "
+                           f"{opaque.num_tokens}; send the same input_token_ids", "input_token_ids")
+    if opaque.prompt_digest and prompt_digest(list(prompt_ids)) != opaque.prompt_digest:
+        raise RequestError("the prompt differs from the one the context phase computed (same length, other "
+                           "tokens); send the same input_token_ids", "input_token_ids")
