@@ -20,9 +20,9 @@ so the request joins the batch at once; the claim and the release still go
 out, in that order, and a late refusal (a replay) changes nothing. A pull seen
 landed later waits for the answer as before.
 
-A mixin of `LLMEngine`: it uses the engine's block manager, scheduler,
-response queue and `send_peer`, and keeps the decisions in one file that
-reads alone.
+`Handoff` is a component the engine owns: it is given the engine's block manager, scheduler,
+group and `send_peer`, keeps the hand-off's own state (`held`, `pending`, `quarantine`), and
+answers the engine through `HandoffHost` (finish, fail, stream a token, a request's metrics).
 """
 
 from __future__ import annotations
@@ -30,14 +30,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..api import Request, RequestError
+from ..api import CacheTransceiverConfig, ContextPhaseParams, Request, RequestError, RequestMetrics
 from ..protocol import Claim, Release
-from ..transfer.opaque import OpaqueState
+from ..transfer.cache_state import CacheState
+from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
+from .block_manager import BlockManager
 from .handoff_check import check_handoff
-from .scheduler import RequestTooLargeError
+from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -82,11 +86,69 @@ class _GenPending:
         return self.state == "pulling" or (self.early_pull and self.landed is None)
 
 
+class HandoffHost(Protocol):
+    """What the hand-off asks of the engine that owns it."""
 
-class DisaggHandoff:
-    """Methods of LLMEngine that move a request's KV between executors."""
+    def finish(self, seq: Sequence) -> None: ...  # answer a finished (or cancelled) sequence
 
-    def _admit_generation(self, seq: Sequence, r: Request) -> None:
+    def fail(self, req_id: int, message: str, param: str | None = None) -> None: ...  # answer with an error
+
+    def stream(self, seq: Sequence, tokens: list[int]) -> None: ...  # a streaming request's tokens
+
+    def metrics(self, req_id: int) -> RequestMetrics: ...
+
+
+class Handoff:
+    """Moves a request's KV between executors, for one engine (both sides: see above)."""
+
+    def __init__(self, host: HandoffHost, blocks: BlockManager, scheduler: Scheduler, group: object,
+                 config: CacheTransceiverConfig, cache_state: CacheState, key: bytes, executor_id: int,
+                 world_ranks: tuple[int, ...], send_peer: Callable[[int, object], None] | None):
+        self.host, self.blocks, self.scheduler, self.group = host, blocks, scheduler, group
+        self.config, self.cache_state, self.key, self.executor_id = config, cache_state, key, executor_id
+        self.world_ranks, self.send_peer = world_ranks, send_peer
+        self.held: dict[int, _Held] = {}  # context side: answered contexts, by request id
+        self.pending: dict[int, _GenPending] = {}  # generation side: admitted, KV not in yet
+        self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
+
+    @property
+    def num_held(self) -> int:
+        return len(self.held)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.pending)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens the pending generation requests will still need (they count as load)."""
+        return sum(p.seq.remaining_tokens for p in self.pending.values())
+
+    def cancel(self, req_id: int) -> bool:
+        """Cancel a request the hand-off holds (pending or held); False if it holds none such."""
+        p = self.pending.get(req_id)
+        if p is not None:
+            if p.pull_unfinished:
+                # Bytes are on the wire: let the pull finish, then free (see _advance_pending);
+                # cancelling posted receives would leave the sender waiting forever.
+                p.cancelled = True
+                return True
+            del self.pending[req_id]
+            if p.state != "alloc":
+                self.blocks.free(req_id)
+            self._release_context(p.opaque, req_id)
+            p.seq.finish("abort")
+            self.host.finish(p.seq)
+            return True
+        if req_id in self.held:  # a context-only request already answered
+            self.release_context(req_id)
+            return True
+        return False
+
+    # ---- generation side ----------------------------------------------------
+
+    def admit(self, seq: Sequence, r: Request) -> None:
+        """A generation-only request: check its params and wait for blocks (see _advance_pending)."""
         cpp = r.context_phase_params
         if cpp is None or not cpp.first_gen_tokens:
             raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens",
@@ -100,9 +162,9 @@ class DisaggHandoff:
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
             self._release_context(opaque, seq.req_id)
-            self._finish(seq)
+            self.host.finish(seq)
             return
-        self._pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
+        self.pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
 
     def _check_generation(self, seq: Sequence, opaque: OpaqueState) -> None:
         try:
@@ -114,10 +176,8 @@ class DisaggHandoff:
             raise RequestTooLargeError(f"request needs {needed} KV blocks but the pool has "
                                        f"{self.blocks.num_blocks}")
 
-    # ---- the disaggregated hand-off ---------------------------------------
-
     def _advance_pending(self) -> None:
-        for p in list(self._pending.values()):
+        for p in list(self.pending.values()):
             # Prefix reuse: blocks this executor already caches need no transfer
             # (only when block sizes match, so a shared block is never rewritten).
             prompt = (p.seq.prompt_ids if self.blocks.enable_prefix_reuse
@@ -137,21 +197,21 @@ class DisaggHandoff:
                     p.early_pull = True
                     self._start_pull(p)
         for req_id, nbytes, _ in self.group.poll_transfers():
-            if req_id in self._quarantine:  # a timed-out pull finally landed: its blocks are safe to reuse
-                self._quarantine.discard(req_id)
+            if req_id in self.quarantine:  # a timed-out pull finally landed: its blocks are safe to reuse
+                self.quarantine.discard(req_id)
                 self.blocks.free(req_id)
                 continue
-            p = self._pending.get(req_id)
+            p = self.pending.get(req_id)
             if p is None:
                 continue
             if p.state == "claiming":  # an early pull landed before the claim's answer
                 if time.monotonic() < p.opaque.keep_until - _KEEP_MARGIN_S:   # and the KV is good
-                    del self._pending[req_id]
+                    del self.pending[req_id]
                     self._pulled(p, nbytes)
                     continue
                 p.landed = nbytes
                 continue
-            del self._pending[req_id]
+            del self.pending[req_id]
             self._pulled(p, nbytes)
 
     def _start_pull(self, p: _GenPending) -> None:
@@ -169,9 +229,9 @@ class DisaggHandoff:
         if p.cancelled:
             self.blocks.free(req_id)
             p.seq.finish("abort")
-            self._finish(p.seq)
+            self.host.finish(p.seq)
             return
-        m = self._meta[req_id].metrics
+        m = self.host.metrics(req_id)
         m.kv_transfer_ms = (time.perf_counter() - p.t0) * 1e3
         if p.t_claimed:  # (no answer yet: used on the context's keep_until promise)
             m.kv_claim_ms = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
@@ -182,13 +242,13 @@ class DisaggHandoff:
         self.blocks.commit_full_blocks(req_id, p.seq.prompt_ids)
         self.scheduler.add_prefilled(p.seq)
         if p.streaming:
-            self._emit(p.seq, [p.seq.output_ids[0]], final=False)
+            self.host.stream(p.seq, [p.seq.output_ids[0]])
 
     def _expire_transfers(self) -> None:
         """A transfer that does not finish in time fails its request; neither side waits forever."""
-        limit = self.config.cache_transceiver_config.timeout_seconds
+        limit = self.config.timeout_seconds
         now = time.perf_counter()
-        for p in list(self._pending.values()):
+        for p in list(self.pending.values()):
             if p.state == "alloc" or now - p.t0 <= limit:
                 continue
             self._release_context(p.opaque, p.seq.req_id)
@@ -201,20 +261,20 @@ class DisaggHandoff:
         """End a pending request that gets no KV: it ends cancelled or with `error`; its blocks are
         freed now, or once a pull still writing into them lands (`pull_writing`)."""
         req_id = p.seq.req_id
-        del self._pending[req_id]
+        del self.pending[req_id]
         if pull_writing:
-            self._quarantine.add(req_id)
+            self.quarantine.add(req_id)
         else:
             self.blocks.free(req_id)
         if p.cancelled:
             p.seq.finish("abort")
-            self._finish(p.seq)
+            self.host.finish(p.seq)
         else:
-            self._error(req_id, error, param)
+            self.host.fail(req_id, error, param)
 
     def on_claim_reply(self, gen_req_id: int, error: str | None, answered_at: float | None = None) -> None:
         """The context leader's answer to our claim (`answered_at`: its wall clock when it answered)."""
-        p = self._pending.get(gen_req_id)
+        p = self.pending.get(gen_req_id)
         if p is None or p.state != "claiming":
             return
         p.wall_answer = answered_at
@@ -223,7 +283,7 @@ class DisaggHandoff:
             return
         p.t_claimed = time.perf_counter()
         if p.landed is not None:  # the early pull is already in
-            del self._pending[gen_req_id]
+            del self.pending[gen_req_id]
             self._pulled(p, p.landed)
             return
         p.state = "pulling"
@@ -235,16 +295,20 @@ class DisaggHandoff:
         any claim, anyone): a refused replay on this same executor must not free another's blocks."""
         self.send_peer(opaque.world_ranks[0], Release(opaque.ctx_req_id, gen_req_id))
 
-    def _hold(self, seq: Sequence) -> _Held:
-        """Keep an answered context's blocks for its generation side (lease; keep_until, see above)."""
-        tc, now = self.config.cache_transceiver_config, time.monotonic()
+    def hold(self, seq: Sequence) -> ContextPhaseParams:
+        """Keep an answered context's blocks for its generation side (lease; keep_until, see above);
+        returns the signed params that let a generation executor claim them."""
+        tc, now = self.config, time.monotonic()
         keep = now + tc.keep_seconds if tc.keep_seconds and getattr(self.group, "exports_ipc", False) else 0.0
-        h = self._held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), keep_until=keep)
-        return h
+        self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), keep_until=keep)
+        opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
+                             tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
+                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids))
+        return ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
 
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
         """A generation executor asks for a context's blocks; None means granted."""
-        h = self._held.get(ctx_req_id)
+        h = self.held.get(ctx_req_id)
         if h is None or h.released:
             return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
                     "its KV cannot be transferred")
@@ -253,34 +317,34 @@ class DisaggHandoff:
         if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
             return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
         h.claimed_by = by
-        h.deadline = max(time.monotonic() + self.config.cache_transceiver_config.timeout_seconds, h.keep_until)
+        h.deadline = max(time.monotonic() + self.config.timeout_seconds, h.keep_until)
         return None
 
     def release_context(self, ctx_req_id: int, by: tuple[int, int | None] | None = None) -> None:
         """Free a held context; a generation request may only release what it claimed (or nobody did).
         Before its keep_until the blocks stay allocated until then (a pull may be reading them)."""
-        h = self._held.get(ctx_req_id)
+        h = self.held.get(ctx_req_id)
         if h is None or h.released or (by is not None and h.claimed_by not in (None, by)):
             return
         if time.monotonic() < h.keep_until:
             h.released, h.deadline = True, h.keep_until
             return
-        del self._held[ctx_req_id]
+        del self.held[ctx_req_id]
         self.blocks.free(ctx_req_id)
 
     def housekeeping(self) -> None:
         """Timers and transfer completions; cheap, called every loop turn even when idle."""
-        if self._pending or self._quarantine:
+        if self.pending or self.quarantine:
             self._advance_pending()
             self._expire_transfers()
-        if self._held:
+        if self.held:
             self.expire_leases()
 
     def expire_leases(self) -> None:
         now = time.monotonic()
-        for rid, h in list(self._held.items()):
+        for rid, h in list(self.held.items()):
             if now > h.deadline and h.released:  # released while kept: free now
-                del self._held[rid]
+                del self.held[rid]
                 self.blocks.free(rid)
             elif now > h.deadline:
                 log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,

@@ -33,10 +33,10 @@ from ..api import (
     SamplingConfig,
 )
 from ..transfer.cache_state import CacheState
-from ..transfer.opaque import OpaqueState, OpaqueStateError, prompt_digest
+from ..transfer.opaque import OpaqueState, OpaqueStateError
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
-from .handoff import DisaggHandoff, _GenPending, _Held
+from .handoff import Handoff
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
@@ -97,7 +97,7 @@ class _Meta:
     num_streamed: int = 0  # output tokens already sent in non-final streaming responses
 
 
-class LLMEngine(DisaggHandoff):
+class LLMEngine:
     def __init__(self, group: ExecutorGroup, model_config: Any, config: ExecutorConfig,
                  cache_state: CacheState, executor_id: int = 0, world_ranks: tuple[int, ...] = (0,),
                  key: bytes = b"", send_peer: Callable[[int, dict], None] | None = None):
@@ -105,19 +105,14 @@ class LLMEngine(DisaggHandoff):
         self.group = group
         self.model_config = model_config
         self.config = config
-        self.cache_state = cache_state
         self.executor_id = executor_id
-        self.world_ranks = world_ranks
-        self.key = key
-        self.send_peer = send_peer
         self.transceiver_enabled = config.cache_transceiver_config.enable_cache_transceiver
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, kv.enable_prefix_reuse)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens)
         self.eos = set(model_config.eos_token_ids)
         self._meta: dict[int, _Meta] = {}
-        self._held: dict[int, _Held] = {}
-        self._pending: dict[int, _GenPending] = {}
-        self._quarantine: set[int] = set()  # timed-out pulls whose receives may still land
+        self.handoff = Handoff(self, self.blocks, self.scheduler, group, config.cache_transceiver_config,
+                               cache_state, key, executor_id, world_ranks, send_peer)
         self._responses: deque[Response] = deque()
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
@@ -133,7 +128,7 @@ class LLMEngine(DisaggHandoff):
         try:
             seq = self._make_sequence(req_id, request)
             if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY:
-                self._admit_generation(seq, request)
+                self.handoff.admit(seq, request)
             else:
                 self.scheduler.add(seq)
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
@@ -191,7 +186,7 @@ class LLMEngine(DisaggHandoff):
     # ---- steps -----------------------------------------------------------
 
     def step(self) -> None:
-        self.housekeeping()
+        self.handoff.housekeeping()
         # A step launched ahead (overlap.py) for exactly the running sequences is already on the
         # GPU: run it as predicted and admit newcomers in the step after, instead of dropping it.
         # They would have waited for it either way.
@@ -263,12 +258,7 @@ class LLMEngine(DisaggHandoff):
         if seq.keep_blocks:
             more = seq.finish_reason == "length" and seq.full_max_tokens > 1
             if more:
-                h = self._hold(seq)
-                opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
-                                     tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids),
-                                     self.cache_state, h.keep_until, prompt_digest(seq.prompt_ids),
-                                     tuple(seq.output_ids))
-                cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
+                cpp = self.handoff.hold(seq)
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
         # Streaming: the final response carries only what was not streamed yet (the last
@@ -303,22 +293,7 @@ class LLMEngine(DisaggHandoff):
         return out
 
     def cancel(self, req_id: int) -> None:
-        p = self._pending.get(req_id)
-        if p is not None:
-            if p.pull_unfinished:
-                # Bytes are on the wire: let the pull finish, then free (see _advance_pending);
-                # cancelling posted receives would leave the sender waiting forever.
-                p.cancelled = True
-                return
-            del self._pending[req_id]
-            if p.state != "alloc":
-                self.blocks.free(req_id)
-            self._release_context(p.opaque, req_id)
-            p.seq.finish("abort")
-            self._finish(p.seq)
-            return
-        if req_id in self._held:  # a context-only request already answered
-            self.release_context(req_id)
+        if self.handoff.cancel(req_id):
             return
         seq = self.scheduler.abort(req_id)
         if seq is not None:
@@ -327,14 +302,31 @@ class LLMEngine(DisaggHandoff):
     def snapshot(self) -> dict[str, Any]:
         """Counters rank 0 can ask for (tests read the block accounting here)."""
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
-                "held_contexts": len(self._held), "pending_transfers": len(self._pending),
+                "held_contexts": self.handoff.num_held, "pending_transfers": self.handoff.num_pending,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "inflight_tokens": self.load(), **self.stats}
 
     def load(self) -> int:
-        return self.scheduler.num_inflight_tokens() + sum(
-            p.seq.remaining_tokens for p in self._pending.values())
+        return self.scheduler.num_inflight_tokens() + self.handoff.pending_tokens
 
     @property
     def busy(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or self.handoff.num_pending > 0
+
+    def housekeeping(self) -> None:
+        """Timers and transfer completions; cheap, called every loop turn even when idle."""
+        self.handoff.housekeeping()
+
+    # ---- HandoffHost: what the hand-off asks of the engine ------------------
+
+    def finish(self, seq: Sequence) -> None:
+        self._finish(seq)
+
+    def fail(self, req_id: int, message: str, param: str | None = None) -> None:
+        self._error(req_id, message, param)
+
+    def stream(self, seq: Sequence, tokens: list[int]) -> None:
+        self._emit(seq, tokens, final=False)
+
+    def metrics(self, req_id: int) -> RequestMetrics:
+        return self._meta[req_id].metrics

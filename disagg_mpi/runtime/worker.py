@@ -248,12 +248,12 @@ def _on_peer(comms: Comms, engine: LLMEngine, msg: P.Message, src: int) -> None:
     """One record from another executor's leader (the hand-off)."""
     match msg:
         case P.Claim(ctx_req_id, gen_req_id, blocks, _):
-            err = engine.claim_context(ctx_req_id, blocks, (src, gen_req_id))
+            err = engine.handoff.claim_context(ctx_req_id, blocks, (src, gen_req_id))
             send(comms.ctl, P.ClaimReply(gen_req_id, err, time.time(), node_name()), src)
         case P.ClaimReply(gen_req_id, error, at, node):  # (its wall clock means something on our node only)
-            engine.on_claim_reply(gen_req_id, error, at if node == node_name() else None)
+            engine.handoff.on_claim_reply(gen_req_id, error, at if node == node_name() else None)
         case P.Release(ctx_req_id, gen_req_id):
-            engine.release_context(ctx_req_id, by=(src, gen_req_id))
+            engine.handoff.release_context(ctx_req_id, by=(src, gen_req_id))
         case _:
             raise P.ProtocolError(f"rank {src} sent {msg!r:.120} to an executor leader")
 

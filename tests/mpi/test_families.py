@@ -29,5 +29,5 @@ def test_qwen3_tp2_context_to_tp1_generation_equals_transformers():
         outs = orch.generate([Request(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS], timeout=600)
         assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
         assert [o.result.output_token_ids for o in outs] == hf_greedy(PROMPTS, NEW, folder, None)
-        assert all(o.result.metrics["kv_transfer_bytes"] > 0 for o in outs)
+        assert all(o.result.metrics.kv_transfer_bytes > 0 for o in outs)
         orch.wait_pools_full()

@@ -100,7 +100,7 @@ def test_early_pull_that_lands_first_waits_for_the_grant(model_config):
     eng.housekeeping()
     assert not eng.scheduler.ready and _ops(sent) == ["claim"]   # in, but not granted: not used
     time.sleep(0.02)
-    eng.on_claim_reply(1, None, time.time() - 0.01)   # answered 10 ms ago by the context leader's clock
+    eng.handoff.on_claim_reply(1, None, time.time() - 0.01)   # answered 10 ms ago by the context leader's clock
     assert [s.req_id for s in eng.scheduler.ready] == [1]
     assert _ops(sent) == ["claim", "release"]
     m = eng._meta[1].metrics
@@ -112,7 +112,7 @@ def test_early_pull_still_running_at_the_grant_finishes_as_a_normal_pull(model_c
     eng, group, sent, cs = _engine(model_config, early=True)
     eng.add_request(1, _gen_request(cs))
     eng.housekeeping()
-    eng.on_claim_reply(1, None)
+    eng.handoff.on_claim_reply(1, None)
     assert not eng.scheduler.ready and group.pulls == [1]   # not pulled twice
     group.land(1)
     eng.housekeeping()
@@ -124,7 +124,7 @@ def test_refused_claim_keeps_the_blocks_until_the_early_pull_lands(model_config)
     free = eng.blocks.num_free
     eng.add_request(1, _gen_request(cs))
     eng.housekeeping()
-    eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
+    eng.handoff.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
     [resp] = eng.take_responses()
     assert resp.error_msg and "already claimed" in resp.error_msg
     assert eng.blocks.num_free < free   # the pull still writes into them
@@ -141,7 +141,7 @@ def test_cancel_during_an_early_pull_frees_only_after_it_lands(model_config):
     eng.housekeeping()
     eng.cancel(1)
     assert eng.blocks.num_free < free and not eng.take_responses()
-    eng.on_claim_reply(1, None)
+    eng.handoff.on_claim_reply(1, None)
     group.land(1)
     eng.housekeeping()
     [resp] = eng.take_responses()
@@ -154,7 +154,7 @@ def test_without_early_pulls_the_pull_waits_for_the_grant(model_config):
     eng.add_request(1, _gen_request(cs))
     eng.housekeeping()
     assert _ops(sent) == ["claim"] and group.pulls == []
-    eng.on_claim_reply(1, None)
+    eng.handoff.on_claim_reply(1, None)
     assert group.pulls == [1]
     group.land(1)
     eng.housekeeping()
@@ -175,7 +175,7 @@ def test_early_pull_landed_before_keep_until_is_used_before_the_answer(model_con
     assert sent[1][1].gen_req_id == 1   # the context leader heeds it only if request 1 claimed
     m = eng._meta[1].metrics
     assert m.kv_claim_ms is None and m.kv_transfer_bytes == 4096
-    eng.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
+    eng.handoff.on_claim_reply(1, "context request 11 was already claimed (replayed context_phase_params)")
     assert not eng.take_responses() and [s.req_id for s in eng.scheduler.ready] == [1]   # changes nothing
 
 
@@ -186,7 +186,7 @@ def test_early_pull_landed_after_keep_until_waits_for_the_answer(model_config):
     group.land(1)
     eng.housekeeping()
     assert not eng.scheduler.ready and _ops(sent) == ["claim"]
-    eng.on_claim_reply(1, "context request 11 is unknown, already served, expired or freed")
+    eng.handoff.on_claim_reply(1, "context request 11 is unknown, already served, expired or freed")
     [resp] = eng.take_responses()
     assert "already served" in resp.error_msg and not eng.scheduler.ready
 
@@ -226,23 +226,23 @@ def test_context_released_before_keep_until_keeps_its_blocks_until_then(model_co
     eng, opaque = _context_engine(model_config, exports_ipc=True, keep_seconds=0.2)
     assert opaque.keep_until > time.monotonic()
     held = eng.blocks.num_free
-    assert eng.claim_context(5, list(opaque.block_ids), by=(9, 1)) is None
-    eng.release_context(5, by=(9, 2))   # a refused replay on the same generation executor: not its to free
-    assert not eng._held[5].released
-    eng.release_context(5, by=(9, 1))
+    assert eng.handoff.claim_context(5, list(opaque.block_ids), by=(9, 1)) is None
+    eng.handoff.release_context(5, by=(9, 2))   # a refused replay on the same generation executor: not its to free
+    assert not eng.handoff.held[5].released
+    eng.handoff.release_context(5, by=(9, 1))
     eng.housekeeping()
     assert eng.blocks.num_free == held   # a replayed pull may still be reading them
-    assert "already served" in eng.claim_context(5, list(opaque.block_ids), by=(3, 1))
+    assert "already served" in eng.handoff.claim_context(5, list(opaque.block_ids), by=(3, 1))
     time.sleep(max(0.0, opaque.keep_until - time.monotonic()) + 0.01)
     eng.housekeeping()
-    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
+    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng.handoff.held
 
 
 def test_context_without_ipc_promises_nothing_and_frees_on_release(model_config):
     eng, opaque = _context_engine(model_config, exports_ipc=False, keep_seconds=0.2)
     assert opaque.keep_until == 0.0
-    eng.release_context(5)
-    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng._held
+    eng.handoff.release_context(5)
+    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng.handoff.held
 
 
 def test_a_different_prompt_of_the_same_length_is_refused(model_config):
