@@ -1,0 +1,131 @@
+"""Stop strings, found on rank 0 where the tokens become text.
+
+The executors never see stop strings: rank 0 detokenizes each request's tokens
+as they arrive, finds the first stop string and cancels the request. Context
+and generation executors take no part in it, so a stop ends the aggregated
+and the disaggregated run of a request at the same token by construction.
+
+`StopMatcher` is pure text (fed in pieces, it holds back any tail that may
+still become a stop string, so no part of a stop string is ever emitted);
+`StopTracker` feeds it one token at a time and remembers which token ended
+the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+def check_stop_strings(value: Any, field: str = "stop") -> list[str]:
+    """A `stop` value (None, a string or a list of up to 4 strings) as a list; ValueError naming `field`."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"{field}={value!r} must be a string or a list of up to {MAX_STOP_STRINGS} strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"{field} has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    if any(s == "" for s in stops):
+        raise ValueError(f"{field}={value!r} holds an empty string; every stop string needs a character")
+    return list(stops)
+
+
+class StopMatcher:
+    """Text in, text that is safe to emit out; `stopped` once a stop string appeared.
+
+    On a stop the output ends just before it (or just after it with `include`);
+    what follows is dropped. Where several stop strings appear the earliest one
+    wins (on a tie, the one that ends first: it was complete first).
+    """
+
+    def __init__(self, stops: Sequence[str], include: bool = False):
+        self.stops = [s for s in stops if s]
+        self.include = include
+        self.held = ""  # a tail that may be the start of a stop string
+        self.stopped = False
+        self.stop_string: str | None = None
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self.held + text
+        hit = self._first_match(buf)
+        if hit is not None:
+            start, stop = hit
+            self.stopped, self.stop_string, self.held = True, stop, ""
+            return buf[: start + len(stop)] if self.include else buf[:start]
+        keep = self._partial_tail(buf)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        """The end of the text without a stop: what was held back is plain text after all."""
+        out, self.held = self.held, ""
+        return out
+
+    def _first_match(self, buf: str) -> tuple[int, str] | None:
+        best = None
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (best is None or (i + len(s), i) < (best[0] + len(best[1]), best[0])):
+                best = (i, s)
+        return best
+
+    def _partial_tail(self, buf: str) -> int:
+        """Length of the longest tail of `buf` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), longest, -1):
+                if buf.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+class StopTracker:
+    """Token ids in, emit-safe text out, for one request.
+
+    `tokenizer` needs `decode(ids)`. With no stop strings it is an incremental
+    detokenizer (a trailing partial UTF-8 character is held back). `num_tokens`
+    counts the tokens taken: after a stop, the token that completed the stop
+    string is the last one counted and later ones are ignored.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), include: bool = False):
+        self.tok = tokenizer
+        self.matcher = StopMatcher(stops, include)
+        self.ids: list[int] = []
+        self.decoded = 0  # characters of decode(ids) already passed to the matcher
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    def add(self, tokens: Sequence[int]) -> str:
+        out = []
+        for t in tokens:  # one at a time: the stop must be pinned to the token that completed it
+            if self.stopped:
+                break
+            self.ids.append(int(t))
+            text = self.tok.decode(self.ids)
+            if text.endswith("\ufffd"):
+                continue  # half a UTF-8 character: wait for the rest
+            out.append(self.matcher.feed(text[self.decoded:]))
+            self.decoded = len(text)
+        return "".join(out)
+
+    def finish(self) -> str:
+        """At the end of the request: whatever was held back (nothing after a stop)."""
+        if self.stopped:
+            return ""
+        text = self.tok.decode(self.ids)
+        rest = self.matcher.feed(text[self.decoded:]) if len(text) > self.decoded else ""
+        self.decoded = len(text)
+        return rest + ("" if self.stopped else self.matcher.flush())
