@@ -94,6 +94,10 @@ class Request:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     client_id: str | None = None
+    # Stop strings (TensorRT-LLM's name). The executors never see them: rank 0 detokenizes the
+    # output, ends it before the first stop string and cancels the request (disagg_mpi/stops.py).
+    stop_words: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # vLLM's name: keep the stop string in the text
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +119,8 @@ class Request:
             stop_token_ids=list(d["stop_token_ids"]),
             ignore_eos=d["ignore_eos"],
             client_id=d.get("client_id"),
+            stop_words=list(d.get("stop_words") or []),
+            include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
         )
 
 

@@ -194,11 +194,17 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
         except LineError as err:
             results[n] = output_line(err.line_id, None, tok, error=str(err))
         order.append(n)
+    outputs, on_response = _follow_stops(orch, tok, requests, ids)
     t0 = time.perf_counter()
-    responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when) if requests else []
+    responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when,
+                              on_response=on_response) if requests else []
     wall = time.perf_counter() - t0
-    for (n, line_id), resp in zip(ids, responses):
-        results[n] = output_line(line_id, resp, tok)
+    for (n, line_id), req, resp in zip(ids, requests, responses):
+        out = outputs.get(req.client_id)
+        if out is not None and (out.stopped or resp.error_msg is None):
+            results[n] = output_line(line_id, out.final_response(resp), tok, text=out.text)
+        else:
+            results[n] = output_line(line_id, resp, tok)
     lines = [results[n] for n in order]
     if output_path:
         with open(output_path, "w") as f:
@@ -210,6 +216,29 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
             _print_line(ln, topo)
     click.echo(f"{ok}/{len(lines)} requests ok, {gen_tokens} tokens in {wall:.2f} s "
                f"({gen_tokens / max(wall, 1e-9):.1f} tokens/s)" + (f"; results in {output_path}" if output_path else ""))
+
+
+def _follow_stops(orch, tok, requests, ids):
+    """Stop strings of `run`: rank 0 reads the tokens of each request that has some as they come
+    (streamed from its executor) and cancels it at the first stop string (disagg_mpi/stops.py)."""
+    from .serve.outputs import ChoiceOutput
+
+    outputs = {}
+    for (n, line_id), req in zip(ids, requests):
+        if req.stop_words:
+            req.client_id = f"{line_id}#{n}"  # unique, so responses find their line
+            req.streaming = True
+            outputs[req.client_id] = ChoiceOutput(tok, req)
+
+    def on_response(gid, resp) -> None:
+        out = outputs.get(resp.client_id)
+        if out is None or out.stopped or resp.has_error():
+            return
+        out.take(resp)
+        if out.stopped and not resp.is_final:
+            orch.cancel_request(gid)
+
+    return outputs, on_response
 
 
 def _print_line(ln: dict, topo) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .api import Request, Response, SamplingConfig
+from .stops import check_stop_strings
 
 
 class Message(BaseModel):
@@ -35,6 +36,13 @@ class InputLine(BaseModel):
     stop_token_ids: list[StrictInt] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    stop: str | list[str] | None = None  # stop strings (Request.stop_words), applied on rank 0
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        return check_stop_strings(v)
 
     @model_validator(mode="after")
     def _one_input(self) -> InputLine:
@@ -57,7 +65,7 @@ def _pydantic_message(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
-                   "top_k, top_p, seed, stop_token_ids, ignore_eos, stream")
+                   "top_k, top_p, seed, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -93,15 +101,20 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
         raise LineError(line_id, "the prompt is empty; send at least one token")
     req = Request(ids, line.max_tokens, SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed),
                   streaming=line.stream, stop_token_ids=line.stop_token_ids, ignore_eos=line.ignore_eos,
-                  client_id=line.id)
+                  client_id=line.id, stop_words=list(line.stop or []),
+                  include_stop_str_in_output=line.include_stop_str_in_output)
     return line.id, req
 
 
-def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str | None = None) -> dict:
+def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str | None = None,
+                text: str | None = None) -> dict:
+    """`text`: the output text when it is not the decoded tokens (cut at a stop string)."""
     if resp is not None and resp.error_msg is None and resp.result is not None:
         r = resp.result
         reason = r.finish_reason or "length"
-        return {"id": line_id, "output_ids": r.output_token_ids, "text": tokenizer.decode(r.output_token_ids),
+        if text is None:
+            text = tokenizer.decode(r.output_token_ids)
+        return {"id": line_id, "output_ids": r.output_token_ids, "text": text,
                 "finish_reason": reason, "error": None, "metrics": _round(r.metrics)}
     msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
     metrics = _round(resp.result.metrics) if resp is not None and resp.result is not None else {}

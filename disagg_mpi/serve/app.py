@@ -22,8 +22,9 @@ from ..api import Response
 from ..runtime.signals import STOP_SIGNALS
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
-from .protocol import ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
-from .responses import IncrementalDecoder, chunk, finish_reason, full_body, usage_chunk
+from .outputs import ChoiceOutput, collect, final_of
+from .protocol import CONTEXT_ONLY, ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
+from .responses import chunk, finish_reason, full_body, usage_chunk
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     except (ApiError, web.HTTPException):
         state.metrics.outcome("error")
         raise
+    if p.request.stop_words and p.mode != CONTEXT_ONLY:
+        p.request.streaming = True  # rank 0 must see each token to cancel at a stop string (outputs.py)
     try:
         gid, q = state.dispatcher.submit(p.request, p.mode)
     except (ValueError, KeyError) as err:
@@ -144,8 +147,9 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     try:
         if p.stream:
             return await _stream(request, state, p, gid, q)
-        resp = await _final(q)
-        return _finish_full(state, p, resp)
+        out = ChoiceOutput(state.tok, p.request)
+        resp = await collect(out, q, lambda: state.dispatcher.cancel(gid))
+        return _finish_full(state, p, resp, out.text)
     except asyncio.CancelledError:  # the client went away
         state.dispatcher.cancel(gid)
         state.metrics.outcome("cancelled")
@@ -157,13 +161,6 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         state.metrics.in_flight.set(state.dispatcher.in_flight)
 
 
-async def _final(q: asyncio.Queue) -> Response:
-    while True:
-        resp = await q.get()
-        if resp.is_final:
-            return resp
-
-
 def _engine_error(state: ServerState, resp: Response) -> web.Response:
     state.metrics.outcome("error")
     msg = resp.error_msg or "unknown error"
@@ -172,7 +169,7 @@ def _engine_error(state: ServerState, resp: Response) -> web.Response:
     return _err(400, msg, code="request_refused")
 
 
-def _finish_full(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
+def _finish_full(state: ServerState, p: ParsedRequest, resp: Response, text: str) -> web.Response:
     if resp.has_error() or resp.result is None:
         return _engine_error(state, resp)
     r = resp.result
@@ -181,7 +178,6 @@ def _finish_full(state: ServerState, p: ParsedRequest, resp: Response) -> web.Re
     else:
         state.metrics.outcome("ok")
         state.metrics.finished(r.metrics, p.prompt_tokens, len(r.output_token_ids))
-    text = state.tok.decode(r.output_token_ids)
     return _json(full_body(p, resp, text))
 
 
@@ -201,8 +197,7 @@ async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gi
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                       "X-Accel-Buffering": "no"})
     await out.prepare(request)
-    dec = IncrementalDecoder(state.tok)
-    sent = 0
+    text_out = ChoiceOutput(state.tok, p.request)
     first = True
     try:
         while True:
@@ -210,25 +205,27 @@ async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gi
                 state.metrics.outcome("error")
                 await out.write(_sse(error_body(resp.error_msg or "unknown error", "server_error")))
                 break
-            tokens = list(resp.result.output_token_ids) if resp.result else []
+            text, new = text_out.take(resp)
+            if text_out.stopped and not resp.is_final:
+                state.dispatcher.cancel(gid)  # a stop string ended the text: nothing past it goes out
+                resp = await final_of(q)
             if resp.is_final:
-                new = tokens[sent:]  # the final response holds every token
-                text = dec.add(new) + dec.flush()
-                reason = resp.result.finish_reason
+                resp = text_out.final_response(resp)
+                reason = resp.result.finish_reason if resp.result else "error"
                 last = chunk(p, text, new, finish_reason(reason), first)
-                last["metrics"] = _public_metrics(resp.result.metrics)  # extension: ttft, KV transfer, where
+                last["metrics"] = _public_metrics(resp.result.metrics if resp.result else {})  # extension
                 await out.write(_sse(last))
+                n_tokens = len(text_out.tokens)
                 if reason == "cancelled":
                     state.metrics.outcome("cancelled")
                 else:
                     state.metrics.outcome("ok")
-                    state.metrics.finished(resp.result.metrics, p.prompt_tokens, len(tokens))
+                    state.metrics.finished(resp.result.metrics if resp.result else {}, p.prompt_tokens, n_tokens)
                 if p.include_usage:
-                    await out.write(_sse(usage_chunk(p, len(tokens))))
+                    await out.write(_sse(usage_chunk(p, n_tokens)))
                 break
-            if tokens:
-                sent += len(tokens)
-                await out.write(_sse(chunk(p, dec.add(tokens), tokens, None, first)))
+            if new:
+                await out.write(_sse(chunk(p, text, new, None, first)))
                 first = False
             resp = await q.get()
         await out.write(b"data: [DONE]\n\n")

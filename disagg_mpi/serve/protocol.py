@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import ContextPhaseParams, Request, SamplingConfig
+from ..stops import check_stop_strings
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -51,9 +52,9 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 # must hold their default value (or anything, for `user`), else the request is refused.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
            "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
-           "presence_penalty", "frequency_penalty", "logit_bias"}
+           "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 
 
 @dataclass
@@ -117,13 +118,15 @@ def _check_defaults(body: dict[str, Any]) -> None:
         raise bad("echo is not supported: send echo false", "echo")
     if body.get("suffix") not in (None, ""):
         raise bad("suffix is not supported", "suffix")
-    if body.get("stop") not in (None, "", []):
-        raise bad("stop strings are not supported; send stop_token_ids (a list of token ids) instead", "stop")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad(f"{name} is not supported: send 0 or leave it out", name)
     if body.get("logit_bias") not in (None, {}):
         raise bad("logit_bias is not supported", "logit_bias")
+    if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none"):
+        name = "tools" if body.get("tools") not in (None, []) else "tool_choice"
+        raise bad("tools and tool_choice are not supported (this server has no function calling); "
+                  "leave them out", name)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user must be a string", "user")
@@ -171,6 +174,21 @@ def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: s
     if not isinstance(ignore_eos, bool):
         raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
     return mt, SamplingConfig(1, float(temperature), top_k, float(top_p), seed), stop_ids, ignore_eos
+
+
+def _stops(body: dict[str, Any]) -> tuple[list[str], bool]:
+    """`stop` (a string or up to 4) and vLLM's `include_stop_str_in_output`."""
+    stop = body.get("stop")
+    try:
+        stops = check_stop_strings([] if stop == "" else stop)
+    except ValueError as err:
+        raise bad(str(err), "stop") from None
+    include = body.get("include_stop_str_in_output", False)
+    if include is None:
+        include = False
+    if not isinstance(include, bool):
+        raise bad(f"include_stop_str_in_output={include!r} must be true or false", "include_stop_str_in_output")
+    return stops, include
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -250,8 +268,9 @@ def _finish(kind: str, body: dict[str, Any], ids: list[int], vocab: int | None,
     mode, cpp = _disagg(body, stream)
     mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field)
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
+    stops, include_stop = _stops(body)
     req = Request(list(ids), mt, sc, streaming=stream, context_phase_params=cpp, stop_token_ids=stop_ids,
-                  ignore_eos=ignore_eos)
+                  ignore_eos=ignore_eos, stop_words=stops, include_stop_str_in_output=include_stop)
     return ParsedRequest(kind, req, stream, include_usage, mode, model, prefix + uuid.uuid4().hex)
 
 

@@ -71,7 +71,9 @@ def test_completion_text_ids_and_params():
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
-    ({"prompt": "x", "stop": ["\n"]}, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stop": "a", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
     ({"prompt": "x", "stop_token_ids": [1.5]}, "stop_token_ids"),
@@ -162,7 +164,8 @@ _any_json = st.recursive(
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=15)
 _field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed",
                                 "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
-                                "disaggregated_params", "logprobs", "user", "bogus"])
+                                "disaggregated_params", "logprobs", "user", "bogus", "stop",
+                                "include_stop_str_in_output"])
 
 
 @settings(max_examples=400, deadline=None)
