@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -41,13 +42,24 @@ class RequestError(ValueError):
 
 @dataclass
 class SamplingConfig:
-    """Sampling parameters; beam_width > 1 is refused (the seed's limitation)."""
+    """Sampling parameters; beam_width > 1 is refused (the seed's limitation).
+
+    Penalties follow OpenAI (presence, frequency: over the output tokens) and transformers
+    (repetition: over prompt and output tokens); `logit_bias` maps token id -> bias added to its
+    logit; `min_tokens` keeps EOS and stop tokens out until that many tokens were generated.
+    """
 
     beam_width: int = 1
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0  # 0 disables min-p
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 disables it
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def validate(self) -> None:
         if self.beam_width != 1:
@@ -60,6 +72,41 @@ class SamplingConfig:
             raise RequestError(f"top_p={self.top_p} must be in (0, 1]")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise RequestError(f"seed={self.seed} must be an integer in [0, 2**63)")
+        if not _number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p={self.min_p!r} must be a number in [0, 1] (0 disables min-p)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _number(v) or not -2.0 <= v <= 2.0:
+                raise RequestError(f"{name}={v!r} must be a number in [-2, 2]")
+        if not _number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty={self.repetition_penalty!r} must be a number > 0 (1 disables it)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise RequestError(f"logit_bias must be a map of token id -> bias, got {type(self.logit_bias).__name__}")
+            for k, v in self.logit_bias.items():
+                if not isinstance(k, int) or isinstance(k, bool) or not _number(v) or not -100 <= v <= 100:
+                    raise RequestError(f"logit_bias[{k!r}]={v!r}: keys must be token ids and biases numbers in "
+                                       "[-100, 100]")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise RequestError(f"min_tokens={self.min_tokens!r} must be an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # msgpack maps take string keys only: the bias travels as [id, bias] pairs
+        d["logit_bias"] = [[k, v] for k, v in self.logit_bias.items()] if self.logit_bias else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingConfig:
+        d = dict(d)
+        bias = d.get("logit_bias")
+        if isinstance(bias, list):
+            d["logit_bias"] = {int(k): float(v) for k, v in bias}
+        return cls(**d)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -102,6 +149,7 @@ class Request:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["request_type"] = int(self.request_type)
+        d["sampling_config"] = self.sampling_config.to_dict()
         d["context_phase_params"] = (
             self.context_phase_params.to_dict() if self.context_phase_params else None)
         return d
@@ -112,7 +160,7 @@ class Request:
         return cls(
             input_token_ids=list(d["input_token_ids"]),
             max_tokens=d["max_tokens"],
-            sampling_config=SamplingConfig(**d["sampling_config"]),
+            sampling_config=SamplingConfig.from_dict(d["sampling_config"]),
             streaming=d["streaming"],
             request_type=RequestType(d["request_type"]),
             context_phase_params=ContextPhaseParams.from_dict(cpp) if cpp else None,

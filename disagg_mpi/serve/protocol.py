@@ -52,7 +52,8 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 # must hold their default value (or anything, for `user`), else the request is refused.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
            "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
-           "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output"}
+           "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output",
+           "repetition_penalty", "min_tokens", "min_p"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 
@@ -118,11 +119,6 @@ def _check_defaults(body: dict[str, Any]) -> None:
         raise bad("echo is not supported: send echo false", "echo")
     if body.get("suffix") not in (None, ""):
         raise bad("suffix is not supported", "suffix")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad(f"{name} is not supported: send 0 or leave it out", name)
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("logit_bias is not supported", "logit_bias")
     if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none"):
         name = "tools" if body.get("tools") not in (None, []) else "tool_choice"
         raise bad("tools and tool_choice are not supported (this server has no function calling); "
@@ -142,8 +138,53 @@ def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
     return list(v)
 
 
-def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens"
-              ) -> tuple[int, SamplingConfig, list[int], bool]:
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
+            low_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v) or not (low < v if low_open else low <= v) or not v <= high:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]".replace("inf]", "inf)")
+        raise bad(f"{name}={v!r} must be a number in {span}", name)
+    return float(v)
+
+
+def _logit_bias(body: dict[str, Any], vocab: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: a map from token id (a JSON string key) to a bias in [-100, 100]."""
+    lb = body.get("logit_bias")
+    if lb is None or lb == {}:
+        return None
+    if not isinstance(lb, dict):
+        raise bad("logit_bias must be an object mapping token ids to biases in [-100, 100]", "logit_bias")
+    out = {}
+    for k, v in lb.items():
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            raise bad(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
+        if tid < 0 or (vocab is not None and tid >= vocab):
+            raise bad(f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab})", "logit_bias")
+        if not _is_num(v) or not -100 <= v <= 100:
+            raise bad(f"logit_bias[{k!r}]={v!r} must be a number in [-100, 100]", "logit_bias")
+        out[tid] = float(v)
+    return out
+
+
+def _extras(body: dict[str, Any], vocab: int | None, max_tokens: int) -> dict[str, Any]:
+    """Penalties, logit_bias, min_tokens and min_p as SamplingConfig fields."""
+    min_tokens = body.get("min_tokens")
+    min_tokens = 0 if min_tokens is None else min_tokens
+    if not _is_int(min_tokens) or not 0 <= min_tokens <= max_tokens:
+        raise bad(f"min_tokens={min_tokens!r} must be an integer in [0, max_tokens={max_tokens}]", "min_tokens")
+    return {"presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True),
+            "min_p": _number(body, "min_p", 0.0, 0.0, 1.0), "logit_bias": _logit_bias(body, vocab),
+            "min_tokens": min_tokens}
+
+
+def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens",
+              vocab: int | None = None) -> tuple[int, SamplingConfig, list[int], bool]:
     mt = body.get(max_tokens_field)
     if mt is None and max_tokens_field != "max_tokens":
         mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
@@ -173,7 +214,8 @@ def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: s
         ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
-    return mt, SamplingConfig(1, float(temperature), top_k, float(top_p), seed), stop_ids, ignore_eos
+    sc = SamplingConfig(1, float(temperature), top_k, float(top_p), seed, **_extras(body, vocab, mt))
+    return mt, sc, stop_ids, ignore_eos
 
 
 def _stops(body: dict[str, Any]) -> tuple[list[str], bool]:
@@ -266,7 +308,7 @@ def _finish(kind: str, body: dict[str, Any], ids: list[int], vocab: int | None,
             raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
     stream, include_usage = _stream(body)
     mode, cpp = _disagg(body, stream)
-    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field)
+    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     stops, include_stop = _stops(body)
     req = Request(list(ids), mt, sc, streaming=stream, context_phase_params=cpp, stop_token_ids=stop_ids,

@@ -170,3 +170,48 @@ def test_run_jsonl_stop_lines(workdir, folder, reference):
     assert out[0]["output_ids"] == out[1]["output_ids"] == reference[i][1][: len(out[0]["output_ids"])]
     assert (out[2]["text"], out[2]["output_ids"]) == reference[i]
     assert out[3]["finish_reason"] == "error" and "at most 4" in out[3]["error"]
+
+
+# ---- penalties, logit_bias, min_tokens, top_k, min_p ----------------------------------------------------
+
+PENALTIES = [({"frequency_penalty": -1.5}, {}), ({"presence_penalty": -2.0}, {}), ({}, {"repetition_penalty": 0.5}),
+             ({"logit_bias": {"7": 6.0, "100": -100}}, {}),
+             ({"frequency_penalty": 0.9, "presence_penalty": -1.7}, {"repetition_penalty": 1.3})]
+
+
+def test_penalties_agg_equals_disagg_greedy_and_seeded(clients, reference):
+    """Penalty state is recomputed from prompt + output on the generation executor: the disaggregated
+    tokens equal the aggregated ones, greedy and seeded, and each penalty changes the output."""
+    for kw, extra in PENALTIES:
+        for sampling in ({}, {"temperature": 0.9, "seed": 11}, {"temperature": 1.2, "seed": 12, "top_p": 0.9}):
+            got = {}
+            for mode, client in clients.items():
+                got[mode] = [ids_of(complete(client, p, extra_body={"ignore_eos": True, **extra}, **kw,
+                                             **sampling).choices[0]) for p in PROMPTS[:2]]
+            assert got["agg"] == got["disagg"], (kw, extra, sampling)
+            if not sampling:
+                assert all(g != r[1] for g, r in zip(got["agg"], reference[:2])), (kw, extra)
+
+
+def test_logit_bias_forces_and_min_tokens_holds_eos(clients):
+    for mode, client in clients.items():
+        c = complete(client, PROMPTS[0], logit_bias={"42": 100}).choices[0]
+        assert ids_of(c) == [42] * 30
+        # EOS (token 1) forced, but not before 5 tokens: 5 others, then EOS ends the request
+        c = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, logit_bias={"1": 100},
+                                      extra_body={"min_tokens": 5}).choices[0]
+        assert len(ids_of(c)) == 6 and ids_of(c)[-1] == 1 and 1 not in ids_of(c)[:5], mode
+        assert c.finish_reason == "stop"
+        seeded = [ids_of(complete(client, PROMPTS[1], temperature=1.0, seed=3,
+                                  extra_body={"ignore_eos": True, "top_k": 2, "min_p": 0.2}).choices[0])
+                  for _ in range(2)]
+        assert seeded[0] == seeded[1]
+
+
+def test_bad_penalties_are_400_naming_the_field(agg):
+    for kw, param in [({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                      ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
+                      ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            agg.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, **kw)
+        assert info.value.body["param"] == param

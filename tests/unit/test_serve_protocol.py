@@ -165,7 +165,8 @@ _any_json = st.recursive(
 _field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed",
                                 "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
                                 "disaggregated_params", "logprobs", "user", "bogus", "stop",
-                                "include_stop_str_in_output"])
+                                "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
+                                "repetition_penalty", "logit_bias", "min_tokens", "min_p"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -178,3 +179,39 @@ def test_any_body_parses_or_gets_a_4xx(body, chat):
         (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
     except ApiError as err:
         assert 400 <= err.status < 500 and str(err)
+
+
+def test_penalties_bias_stop_fields_reach_the_request():
+    p = comp(prompt="hi", max_tokens=5, presence_penalty=1.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+             logit_bias={"7": -100, "9": 2.5}, min_tokens=3, min_p=0.05, top_k=-1, stop=["a b", "c"],
+             include_stop_str_in_output=True)
+    sc, r = p.request.sampling_config, p.request
+    assert (sc.presence_penalty, sc.frequency_penalty, sc.repetition_penalty, sc.min_p, sc.min_tokens,
+            sc.top_k) == (1.5, -0.5, 1.2, 0.05, 3, 0)
+    assert sc.logit_bias == {7: -100.0, 9: 2.5}
+    assert r.stop_words == ["a b", "c"] and r.include_stop_str_in_output
+    assert comp(prompt="hi", stop="x").request.stop_words == ["x"]
+    assert comp(prompt="hi").request.sampling_config.logit_bias is None
+    from disagg_mpi.api import Request
+
+    assert Request.from_dict(r.to_dict()) == r  # the bias's int keys survive the msgpack-ready form
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {"1024": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 17}, "min_tokens"),
+    ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_penalty_values_name_their_field(body, param):
+    refused(parse_completion, {"prompt": "x", **body}, param)
