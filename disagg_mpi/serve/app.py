@@ -8,6 +8,7 @@ GET /metrics. Errors are OpenAI-shaped: {"error": {message, type, param, code}}.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -22,9 +23,18 @@ from ..api import Response
 from ..runtime.signals import STOP_SIGNALS
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
-from .outputs import ChoiceOutput, collect, final_of
-from .protocol import CONTEXT_ONLY, ApiError, ParsedRequest, error_body, parse_chat, parse_completion, parse_json_body
-from .responses import chunk, finish_reason, full_body, usage_chunk
+from .outputs import ChoiceOutput, collect
+from .protocol import (
+    CONTEXT_ONLY,
+    ApiError,
+    ParsedRequest,
+    error_body,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+)
+from .responses import full_body
+from .streaming import stream_choices
 
 log = logging.getLogger(__name__)
 
@@ -136,26 +146,36 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     except (ApiError, web.HTTPException):
         state.metrics.outcome("error")
         raise
-    if p.request.stop_words and p.mode != CONTEXT_ONLY:
-        p.request.streaming = True  # rank 0 must see each token to cancel at a stop string (outputs.py)
+    subs: list[tuple[int, asyncio.Queue]] = []
     try:
-        gid, q = state.dispatcher.submit(p.request, p.mode)
+        for r in p.requests:  # one engine request per choice
+            if r.stop_words and p.mode != CONTEXT_ONLY:
+                r.streaming = True  # rank 0 must see each token to cancel at a stop string (outputs.py)
+            subs.append(state.dispatcher.submit(r, p.mode))
     except (ValueError, KeyError) as err:
+        for gid, _ in subs:
+            state.dispatcher.cancel(gid)
         state.metrics.outcome("error")
         raise ApiError(400, str(err), None, "request_refused") from None
     state.metrics.in_flight.set(state.dispatcher.in_flight)
+
+    def cancel_all() -> None:
+        for gid, _ in subs:
+            state.dispatcher.cancel(gid)
+
     try:
         if p.stream:
-            return await _stream(request, state, p, gid, q)
-        out = ChoiceOutput(state.tok, p.request)
-        resp = await collect(out, q, lambda: state.dispatcher.cancel(gid))
-        return _finish_full(state, p, resp, out.text)
+            return await stream_choices(request, state, p, subs, _engine_error)
+        outs = [ChoiceOutput(state.tok, r) for r in p.requests]
+        finals = await asyncio.gather(*(collect(o, q, functools.partial(state.dispatcher.cancel, gid))
+                                        for o, (gid, q) in zip(outs, subs)))
+        return _finish_full(state, p, finals, outs)
     except asyncio.CancelledError:  # the client went away
-        state.dispatcher.cancel(gid)
+        cancel_all()
         state.metrics.outcome("cancelled")
         raise
     except Exception:
-        state.dispatcher.cancel(gid)
+        cancel_all()
         raise
     finally:
         state.metrics.in_flight.set(state.dispatcher.in_flight)
@@ -169,77 +189,18 @@ def _engine_error(state: ServerState, resp: Response) -> web.Response:
     return _err(400, msg, code="request_refused")
 
 
-def _finish_full(state: ServerState, p: ParsedRequest, resp: Response, text: str) -> web.Response:
-    if resp.has_error() or resp.result is None:
-        return _engine_error(state, resp)
-    r = resp.result
-    if r.finish_reason == "cancelled":
-        state.metrics.outcome("cancelled")
-    else:
-        state.metrics.outcome("ok")
-        state.metrics.finished(r.metrics, p.prompt_tokens, len(r.output_token_ids))
-    return _json(full_body(p, resp, text))
-
-
-def _public_metrics(m: dict) -> dict:
-    return {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gid: int,
-                  q: asyncio.Queue) -> web.StreamResponse:
-    resp = await q.get()
-    if resp.has_error():  # refused before anything was sent: a plain error body
-        return _engine_error(state, resp)
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                      "X-Accel-Buffering": "no"})
-    await out.prepare(request)
-    text_out = ChoiceOutput(state.tok, p.request)
-    first = True
-    try:
-        while True:
-            if resp.has_error():
-                state.metrics.outcome("error")
-                await out.write(_sse(error_body(resp.error_msg or "unknown error", "server_error")))
-                break
-            text, new = text_out.take(resp)
-            if text_out.stopped and not resp.is_final:
-                state.dispatcher.cancel(gid)  # a stop string ended the text: nothing past it goes out
-                resp = await final_of(q)
-            if resp.is_final:
-                resp = text_out.final_response(resp)
-                reason = resp.result.finish_reason if resp.result else "error"
-                last = chunk(p, text, new, finish_reason(reason), first)
-                last["metrics"] = _public_metrics(resp.result.metrics if resp.result else {})  # extension
-                await out.write(_sse(last))
-                n_tokens = len(text_out.tokens)
-                if reason == "cancelled":
-                    state.metrics.outcome("cancelled")
-                else:
-                    state.metrics.outcome("ok")
-                    state.metrics.finished(resp.result.metrics if resp.result else {}, p.prompt_tokens, n_tokens)
-                if p.include_usage:
-                    await out.write(_sse(usage_chunk(p, n_tokens)))
-                break
-            if new:
-                await out.write(_sse(chunk(p, text, new, None, first)))
-                first = False
-            resp = await q.get()
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-    except (ConnectionResetError, ConnectionError) as err:
-        log.info("request %d: client went away (%s); cancelling", gid, type(err).__name__)
-        state.dispatcher.cancel(gid)
-        state.metrics.outcome("cancelled")
-    except Exception:
-        log.exception("request %d: streaming failed", gid)
-        state.dispatcher.cancel(gid)
-        state.metrics.outcome("error")
-        out.force_close()
-    return out
+def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], outs: list[ChoiceOutput]
+                 ) -> web.Response:
+    failed = next((r for r in finals if r.has_error() or r.result is None), None)
+    if failed is not None:
+        return _engine_error(state, failed)
+    for r, req in zip(finals, p.requests):
+        if r.result.finish_reason == "cancelled":
+            state.metrics.outcome("cancelled")
+        else:
+            state.metrics.outcome("ok")
+            state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
+    return _json(full_body(p, [(r, o.text) for r, o in zip(finals, outs)]))
 
 
 async def models(request: web.Request) -> web.Response:

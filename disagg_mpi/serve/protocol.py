@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import time
@@ -21,6 +22,8 @@ from ..stops import check_stop_strings
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts x n in one request
 
 CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
@@ -60,20 +63,27 @@ CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "t
 
 @dataclass
 class ParsedRequest:
-    """What a handler needs to run one OpenAI request."""
+    """What a handler needs to run one OpenAI request: one engine request per choice."""
 
     kind: str  # "completion" | "chat"
-    request: Request
+    request: Request  # the first choice's (the only one without batching or n)
     stream: bool
     include_usage: bool
     mode: str  # CONTEXT_AND_GENERATION | CONTEXT_ONLY | GENERATION_ONLY
     model: str
     id: str = field(default_factory=lambda: "")
     created: int = field(default_factory=lambda: int(time.time()))
+    requests: list[Request] = field(default_factory=list)  # choice i is requests[i]: prompt i // n
+    n: int = 1
+    echo: list[str] = field(default_factory=list)  # per choice, the prompt text `echo` puts first
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            self.requests = [self.request]
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.request.input_token_ids)
+        return sum(len(r.input_token_ids) for r in self.requests[:: self.n])
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -105,20 +115,18 @@ def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> Non
 
 def _check_defaults(body: dict[str, Any]) -> None:
     """OpenAI fields we accept only at their default value."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad(f"n={n!r} is not supported: only n=1", "n")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != 1:
-        raise bad(f"best_of={best_of!r} is not supported: only best_of=1", "best_of")
+    if best_of is not None and best_of != 1 and best_of != body.get("n"):
+        raise bad(f"best_of={best_of!r} is not supported: leave it out (or equal to n)", "best_of")
     if body.get("logprobs") not in (None, False, 0):
         raise bad("logprobs are not supported: send logprobs null or false", "logprobs")
     if body.get("top_logprobs") not in (None, 0):
         raise bad("top_logprobs is not supported", "top_logprobs")
-    if body.get("echo") not in (None, False):
-        raise bad("echo is not supported: send echo false", "echo")
+    if body.get("echo") not in (None, False, True):
+        raise bad(f"echo={body.get('echo')!r} must be true or false", "echo")
     if body.get("suffix") not in (None, ""):
-        raise bad("suffix is not supported", "suffix")
+        raise bad("suffix (insertion after the completion) is not supported: these models have no fill-in-the-"
+                  "middle mode; leave suffix out", "suffix")
     if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none"):
         name = "tools" if body.get("tools") not in (None, []) else "tool_choice"
         raise bad("tools and tool_choice are not supported (this server has no function calling); "
@@ -298,22 +306,66 @@ def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
     return model
 
 
-def _finish(kind: str, body: dict[str, Any], ids: list[int], vocab: int | None,
-            default_max_tokens: int, model: str, max_tokens_field: str = "max_tokens") -> ParsedRequest:
-    if not ids:
-        raise bad("the prompt is empty; send at least one token", "prompt" if kind == "completion" else "messages")
-    if vocab is not None:
-        out = [t for t in ids if not 0 <= t < vocab]
-        if out:
-            raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+def _n(body: dict[str, Any], prompts: int) -> int:
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise bad(f"n={n!r} must be an integer in [1, {MAX_N}]", "n")
+    if prompts * n > MAX_CHOICES:
+        raise bad(f"{prompts} prompts x n={n} is {prompts * n} choices; at most {MAX_CHOICES} per request", "n")
+    return n
+
+
+def _choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j's seed: the request's seed for choice 0, a distinct well-mixed one for the others,
+    so seeded choices differ from each other and repeat with the same seed."""
+    if seed is None or j == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + j * 0xBF58476D1CE4E5B9) % (2**63)
+
+
+def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: int | None,
+            default_max_tokens: int, model: str, max_tokens_field: str = "max_tokens",
+            echo: list[str] | None = None) -> ParsedRequest:
+    for ids in prompts:
+        if not ids:
+            raise bad("the prompt is empty; send at least one token", "prompt" if kind == "completion" else "messages")
+        if vocab is not None:
+            out = [t for t in ids if not 0 <= t < vocab]
+            if out:
+                raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
     stream, include_usage = _stream(body)
     mode, cpp = _disagg(body, stream)
+    n = _n(body, len(prompts))
+    if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
+        raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
     mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
-    prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     stops, include_stop = _stops(body)
-    req = Request(list(ids), mt, sc, streaming=stream, context_phase_params=cpp, stop_token_ids=stop_ids,
-                  ignore_eos=ignore_eos, stop_words=stops, include_stop_str_in_output=include_stop)
-    return ParsedRequest(kind, req, stream, include_usage, mode, model, prefix + uuid.uuid4().hex)
+    reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
+                    context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
+                    stop_words=list(stops), include_stop_str_in_output=include_stop)
+            for ids in prompts for j in range(n)]
+    prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
+    echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
+    return ParsedRequest(kind, reqs[0], stream, include_usage, mode, model, prefix + uuid.uuid4().hex,
+                         requests=reqs, n=n, echo=echoes)
+
+
+def _prompts(prompt: Any, tokenizer: Any, vocab: int | None) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's four prompt shapes -> token ids and text of each prompt: a string, a list of strings,
+    a list of token ids, a list of such lists."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)], [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt must be a string, a list of strings, a list of token ids or a list of token id lists"
+                  + (" (the list is empty)" if prompt == [] else f", got {type(prompt).__name__}"), "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt], list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        ids = [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
+        return ids, [tokenizer.decode(p) for p in ids]
+    ids = _token_list(prompt, "prompt", vocab)
+    return [ids], [tokenizer.decode(ids)]
 
 
 def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...],
@@ -323,18 +375,9 @@ def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[st
     model = _check_model(body, model_names)
     if "prompt" not in body or body["prompt"] is None:
         raise bad("the field 'prompt' is required (a string or a list of token ids)", "prompt", "missing_field")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad(f"only one prompt per request is supported (got {len(prompt)})", "prompt")
-    elif isinstance(prompt, list):
-        ids = _token_list(prompt, "prompt", vocab)
-    else:
-        raise bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
-    return _finish("completion", body, ids, vocab, COMPLETION_DEFAULT_MAX_TOKENS, model)
+    ids, texts = _prompts(body["prompt"], tokenizer, vocab)
+    echo = texts if body.get("echo") else None
+    return _finish("completion", body, ids, vocab, COMPLETION_DEFAULT_MAX_TOKENS, model, echo=echo)
 
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -377,4 +420,4 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...
     messages = _messages(body["messages"])
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(text)
-    return _finish("chat", body, ids, vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
+    return _finish("chat", body, [ids], vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")

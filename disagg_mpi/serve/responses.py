@@ -35,36 +35,42 @@ def disagg_params_out(resp: Response) -> dict[str, Any]:
             "ctx_request_id": cpp.req_id, "opaque_state": base64.b64encode(cpp.opaque_state).decode()}
 
 
-def full_body(p: ParsedRequest, resp: Response, text: str) -> dict[str, Any]:
-    """The non-streaming body of a finished request."""
+def _choice(p: ParsedRequest, index: int, resp: Response, text: str) -> dict[str, Any]:
     r = resp.result
     tokens = list(r.output_token_ids)
     reason = finish_reason(r.finish_reason)
     if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": tokens, "logprobs": None,
-                                  "finish_reason": reason}
-        obj = "text_completion"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
-                  "logprobs": None, "finish_reason": reason}
-        obj = "chat.completion"
-    body: dict[str, Any] = {"id": p.id, "object": obj, "created": p.created, "model": p.model,
-                            "choices": [choice], "usage": usage(p.prompt_tokens, len(tokens)),
-                            # extension: per-request ttft, KV transfer, where each phase ran
-                            "metrics": {k: v for k, v in r.metrics.items()
+        echo = p.echo[index] if index < len(p.echo) else ""
+        return {"index": index, "text": echo + text, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
+            "logprobs": None, "finish_reason": reason}
+
+
+def full_body(p: ParsedRequest, finals: list[tuple[Response, str]]) -> dict[str, Any]:
+    """The non-streaming body of a finished request: (final response, text) of each choice, in order."""
+    choices = [_choice(p, i, resp, text) for i, (resp, text) in enumerate(finals)]
+    completion_tokens = sum(len(resp.result.output_token_ids) for resp, _ in finals)
+    metrics = finals[0][0].result.metrics
+    body: dict[str, Any] = {"id": p.id, "object": "text_completion" if p.kind == "completion" else "chat.completion",
+                            "created": p.created, "model": p.model, "choices": choices,
+                            "usage": usage(p.prompt_tokens, completion_tokens),
+                            # extension: per-request ttft, KV transfer, where each phase ran (the first choice's)
+                            "metrics": {k: v for k, v in metrics.items()
                                         if isinstance(v, (int, float, str)) and not isinstance(v, bool)}}
     if p.mode == CONTEXT_ONLY:
-        dp = disagg_params_out(resp)
-        choice["disaggregated_params"] = dp
+        dp = disagg_params_out(finals[0][0])
+        choices[0]["disaggregated_params"] = dp
         body["disaggregated_params"] = dp
     return body
 
 
 def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | None,
-          first: bool = False) -> dict[str, Any]:
+          first: bool = False, index: int = 0) -> dict[str, Any]:
     """One streaming chunk (OpenAI format; `token_ids` is an extension)."""
     if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None,
+        if first and index < len(p.echo):
+            text = p.echo[index] + (text or "")
+        choice: dict[str, Any] = {"index": index, "text": text or "", "token_ids": tokens, "logprobs": None,
                                   "finish_reason": reason}
         obj = "text_completion"
     else:
@@ -73,7 +79,7 @@ def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | N
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
         obj = "chat.completion.chunk"
     return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [choice]}
 

@@ -5,7 +5,6 @@ random Llama whose tokens are words, so its output is text; greedy unless seeded
 
 The two servers are module fixtures (serve_server.launch): started once for every test here.
 """
-# ruff: noqa: F811 - the tests take the imported fixtures by name
 
 from __future__ import annotations
 
@@ -161,7 +160,7 @@ def test_run_jsonl_stop_lines(workdir, folder, reference):
     (workdir / "stop.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     proc = subprocess.run([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(workdir / "disagg.yaml"),
                            "--input", str(workdir / "stop.jsonl"), "--output", str(workdir / "stop.out")],
-                          env=clean_env(), capture_output=True, text=True, timeout=300)
+                          env=clean_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = [json.loads(x) for x in (workdir / "stop.out").read_text().splitlines()]
     cut = text.index(stop)
@@ -186,8 +185,8 @@ def test_penalties_agg_equals_disagg_greedy_and_seeded(clients, reference):
         for sampling in ({}, {"temperature": 0.9, "seed": 11}, {"temperature": 1.2, "seed": 12, "top_p": 0.9}):
             got = {}
             for mode, client in clients.items():
-                got[mode] = [ids_of(complete(client, p, extra_body={"ignore_eos": True, **extra}, **kw,
-                                             **sampling).choices[0]) for p in PROMPTS[:2]]
+                c = complete(client, PROMPTS[:2], extra_body={"ignore_eos": True, **extra}, **kw, **sampling)
+                got[mode] = [ids_of(ch) for ch in sorted(c.choices, key=lambda ch: ch.index)]
             assert got["agg"] == got["disagg"], (kw, extra, sampling)
             if not sampling:
                 assert all(g != r[1] for g, r in zip(got["agg"], reference[:2])), (kw, extra)
@@ -215,3 +214,57 @@ def test_bad_penalties_are_400_naming_the_field(agg):
         with pytest.raises(openai.BadRequestError) as info:
             agg.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, **kw)
         assert info.value.body["param"] == param
+
+
+# ---- batched prompts, echo, n ---------------------------------------------------------------------------
+
+
+def by_index(choices):
+    return sorted(choices, key=lambda ch: ch.index)
+
+
+def test_batched_prompts_in_order_equal_single_requests(clients, reference):
+    for mode, client in clients.items():
+        c = complete(client, PROMPTS)
+        assert [ids_of(ch) for ch in by_index(c.choices)] == [r[1] for r in reference], mode
+        assert [ch.index for ch in by_index(c.choices)] == list(range(len(PROMPTS)))
+        assert c.usage.prompt_tokens == sum(map(len, PROMPTS)) and c.usage.completion_tokens == 30 * len(PROMPTS)
+
+
+def test_string_prompts_with_echo_and_stop(clients, reference):
+    texts = ["w5 w9 w44", "w100 w3 w100"]
+    for mode, client in clients.items():
+        plain = by_index(complete(client, texts).choices)
+        echoed = by_index(complete(client, texts, echo=True).choices)
+        assert [e.text for e in echoed] == [t + p.text for t, p in zip(texts, plain)], mode
+        assert [ids_of(e) for e in echoed] == [ids_of(p) for p in plain]
+        i, stop = stop_case([(plain[1].text, None)])
+        streamed = list(complete(client, texts, echo=True, stop=stop, stream=True))
+        text = {0: "", 1: ""}
+        for ch in streamed:
+            for x in ch.choices:
+                text[x.index] += x.text
+        assert text == {0: texts[0] + plain[0].text, 1: texts[1] + plain[1].text[: plain[1].text.index(stop)]}
+
+
+def test_n_choices_seeded_differ_and_repeat(clients):
+    runs = {}
+    for mode, client in clients.items():
+        runs[mode] = [[ids_of(ch) for ch in by_index(complete(client, PROMPTS[:2], n=3, temperature=1.0,
+                                                                  seed=21).choices)] for _ in range(2)]
+        assert runs[mode][0] == runs[mode][1], mode  # the same seed: the same choices
+        first = runs[mode][0]
+        assert len(first) == 6 and len({tuple(x) for x in first[:3]}) == 3  # choices differ
+    assert runs["agg"] == runs["disagg"]
+    one = ids_of(complete(clients["agg"], PROMPTS[0], temperature=1.0, seed=21).choices[0])
+    assert one == runs["agg"][0][0]  # choice 0 is the request's own seed
+    chat = clients["disagg"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w1 w2"}],
+                                                     n=2, max_completion_tokens=5, temperature=1.0, seed=4)
+    assert len(chat.choices) == 2 and all(c.finish_reason == "length" for c in chat.choices)
+    assert chat.usage.completion_tokens == 10
+
+
+def test_suffix_refused(agg):
+    with pytest.raises(openai.BadRequestError) as info:
+        agg.completions.create(model=MODEL, prompt="w1", suffix="w2")
+    assert info.value.body["param"] == "suffix"

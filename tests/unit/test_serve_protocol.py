@@ -58,7 +58,13 @@ def test_completion_text_ids_and_params():
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", [1, 2]]}, "prompt"),
+    ({"prompt": [[1, 2], [3, "x"]]}, "prompt[1]"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": ["x"] * 5, "n": 16}, "n"),
+    ({"prompt": ["x", "y"], "disaggregated_params": {"request_type": "context_only"}}, "disaggregated_params"),
     ({"prompt": [1, 5000]}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": 5}, "prompt"),
@@ -69,7 +75,7 @@ def test_completion_text_ids_and_params():
     ({"prompt": "x", "top_k": 1.5}, "top_k"),
     ({"prompt": "x", "seed": -2}, "seed"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "stop": 3}, "stop"),
@@ -126,7 +132,7 @@ def test_disaggregated_params_in_and_out():
     from disagg_mpi.api import ContextPhaseParams
 
     resp = Response(1, Result([9], True, None, ContextPhaseParams(4, [9], opaque), {}))
-    body = full_body(p, resp, "t")
+    body = full_body(p, [(resp, "t")])
     dp = body["choices"][0]["disaggregated_params"]
     assert dp == body["disaggregated_params"]
     assert dp["request_type"] == "context_only" and dp["ctx_request_id"] == 4 and dp["first_gen_tokens"] == [9]
@@ -143,7 +149,7 @@ def test_bodies_and_chunks():
     c = chunk(q, "y", [5], None, first=True)
     assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"role": "assistant",
                                                                                      "content": "y"}
-    body = full_body(q, Response(1, Result([5, 6], True, "stop", None, {})), "hi")
+    body = full_body(q, [(Response(1, Result([5, 6], True, "stop", None, {})), "hi")])
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert body["choices"][0]["finish_reason"] == "stop"
 
@@ -215,3 +221,19 @@ def test_penalties_bias_stop_fields_reach_the_request():
 ])
 def test_bad_penalty_values_name_their_field(body, param):
     refused(parse_completion, {"prompt": "x", **body}, param)
+
+
+def test_batched_prompts_n_and_echo():
+    p = comp(prompt=["ab", "c"], n=3, echo=True, temperature=1.0, seed=5)
+    assert [r.input_token_ids for r in p.requests] == [TOK.encode("ab")] * 3 + [TOK.encode("c")] * 3
+    assert p.echo == ["ab"] * 3 + ["c"] * 3 and p.n == 3
+    assert p.prompt_tokens == len(TOK.encode("ab")) + len(TOK.encode("c"))  # each prompt once
+    seeds = [r.sampling_config.seed for r in p.requests]
+    assert seeds[0] == 5 and len(set(seeds[:3])) == 3 and seeds[:3] == seeds[3:]  # per choice, same per prompt
+    assert comp(prompt=["ab", "c"], n=3, temperature=1.0, seed=5).requests[1].sampling_config.seed == seeds[1]
+    q = comp(prompt=[[5, 6], [7]])
+    assert [r.input_token_ids for r in q.requests] == [[5, 6], [7]] and q.echo == ["", ""]
+    assert comp(prompt=[5, 6], echo=True).echo == [TOK.decode([5, 6])]
+    body = full_body(p, [(Response(i, Result([9], True, "length", None, {})), "z") for i in range(6)])
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert body["choices"][3]["text"] == "cz" and body["usage"]["completion_tokens"] == 6

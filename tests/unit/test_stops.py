@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,7 +61,7 @@ ALPHABET = "ab\n "
        cuts=st.lists(st.integers(0, 30), max_size=8), include=st.booleans())
 def test_matches_brute_force_for_every_split(text, stops, cuts, include):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     outs, stopped = feed_pieces(pieces, stops, include)
     want, want_stopped = reference(text, stops, include)
     assert ("".join(outs), stopped) == (want, want_stopped)
