@@ -11,14 +11,14 @@ import base64
 import binascii
 import dataclasses
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import ContextPhaseParams, Request, SamplingConfig
-from ..stops import check_stop_strings
+from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
+from .sampling_fields import extras, stop_fields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -28,27 +28,6 @@ MAX_CHOICES = 64  # prompts x n in one request
 CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
 CONTEXT_AND_GENERATION = "context_and_generation"
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code)
 
 
 # Fields of each endpoint. Engine fields are used; the "OpenAI fields we accept"
@@ -98,14 +77,6 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None:
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
@@ -137,58 +108,13 @@ def _check_defaults(body: dict[str, Any]) -> None:
 
 
 def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
-    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+    if not isinstance(v, list) or not all(is_int(t) for t in v):
         raise bad(f"{name} must be a list of integer token ids", name)
     if vocab is not None:
         out = [t for t in v if not 0 <= t < vocab]
         if out:
             raise bad(f"{name}: token ids {out[:5]} are outside the vocabulary [0, {vocab})", name)
     return list(v)
-
-
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
-            low_open: bool = False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_num(v) or not (low < v if low_open else low <= v) or not v <= high:
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}]".replace("inf]", "inf)")
-        raise bad(f"{name}={v!r} must be a number in {span}", name)
-    return float(v)
-
-
-def _logit_bias(body: dict[str, Any], vocab: int | None) -> dict[int, float] | None:
-    """OpenAI's logit_bias: a map from token id (a JSON string key) to a bias in [-100, 100]."""
-    lb = body.get("logit_bias")
-    if lb is None or lb == {}:
-        return None
-    if not isinstance(lb, dict):
-        raise bad("logit_bias must be an object mapping token ids to biases in [-100, 100]", "logit_bias")
-    out = {}
-    for k, v in lb.items():
-        try:
-            tid = int(k)
-        except (TypeError, ValueError):
-            raise bad(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
-        if tid < 0 or (vocab is not None and tid >= vocab):
-            raise bad(f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab})", "logit_bias")
-        if not _is_num(v) or not -100 <= v <= 100:
-            raise bad(f"logit_bias[{k!r}]={v!r} must be a number in [-100, 100]", "logit_bias")
-        out[tid] = float(v)
-    return out
-
-
-def _extras(body: dict[str, Any], vocab: int | None, max_tokens: int) -> dict[str, Any]:
-    """Penalties, logit_bias, min_tokens and min_p as SamplingConfig fields."""
-    min_tokens = body.get("min_tokens")
-    min_tokens = 0 if min_tokens is None else min_tokens
-    if not _is_int(min_tokens) or not 0 <= min_tokens <= max_tokens:
-        raise bad(f"min_tokens={min_tokens!r} must be an integer in [0, max_tokens={max_tokens}]", "min_tokens")
-    return {"presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True),
-            "min_p": _number(body, "min_p", 0.0, 0.0, 1.0), "logit_bias": _logit_bias(body, vocab),
-            "min_tokens": min_tokens}
 
 
 def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens",
@@ -198,22 +124,22 @@ def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: s
         mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
     if mt is None:
         mt = default_max_tokens
-    if not _is_int(mt) or mt < 1:
+    if not is_int(mt) or mt < 1:
         raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1", max_tokens_field)
     temperature = body.get("temperature")
     temperature = 0.0 if temperature is None else temperature  # greedy unless asked (like `run`)
-    if not _is_num(temperature) or temperature < 0:
+    if not is_num(temperature) or temperature < 0:
         raise bad(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)", "temperature")
     top_p = body.get("top_p")
     top_p = 1.0 if top_p is None else top_p
-    if not _is_num(top_p) or not 0 < top_p <= 1:
+    if not is_num(top_p) or not 0 < top_p <= 1:
         raise bad(f"top_p={top_p!r} must be a number in (0, 1]", "top_p")
     top_k = body.get("top_k")
     top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 means disabled (vLLM)
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise bad(f"top_k={top_k!r} must be an integer >= 0 (0 or -1 disables top-k)", "top_k")
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise bad(f"seed={seed!r} must be a non-negative integer", "seed")
     stop_ids = body.get("stop_token_ids")
     stop_ids = [] if stop_ids is None else _token_list(stop_ids, "stop_token_ids", None)
@@ -222,23 +148,8 @@ def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: s
         ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
-    sc = SamplingConfig(1, float(temperature), top_k, float(top_p), seed, **_extras(body, vocab, mt))
+    sc = SamplingConfig(1, float(temperature), top_k, float(top_p), seed, **extras(body, vocab, mt))
     return mt, sc, stop_ids, ignore_eos
-
-
-def _stops(body: dict[str, Any]) -> tuple[list[str], bool]:
-    """`stop` (a string or up to 4) and vLLM's `include_stop_str_in_output`."""
-    stop = body.get("stop")
-    try:
-        stops = check_stop_strings([] if stop == "" else stop)
-    except ValueError as err:
-        raise bad(str(err), "stop") from None
-    include = body.get("include_stop_str_in_output", False)
-    if include is None:
-        include = False
-    if not isinstance(include, bool):
-        raise bad(f"include_stop_str_in_output={include!r} must be true or false", "include_stop_str_in_output")
-    return stops, include
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -275,11 +186,11 @@ def _disagg(body: dict[str, Any], stream: bool) -> tuple[str, ContextPhaseParams
         raise bad(f"disaggregated_params.request_type={rt!r} must be one of context_only, generation_only, "
                   "context_and_generation", "disaggregated_params.request_type")
     first = dp.get("first_gen_tokens")
-    if not isinstance(first, list) or not first or not all(_is_int(t) for t in first):
+    if not isinstance(first, list) or not first or not all(is_int(t) for t in first):
         raise bad("disaggregated_params.first_gen_tokens must be a non-empty list of token ids "
                   "(from the context_only response)", "disaggregated_params.first_gen_tokens")
     ctx_id = dp.get("ctx_request_id")
-    if not _is_int(ctx_id):
+    if not is_int(ctx_id):
         raise bad("disaggregated_params.ctx_request_id must be an integer (from the context_only response)",
                   "disaggregated_params.ctx_request_id")
     opaque = dp.get("opaque_state", dp.get("encoded_opaque_state"))
@@ -309,7 +220,7 @@ def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
 def _n(body: dict[str, Any], prompts: int) -> int:
     n = body.get("n")
     n = 1 if n is None else n
-    if not _is_int(n) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise bad(f"n={n!r} must be an integer in [1, {MAX_N}]", "n")
     if prompts * n > MAX_CHOICES:
         raise bad(f"{prompts} prompts x n={n} is {prompts * n} choices; at most {MAX_CHOICES} per request", "n")
@@ -340,10 +251,10 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
     if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
         raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
     mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
-    stops, include_stop = _stops(body)
+    stop_words, include_stop = stop_fields(body)
     reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                    stop_words=list(stops), include_stop_str_in_output=include_stop)
+                    stop_words=list(stop_words), include_stop_str_in_output=include_stop)
             for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]

@@ -220,6 +220,18 @@ def test_parse_line_good(tok):
     assert req.input_token_ids == tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
 
 
+def test_parse_line_sampling_extras_and_stop(tok):
+    _, req = parse_line(json.dumps({"id": "p", "input_ids": [5], "presence_penalty": 1.0, "frequency_penalty": -0.5,
+                                    "repetition_penalty": 1.2, "logit_bias": {"7": -100, "9": 3}, "min_tokens": 2,
+                                    "min_p": 0.1, "stop": "ab", "include_stop_str_in_output": True}), 1, tok)
+    assert req.sampling_config == SamplingConfig(1, 0.0, 0, 1.0, None, 0.1, 1.0, -0.5, 1.2, {7: -100.0, 9: 3.0}, 2)
+    assert req.stop_words == ["ab"] and req.include_stop_str_in_output
+    for bad in ({"presence_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {"7": 200}},
+                {"min_tokens": -1}, {"stop": ["a"] * 5}):
+        with pytest.raises(LineError, match=next(iter(bad))):
+            parse_line(json.dumps({"id": "p", "input_ids": [5], **bad}), 1, tok)
+
+
 def test_parse_line_deeply_nested(tok):
     with pytest.raises(LineError):
         parse_line("[" * 100_000, 1, tok)

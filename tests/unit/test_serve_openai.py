@@ -238,7 +238,7 @@ def test_string_prompts_with_echo_and_stop(clients, reference):
         echoed = by_index(complete(client, texts, echo=True).choices)
         assert [e.text for e in echoed] == [t + p.text for t, p in zip(texts, plain)], mode
         assert [ids_of(e) for e in echoed] == [ids_of(p) for p in plain]
-        i, stop = stop_case([(plain[1].text, None)])
+        _, stop = stop_case([(plain[1].text, None)])
         streamed = list(complete(client, texts, echo=True, stop=stop, stream=True))
         text = {0: "", 1: ""}
         for ch in streamed:
