@@ -92,13 +92,19 @@ class StopTracker:
     detokenizer (a trailing partial UTF-8 character is held back). `num_tokens`
     counts the tokens taken: after a stop, the token that completed the stop
     string is the last one counted and later ones are ignored.
+
+    Detokenization is incremental the way vLLM's is: each token decodes a short
+    window (the tokens since the last emitted text, after a few of context, so
+    tokenizers that drop a leading space at the start of a decode still get it
+    right), never the whole output again, so a long output costs O(n).
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str] = (), include: bool = False):
         self.tok = tokenizer
         self.matcher = StopMatcher(stops, include)
         self.ids: list[int] = []
-        self.decoded = 0  # characters of decode(ids) already passed to the matcher
+        self.prefix_offset = 0  # the window's context starts here ...
+        self.read_offset = 0  # ... and its text up to here was already passed on
 
     @property
     def stopped(self) -> bool:
@@ -108,24 +114,33 @@ class StopTracker:
     def num_tokens(self) -> int:
         return len(self.ids)
 
+    def _delta(self) -> str | None:
+        """New text of the tokens after read_offset; None while it ends in half a character."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tok.decode(self.ids[self.prefix_offset:])
+        if text.endswith("\ufffd"):
+            return None
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix):]
+
     def add(self, tokens: Sequence[int]) -> str:
         out = []
         for t in tokens:  # one at a time: the stop must be pinned to the token that completed it
             if self.stopped:
                 break
             self.ids.append(int(t))
-            text = self.tok.decode(self.ids)
-            if text.endswith("\ufffd"):
-                continue  # half a UTF-8 character: wait for the rest
-            out.append(self.matcher.feed(text[self.decoded:]))
-            self.decoded = len(text)
+            delta = self._delta()
+            if delta:
+                out.append(self.matcher.feed(delta))
         return "".join(out)
 
     def finish(self) -> str:
         """At the end of the request: whatever was held back (nothing after a stop)."""
         if self.stopped:
             return ""
-        text = self.tok.decode(self.ids)
-        rest = self.matcher.feed(text[self.decoded:]) if len(text) > self.decoded else ""
-        self.decoded = len(text)
+        rest = ""
+        if self.read_offset < len(self.ids):  # it ended in half a character: decode it as it is
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+            rest = self.matcher.feed(self.tok.decode(self.ids[self.prefix_offset:])[len(prefix):])
+            self.prefix_offset = self.read_offset = len(self.ids)
         return rest + ("" if self.stopped else self.matcher.flush())

@@ -88,27 +88,3 @@ def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:
     obj = "text_completion" if p.kind == "completion" else "chat.completion.chunk"
     return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [],
             "usage": usage(p.prompt_tokens, completion_tokens)}
-
-
-class IncrementalDecoder:
-    """Token ids in, text deltas out; holds back a trailing partial UTF-8 character."""
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-
-    def add(self, tokens: list[int]) -> str:
-        self.ids.extend(tokens)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta

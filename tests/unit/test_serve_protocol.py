@@ -16,7 +16,8 @@ from disagg_mpi.serve.protocol import (
     parse_completion,
     parse_json_body,
 )
-from disagg_mpi.serve.responses import IncrementalDecoder, chunk, full_body
+from disagg_mpi.serve.responses import chunk, full_body
+from disagg_mpi.stops import StopTracker
 
 TOK = Tokenizer.bytes_only(1024)
 NAMES = ("random:tiny",)
@@ -156,8 +157,8 @@ def test_bodies_and_chunks():
 
 def test_incremental_decoder_holds_partial_characters():
     ids = TOK.encode("héllo ✓")
-    dec = IncrementalDecoder(TOK)
-    parts = [dec.add([t]) for t in ids] + [dec.flush()]
+    dec = StopTracker(TOK)
+    parts = [dec.add([t]) for t in ids] + [dec.finish()]
     assert "".join(parts) == "héllo ✓"
     assert all("\ufffd" not in s for s in parts)
 

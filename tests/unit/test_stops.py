@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -12,11 +13,12 @@ from disagg_mpi.stops import StopMatcher, StopTracker, check_stop_strings
 
 
 def reference(text: str, stops: list[str], include: bool) -> tuple[str, bool]:
-    """The answer by brute force: the shortest prefix of `text` that contains a stop string."""
+    """The answer by brute force: the shortest prefix of `text` that contains a stop string, cut before
+    the longest stop string it ends with (so the text left holds none)."""
     for end in range(len(text) + 1):
         found = [s for s in stops if text[:end].endswith(s)]
         if found:
-            s = found[0]
+            s = max(found, key=len)
             return (text[:end] if include else text[: end - len(s)]), True
     return text, False
 
@@ -105,3 +107,28 @@ def test_bad_stop_values(value, msg):
     with pytest.raises(ValueError, match=msg):
         check_stop_strings(value)
     assert check_stop_strings("x") == ["x"] and check_stop_strings(None) == []
+
+
+@functools.cache
+def _byte_tokenizer():
+    from disagg_mpi.model.tokenizer import Tokenizer
+
+    return Tokenizer.bytes_only(1024)  # multi-byte characters span tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
+       sizes=st.lists(st.integers(1, 4), max_size=20))
+def test_tracker_equals_decoding_everything(text, sizes):
+    """Incremental (windowed) decoding of byte tokens, fed in any grouping, gives the full decode and
+    never emits half a character."""
+    tok = _byte_tokenizer()
+    ids = tok.encode(text)
+    t = StopTracker(tok)
+    parts, k = [], 0
+    for n in sizes + [len(ids)]:
+        parts.append(t.add(ids[k:k + n]))
+        k += n
+    parts.append(t.finish())
+    assert "".join(parts) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in parts) or "\ufffd" in tok.decode(ids)
