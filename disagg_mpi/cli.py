@@ -180,6 +180,7 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
                cancel_when=None) -> None:
     from .jobs import LineError, output_line, parse_line
     from .model.tokenizer import load_tokenizer
+    from .stops import follow_stops
 
     tok = load_tokenizer(topo.model.path)
     lines, order, requests, ids = [], [], [], []
@@ -194,7 +195,9 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
         except LineError as err:
             results[n] = output_line(err.line_id, None, tok, error=str(err))
         order.append(n)
-    outputs, on_response = _follow_stops(orch, tok, requests, ids)
+    for (n, line_id), req in zip(ids, requests):
+        req.client_id = f"{line_id}#{n}"  # unique, so that stop strings find their line's responses
+    outputs, on_response = follow_stops(tok, requests, orch.cancel_request)
     t0 = time.perf_counter()
     responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when,
                               on_response=on_response) if requests else []
@@ -216,29 +219,6 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
             _print_line(ln, topo)
     click.echo(f"{ok}/{len(lines)} requests ok, {gen_tokens} tokens in {wall:.2f} s "
                f"({gen_tokens / max(wall, 1e-9):.1f} tokens/s)" + (f"; results in {output_path}" if output_path else ""))
-
-
-def _follow_stops(orch, tok, requests, ids):
-    """Stop strings of `run`: rank 0 reads the tokens of each request that has some as they come
-    (streamed from its executor) and cancels it at the first stop string (disagg_mpi/stops.py)."""
-    from .serve.outputs import ChoiceOutput
-
-    outputs = {}
-    for (n, line_id), req in zip(ids, requests):
-        if req.stop_words:
-            req.client_id = f"{line_id}#{n}"  # unique, so responses find their line
-            req.streaming = True
-            outputs[req.client_id] = ChoiceOutput(tok, req)
-
-    def on_response(gid, resp) -> None:
-        out = outputs.get(resp.client_id)
-        if out is None or out.stopped or resp.has_error():
-            return
-        out.take(resp)
-        if out.stopped and not resp.is_final:
-            orch.cancel_request(gid)
-
-    return outputs, on_response
 
 
 def _print_line(ln: dict, topo) -> None:

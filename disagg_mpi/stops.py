@@ -8,13 +8,16 @@ and the disaggregated run of a request at the same token by construction.
 `StopMatcher` is pure text (fed in pieces, it holds back any tail that may
 still become a stop string, so no part of a stop string is ever emitted);
 `StopTracker` feeds it one token at a time and remembers which token ended
-the text.
+the text; `ChoiceOutput` follows one request's responses with it, and
+`follow_stops` wires that into `orchestrator.generate` (as `disagg-mpi run` does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from .api import Request, Response, Result
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -144,3 +147,72 @@ class StopTracker:
             rest = self.matcher.feed(self.tok.decode(self.ids[self.prefix_offset:])[len(prefix):])
             self.prefix_offset = self.read_offset = len(self.ids)
         return rest + ("" if self.stopped else self.matcher.flush())
+
+
+class ChoiceOutput:
+    """Feeds one request's responses through a `StopTracker`; keeps the text sent so far."""
+
+    def __init__(self, tokenizer: Any, request: Request):
+        self.tracker = StopTracker(tokenizer, request.stop_words, request.include_stop_str_in_output)
+        self.seen = 0  # tokens received in non-final responses (a final one holds every token)
+        self.text = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self.tracker.stopped
+
+    @property
+    def tokens(self) -> list[int]:
+        """Output tokens up to the one that completed a stop string (all of them otherwise)."""
+        return list(self.tracker.ids)
+
+    def take(self, resp: Response) -> tuple[str, list[int]]:
+        """The new text and the new tokens of `resp`, stop strings applied."""
+        tokens = list(resp.result.output_token_ids) if resp.result is not None else []
+        new = tokens[self.seen:] if resp.is_final else tokens
+        if not resp.is_final:
+            self.seen += len(tokens)
+        before = self.tracker.num_tokens
+        text = self.tracker.add(new)
+        used = new[: self.tracker.num_tokens - before]
+        if resp.is_final:
+            text += self.tracker.finish()
+        self.text += text
+        return text, used
+
+    def final_response(self, resp: Response) -> Response:
+        """`resp` (final) with the tokens and finish reason the client sees."""
+        if not self.stopped:
+            return resp
+        r = resp.result
+        return Response(resp.request_id, Result(self.tokens, True, "stop",
+                                                r.context_phase_params if r else None, r.metrics if r else {}),
+                        None, resp.client_id)
+
+
+def follow_stops(tokenizer: Any, requests: Sequence[Request], cancel: Callable[[int], None]
+                 ) -> tuple[dict[str, ChoiceOutput], Callable[[int, Response], None]]:
+    """Stop strings for `orchestrator.generate(requests, on_response=...)` (what `disagg-mpi run` does).
+
+    Each request with `stop_words` is set to stream from its executor and gets a `ChoiceOutput`,
+    keyed by its `client_id` (which must be unique among them); the returned callback feeds it
+    the responses and calls `cancel(global id)` at the first stop string. Afterwards
+    `outputs[client_id].final_response(final)` and `.text` are what the client should see.
+    """
+    outputs: dict[str, ChoiceOutput] = {}
+    for req in requests:
+        if req.stop_words:
+            if req.client_id is None or req.client_id in outputs:
+                raise ValueError(f"requests with stop_words need unique client ids, got {req.client_id!r}")
+            req.streaming = True
+            outputs[req.client_id] = ChoiceOutput(tokenizer, req)
+
+    def on_response(gid: int, resp: Response) -> None:
+        out = outputs.get(resp.client_id) if resp.client_id is not None else None
+        if out is None or out.stopped or resp.has_error():
+            return
+        out.take(resp)
+        if out.stopped and not resp.is_final:
+            cancel(gid)
+
+    return outputs, on_response

@@ -21,9 +21,10 @@ from aiohttp import web
 
 from ..api import Response
 from ..runtime.signals import STOP_SIGNALS
+from ..stops import ChoiceOutput
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
-from .outputs import ChoiceOutput, collect
+from .outputs import collect
 from .protocol import (
     CONTEXT_ONLY,
     ApiError,

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..api import Response
-from .outputs import ChoiceOutput
+from ..stops import ChoiceOutput
 from .protocol import ParsedRequest, error_body
 from .responses import chunk, finish_reason, usage_chunk
 
