@@ -251,7 +251,8 @@ _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 _FIELDS = ["id", "prompt", "messages", "input_ids", "max_tokens", "temperature", "top_k", "top_p", "seed",
-           "stop_token_ids", "ignore_eos", "stream"]
+           "stop_token_ids", "ignore_eos", "stream", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "logit_bias", "min_tokens", "stop", "include_stop_str_in_output"]
 _field_values = {
     "id": st.text(max_size=10) | _json,
     "prompt": st.text(max_size=30) | _json,
@@ -267,6 +268,15 @@ _field_values = {
     "stop_token_ids": st.lists(st.integers(-1, 2000), max_size=3) | _json,
     "ignore_eos": st.booleans() | _json,
     "stream": st.booleans() | _json,
+    "min_p": st.floats() | _json,
+    "presence_penalty": st.floats(-3, 3) | _json,
+    "frequency_penalty": st.floats() | _json,
+    "repetition_penalty": st.floats(-1, 3) | _json,
+    "logit_bias": st.dictionaries(st.integers(-5, 2000).map(str) | st.text(max_size=3),
+                                  st.floats(-150, 150) | _json, max_size=3) | _json,
+    "min_tokens": st.integers(-2, 100) | _json,
+    "stop": st.text(max_size=4) | st.lists(st.text(max_size=3), max_size=6) | _json,
+    "include_stop_str_in_output": st.booleans() | _json,
 }
 # Mostly objects with the known fields (well-typed or not), some with arbitrary keys.
 _objects = (st.fixed_dictionaries({}, optional=_field_values)
@@ -286,6 +296,7 @@ def test_parse_line_property(tok, obj):
     assert isinstance(req, Request) and req.input_token_ids
     assert isinstance(obj, dict) and line_id == obj["id"] == req.client_id
     assert isinstance(req.max_tokens, int) and req.max_tokens >= 1
+    req.sampling_config.validate()  # what the line let through, the engine's own checks accept
 
 
 @hypothesis.settings(max_examples=200, deadline=None)

@@ -183,9 +183,13 @@ def test_any_body_parses_or_gets_a_4xx(body, chat):
     from disagg_mpi.serve.protocol import ApiError
 
     try:
-        (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
+        p = (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
     except ApiError as err:
         assert 400 <= err.status < 500 and str(err)
+        return
+    for r in p.requests:  # what the edge let through, the engine's own checks accept
+        r.sampling_config.validate()
+        assert r.sampling_config.min_tokens <= r.max_tokens
 
 
 def test_penalties_bias_stop_fields_reach_the_request():
