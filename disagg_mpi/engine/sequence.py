@@ -8,6 +8,7 @@ prefill and decode all follow from comparing that with `num_tokens`.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -85,16 +86,26 @@ class SamplingParams:
         """The argmax of the model's logits as they are (what CUDA-graph decode computes in the graph)."""
         return self.greedy and not self.adjusts_logits
 
-    def to_wire(self) -> tuple:
+    @functools.cached_property
+    def _wire(self) -> tuple:
         return (self.temperature, self.top_k, self.top_p, self.seed, self.min_p, self.presence_penalty,
-                self.frequency_penalty, self.repetition_penalty, [list(b) for b in self.logit_bias],
-                self.min_tokens, list(self.min_tokens_mask))
+                self.frequency_penalty, self.repetition_penalty, self.logit_bias, self.min_tokens,
+                self.min_tokens_mask)
+
+    def to_wire(self) -> tuple:
+        """A hashable tuple (msgpack sends it as a list); computed once per instance."""
+        return self._wire
 
     @classmethod
     def from_wire(cls, w: Any) -> SamplingParams:
-        t, k, p, s, min_p, pres, freq, rep, bias, min_tokens, mask = w
-        return cls(t, k, p, s, min_p, pres, freq, rep, tuple((int(i), float(b)) for i, b in bias),
-                   min_tokens, tuple(mask))
+        # Every step rebuilds each row's params from the plan: cached, so a decode step at batch 64
+        # costs 64 dict lookups, not 64 validations.
+        try:
+            return _from_wire(w)
+        except TypeError:  # lists, as msgpack gives them back: make it hashable
+            t, k, p, s, min_p, pres, freq, rep, bias, min_tokens, mask = w
+            return _from_wire((t, k, p, s, min_p, pres, freq, rep, tuple((int(i), float(b)) for i, b in bias),
+                               min_tokens, tuple(mask)))
 
     def validate(self) -> None:
         if not self.temperature >= 0.0:  # `not >=` also rejects NaN
@@ -115,6 +126,11 @@ class SamplingParams:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bad[:3]}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_wire(w: tuple) -> SamplingParams:
+    return SamplingParams(*w)
 
 
 @dataclass(eq=False)  # identity equality: two requests with equal fields are still two
