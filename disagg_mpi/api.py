@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,13 +48,24 @@ class RequestError(ValueError):
 
 @dataclass
 class SamplingConfig:
-    """Sampling parameters; beam_width > 1 is refused (the seed's limitation)."""
+    """Sampling parameters; beam_width > 1 is refused (the seed's limitation).
+
+    Penalties follow OpenAI (presence, frequency: over the output tokens) and transformers
+    (repetition: over prompt and output tokens); `logit_bias` maps token id -> bias added to its
+    logit; `min_tokens` keeps EOS and stop tokens out until that many tokens were generated.
+    """
 
     beam_width: int = 1
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0  # 0 disables min-p
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 disables it
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def validate(self) -> None:
         if self.beam_width != 1:
@@ -68,6 +80,44 @@ class SamplingConfig:
             raise RequestError(f"top_p={self.top_p} must be in (0, 1]", "sampling_config.top_p")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise RequestError(f"seed={self.seed} must be an integer in [0, 2**63)", "sampling_config.seed")
+        if not _number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p={self.min_p!r} must be a number in [0, 1] (0 disables min-p)",
+                               "sampling_config.min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _number(v) or not -2.0 <= v <= 2.0:
+                raise RequestError(f"{name}={v!r} must be a number in [-2, 2]", f"sampling_config.{name}")
+        if not _number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty={self.repetition_penalty!r} must be a number > 0 (1 disables it)",
+                               "sampling_config.repetition_penalty")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise RequestError(f"logit_bias must be a map of token id -> bias, got {type(self.logit_bias).__name__}",
+                                   "sampling_config.logit_bias")
+            for k, v in self.logit_bias.items():
+                if not isinstance(k, int) or isinstance(k, bool) or not _number(v) or not -100 <= v <= 100:
+                    raise RequestError(f"logit_bias[{k!r}]={v!r}: keys must be token ids and biases numbers in "
+                                       "[-100, 100]", "sampling_config.logit_bias")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise RequestError(f"min_tokens={self.min_tokens!r} must be an integer >= 0", "sampling_config.min_tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # msgpack maps take string keys only: the bias travels as [id, bias] pairs
+        d["logit_bias"] = [[k, v] for k, v in self.logit_bias.items()] if self.logit_bias else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingConfig:
+        d = dict(d)
+        bias = d.get("logit_bias")
+        if isinstance(bias, list):
+            d["logit_bias"] = {int(k): float(v) for k, v in bias}
+        return cls(**d)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -102,10 +152,15 @@ class Request:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     client_id: str | None = None
+    # Stop strings (TensorRT-LLM's name). The executors never see them: rank 0 detokenizes the
+    # output, ends it before the first stop string and cancels the request (disagg_mpi/stops.py).
+    stop_words: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # vLLM's name: keep the stop string in the text
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["request_type"] = int(self.request_type)
+        d["sampling_config"] = self.sampling_config.to_dict()
         d["context_phase_params"] = (
             self.context_phase_params.to_dict() if self.context_phase_params else None)
         return d
@@ -116,13 +171,15 @@ class Request:
         return cls(
             input_token_ids=list(d["input_token_ids"]),
             max_tokens=d["max_tokens"],
-            sampling_config=SamplingConfig(**d["sampling_config"]),
+            sampling_config=SamplingConfig.from_dict(d["sampling_config"]),
             streaming=d["streaming"],
             request_type=RequestType(d["request_type"]),
             context_phase_params=ContextPhaseParams.from_dict(cpp) if cpp else None,
             stop_token_ids=list(d["stop_token_ids"]),
             ignore_eos=d["ignore_eos"],
             client_id=d.get("client_id"),
+            stop_words=list(d.get("stop_words") or []),
+            include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
         )
 
 

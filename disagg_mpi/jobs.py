@@ -7,11 +7,20 @@ that names the field; it never stops the other lines.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .api import Request, Response, SamplingConfig
+from .stops import check_stop_strings
 
 
 class Message(BaseModel):
@@ -35,6 +44,19 @@ class InputLine(BaseModel):
     stop_token_ids: list[StrictInt] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    min_tokens: int = Field(0, ge=0)
+    stop: str | list[str] | None = None  # stop strings (Request.stop_words), applied on rank 0
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        return check_stop_strings(v)
 
     @model_validator(mode="after")
     def _one_input(self) -> InputLine:
@@ -57,7 +79,8 @@ def _pydantic_message(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
-                   "top_k, top_p, seed, stop_token_ids, ignore_eos, stream")
+                   "top_k, top_p, min_p, seed, presence_penalty, frequency_penalty, repetition_penalty, "
+                   "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -91,17 +114,24 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
         raise LineError(line_id, f"the text cannot be tokenized ({err}); send valid UTF-8 text") from None
     if not ids:
         raise LineError(line_id, "the prompt is empty; send at least one token")
-    req = Request(ids, line.max_tokens, SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed),
+    sc = SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed, line.min_p, line.presence_penalty,
+                        line.frequency_penalty, line.repetition_penalty, line.logit_bias, line.min_tokens)
+    req = Request(ids, line.max_tokens, sc,
                   streaming=line.stream, stop_token_ids=line.stop_token_ids, ignore_eos=line.ignore_eos,
-                  client_id=line.id)
+                  client_id=line.id, stop_words=list(line.stop or []),
+                  include_stop_str_in_output=line.include_stop_str_in_output)
     return line.id, req
 
 
-def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str | None = None) -> dict:
+def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str | None = None,
+                text: str | None = None) -> dict:
+    """`text`: the output text when it is not the decoded tokens (cut at a stop string)."""
     if resp is not None and resp.error_msg is None and resp.result is not None:
         r = resp.result
         reason = r.finish_reason or "length"
-        return {"id": line_id, "output_ids": r.output_token_ids, "text": tokenizer.decode(r.output_token_ids),
+        if text is None:
+            text = tokenizer.decode(r.output_token_ids)
+        return {"id": line_id, "output_ids": r.output_token_ids, "text": text,
                 "finish_reason": reason, "error": None, "metrics": _round(r.metrics.to_dict())}
     msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
     metrics = _round(resp.result.metrics.to_dict()) if resp is not None and resp.result is not None else {}

@@ -86,6 +86,7 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
     from ..jobs import LineError, output_line, parse_line
     from ..model.tokenizer import load_tokenizer
     from ..orchestrator.admission import check_request, model_limits
+    from ..stops import follow_stops
 
     tok = load_tokenizer(topo.model.path)
     limits = model_limits(str(topo.model.path))
@@ -105,11 +106,19 @@ def _run_batch(orch, topo, input_path: str, output_path: str | None, timeout: fl
         except LineError as err:
             results[n] = output_line(err.line_id, None, tok, error=str(err))
         order.append(n)
+    for (n, line_id), req in zip(ids, requests):
+        req.client_id = f"{line_id}#{n}"  # unique, so that stop strings find their line's responses
+    outputs, on_response = follow_stops(tok, requests, orch.cancel_request)
     t0 = time.perf_counter()
-    responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when) if requests else []
+    responses = orch.generate(requests, timeout=timeout, cancel_when=cancel_when,
+                              on_response=on_response) if requests else []
     wall = time.perf_counter() - t0
-    for (n, line_id), resp in zip(ids, responses):
-        results[n] = output_line(line_id, resp, tok)
+    for (n, line_id), req, resp in zip(ids, requests, responses):
+        out = outputs.get(req.client_id)
+        if out is not None and (out.stopped or resp.error_msg is None):
+            results[n] = output_line(line_id, out.final_response(resp), tok, text=out.text)
+        else:
+            results[n] = output_line(line_id, resp, tok)
     lines = [results[n] for n in order]
     if output_path:
         with open(output_path, "w") as f:

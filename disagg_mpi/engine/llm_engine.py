@@ -175,13 +175,29 @@ class LLMEngine:
                                f"model's context of {limit} tokens", "max_tokens")
         seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
         max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
-        seq = Sequence(req_id, ids, max_tokens, SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed),
+        seq = Sequence(req_id, ids, max_tokens, self._sampling_params(sc, seed, stop_ids, full_max_tokens),
                        set(stop_ids), self.eos, r.ignore_eos)
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
             seq.full_max_tokens = full_max_tokens
         return seq
+
+    def _sampling_params(self, sc: SamplingConfig, seed: int, stop_ids: list[int], max_tokens: int
+                         ) -> SamplingParams:
+        vocab = self.model_config.vocab_size
+        bias = sorted((sc.logit_bias or {}).items())
+        outside = [t for t, _ in bias if not 0 <= t < vocab]
+        if outside:
+            raise RequestError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary [0, {vocab})")
+        if sc.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens={sc.min_tokens} must be <= max_tokens ({max_tokens})")
+        # min_tokens: EOS and stop tokens are masked (also with ignore_eos, as vLLM does)
+        mask = tuple(sorted(t for t in self.eos | set(stop_ids) if 0 <= t < vocab)) if sc.min_tokens else ()
+        return SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed, float(sc.min_p),
+                              float(sc.presence_penalty), float(sc.frequency_penalty),
+                              float(sc.repetition_penalty), tuple((t, float(b)) for t, b in bias),
+                              sc.min_tokens, mask)
 
     # ---- steps -----------------------------------------------------------
 
@@ -228,9 +244,11 @@ class LLMEngine:
         inputs = self.scheduler.make_step_inputs(step)
         by_id = {seq.req_id: seq for seq, _ in step.items}
         sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
-        plan = StepPlan(inputs, [(s.temperature, s.top_k, s.top_p, s.seed) for s in sampling],
+        plan = StepPlan(inputs, [s.to_wire() for s in sampling],
                         [by_id[r].sample_key() for r in inputs.sample_req_ids],
-                        self._predict_next(step, inputs, sampling) if predict else None)
+                        histories=[by_id[r].all_ids if by_id[r].sampling.needs_history else None
+                                   for r in inputs.sample_req_ids],
+                        next_inputs=self._predict_next(step, inputs, sampling) if predict else None)
         if plan.next_inputs is not None:
             self._predicted = plan.next_inputs.sample_req_ids
         return dict(zip(inputs.sample_req_ids, self.group.run_step(plan), strict=True))
@@ -240,7 +258,7 @@ class LLMEngine:
         (overlap.py), else None."""
         if not self._chains or self.scheduler.waiting or self.scheduler.ready:
             return None
-        if len(sampling) != len(step.items) or not all(s.greedy for s in sampling):
+        if len(sampling) != len(step.items) or not all(s.plain_greedy for s in sampling):
             return None
         if any(len(seq.output_ids) + 1 >= seq.max_tokens for seq, _ in step.items):
             return None   # one finishes by length now: the next step is smaller

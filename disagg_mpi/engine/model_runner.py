@@ -37,19 +37,25 @@ class StepPlan:
     """One step as the leader sends it: the flat batch plus how to sample."""
 
     inputs: StepInputs
-    sampling: list[tuple[float, int, float, int]]  # (temperature, top_k, top_p, seed) per sampled seq
+    sampling: list[tuple]  # SamplingParams.to_wire() per sampled seq
     keys: list[tuple[int, int]]  # (seed, output position) per sampled seq
+    # prompt + output ids per sampled seq whose params need them (penalties), else None
+    histories: list[list[int] | None] = field(default_factory=list)
     # The predicted next decode step, to launch behind this one (overlap.py); leader only,
     # not sent to other ranks (overlap runs on one-rank executors).
     next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": asdict(self.inputs), "sampling": self.sampling, "keys": self.keys}
+        return {"inputs": asdict(self.inputs), "sampling": self.sampling, "keys": self.keys,
+                "histories": self.histories}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
         return cls(StepInputs(**d["inputs"]), [tuple(x) for x in d["sampling"]],
-                   [tuple(k) for k in d["keys"]])
+                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []))
+
+    def params(self) -> list[SamplingParams]:
+        return [SamplingParams.from_wire(w) for w in self.sampling]
 
 
 @dataclass
@@ -159,12 +165,12 @@ class ModelRunner:
             launch = self.graphs.launch(inp)
         if not inp.sample_indices:
             return []
-        params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
+        params = plan.params()
         logits, greedy = launch.logits, launch.tokens
         if list(inp.sample_indices) != list(range(launch.b)):
             rows = self._tensor(inp.sample_indices)
             logits, greedy = logits[rows], greedy[rows]
-        elif len(params) == launch.b and all(p.greedy for p in params):
+        elif len(params) == launch.b and all(p.plain_greedy for p in params):
             nxt = plan.next_inputs
             queued = None
             if (self.chains_decode and nxt is not None and len(nxt.input_ids) == launch.b
@@ -175,9 +181,9 @@ class ModelRunner:
             if queued is not None:
                 self._chained = (nxt, queued, tokens)
             return tokens
-        if len(params) == len(greedy) and all(p.greedy for p in params):
+        if len(params) == len(greedy) and all(p.plain_greedy for p in params):
             return greedy.tolist()
-        return sample(logits, params, plan.keys)
+        return sample(logits, params, plan.keys, plan.histories)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -240,8 +246,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
-            params = [SamplingParams(t, k, p, s) for t, k, p, s in plan.sampling]
-            tokens = sample(logits, params, plan.keys)
+            tokens = sample(logits, plan.params(), plan.keys, plan.histories)
         else:
             tokens = [] if par.is_sampler else None
         if par.pp_size > 1:  # the last stage hands the tokens back to the leader

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, keyed randomness.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, keyed randomness (penalties and
+logit_bias are applied before, in penalties.py).
 
 The only randomness of a row is one uniform number derived from the row's key
 (seed, output position) by an integer hash, and the draw is an inverse-CDF
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from disagg_mpi.engine.penalties import adjust_logits
 from disagg_mpi.engine.sequence import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -32,8 +34,13 @@ def key_uniform(key: tuple[int, int]) -> float:
     return (h >> 11) * 2.0**-53  # top 53 bits: every double in [0, 1) this way is exact
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]) -> list[int]:
-    """One token per row of `logits` [B, V] (float32)."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]],
+           histories: list[list[int] | None] | None = None) -> list[int]:
+    """One token per row of `logits` [B, V] (float32).
+
+    `histories[i]`: prompt + output ids of row i, where its params have penalties; the output
+    position is keys[i][1].
+    """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(keys):
         raise ValueError(
             f"sample: logits {tuple(logits.shape)}, {len(params)} params and "
@@ -41,6 +48,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
         )
     if not params:
         return []
+    logits = adjust_logits(logits, params, [k[1] for k in keys], histories or [None] * len(params))
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -69,6 +77,12 @@ def _sample_rows(
     ranks = torch.arange(vocab, device=device)[None, :]
     values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
     probs = values.softmax(dim=-1).double()
+    if any(p.min_p > 0 for p in params):
+        # min-p: drop tokens less likely than min_p times the most likely one (rank 0, always kept);
+        # top-p then sees the renormalized min-p distribution (vLLM's order).
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=torch.float64)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     # Nucleus: keep a token while the mass *before* it is below top_p, i.e. the
     # smallest prefix reaching top_p; rank 0 is always kept.
     mass_before = probs.cumsum(dim=-1) - probs

@@ -8,8 +8,11 @@ prefill and decode all follow from comparing that with `num_tokens`.
 from __future__ import annotations
 
 import enum
+import functools
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SequenceStatus(enum.Enum):
@@ -44,12 +47,22 @@ class SamplingParams:
     `seed=None` means "no seed given": whoever creates the request must draw one
     then, because the sampler's randomness is keyed by (seed, output position)
     and every rank that might sample this request has to agree on it.
+
+    The logits adjustments (penalties.py) depend only on the prompt and the output so far, so a
+    generation executor recomputes them from what it receives (the first token is in its output).
     """
 
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     seed: int | None = None
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's, over the output tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers', over prompt and output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # `min_tokens_mask` cannot be sampled before this many output tokens
+    min_tokens_mask: tuple[int, ...] = ()  # EOS and stop tokens
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +71,41 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def needs_history(self) -> bool:
+        """Its logits depend on the tokens so far (StepPlan.histories carries them)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.needs_history or bool(self.logit_bias) or (self.min_tokens > 0 and bool(self.min_tokens_mask))
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's logits as they are (what CUDA-graph decode computes in the graph)."""
+        return self.greedy and not self.adjusts_logits
+
+    @functools.cached_property
+    def _wire(self) -> tuple:
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.min_p, self.presence_penalty,
+                self.frequency_penalty, self.repetition_penalty, self.logit_bias, self.min_tokens,
+                self.min_tokens_mask)
+
+    def to_wire(self) -> tuple:
+        """A hashable tuple (msgpack sends it as a list); computed once per instance."""
+        return self._wire
+
+    @classmethod
+    def from_wire(cls, w: Any) -> SamplingParams:
+        # Every step rebuilds each row's params from the plan: cached, so a decode step at batch 64
+        # costs 64 dict lookups, not 64 validations.
+        try:
+            return _from_wire(w)
+        except TypeError:  # lists, as msgpack gives them back: make it hashable
+            t, k, p, s, min_p, pres, freq, rep, bias, min_tokens, mask = w
+            return _from_wire((t, k, p, s, min_p, pres, freq, rep, tuple((int(i), float(b)) for i, b in bias),
+                               min_tokens, tuple(mask)))
+
     def validate(self) -> None:
         if not self.temperature >= 0.0:  # `not >=` also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -65,6 +113,23 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0 or math.isinf(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        bad = [(i, b) for i, b in self.logit_bias if not -100.0 <= b <= 100.0]
+        if bad:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bad[:3]}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_wire(w: tuple) -> SamplingParams:
+    return SamplingParams(*w)
 
 
 @dataclass(eq=False)  # identity equality: two requests with equal fields are still two

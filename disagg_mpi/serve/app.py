@@ -8,6 +8,7 @@ GET /metrics. Errors are OpenAI-shaped: {"error": {message, type, param, code}}.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -21,9 +22,12 @@ from aiohttp import web
 from ..api import Response
 from ..orchestrator.admission import ModelLimits, model_limits
 from ..runtime.signals import STOP_SIGNALS
+from ..stops import ChoiceOutput
 from .dispatcher import Dispatcher
 from .metrics import ServerMetrics
+from .outputs import collect
 from .protocol import (
+    CONTEXT_ONLY,
     ApiError,
     ParsedRequest,
     check_limits,
@@ -33,7 +37,8 @@ from .protocol import (
     parse_completion,
     parse_json_body,
 )
-from .responses import IncrementalDecoder, chunk, finish_reason, full_body, usage_chunk
+from .responses import full_body
+from .streaming import stream_choices
 
 log = logging.getLogger(__name__)
 
@@ -142,39 +147,42 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         raw = await request.read()
         p = parse(parse_json_body(raw), state.tok, state.model_names, state.vocab)
         check_limits(p, state.limits)
-    except ApiError as err:
+    except (ApiError, web.HTTPException) as err:
         state.metrics.outcome("refused" if err.status < 500 else "error")
         raise
-    except web.HTTPException as err:
-        state.metrics.outcome("refused" if err.status < 500 else "error")
-        raise
+    subs: list[tuple[int, asyncio.Queue]] = []
     try:
-        gid, q = state.dispatcher.submit(p.request, p.mode)
+        for r in p.requests:  # one engine request per choice
+            if r.stop_words and p.mode != CONTEXT_ONLY:
+                r.streaming = True  # rank 0 must see each token to cancel at a stop string (outputs.py)
+            subs.append(state.dispatcher.submit(r, p.mode))
     except (ValueError, KeyError) as err:
+        for gid, _ in subs:
+            state.dispatcher.cancel(gid)
         state.metrics.outcome("refused")
         raise ApiError(400, str(err), http_param(getattr(err, "param", None), p.kind), "request_refused") from None
     state.metrics.in_flight.set(state.dispatcher.in_flight)
+
+    def cancel_all() -> None:
+        for gid, _ in subs:
+            state.dispatcher.cancel(gid)
+
     try:
         if p.stream:
-            return await _stream(request, state, p, gid, q)
-        resp = await _final(q)
-        return _finish_full(state, p, resp)
+            return await stream_choices(request, state, p, subs, _engine_error)
+        outs = [ChoiceOutput(state.tok, r) for r in p.requests]
+        finals = await asyncio.gather(*(collect(o, q, functools.partial(state.dispatcher.cancel, gid))
+                                        for o, (gid, q) in zip(outs, subs)))
+        return _finish_full(state, p, finals, outs)
     except asyncio.CancelledError:  # the client went away
-        state.dispatcher.cancel(gid)
+        cancel_all()
         state.metrics.outcome("cancelled")
         raise
     except Exception:
-        state.dispatcher.cancel(gid)
+        cancel_all()
         raise
     finally:
         state.metrics.in_flight.set(state.dispatcher.in_flight)
-
-
-async def _final(q: asyncio.Queue) -> Response:
-    while True:
-        resp = await q.get()
-        if resp.is_final:
-            return resp
 
 
 def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
@@ -186,73 +194,18 @@ def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.R
     return _err(400, msg, param=http_param(resp.error_param, p.kind), code="request_refused")
 
 
-def _finish_full(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
-    if resp.has_error() or resp.result is None:
-        return _engine_error(state, p, resp)
-    r = resp.result
-    if r.finish_reason == "cancelled":
-        state.metrics.outcome("cancelled")
-    else:
-        state.metrics.outcome("ok")
-        state.metrics.finished(r.metrics, p.prompt_tokens, len(r.output_token_ids))
-    text = state.tok.decode(r.output_token_ids)
-    return _json(full_body(p, resp, text))
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _stream(request: web.Request, state: ServerState, p: ParsedRequest, gid: int,
-                  q: asyncio.Queue) -> web.StreamResponse:
-    resp = await q.get()
-    if resp.has_error():  # refused before anything was sent: a plain error body
-        return _engine_error(state, p, resp)
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                      "X-Accel-Buffering": "no"})
-    await out.prepare(request)
-    dec = IncrementalDecoder(state.tok)
-    sent = 0
-    first = True
-    try:
-        while True:
-            if resp.has_error():
-                state.metrics.outcome("error")
-                await out.write(_sse(error_body(resp.error_msg or "unknown error", "server_error")))
-                break
-            tokens = list(resp.result.output_token_ids) if resp.result else []
-            if resp.is_final:
-                new = tokens[sent:]  # the final response holds every token
-                text = dec.add(new) + dec.flush()
-                reason = resp.result.finish_reason
-                last = chunk(p, text, new, finish_reason(reason), first)
-                last["metrics"] = resp.result.metrics.to_dict()  # extension: ttft, KV transfer, where
-                await out.write(_sse(last))
-                if reason == "cancelled":
-                    state.metrics.outcome("cancelled")
-                else:
-                    state.metrics.outcome("ok")
-                    state.metrics.finished(resp.result.metrics, p.prompt_tokens, len(tokens))
-                if p.include_usage:
-                    await out.write(_sse(usage_chunk(p, len(tokens))))
-                break
-            if tokens:
-                sent += len(tokens)
-                await out.write(_sse(chunk(p, dec.add(tokens), tokens, None, first)))
-                first = False
-            resp = await q.get()
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-    except (ConnectionResetError, ConnectionError) as err:
-        log.info("request %d: client went away (%s); cancelling", gid, type(err).__name__)
-        state.dispatcher.cancel(gid)
-        state.metrics.outcome("cancelled")
-    except Exception:
-        log.exception("request %d: streaming failed", gid)
-        state.dispatcher.cancel(gid)
-        state.metrics.outcome("error")
-        out.force_close()
-    return out
+def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], outs: list[ChoiceOutput]
+                 ) -> web.Response:
+    failed = next((r for r in finals if r.has_error() or r.result is None), None)
+    if failed is not None:
+        return _engine_error(state, p, failed)
+    for r, req in zip(finals, p.requests):
+        if r.result.finish_reason == "cancelled":
+            state.metrics.outcome("cancelled")
+        else:
+            state.metrics.outcome("ok")
+            state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
+    return _json(full_body(p, [(r, o.text) for r, o in zip(finals, outs)]))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,61 +18,52 @@ from typing import Any
 
 from ..api import ContextPhaseParams, Request, RequestError, SamplingConfig
 from ..orchestrator.admission import ModelLimits, check_request
+from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
+from .sampling_fields import extras, stop_fields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts x n in one request
 
 CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
 CONTEXT_AND_GENERATION = "context_and_generation"
 
 
-class ApiError(Exception):
-    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code)
-
-
 # Fields of each endpoint. Engine fields are used; the "OpenAI fields we accept"
 # must hold their default value (or anything, for `user`), else the request is refused.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
            "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
-           "presence_penalty", "frequency_penalty", "logit_bias"}
+           "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output",
+           "repetition_penalty", "min_tokens", "min_p"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 
 
 @dataclass
 class ParsedRequest:
-    """What a handler needs to run one OpenAI request."""
+    """What a handler needs to run one OpenAI request: one engine request per choice."""
 
     kind: str  # "completion" | "chat"
-    request: Request
+    request: Request  # the first choice's (the only one without batching or n)
     stream: bool
     include_usage: bool
     mode: str  # CONTEXT_AND_GENERATION | CONTEXT_ONLY | GENERATION_ONLY
     model: str
     id: str = field(default_factory=lambda: "")
     created: int = field(default_factory=lambda: int(time.time()))
+    requests: list[Request] = field(default_factory=list)  # choice i is requests[i]: prompt i // n
+    n: int = 1
+    echo: list[str] = field(default_factory=list)  # per choice, the prompt text `echo` puts first
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            self.requests = [self.request]
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.request.input_token_ids)
+        return sum(len(r.input_token_ids) for r in self.requests[:: self.n])
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -87,14 +78,6 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
     return data
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _text(v: str, param: str) -> str:
@@ -117,34 +100,29 @@ def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> Non
 
 def _check_defaults(body: dict[str, Any]) -> None:
     """OpenAI fields we accept only at their default value."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad(f"n={n!r} is not supported: only n=1", "n")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != 1:
-        raise bad(f"best_of={best_of!r} is not supported: only best_of=1", "best_of")
+    if best_of is not None and best_of != 1 and best_of != body.get("n"):
+        raise bad(f"best_of={best_of!r} is not supported: leave it out (or equal to n)", "best_of")
     if body.get("logprobs") not in (None, False, 0):
         raise bad("logprobs are not supported: send logprobs null or false", "logprobs")
     if body.get("top_logprobs") not in (None, 0):
         raise bad("top_logprobs is not supported", "top_logprobs")
-    if body.get("echo") not in (None, False):
-        raise bad("echo is not supported: send echo false", "echo")
+    if body.get("echo") not in (None, False, True):
+        raise bad(f"echo={body.get('echo')!r} must be true or false", "echo")
     if body.get("suffix") not in (None, ""):
-        raise bad("suffix is not supported", "suffix")
-    if body.get("stop") not in (None, "", []):
-        raise bad("stop strings are not supported; send stop_token_ids (a list of token ids) instead", "stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad(f"{name} is not supported: send 0 or leave it out", name)
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("logit_bias is not supported", "logit_bias")
+        raise bad("suffix (insertion after the completion) is not supported: these models have no fill-in-the-"
+                  "middle mode; leave suffix out", "suffix")
+    if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none"):
+        name = "tools" if body.get("tools") not in (None, []) else "tool_choice"
+        raise bad("tools and tool_choice are not supported (this server has no function calling); "
+                  "leave them out", name)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user must be a string", "user")
 
 
 def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
-    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+    if not isinstance(v, list) or not all(is_int(t) for t in v):
         raise bad(f"{name} must be a list of integer token ids", name)
     if vocab is not None:
         out = [t for t in v if not 0 <= t < vocab]
@@ -153,29 +131,29 @@ def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
     return list(v)
 
 
-def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens"
-              ) -> tuple[int, SamplingConfig, list[int], bool]:
+def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens",
+              vocab: int | None = None) -> tuple[int, SamplingConfig, list[int], bool]:
     mt = body.get(max_tokens_field)
     if mt is None and max_tokens_field != "max_tokens":
         mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
     if mt is None:
         mt = default_max_tokens
-    if not _is_int(mt) or mt < 1:
+    if not is_int(mt) or mt < 1:
         raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1", max_tokens_field)
     temperature = body.get("temperature")
     temperature = 0.0 if temperature is None else temperature  # greedy unless asked (like `run`)
-    if not _is_num(temperature) or temperature < 0:
+    if not is_num(temperature) or temperature < 0:
         raise bad(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)", "temperature")
     top_p = body.get("top_p")
     top_p = 1.0 if top_p is None else top_p
-    if not _is_num(top_p) or not 0 < top_p <= 1:
+    if not is_num(top_p) or not 0 < top_p <= 1:
         raise bad(f"top_p={top_p!r} must be a number in (0, 1]", "top_p")
     top_k = body.get("top_k")
     top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 means disabled (vLLM)
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise bad(f"top_k={top_k!r} must be an integer >= 0 (0 or -1 disables top-k)", "top_k")
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise bad(f"seed={seed!r} must be a non-negative integer", "seed")
     stop_ids = body.get("stop_token_ids")
     stop_ids = [] if stop_ids is None else _token_list(stop_ids, "stop_token_ids", None)
@@ -184,7 +162,8 @@ def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: s
         ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
-    return mt, SamplingConfig(1, float(temperature), top_k, float(top_p), seed), stop_ids, ignore_eos
+    sc = SamplingConfig(1, float(temperature), top_k, float(top_p), seed, **extras(body, vocab, mt))
+    return mt, sc, stop_ids, ignore_eos
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -221,11 +200,11 @@ def _disagg(body: dict[str, Any], stream: bool) -> tuple[str, ContextPhaseParams
         raise bad(f"disaggregated_params.request_type={rt!r} must be one of context_only, generation_only, "
                   "context_and_generation", "disaggregated_params.request_type")
     first = dp.get("first_gen_tokens")
-    if not isinstance(first, list) or not first or not all(_is_int(t) for t in first):
+    if not isinstance(first, list) or not first or not all(is_int(t) for t in first):
         raise bad("disaggregated_params.first_gen_tokens must be a non-empty list of token ids "
                   "(from the context_only response)", "disaggregated_params.first_gen_tokens")
     ctx_id = dp.get("ctx_request_id")
-    if not _is_int(ctx_id):
+    if not is_int(ctx_id):
         raise bad("disaggregated_params.ctx_request_id must be an integer (from the context_only response)",
                   "disaggregated_params.ctx_request_id")
     opaque = dp.get("opaque_state", dp.get("encoded_opaque_state"))
@@ -252,21 +231,66 @@ def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
     return model
 
 
-def _finish(kind: str, body: dict[str, Any], ids: list[int], vocab: int | None,
-            default_max_tokens: int, model: str, max_tokens_field: str = "max_tokens") -> ParsedRequest:
-    if not ids:
-        raise bad("the prompt is empty; send at least one token", "prompt" if kind == "completion" else "messages")
-    if vocab is not None:
-        out = [t for t in ids if not 0 <= t < vocab]
-        if out:
-            raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+def _n(body: dict[str, Any], prompts: int) -> int:
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not is_int(n) or not 1 <= n <= MAX_N:
+        raise bad(f"n={n!r} must be an integer in [1, {MAX_N}]", "n")
+    if prompts * n > MAX_CHOICES:
+        raise bad(f"{prompts} prompts x n={n} is {prompts * n} choices; at most {MAX_CHOICES} per request", "n")
+    return n
+
+
+def _choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j's seed: the request's seed for choice 0, a distinct well-mixed one for the others,
+    so seeded choices differ from each other and repeat with the same seed."""
+    if seed is None or j == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + j * 0xBF58476D1CE4E5B9) % (2**63)
+
+
+def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: int | None,
+            default_max_tokens: int, model: str, max_tokens_field: str = "max_tokens",
+            echo: list[str] | None = None) -> ParsedRequest:
+    for ids in prompts:
+        if not ids:
+            raise bad("the prompt is empty; send at least one token", "prompt" if kind == "completion" else "messages")
+        if vocab is not None:
+            out = [t for t in ids if not 0 <= t < vocab]
+            if out:
+                raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
     stream, include_usage = _stream(body)
     mode, cpp = _disagg(body, stream)
-    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field)
+    n = _n(body, len(prompts))
+    if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
+        raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
+    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
+    stop_words, include_stop = stop_fields(body)
+    reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
+                    context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
+                    stop_words=list(stop_words), include_stop_str_in_output=include_stop)
+            for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
-    req = Request(list(ids), mt, sc, streaming=stream, context_phase_params=cpp, stop_token_ids=stop_ids,
-                  ignore_eos=ignore_eos)
-    return ParsedRequest(kind, req, stream, include_usage, mode, model, prefix + uuid.uuid4().hex)
+    echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
+    return ParsedRequest(kind, reqs[0], stream, include_usage, mode, model, prefix + uuid.uuid4().hex,
+                         requests=reqs, n=n, echo=echoes)
+
+
+def _prompts(prompt: Any, tokenizer: Any, vocab: int | None) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's four prompt shapes -> token ids and text of each prompt: a string, a list of strings,
+    a list of token ids, a list of such lists."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(_text(prompt, "prompt"))], [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt must be a string, a list of strings, a list of token ids or a list of token id lists"
+                  + (" (the list is empty)" if prompt == [] else f", got {type(prompt).__name__}"), "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(_text(p, f"prompt[{i}]")) for i, p in enumerate(prompt)], list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        ids = [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
+        return ids, [tokenizer.decode(p) for p in ids]
+    ids = _token_list(prompt, "prompt", vocab)
+    return [ids], [tokenizer.decode(ids)]
 
 
 def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...],
@@ -276,18 +300,9 @@ def parse_completion(body: dict[str, Any], tokenizer: Any, model_names: tuple[st
     model = _check_model(body, model_names)
     if "prompt" not in body or body["prompt"] is None:
         raise bad("the field 'prompt' is required (a string or a list of token ids)", "prompt", "missing_field")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(_text(prompt, "prompt"))
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad(f"only one prompt per request is supported (got {len(prompt)})", "prompt")
-    elif isinstance(prompt, list):
-        ids = _token_list(prompt, "prompt", vocab)
-    else:
-        raise bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
-    return _finish("completion", body, ids, vocab, COMPLETION_DEFAULT_MAX_TOKENS, model)
+    ids, texts = _prompts(body["prompt"], tokenizer, vocab)
+    echo = texts if body.get("echo") else None
+    return _finish("completion", body, ids, vocab, COMPLETION_DEFAULT_MAX_TOKENS, model, echo=echo)
 
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -331,7 +346,7 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, model_names: tuple[str, ...
     messages = _messages(body["messages"])
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(text)
-    return _finish("chat", body, ids, vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
+    return _finish("chat", body, [ids], vocab, CHAT_DEFAULT_MAX_TOKENS, model, "max_completion_tokens")
 
 
 # The fields of `Request` (admission.py's names) under their names in an OpenAI body.
@@ -356,11 +371,12 @@ def http_param(param: str | None, kind: str) -> str | None:
 
 
 def check_limits(p: ParsedRequest, limits: ModelLimits | None) -> None:
-    """The edge check of every value against the model (vocabulary, context) and 64-bit ranges
-    (orchestrator/admission.py), with OpenAI's field names."""
+    """The edge check of every choice's values against the model (vocabulary, context) and 64-bit
+    ranges (orchestrator/admission.py), with OpenAI's field names."""
     if limits is None:
         return
-    try:
-        check_request(p.request, limits, p.mode == GENERATION_ONLY)
-    except RequestError as err:
-        raise bad(str(err), http_param(err.param, p.kind)) from None
+    for r in p.requests:
+        try:
+            check_request(r, limits, p.mode == GENERATION_ONLY)
+        except RequestError as err:
+            raise bad(str(err), http_param(err.param, p.kind)) from None

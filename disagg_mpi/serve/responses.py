@@ -18,6 +18,8 @@ def finish_reason(reason: str | None) -> str:
     the request was cancelled (client gone, server shutting down) and ends with the tokens it had."""
     if reason in ("stop", "length", "cancelled"):
         return reason
+    if reason == "cancelled":
+        return "abort"
     return "length"
 
 
@@ -35,35 +37,41 @@ def disagg_params_out(resp: Response) -> dict[str, Any]:
             "ctx_request_id": cpp.req_id, "opaque_state": base64.b64encode(cpp.opaque_state).decode()}
 
 
-def full_body(p: ParsedRequest, resp: Response, text: str) -> dict[str, Any]:
-    """The non-streaming body of a finished request."""
+def _choice(p: ParsedRequest, index: int, resp: Response, text: str) -> dict[str, Any]:
     r = resp.result
     tokens = list(r.output_token_ids)
     reason = finish_reason(r.finish_reason)
     if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": tokens, "logprobs": None,
-                                  "finish_reason": reason}
-        obj = "text_completion"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
-                  "logprobs": None, "finish_reason": reason}
-        obj = "chat.completion"
-    body: dict[str, Any] = {"id": p.id, "object": obj, "created": p.created, "model": p.model,
-                            "choices": [choice], "usage": usage(p.prompt_tokens, len(tokens)),
-                            # extension: per-request ttft, KV transfer, where each phase ran
-                            "metrics": r.metrics.to_dict()}
+        echo = p.echo[index] if index < len(p.echo) else ""
+        return {"index": index, "text": echo + text, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
+            "logprobs": None, "finish_reason": reason}
+
+
+def full_body(p: ParsedRequest, finals: list[tuple[Response, str]]) -> dict[str, Any]:
+    """The non-streaming body of a finished request: (final response, text) of each choice, in order."""
+    choices = [_choice(p, i, resp, text) for i, (resp, text) in enumerate(finals)]
+    completion_tokens = sum(len(resp.result.output_token_ids) for resp, _ in finals)
+    metrics = finals[0][0].result.metrics
+    body: dict[str, Any] = {"id": p.id, "object": "text_completion" if p.kind == "completion" else "chat.completion",
+                            "created": p.created, "model": p.model, "choices": choices,
+                            "usage": usage(p.prompt_tokens, completion_tokens),
+                            # extension: per-request ttft, KV transfer, where each phase ran (the first choice's)
+                            "metrics": metrics.to_dict()}
     if p.mode == CONTEXT_ONLY:
-        dp = disagg_params_out(resp)
-        choice["disaggregated_params"] = dp
+        dp = disagg_params_out(finals[0][0])
+        choices[0]["disaggregated_params"] = dp
         body["disaggregated_params"] = dp
     return body
 
 
 def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | None,
-          first: bool = False) -> dict[str, Any]:
+          first: bool = False, index: int = 0) -> dict[str, Any]:
     """One streaming chunk (OpenAI format; `token_ids` is an extension)."""
     if p.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None,
+        if first and index < len(p.echo):
+            text = p.echo[index] + (text or "")
+        choice: dict[str, Any] = {"index": index, "text": text or "", "token_ids": tokens, "logprobs": None,
                                   "finish_reason": reason}
         obj = "text_completion"
     else:
@@ -72,7 +80,7 @@ def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | N
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
         obj = "chat.completion.chunk"
     return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [choice]}
 
@@ -81,27 +89,3 @@ def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:
     obj = "text_completion" if p.kind == "completion" else "chat.completion.chunk"
     return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [],
             "usage": usage(p.prompt_tokens, completion_tokens)}
-
-
-class IncrementalDecoder:
-    """Token ids in, text deltas out; holds back a trailing partial UTF-8 character."""
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-
-    def add(self, tokens: list[int]) -> str:
-        self.ids.extend(tokens)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        delta = text[self.sent:]
-        self.sent = len(text)
-        return delta

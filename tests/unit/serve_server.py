@@ -5,6 +5,7 @@ module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,13 +78,28 @@ def batch_run(workdir):
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(workdir, batch_run):
-    port_file = workdir / "port"
-    log = workdir / "server.log"
+AGG_TOPOLOGY = f"""
+model: {{path: "random:tiny", dtype: float32}}
+server: {{host: 127.0.0.1, port: 0, api_key: {KEY}, max_body_bytes: {MAX_BODY}}}
+generation_executors:
+  - participant_ids: [1]
+    max_batch_size: 32
+    max_num_tokens: 256
+    kv_cache: {{block_size: 4, num_blocks: 1024}}
+"""
+
+
+@contextlib.contextmanager
+def launch(workdir: Path, name: str, topology: str, ranks: int):
+    """`disagg-mpi serve` of `topology` under mpiexec -n `ranks`; yields a Server, kills it at the end."""
+    config = workdir / f"{name}.yaml"
+    if not config.exists():
+        config.write_text(topology)
+    port_file = workdir / f"{name}.port"
+    log = workdir / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([_mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli",
-                                 "serve", "--config", str(workdir / "tiny.yaml"), "--port-file", str(port_file),
+        proc = subprocess.Popen([_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+                                 "disagg_mpi.cli", "serve", "--config", str(config), "--port-file", str(port_file),
                                  "--grace", "10"],
                                 env=_clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -107,3 +123,9 @@ def server(workdir, batch_run):
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(workdir, batch_run):
+    with launch(workdir, "tiny", TOPOLOGY, 3) as srv:
+        yield srv

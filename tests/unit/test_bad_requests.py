@@ -220,6 +220,18 @@ def test_parse_line_good(tok):
     assert req.input_token_ids == tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
 
 
+def test_parse_line_sampling_extras_and_stop(tok):
+    _, req = parse_line(json.dumps({"id": "p", "input_ids": [5], "presence_penalty": 1.0, "frequency_penalty": -0.5,
+                                    "repetition_penalty": 1.2, "logit_bias": {"7": -100, "9": 3}, "min_tokens": 2,
+                                    "min_p": 0.1, "stop": "ab", "include_stop_str_in_output": True}), 1, tok)
+    assert req.sampling_config == SamplingConfig(1, 0.0, 0, 1.0, None, 0.1, 1.0, -0.5, 1.2, {7: -100.0, 9: 3.0}, 2)
+    assert req.stop_words == ["ab"] and req.include_stop_str_in_output
+    for bad in ({"presence_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {"7": 200}},
+                {"min_tokens": -1}, {"stop": ["a"] * 5}):
+        with pytest.raises(LineError, match=next(iter(bad))):
+            parse_line(json.dumps({"id": "p", "input_ids": [5], **bad}), 1, tok)
+
+
 def test_parse_line_deeply_nested(tok):
     with pytest.raises(LineError):
         parse_line("[" * 100_000, 1, tok)
@@ -239,7 +251,8 @@ _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 _FIELDS = ["id", "prompt", "messages", "input_ids", "max_tokens", "temperature", "top_k", "top_p", "seed",
-           "stop_token_ids", "ignore_eos", "stream"]
+           "stop_token_ids", "ignore_eos", "stream", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "logit_bias", "min_tokens", "stop", "include_stop_str_in_output"]
 _field_values = {
     "id": st.text(max_size=10) | _json,
     "prompt": st.text(max_size=30) | _json,
@@ -255,6 +268,15 @@ _field_values = {
     "stop_token_ids": st.lists(st.integers(-1, 2000), max_size=3) | _json,
     "ignore_eos": st.booleans() | _json,
     "stream": st.booleans() | _json,
+    "min_p": st.floats() | _json,
+    "presence_penalty": st.floats(-3, 3) | _json,
+    "frequency_penalty": st.floats() | _json,
+    "repetition_penalty": st.floats(-1, 3) | _json,
+    "logit_bias": st.dictionaries(st.integers(-5, 2000).map(str) | st.text(max_size=3),
+                                  st.floats(-150, 150) | _json, max_size=3) | _json,
+    "min_tokens": st.integers(-2, 100) | _json,
+    "stop": st.text(max_size=4) | st.lists(st.text(max_size=3), max_size=6) | _json,
+    "include_stop_str_in_output": st.booleans() | _json,
 }
 # Mostly objects with the known fields (well-typed or not), some with arbitrary keys.
 _objects = (st.fixed_dictionaries({}, optional=_field_values)
@@ -274,6 +296,7 @@ def test_parse_line_property(tok, obj):
     assert isinstance(req, Request) and req.input_token_ids
     assert isinstance(obj, dict) and line_id == obj["id"] == req.client_id
     assert isinstance(req.max_tokens, int) and req.max_tokens >= 1
+    req.sampling_config.validate()  # what the line let through, the engine's own checks accept
 
 
 @hypothesis.settings(max_examples=200, deadline=None)

@@ -153,7 +153,7 @@ def test_32_concurrent_requests(server):
     (b"not json", None, None),
     (None, {"max_tokens": 3}, "prompt"),
     (None, {"prompt": "x", "frobnicate": True}, "frobnicate"),
-    (None, {"prompt": "x", "n": 3}, "n"),
+    (None, {"prompt": "x", "n": 17}, "n"),
     (None, {"prompt": "x", "temperature": "hot"}, "temperature"),
     (None, {"prompt": [1, 99999]}, "prompt"),
     (None, {"prompt": "x", "max_tokens": -1}, "max_tokens"),

@@ -16,7 +16,8 @@ from disagg_mpi.serve.protocol import (
     parse_completion,
     parse_json_body,
 )
-from disagg_mpi.serve.responses import IncrementalDecoder, chunk, full_body
+from disagg_mpi.serve.responses import chunk, full_body
+from disagg_mpi.stops import StopTracker
 
 TOK = Tokenizer.bytes_only(1024)
 NAMES = ("random:tiny",)
@@ -58,7 +59,13 @@ def test_completion_text_ids_and_params():
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", [1, 2]]}, "prompt"),
+    ({"prompt": [[1, 2], [3, "x"]]}, "prompt[1]"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": ["x"] * 5, "n": 16}, "n"),
+    ({"prompt": ["x", "y"], "disaggregated_params": {"request_type": "context_only"}}, "disaggregated_params"),
     ({"prompt": [1, 5000]}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": 5}, "prompt"),
@@ -69,9 +76,11 @@ def test_completion_text_ids_and_params():
     ({"prompt": "x", "top_k": 1.5}, "top_k"),
     ({"prompt": "x", "seed": -2}, "seed"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
-    ({"prompt": "x", "stop": ["\n"]}, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stop": "a", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
     ({"prompt": "x", "stop_token_ids": [1.5]}, "stop_token_ids"),
@@ -124,7 +133,7 @@ def test_disaggregated_params_in_and_out():
     from disagg_mpi.api import ContextPhaseParams
 
     resp = Response(1, Result([9], True, None, ContextPhaseParams(4, [9], opaque)))
-    body = full_body(p, resp, "t")
+    body = full_body(p, [(resp, "t")])
     dp = body["choices"][0]["disaggregated_params"]
     assert dp == body["disaggregated_params"]
     assert dp["request_type"] == "context_only" and dp["ctx_request_id"] == 4 and dp["first_gen_tokens"] == [9]
@@ -141,15 +150,15 @@ def test_bodies_and_chunks():
     c = chunk(q, "y", [5], None, first=True)
     assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"role": "assistant",
                                                                                      "content": "y"}
-    body = full_body(q, Response(1, Result([5, 6], True, "stop")), "hi")
+    body = full_body(q, [(Response(1, Result([5, 6], True, "stop")), "hi")])
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
 def test_incremental_decoder_holds_partial_characters():
     ids = TOK.encode("héllo ✓")
-    dec = IncrementalDecoder(TOK)
-    parts = [dec.add([t]) for t in ids] + [dec.flush()]
+    dec = StopTracker(TOK)
+    parts = [dec.add([t]) for t in ids] + [dec.finish()]
     assert "".join(parts) == "héllo ✓"
     assert all("\ufffd" not in s for s in parts)
 
@@ -162,7 +171,9 @@ _any_json = st.recursive(
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=15)
 _field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed",
                                 "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
-                                "disaggregated_params", "logprobs", "user", "bogus"])
+                                "disaggregated_params", "logprobs", "user", "bogus", "stop",
+                                "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
+                                "repetition_penalty", "logit_bias", "min_tokens", "min_p"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -172,6 +183,62 @@ def test_any_body_parses_or_gets_a_4xx(body, chat):
     from disagg_mpi.serve.protocol import ApiError
 
     try:
-        (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
+        p = (parse_chat if chat else parse_completion)(body, TOK, NAMES, 1024)
     except ApiError as err:
         assert 400 <= err.status < 500 and str(err)
+        return
+    for r in p.requests:  # what the edge let through, the engine's own checks accept
+        r.sampling_config.validate()
+        assert r.sampling_config.min_tokens <= r.max_tokens
+
+
+def test_penalties_bias_stop_fields_reach_the_request():
+    p = comp(prompt="hi", max_tokens=5, presence_penalty=1.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+             logit_bias={"7": -100, "9": 2.5}, min_tokens=3, min_p=0.05, top_k=-1, stop=["a b", "c"],
+             include_stop_str_in_output=True)
+    sc, r = p.request.sampling_config, p.request
+    assert (sc.presence_penalty, sc.frequency_penalty, sc.repetition_penalty, sc.min_p, sc.min_tokens,
+            sc.top_k) == (1.5, -0.5, 1.2, 0.05, 3, 0)
+    assert sc.logit_bias == {7: -100.0, 9: 2.5}
+    assert r.stop_words == ["a b", "c"] and r.include_stop_str_in_output
+    assert comp(prompt="hi", stop="x").request.stop_words == ["x"]
+    assert comp(prompt="hi").request.sampling_config.logit_bias is None
+    from disagg_mpi.api import Request
+
+    assert Request.from_dict(r.to_dict()) == r  # the bias's int keys survive the msgpack-ready form
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {"1024": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 17}, "min_tokens"),
+    ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_penalty_values_name_their_field(body, param):
+    refused(parse_completion, {"prompt": "x", **body}, param)
+
+
+def test_batched_prompts_n_and_echo():
+    p = comp(prompt=["ab", "c"], n=3, echo=True, temperature=1.0, seed=5)
+    assert [r.input_token_ids for r in p.requests] == [TOK.encode("ab")] * 3 + [TOK.encode("c")] * 3
+    assert p.echo == ["ab"] * 3 + ["c"] * 3 and p.n == 3
+    assert p.prompt_tokens == len(TOK.encode("ab")) + len(TOK.encode("c"))  # each prompt once
+    seeds = [r.sampling_config.seed for r in p.requests]
+    assert seeds[0] == 5 and len(set(seeds[:3])) == 3 and seeds[:3] == seeds[3:]  # per choice, same per prompt
+    assert comp(prompt=["ab", "c"], n=3, temperature=1.0, seed=5).requests[1].sampling_config.seed == seeds[1]
+    q = comp(prompt=[[5, 6], [7]])
+    assert [r.input_token_ids for r in q.requests] == [[5, 6], [7]] and q.echo == ["", ""]
+    assert comp(prompt=[5, 6], echo=True).echo == [TOK.decode([5, 6])]
+    body = full_body(p, [(Response(i, Result([9], True, "length")), "z") for i in range(6)])
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert body["choices"][3]["text"] == "cz" and body["usage"]["completion_tokens"] == 6

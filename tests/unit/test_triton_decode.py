@@ -162,6 +162,7 @@ def test_model_fast_decode_matches_eager():
     """A tiny Llama through ModelRunner: decode steps on the fused kernel vs the torch path."""
     from disagg_mpi.engine.model_runner import ModelRunner, StepPlan
     from disagg_mpi.engine.scheduler import StepInputs
+    from disagg_mpi.engine.sequence import SamplingParams
     from disagg_mpi.model import load_model
 
     prompts = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 12, 13], list(range(40, 61))]
@@ -187,7 +188,7 @@ def test_model_fast_decode_matches_eager():
         for p in seqs:
             qsl.append(qsl[-1] + len(p))
         n = len(seqs)
-        greedy = [(0.0, 0, 1.0, 0)] * n
+        greedy = [SamplingParams(temperature=0.0, seed=0).to_wire()] * n
         inp = StepInputs(ids, pos, slots, qsl, [len(p) for p in seqs], tables,
                          [qsl[j + 1] - 1 for j in range(n)], list(range(n)))
         toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n))

@@ -1,0 +1,123 @@
+"""Server-sent events for one OpenAI request of one or more choices (batched prompts, n).
+
+Each choice is one engine request with its own response queue; a task per choice forwards its
+responses into one queue, so chunks go out in the order tokens arrive, each with its choice index.
+Stop strings are applied per choice (outputs.py): the text before the stop goes out, the request
+is cancelled, and its final chunk says "stop".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..api import RequestMetrics, Response
+from ..stops import ChoiceOutput
+from .protocol import ParsedRequest, error_body
+from .responses import chunk, finish_reason, usage_chunk
+
+log = logging.getLogger(__name__)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Choices:
+    """The stream's per-choice state."""
+
+    def __init__(self, state: Any, p: ParsedRequest, subs: list[tuple[int, asyncio.Queue]]):
+        self.state, self.p, self.subs = state, p, subs
+        self.outs = [ChoiceOutput(state.tok, r) for r in p.requests]
+        self.first = [True] * len(subs)
+        self.cancelled = [False] * len(subs)
+
+    def cancel_all(self) -> None:
+        for gid, _ in self.subs:
+            self.state.dispatcher.cancel(gid)
+
+    async def write(self, out: web.StreamResponse, i: int, resp: Response) -> bool:
+        """Write what `resp` brings for choice i; True once the choice is over."""
+        o, m = self.outs[i], self.state.metrics
+        text, new = o.take(resp)
+        if o.stopped and not resp.is_final and not self.cancelled[i]:
+            self.cancelled[i] = True
+            self.state.dispatcher.cancel(self.subs[i][0])  # a stop string ended the text: nothing past it goes out
+        if not resp.is_final:
+            if new or text:
+                await out.write(sse(chunk(self.p, text, new, None, self.first[i], i)))
+                self.first[i] = False
+            return False
+        resp = o.final_response(resp)
+        reason = resp.result.finish_reason if resp.result else "error"
+        last = chunk(self.p, text, new, finish_reason(reason), self.first[i], i)
+        last["metrics"] = resp.result.metrics.to_dict() if resp.result else {}  # extension
+        await out.write(sse(last))
+        if reason == "cancelled":
+            m.outcome("cancelled")
+        else:
+            m.outcome("ok")
+            m.finished(resp.result.metrics if resp.result else RequestMetrics(), len(self.p.requests[i].input_token_ids),
+                       len(o.tokens))
+        return True
+
+
+async def stream_choices(request: web.Request, state: Any, p: ParsedRequest,
+                         subs: list[tuple[int, asyncio.Queue]], engine_error: Any) -> web.StreamResponse:
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(i: int, q: asyncio.Queue) -> None:
+        while True:
+            resp = await q.get()
+            await merged.put((i, resp))
+            if resp.is_final:
+                return
+
+    tasks = [asyncio.create_task(forward(i, q)) for i, (_, q) in enumerate(subs)]
+    c = _Choices(state, p, subs)
+    try:
+        i, resp = await merged.get()
+        if resp.has_error():  # refused before anything was sent: a plain error body
+            c.cancel_all()
+            return engine_error(state, p, resp)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+        await out.prepare(request)
+        try:
+            await _pump(out, c, merged, i, resp)
+        except (ConnectionResetError, ConnectionError) as err:
+            log.info("request %s: client went away (%s); cancelling", p.id, type(err).__name__)
+            c.cancel_all()
+            state.metrics.outcome("cancelled")
+        except Exception:
+            log.exception("request %s: streaming failed", p.id)
+            c.cancel_all()
+            state.metrics.outcome("error")
+            out.force_close()
+        return out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _pump(out: web.StreamResponse, c: _Choices, merged: asyncio.Queue, i: int, resp: Response) -> None:
+    left = len(c.subs)
+    while True:
+        if resp.has_error():
+            c.state.metrics.outcome("error")
+            await out.write(sse(error_body(resp.error_msg or "unknown error", "server_error")))
+            c.cancel_all()
+            break
+        if await c.write(out, i, resp):
+            left -= 1
+            if not left:
+                if c.p.include_usage:
+                    await out.write(sse(usage_chunk(c.p, sum(len(o.tokens) for o in c.outs))))
+                break
+        i, resp = await merged.get()
+    await out.write(b"data: [DONE]\n\n")
+    await out.write_eof()

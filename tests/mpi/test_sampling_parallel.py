@@ -1,0 +1,51 @@
+"""Penalties, logit_bias, min_tokens and seeded sampling through pipeline-parallel executors, disaggregated
+(the last PP stage samples, so the token histories cross ranks in the step plan): equal to one
+aggregated executor in process.
+
+Job sizes used here: world(5)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg_mpi import Request, launch
+from disagg_mpi.api import SamplingConfig
+from tests.mpi.helpers import tiny_prompts
+from tests.mpi.test_parallel import _disagg_topology
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+CONFIGS = [SamplingConfig(frequency_penalty=1.5, presence_penalty=0.5),
+           SamplingConfig(repetition_penalty=0.6, logit_bias={5: 4.0, 9: -100.0}),
+           SamplingConfig(temperature=0.9, seed=7, top_k=30, min_p=0.05, frequency_penalty=1.0,
+                          repetition_penalty=1.3),
+           SamplingConfig(temperature=1.1, seed=8, top_p=0.9, logit_bias={2: 100.0}, min_tokens=4)]
+
+
+def _requests() -> list[Request]:
+    prompts = tiny_prompts(4)
+    return [Request(p, max_tokens=9, sampling_config=c, ignore_eos=(c.min_tokens == 0), stop_token_ids=[2])
+            for p in prompts for c in CONFIGS]
+
+
+@pytest.mark.world(5)
+def test_penalties_through_pp2_disaggregated_equal_aggregated_in_process():
+    with launch(_disagg_topology("random:tiny", (1, 2), (1, 2))) as orch:
+        if orch is None:
+            return
+        outs = orch.generate(_requests(), timeout=600)
+        assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
+        got = [o.result.output_token_ids for o in outs]
+        orch.wait_pools_full()
+    from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig
+
+    ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=96,
+                                                kv_cache_config=KvCacheConfig(4, 512)))
+    want = [r.result.output_token_ids for r in ex.generate(_requests())]
+    assert got == want
+    forced = got[3::4]  # logit_bias forces token 2 (a stop token), held back by min_tokens=4
+    assert all(g == g[:4] + [2] and 2 not in g[:4] for g in forced), forced
+    plain = [r.result.output_token_ids for r in ex.generate(
+        [Request(p, max_tokens=9, ignore_eos=True) for p in tiny_prompts(4)])]
+    assert all(a != b for a, b in zip(got[0::4], plain)) and all(a != b for a, b in zip(got[1::4], plain))
