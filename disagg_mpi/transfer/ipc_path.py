@@ -19,8 +19,8 @@ from ..protocol import PullAnswer, PullDone, PullPath, encode
 from . import cuda_ipc
 from .block_copy import PoolPair
 from .chunks import gather_blocks
-from .jobs import RecvItem, RecvJob, SendJob, TransferStats
 from .pool_io import PoolIO
+from .records import RecvItem, RecvJob, SendJob, TransferStats
 from .staging import SideStream
 
 

@@ -20,8 +20,8 @@ import torch
 
 from ..protocol import encode
 from .chunks import WINDOW
-from .jobs import InChunk, OutChunk, RecvItem, RecvJob, SendJob, TransferStats
 from .pool_io import PoolIO
+from .records import InChunk, OutChunk, RecvItem, RecvJob, SendJob, TransferStats
 from .staging import PinnedBuffers, SideStream, mpi_device_buffer, mpi_host_buffer, typed_view
 
 _np = mpi_host_buffer  # a numpy view MPI can move (bf16 has no MPI datatype: send its bytes)

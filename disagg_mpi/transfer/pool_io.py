@@ -11,7 +11,7 @@ import torch
 
 from .cache_state import CacheState
 from .chunks import gather_blocks, is_contiguous_run, scatter_chunk
-from .jobs import RecvItem, RecvJob, SendJob
+from .records import RecvItem, RecvJob, SendJob
 from .staging import SideStream
 
 KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers

@@ -22,11 +22,11 @@ from . import shared_staging
 from .cache_state import CacheState
 from .chunks import WINDOW, Chunking, chunking_for
 from .ipc_path import IpcPath
-from .jobs import RecvItem, RecvJob, TransferStats
 from .mpi_path import MpiPath
 from .opaque import OpaqueState
 from .plan import PlanItem, local_slices, make_plan
 from .pool_io import PoolIO
+from .records import RecvItem, RecvJob, TransferStats
 from .ring_path import RingPath
 from .staging import SideStream
 

@@ -16,8 +16,8 @@ from typing import Any
 from ..protocol import encode
 from . import shared_staging, stream_ops
 from .cache_state import CacheState
-from .jobs import RecvItem, RecvJob, SendJob, TransferStats
 from .pool_io import PoolIO
+from .records import RecvItem, RecvJob, SendJob, TransferStats
 from .staging import SideStream
 
 

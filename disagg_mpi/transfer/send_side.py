@@ -20,9 +20,9 @@ from ..api import CacheTransceiverConfig
 from ..protocol import KV_PULL, PullAnswer, PullAsk, PullPath, decode
 from .chunks import Chunking
 from .ipc_path import IpcPath
-from .jobs import SendJob
 from .mpi_path import MpiPath
 from .pool_io import PoolIO
+from .records import SendJob
 from .ring_path import RingPath
 
 

@@ -56,7 +56,7 @@ The code, a small core and one class per byte path (each declares its state):
   for), progresses at most `send_concurrency` pulls;
 - `RecvSide` (recv_side.py): the generation side: plan items, tags, `PullAsk`s,
   the answer that names the path, one-sided IPC pulls;
-- the byte paths, behind one interface (`jobs.BytePath`: `send(job)` on the
+- the byte paths, behind one interface (`records.BytePath`: `send(job)` on the
   context side, `receive(job, item)` on the generation side):
   `HostMpi`, `StagedMpi`, `CudaAwareMpi` (mpi_path.py: chunks over MPI, one
   class per way a chunk meets MPI), `RingPath` (ring_path.py: the shared
@@ -64,7 +64,7 @@ The code, a small core and one class per byte path (each declares its state):
   exported pool, the mapped pools, one-sided pulls);
 - `PoolIO` (pool_io.py): this rank's pool as the paths see it: chunk
   buffers, packing a chunk, landing one;
-- jobs.py: the records (`SendJob`, `RecvJob`, `RecvItem`, their chunks) and
+- records.py: the records (`SendJob`, `RecvJob`, `RecvItem`, their chunks) and
   the counters (`TransferStats`: sent_bytes, ring_chunks, ipc_one_sided,
   ipc_copy_seconds).
 """
@@ -82,10 +82,10 @@ from ..api import CacheTransceiverConfig
 from . import cuda_ipc, shared_staging
 from .cache_state import CacheState
 from .ipc_path import IpcPath
-from .jobs import TransferStats
 from .mpi_path import CudaAwareMpi, HostMpi, MpiPath, StagedMpi
 from .opaque import OpaqueState
 from .pool_io import PoolIO
+from .records import TransferStats
 from .recv_side import RecvSide
 from .ring_path import RingPath
 from .send_side import SendSide
