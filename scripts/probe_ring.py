@@ -10,7 +10,7 @@ protocol's steps with `time.perf_counter()` (CLOCK_MONOTONIC: one clock for both
 processes of a node), by wrapping the transceiver's methods:
 
     pull      rank 1 calls start_pull
-    accepted  rank 0 has taken the pull message (_accept_pulls made its job)
+    accepted  rank 0 has taken the pull message (SendSide._job made its job)
     answer    rank 0 has sent "ring" and starts queueing its D2H copies
     queued    rank 0 has queued every D2H
     header    rank 1 sees the answer
@@ -88,25 +88,24 @@ def ramp_bounds(ctx_ids: list[int], gen_ids: list[int], max_run: int) -> list[in
 
 
 def _instrument(tc: KvTransceiver, stamps: dict, gpu: list) -> None:
-    tc.comm = _StampedComm(tc.comm, stamps)
-    request = tc._request
+    """Wrap the methods of the transceiver's parts (its comm is a _StampedComm already)."""
+    request = tc.receiver._request
 
     def stamped_request(*a):
         stamps["request"] = time.perf_counter()
         request(*a)
-    tc._request = stamped_request
-    accept = tc._accept_pulls
+    tc.receiver._request = stamped_request
+    job_for = tc.sender._job
 
-    def accept_and_stamp():
-        n = len(tc._send_queue)
-        accept()
-        if len(tc._send_queue) > n:
-            stamps["accepted"] = time.perf_counter()
-    tc._accept_pulls = accept_and_stamp
-    copies = tc._queue_ring_copies
+    def job_and_stamp(*a):
+        job = job_for(*a)
+        stamps["accepted"] = time.perf_counter()
+        return job
+    tc.sender._job = job_and_stamp
+    copies = tc.ring._queue_copies
 
     def copies_in_side_stream(job):  # the events must go on the side stream, inside the method's `with`
-        side = tc._side
+        side = tc.side
         with side:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -117,17 +116,17 @@ def _instrument(tc: KvTransceiver, stamps: dict, gpu: list) -> None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
         gpu.append((start, end))
-    tc._queue_ring_copies = copies_in_side_stream
-    on_header = tc._on_header
+    tc.ring._queue_copies = copies_in_side_stream
+    on_header = tc.receiver._on_answer
 
     def header(job, ri, hdr):
         stamps["header"] = time.perf_counter()
         on_header(job, ri, hdr)
-    tc._on_header = header
-    landing = tc._queue_ring_landing
+    tc.receiver._on_answer = header
+    landing = tc.ring._queue_landing
 
     def landing_in_side_stream(job, ri):
-        side = tc._side
+        side = tc.side
         with side:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -138,7 +137,7 @@ def _instrument(tc: KvTransceiver, stamps: dict, gpu: list) -> None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
         gpu.append((start, end))
-    tc._queue_ring_landing = landing_in_side_stream
+    tc.ring._queue_landing = landing_in_side_stream
 
 
 def _setup(sizes: list[int]):
@@ -169,9 +168,9 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         shared_staging.SLOTS = slots  # read at each pull; a fresh transceiver makes a ring of this many
         cfg = CacheTransceiverConfig(enable_cache_transceiver=True, zero_copy=True, buffer_bytes=args.buffer_bytes,
                                      backend="staged", shared_staging=True)
-        tc = KvTransceiver(world.Dup(), pool, state, 0, cfg)
         stamps: dict[str, float] = {}
         gpu: list = []
+        tc = KvTransceiver(_StampedComm(world.Dup(), stamps), pool, state, 0, cfg)
         _instrument(tc, stamps, gpu)
         for n in args.sizes:
             nblk = n // block_bytes
@@ -248,12 +247,12 @@ def probe_ipc(args: argparse.Namespace) -> dict[str, Any]:
         stamps.setdefault("queued", time.perf_counter())
         return out
     block_copy.PoolPair.copy = stamped_copy
-    recycle = tc._side.recycle
+    recycle = tc.side.recycle
 
     def stamped_recycle(ev):
         stamps.setdefault("seen", time.perf_counter())
         recycle(ev)
-    tc._side.recycle = stamped_recycle
+    tc.side.recycle = stamped_recycle
     rows, req_ids = [], iter(range(1, 1 << 30))
     for n in args.sizes:
         nblk = n // block_bytes
@@ -281,8 +280,8 @@ def probe_ipc(args: argparse.Namespace) -> dict[str, Any]:
         if rank == 1:
             runs = runs[args.warmup:]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            src = tc._ipc_pairs[0][1]
-            ev = tc._side.record()
+            src = tc.ipc.pair(0)
+            ev = tc.side.record()
             floor = []
             for _ in range(4 * args.repeats):
                 torch.cuda.synchronize()

@@ -6,7 +6,7 @@ sends and receives each time the rank's loop calls `poll()`, so neither side
 ever blocks its step loop on a peer.
 
 Protocol, per (generation rank, plan item):
-1. the generation rank sends a `pull` message (tag PULL) to the context rank
+1. the generation rank sends a `PullAsk` (tag KV_PULL) to the context rank
    named by the item: context block ids, token count, the item's global
    layer/head ranges, its own block size, a reply tag and the chunking;
 2. the context rank packs the blocks for that peer into a bounded buffer
@@ -46,39 +46,63 @@ CUDA pools (`backend`, see `CacheTransceiverConfig.backend`):
   node, else staged.
 The wire format of the copy path does not depend on the backend, so a CPU
 rank and a GPU rank (or a staged and a CUDA-aware one) talk to each other.
+
+The code, a small core and one class per byte path (each declares its state):
+- `KvTransceiver` (here): set-up (which mode, which paths are usable on this
+  rank), `poll()`, the public surface; it owns the parts below and hands each
+  what it uses in its constructor;
+- `SendSide` (send_side.py): the context side of the protocol: takes `PullAsk`s,
+  picks each pull's path (answering why not IPC / the ring when one was asked
+  for), progresses at most `send_concurrency` pulls;
+- `RecvSide` (recv_side.py): the generation side: plan items, tags, `PullAsk`s,
+  the answer that names the path, one-sided IPC pulls;
+- the byte paths, behind one interface (`records.BytePath`: `send(job)` on the
+  context side, `receive(job, item)` on the generation side):
+  `HostMpi`, `StagedMpi`, `CudaAwareMpi` (mpi_path.py: chunks over MPI, one
+  class per way a chunk meets MPI), `RingPath` (ring_path.py: the shared
+  staging ring, both sides and the ring order), `IpcPath` (ipc_path.py: the
+  exported pool, the mapped pools, one-sided pulls);
+- `PoolIO` (pool_io.py): this rank's pool as the paths see it: chunk
+  buffers, packing a chunk, landing one;
+- records.py: the records (`SendJob`, `RecvJob`, `RecvItem`, their chunks) and
+  the counters (`TransferStats`: sent_bytes, ring_chunks, ipc_one_sided,
+  ipc_copy_seconds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import weakref
-from collections import deque
 from typing import Any
 
 import torch
 
 from ..api import CacheTransceiverConfig
-from ..protocol import KV_FIRST_DATA_TAG
 from . import cuda_ipc, shared_staging
 from .cache_state import CacheState
-from .recv_side import RecvSide, _RecvJob
-from .send_side import SendSide, _SendJob
-from .staging import PinnedBuffers, SideStream
+from .ipc_path import IpcPath
+from .mpi_path import CudaAwareMpi, HostMpi, MpiPath, StagedMpi
+from .opaque import OpaqueState
+from .pool_io import PoolIO
+from .records import TransferStats
+from .recv_side import RecvSide
+from .ring_path import RingPath
+from .send_side import SendSide
+from .staging import SideStream
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "ipc", "staged", "cuda_aware_mpi")
 
-_KEEP_BUFFERS = 4  # chunk buffers a transceiver keeps for its next transfers
 
-
-class KvTransceiver(SendSide, RecvSide):
+class KvTransceiver:
     """One per rank. `pool` is this rank's KV pool; `state` its executor's layout.
 
     `mode` is how this rank's chunks meet MPI: "host" (CPU pool), "staged" (CUDA pool,
     pinned host buffers) or "cuda_aware" (CUDA pool, MPI reads/writes device memory);
-    `want_ipc` whether its pulls ask same-node context ranks for CUDA IPC.
+    `want_ipc` whether its pulls ask same-node context ranks for CUDA IPC. The byte paths
+    are `mpi` (always), `ipc` and `ring` (None where not usable); `sender` and `receiver`
+    are the two sides of the protocol, which pick a path per pull.
     """
 
     def __init__(self, comm: Any, pool: torch.Tensor, state: CacheState, local_rank: int,
@@ -91,53 +115,43 @@ class KvTransceiver(SendSide, RecvSide):
             cfg = dataclasses.replace(cfg, buffer_bytes=max(4096, cfg.max_num_tokens
                                                             * state.bytes_per_token_per_rank(local_rank)))
         self.cfg = cfg
-        self._tag_ub = min(int(comm.Get_attr(_mpi().TAG_UB) or 32767), 1 << 30)
-        self._next_tag = KV_FIRST_DATA_TAG
-        self._send_queue: deque[_SendJob] = deque()
-        self._probe: tuple | None = None  # (MPI.Status, MPI.ANY_SOURCE) for _accept_pulls
-        self._sending: list[_SendJob] = []
-        self._recv: dict[int, _RecvJob] = {}
-        # Pull messages on their way (MPI_Isend): one for a long prompt (its block ids) is past the
-        # eager limit, and a blocking send would hold this rank until the context rank's loop,
-        # which polls between model steps, posts the receive.
-        self._outbox: list[Any] = []
-        self.sent_bytes = 0  # bytes served as a context rank (one-sided IPC pulls never reach us)
-        # Chunk buffers kept across transfers (a fresh big buffer costs its page faults every
-        # time); at most _KEEP_BUFFERS, oldest dropped first.
-        self._spare: list[torch.Tensor] = []
         self.backend = str(getattr(cfg, "backend", None) or "auto")
         if self.backend not in BACKENDS:
             raise ValueError(f"cache transceiver backend {self.backend!r} is not known; allowed: "
                              f"{', '.join(BACKENDS)}")
+        self.stats = TransferStats()
         self.mode, self.want_ipc, self.ipc_reason = "host", False, "the KV pool is not on CUDA"
-        self._side: SideStream | None = None
-        self._pinned: PinnedBuffers | None = None
-        self._exporter: cuda_ipc.PoolExporter | None = None
-        self._mapper: cuda_ipc.PoolMapper | None = None
+        self.ring_reason: str | None = "the KV pool is not on CUDA"
         self.node = ""
-        self.ipc_copy_seconds: list[float] = []  # per IPC item: copies queued .. seen complete (stats)
-        self.ipc_one_sided = 0  # IPC items pulled without any message (the pool was mapped already)
-        self._ipc_peers: dict[int, dict] = {}  # context rank -> its pool's IPC description (mapped)
-        self._ipc_pairs: dict[int, tuple] = {}  # context rank -> (that description, block_copy.PoolPair)
-        self._plans: dict[CacheState, list] = {}  # context layout -> our plan items (see _plan_items)
-        self._rings: shared_staging.RingPool | None = None  # generation side: rings we lend
-        self._ring_maps: shared_staging.RingMaps | None = None  # context side: rings lent to us
-        # Context side (send_side): ring pulls not started yet, in the order asked; the generation
-        # rank that those on our GPU go to, and how many they are; rings we refused.
-        self._ring_order: deque = deque()
-        self._ring_peer: int | None = None
-        self._ring_live = 0
-        self._rings_refused: set[str] = set()
-        self.ring_chunks = 0  # chunks that went through a shared ring (either side; stats / tests)
+        self.side: SideStream | None = None
         if pool.is_cuda:
             self._setup_cuda()
+        self.io = PoolIO(pool, state, self.side, cfg.async_buffer)
+        self.mpi: MpiPath = self._mpi_path()
+        self.ipc: IpcPath | None = None
+        self.ring: RingPath | None = None
+        if self.ipc_reason is None:
+            self.ipc = IpcPath(comm, self.io, self.stats, self.side)
+            # Mappings are closed when the transceiver goes away or at exit, whichever comes first.
+            weakref.finalize(self, self.ipc.mapper.close)
+        if self.ring_reason is None:
+            self.ring = RingPath(comm, self.io, self.stats, self.side, self.node)
+            weakref.finalize(self, self.ring.lent.close)
+            weakref.finalize(self, self.ring.maps.close)
+        self.sender = SendSide(comm, self.io, local_rank, cfg, mode=self.mode, backend=self.backend,
+                               node=self.node, mpi=self.mpi, ipc=self.ipc, ipc_reason=self.ipc_reason,
+                               ring=self.ring, ring_reason=self.ring_reason)
+        lender = self.ring if self.mode == "staged" and not self.want_ipc else None
+        self.receiver = RecvSide(comm, self.io, local_rank, cfg, mode=self.mode, want_ipc=self.want_ipc,
+                                 node=self.node, side=self.side, stats=self.stats, mpi=self.mpi, ipc=self.ipc,
+                                 lender=lender)
 
     def _setup_cuda(self) -> None:
+        """Pick the mode and see which same-node paths (CUDA IPC, shared ring) are usable here."""
         from ..runtime.devices import mpi_cuda_support, node_name
 
         self.node = node_name()
-        self._side = SideStream(self.pool.device)
-        self._pinned = PinnedBuffers()
+        self.side = SideStream(self.pool.device)
         if self.backend == "cuda_aware_mpi":
             ok, why = mpi_cuda_support()
             if not ok:
@@ -149,54 +163,24 @@ class KvTransceiver(SendSide, RecvSide):
         self.ipc_reason = cuda_ipc.available()
         if self.backend == "ipc" and self.ipc_reason:
             raise RuntimeError(f"cache transceiver backend ipc: CUDA IPC is not usable here: {self.ipc_reason}")
-        if self.ipc_reason is None:
-            self._exporter = cuda_ipc.PoolExporter(self.pool)
-            self._mapper = cuda_ipc.PoolMapper(self.pool.device)
-            # Mappings are closed when the transceiver goes away or at exit, whichever comes first.
-            weakref.finalize(self, self._mapper.close)
         self.want_ipc = self.backend in ("auto", "ipc") and self.ipc_reason is None
         self.ring_reason = shared_staging.available() if self.cfg.shared_staging else "shared_staging is off"
-        if self.ring_reason is None:
-            self._rings, self._ring_maps = shared_staging.RingPool(), shared_staging.RingMaps()
-            weakref.finalize(self, self._rings.close)
-            weakref.finalize(self, self._ring_maps.close)
+
+    def _mpi_path(self) -> MpiPath:
+        if self.mode == "host":
+            return HostMpi(self.comm, self.io, self.stats)
+        if self.mode == "cuda_aware":
+            return CudaAwareMpi(self.comm, self.io, self.stats, self.side)
+        return StagedMpi(self.comm, self.io, self.stats, self.side)
 
     def close(self) -> None:
         """Close the CUDA IPC mappings and drop staging buffers (at executor shutdown)."""
-        self._ipc_pairs.clear()
-        if self._mapper is not None:
-            self._mapper.close()
-        if self._pinned is not None:
-            self._pinned.clear()
-        for rings in (self._rings, self._ring_maps):
-            if rings is not None:
-                rings.close()
-        self._spare.clear()
-
-    @property
-    def _async_buffers(self) -> bool:
-        return self.pool.is_cuda and self.cfg.async_buffer
-
-    def _buffer(self, free: list, shape: tuple[int, ...]) -> torch.Tensor:
-        if free:
-            return free.pop()
-        if self._async_buffers:
-            # async_buffer: each transfer allocates its chunk buffers on the side stream
-            # (stream-ordered allocator: reused in stream order, returned when the transfer ends).
-            with self._side:
-                return torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
-        # Plain allocation: buffers live on across transfers (allocated once, reused).
-        for i, b in enumerate(self._spare):
-            if tuple(b.shape) == shape:
-                return self._spare.pop(i)
-        return torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
-
-    def _keep(self, bufs: list) -> None:
-        """A finished transfer hands its chunk buffers back (kept, unless async_buffer)."""
-        if not self._async_buffers:
-            self._spare.extend(bufs)
-        bufs.clear()
-        del self._spare[:-_KEEP_BUFFERS]
+        if self.ipc is not None:
+            self.ipc.close()
+        self.mpi.close()
+        if self.ring is not None:
+            self.ring.close()
+        self.io.clear()
 
     # ---- both ------------------------------------------------------------
 
@@ -205,40 +189,49 @@ class KvTransceiver(SendSide, RecvSide):
 
         Receives first: a one-sided IPC pull is done as soon as its copy is, and the MPI probe
         for new pulls would only delay noticing it."""
-        finished = []
-        if self._outbox:
-            self._outbox = [r for r in self._outbox if not r.Test()]
-        for req_id, job in list(self._recv.items()):
-            if self._progress_recv(job):
-                del self._recv[req_id]
-                finished.append((req_id, job.bytes, time.perf_counter() - job.t0))
-        self._accept_pulls()
-        limit = self.cfg.send_concurrency if self.cfg.parallel_send else 1
-        while self._send_queue and len(self._sending) < limit:
-            self._sending.append(self._send_queue.popleft())
-        self._sending = [j for j in self._sending if not self._progress_send(j)]
+        finished = self.receiver.poll()
+        self.sender.poll()
         return finished
+
+    def start_pull(self, req_id: int, opaque: OpaqueState, my_blocks: list[int]) -> None:
+        """Ask the context ranks for this rank's share of a request's KV (see RecvSide.start_pull)."""
+        self.receiver.start_pull(req_id, opaque, my_blocks)
+
+    def one_sided_ready(self, opaque: OpaqueState) -> bool:
+        """Whether a pull of `opaque` needs no context rank at all (see RecvSide.one_sided_ready)."""
+        return self.receiver.one_sided_ready(opaque)
 
     @property
     def busy(self) -> bool:
-        return bool(self._recv or self._sending or self._send_queue or self._outbox)
+        return self.receiver.busy or self.sender.busy
 
     @property
     def exports_ipc(self) -> bool:
         """Whether a same-node generation rank may map our pool (CUDA IPC) and copy from it unasked."""
-        return self._exporter is not None and self.backend in ("auto", "ipc")
+        return self.ipc is not None and self.backend in ("auto", "ipc")
 
     @property
     def receiving(self) -> bool:
-        return bool(self._recv)
+        return self.receiver.receiving
 
-    def _alloc_tag(self) -> int:
-        tag = self._next_tag
-        self._next_tag = tag + 1 if tag + 1 < self._tag_ub else KV_FIRST_DATA_TAG
-        return tag
+    # ---- counters (TransferStats) ----------------------------------------------
 
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes served as a context rank (one-sided IPC pulls never reach us)."""
+        return self.stats.sent_bytes
 
-def _mpi() -> Any:
-    from mpi4py import MPI
+    @property
+    def ring_chunks(self) -> int:
+        """Chunks that went through a shared ring (either side)."""
+        return self.stats.ring_chunks
 
-    return MPI
+    @property
+    def ipc_one_sided(self) -> int:
+        """IPC items pulled without any message (the pool was mapped already)."""
+        return self.stats.ipc_one_sided
+
+    @property
+    def ipc_copy_seconds(self) -> list[float]:
+        """Per IPC item (the last 64): copies queued .. seen complete."""
+        return self.stats.ipc_copy_seconds

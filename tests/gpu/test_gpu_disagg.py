@@ -126,13 +126,13 @@ def test_transceiver_cuda(backend, dtype, layout, gen_bs, zero_copy, async_buffe
             assert torch.equal(got, want), f"token {t} differs"
         untouched = [b for b in range(40) if b not in gen_ids]
         assert torch.equal(pool[untouched], before[untouched]), "blocks outside the request changed"
-        opened = tc._mapper.opened if tc._mapper is not None else 0
+        opened = tc.ipc.mapper.opened if tc.ipc is not None else 0
         if backend in ("ipc", "auto"):
             assert opened >= 1, "CUDA IPC was not used"
         elif backend == "staged":  # same node: through the shared ring, MPI carries only notices
-            assert opened == 0 and tc.ring_chunks > 0 and tc._pinned.allocated == 0, "shared ring not used"
+            assert opened == 0 and tc.ring_chunks > 0 and tc.mpi.pinned.allocated == 0, "shared ring not used"
         else:
-            assert opened == 0 and tc.ring_chunks == 0 and tc._pinned.allocated > 0, "staged MPI path not used"
+            assert opened == 0 and tc.ring_chunks == 0 and tc.mpi.pinned.allocated > 0, "staged MPI path not used"
     elif rank in ctx_ranks:
         assert torch.equal(pool, before), "the context pool changed"
     tc.close()
@@ -156,7 +156,7 @@ def test_ipc_mapping_is_cached():
         _run(tc, 2, (0,), lambda op=op, i=i: tc.start_pull(i + 1, op, [10 + i, 11 + i]))
     if rank == 2:
         torch.cuda.synchronize()
-        assert tc._mapper.opened == 1
+        assert tc.ipc.mapper.opened == 1
         assert tc.ipc_one_sided == 2, "pulls from a mapped pool should need no message"
         assert torch.equal(pool[12:14], glob[2:4])
     tc.close()
@@ -203,8 +203,8 @@ def test_ring_serves_two_generation_ranks_pull_after_pull(zero_copy):
         torch.cuda.synchronize()
         for ctx_ids, gen_ids in pulls:
             assert torch.equal(pool[gen_ids], glob[ctx_ids])
-        assert tc.ring_chunks == 3 * 12 and tc._rings.made == 1, "one ring, lent pull after pull"
-        assert tc._pinned.allocated == 0, "chunks went over MPI"
+        assert tc.ring_chunks == 3 * 12 and tc.ring.lent.made == 1, "one ring, lent pull after pull"
+        assert tc.mpi.pinned.allocated == 0, "chunks went over MPI"
     WORLD.Barrier()
     tc.close()
     comm.Free()
@@ -230,7 +230,7 @@ def test_a_short_first_pull_leaves_the_ring_big_enough():
     if rank == 2:
         torch.cuda.synchronize()
         assert torch.equal(pool, glob)
-        assert tc._pinned.allocated == 0 and tc._rings.made == 1, "the long pull went over MPI"
+        assert tc.mpi.pinned.allocated == 0 and tc.ring.lent.made == 1, "the long pull went over MPI"
     tc.close()
     comm.Free()
 
