@@ -43,6 +43,8 @@ class Knob:
                 if text.lower() not in _TRUE + _FALSE:
                     raise ValueError
                 value = text.lower() in _TRUE
+            elif self.choices is not None:
+                value = text.lower()  # names of choices are matched whatever their case
             else:
                 value = self.type(text)
         except ValueError:

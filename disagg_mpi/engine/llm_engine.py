@@ -244,7 +244,7 @@ class LLMEngine:
         inputs = self.scheduler.make_step_inputs(step)
         by_id = {seq.req_id: seq for seq, _ in step.items}
         sampling = [by_id[r].sampling for r in inputs.sample_req_ids]
-        plan = StepPlan(inputs, [s.to_wire() for s in sampling],
+        plan = StepPlan(inputs, sampling,
                         [by_id[r].sample_key() for r in inputs.sample_req_ids],
                         histories=[by_id[r].all_ids if by_id[r].sampling.needs_history else None
                                    for r in inputs.sample_req_ids],

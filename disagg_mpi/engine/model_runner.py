@@ -37,7 +37,7 @@ class StepPlan:
     """One step as the leader sends it: the flat batch plus how to sample."""
 
     inputs: StepInputs
-    sampling: list[tuple]  # SamplingParams.to_wire() per sampled seq
+    sampling: list[SamplingParams]  # per sampled seq (the request's own record, as the engine resolved it)
     keys: list[tuple[int, int]]  # (seed, output position) per sampled seq
     # prompt + output ids per sampled seq whose params need them (penalties), else None
     histories: list[list[int] | None] = field(default_factory=list)
@@ -46,16 +46,13 @@ class StepPlan:
     next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": asdict(self.inputs), "sampling": self.sampling, "keys": self.keys,
-                "histories": self.histories}
+        return {"inputs": asdict(self.inputs), "sampling": [s.to_wire() for s in self.sampling],
+                "keys": self.keys, "histories": self.histories}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
-        return cls(StepInputs(**d["inputs"]), [tuple(x) for x in d["sampling"]],
+        return cls(StepInputs(**d["inputs"]), [SamplingParams.from_wire(w) for w in d["sampling"]],
                    [tuple(k) for k in d["keys"]], list(d.get("histories") or []))
-
-    def params(self) -> list[SamplingParams]:
-        return [SamplingParams.from_wire(w) for w in self.sampling]
 
 
 @dataclass
@@ -165,7 +162,7 @@ class ModelRunner:
             launch = self.graphs.launch(inp)
         if not inp.sample_indices:
             return []
-        params = plan.params()
+        params = plan.sampling
         logits, greedy = launch.logits, launch.tokens
         if list(inp.sample_indices) != list(range(launch.b)):
             rows = self._tensor(inp.sample_indices)
@@ -246,7 +243,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
-            tokens = sample(logits, plan.params(), plan.keys, plan.histories)
+            tokens = sample(logits, plan.sampling, plan.keys, plan.histories)
         else:
             tokens = [] if par.is_sampler else None
         if par.pp_size > 1:  # the last stage hands the tokens back to the leader

@@ -43,7 +43,10 @@ def _examples() -> list[P.Message]:
 def _plan_dict() -> dict:
     inputs = {"input_ids": [5, 6], "positions": [0, 1], "slot_mapping": [8, 9], "query_start_loc": [0, 2],
               "context_lens": [2], "block_tables": [[2, -1]], "sample_indices": [1], "sample_req_ids": [7]}
-    return {"inputs": inputs, "sampling": [[0.5, 3, 0.9, 11]], "keys": [[11, 0]]}
+    from disagg_mpi.engine.sequence import SamplingParams
+
+    wire = SamplingParams(temperature=0.5, top_k=3, top_p=0.9, seed=11, presence_penalty=0.5).to_wire()
+    return {"inputs": inputs, "sampling": [list(wire)], "keys": [[11, 0]], "histories": [[5, 6]]}
 
 
 def test_every_record_kind_has_an_example():

@@ -188,7 +188,7 @@ def test_model_fast_decode_matches_eager():
         for p in seqs:
             qsl.append(qsl[-1] + len(p))
         n = len(seqs)
-        greedy = [SamplingParams(temperature=0.0, seed=0).to_wire()] * n
+        greedy = [SamplingParams(temperature=0.0, seed=0)] * n
         inp = StepInputs(ids, pos, slots, qsl, [len(p) for p in seqs], tables,
                          [qsl[j + 1] - 1 for j in range(n)], list(range(n)))
         toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n))
