@@ -51,10 +51,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self._free) + len(self._cached_free)
 
-    @property
-    def num_used(self) -> int:
-        return self._num_blocks - self.num_free
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -94,19 +90,6 @@ class BlockManager:
         self._num_cached[req_id] = len(matched) * self.block_size
         return list(self._tables[req_id])
 
-    def grow(self, req_id: int, total_tokens: int) -> list[int]:
-        """Append blocks so the request can hold `total_tokens`; returns the new blocks."""
-        table = self._tables[req_id]
-        missing = self.blocks_needed(total_tokens) - len(table)
-        if missing > self.num_free:
-            raise OutOfBlocksError(
-                f"request {req_id} needs {missing} more blocks for {total_tokens} tokens, "
-                f"{self.num_free} are free"
-            )
-        new = [self._take_block() for _ in range(max(0, missing))]
-        table.extend(new)
-        return new
-
     def free(self, req_id: int) -> None:
         """Drop the request's references; idempotent."""
         table = self._tables.pop(req_id, None)
@@ -134,14 +117,6 @@ class BlockManager:
     def num_cached_tokens(self, req_id: int) -> int:
         """Tokens of the request's prefix found in the cache at allocation."""
         return self._num_cached.get(req_id, 0)
-
-    def owners(self) -> dict[int, list[int]]:
-        """Block -> request ids holding it (blocks in use only)."""
-        result: dict[int, list[int]] = {}
-        for req_id, table in self._tables.items():
-            for block in table:
-                result.setdefault(block, []).append(req_id)
-        return result
 
     def check_full(self) -> None:
         """Assert every block is back in the pool (cached-free blocks count as free)."""
