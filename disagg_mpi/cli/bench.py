@@ -88,9 +88,7 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
     require_extra("bench", "aiohttp", "matplotlib")
     import logging
 
-    from ..bench.report import format_table, write_outputs
-    from ..bench.runner import BenchSettings, LoadPoint, Target, run_benchmark
-    from ..bench.server import ServerError
+    from ..bench.runner import BenchSettings, LoadPoint, Target
     from ..bench.workload import parse_int_list, parse_rates
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
@@ -110,46 +108,12 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
         raise click.BadParameter(str(err)) from None
     loads = [LoadPoint(r, c) for r in rates for c in concs]
 
-    # models behind each target: a workload per vocabulary
-    targets: list[Target] = []
-    for i, cfg in enumerate(configs):
-        label = labels[i] if labels else Path(cfg).stem
-        targets.append(Target(label, config=cfg))
-    for j, url in enumerate(urls):
-        label = labels[len(configs) + j] if labels else url
-        targets.append(Target(label, url=url if "://" in url else f"http://{url}"))
-    if len({t.label for t in targets}) != len(targets):
-        raise click.BadParameter("labels must differ; pass --label for each target", param_hint="--label")
-    specs = {}
-    for t in targets:
-        if model_spec:
-            specs[t.label] = model_spec
-        elif t.config:
-            from ..config import ConfigError, load_topology
-
-            try:
-                specs[t.label] = load_topology(t.config).model.path
-            except ConfigError as err:
-                raise click.ClickException(str(err)) from None
-        else:
-            specs[t.label] = "smollm2"
-
+    targets = _targets(configs, urls, labels, Target)
     workload_meta = {"num_requests": num_requests, "seed": seed, "warmup": warmup, "temperature": temperature}
-    cache: dict[str, tuple] = {}
-    for t in targets:
-        spec = specs[t.label]
-        if spec not in cache:
-            try:
-                cache[spec] = _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_len_dist,
-                                        output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, seed)
-            except (ValueError, FileNotFoundError) as err:
-                raise click.ClickException(str(err)) from None
-        t.requests, t.warmup, desc = cache[spec]
-        workload_meta.setdefault("workload", desc)
-    first = targets[0].requests
-    workload_meta.update(
-        mean_input_len=sum(r.input_len for r in first) / len(first),
-        mean_output_len=sum(r.output_len for r in first) / len(first))
+    workload_meta.update(_attach_workloads(
+        targets, model_spec, lambda spec: _workload(spec, dataset, num_requests, warmup, input_len, output_len,
+                                                    input_len_dist, output_len_dist, shared_prefix_ratio,
+                                                    max_input_len, max_output_len, seed)))
 
     out = Path(out_dir) if out_dir else None
     settings = BenchSettings(
@@ -161,6 +125,63 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
     click.echo(f"workload: {workload_meta['workload']}, {num_requests} requests (+{warmup} warm-up), "
                f"mean input {workload_meta['mean_input_len']:.0f} / output {workload_meta['mean_output_len']:.0f} "
                f"tokens; load points: " + "; ".join(_load_desc(ld) for ld in loads), err=True)
+    _run_and_report(targets, settings, workload_meta, slo_ttft_ms, slo_tpot_ms, out, no_plots)
+
+
+def _targets(configs, urls, labels, target_cls) -> list:
+    """One target per --config (served in turn) and per --url, labelled."""
+    targets = []
+    for i, cfg in enumerate(configs):
+        targets.append(target_cls(labels[i] if labels else Path(cfg).stem, config=cfg))
+    for j, url in enumerate(urls):
+        label = labels[len(configs) + j] if labels else url
+        targets.append(target_cls(label, url=url if "://" in url else f"http://{url}"))
+    if len({t.label for t in targets}) != len(targets):
+        raise click.BadParameter("labels must differ; pass --label for each target", param_hint="--label")
+    return targets
+
+
+def _model_of(target, model_spec: str | None) -> str:
+    if model_spec:
+        return model_spec
+    if not target.config:
+        return "smollm2"
+    from ..config import ConfigError, load_topology
+
+    try:
+        return load_topology(target.config).model.path
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _attach_workloads(targets: list, model_spec: str | None, make) -> dict:
+    """Give each target the workload of its model (one per model: a workload per vocabulary);
+    returns the workload's description for the results."""
+    meta: dict = {}
+    cache: dict[str, tuple] = {}
+    for t in targets:
+        spec = _model_of(t, model_spec)
+        if spec not in cache:
+            try:
+                cache[spec] = make(spec)
+            except (ValueError, FileNotFoundError) as err:
+                raise click.ClickException(str(err)) from None
+        t.requests, t.warmup, desc = cache[spec]
+        meta.setdefault("workload", desc)
+    first = targets[0].requests
+    meta.update(mean_input_len=sum(r.input_len for r in first) / len(first),
+                mean_output_len=sum(r.output_len for r in first) / len(first))
+    return meta
+
+
+def _run_and_report(targets, settings, workload_meta: dict, slo_ttft_ms, slo_tpot_ms, out: Path | None,
+                    no_plots: bool) -> None:
+    """Run every load point on every target; write the files and print the table, even when
+    interrupted (then exit 130); exit 1 if any request failed."""
+    from ..bench.report import format_table, write_outputs
+    from ..bench.runner import run_benchmark
+    from ..bench.server import ServerError
+
     started = time.time()
     load_before = _loadavg()
     results, rows, servers = [], [], []

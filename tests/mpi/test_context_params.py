@@ -132,7 +132,7 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
     import numpy as np
 
     from disagg_mpi.api import RequestError, SamplingConfig
-    from disagg_mpi.cli import _run_batch
+    from disagg_mpi.cli.run import _run_batch
 
     topo = tiny_topology(1, 1)
     with launch(topo) as orch:
