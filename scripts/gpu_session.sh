@@ -2,7 +2,9 @@
 # One device call's worth of GPU work: `scripts/gpu_session.sh STAGE...` on the GPU machine.
 #
 # The machine has torch, mpi4py and Open MPI but not every dependency: wheels carried in
-# .whl/ (docs/benchmarks.md, "One H200 (sixth session)", lists them) are installed to /tmp/site first. The stages'
+# .whl/ (pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, gguf,
+# pytest-mpi, msgpack; `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl ...`) are installed to /tmp/site first. The stages'
 # output goes to $OUT/session_$TAG.log and their JSON beside it, in $OUT (or ./out): few files,
 # as the device tool brings back at most 8. A stage that overruns its limit is stopped without
 # stopping the others. Stages:
@@ -19,6 +21,10 @@
 #   engine128  the same with 128-token prompts and 64 new tokens
 #   smollm2    scripts/bench_engine.py, single-stream decode of a SmolLM2-shaped model
 #   ttft       scripts/bench_ttft.py, 2,048-token prompts, disaggregated vs aggregated
+#   engine-quick  scripts/bench_engine.py, 8B bf16, this engine only (batch 1 and 64, best of 3): the
+#              figure to compare two versions of the code on one machine
+#   qwen3      the same for the random:qwen3-8b preset (q/k norm); QWEN3_BATCHES picks the batches
+#   control    scripts/bench_control.py: control-plane round trips (3 ranks) and the codec
 #   graphs-serve  the aggregated 8B server at 8 req/s, decode graphs captured lazily vs at start-up
 #              (serve-lazy, serve-startup, and their second runs serve-lazy2, serve-startup2: one each;
 #              COLD=1 gives each server an empty Triton cache)
@@ -92,6 +98,15 @@ for s in "$@"; do
     smollm2)
         stage smollm2 120 python3 scripts/bench_engine.py --device cuda --model random:smollm2 --batches 1 \
             --skip-hf --repeats 10 --new-tokens 256 --compare-overlap --json "$OUT/engine_smollm2_$TAG.json" ;;
+    engine-quick)
+        stage engine-quick 200 python3 scripts/bench_engine.py --device cuda --batches 1,64 --skip-hf --repeats 3 \
+            --json "$OUT/engine_quick_$TAG.json" ;;
+    qwen3)
+        stage qwen3 200 python3 scripts/bench_engine.py --device cuda --model random:qwen3-8b \
+            --batches "${QWEN3_BATCHES:-1,64}" --skip-hf --repeats 3 --json "$OUT/engine_qwen3_$TAG.json" ;;
+    control)
+        stage control 120 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_control.py --json "$OUT/control_$TAG.json"
+        stage codec 60 python3 scripts/bench_control.py --codec --json "$OUT/codec_$TAG.json" ;;
     ttft)
         stage ttft 180 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_ttft.py --device cuda --json "$OUT/ttft_$TAG.json" ;;
     graphs-serve)  # decode graphs captured lazily vs at start-up, same load
