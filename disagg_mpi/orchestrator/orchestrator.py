@@ -13,7 +13,7 @@ keeps the seed's manual flow: the caller awaits the context answer and enqueues 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import random
 import time
 from collections import deque
@@ -96,33 +96,45 @@ class DisaggOrchestrator:
         limits = model_limits(str(self.topo.model.path))
         return [admitted(r, limits, generation_only) for r in requests]
 
-    def _new(self, request: Request, flow: Flow) -> tuple[int, Request]:
-        request = copy.deepcopy(request)
+    def _new(self, request: Request, flow: Flow) -> int:
+        """Track an admitted request (`_check` made it rank 0's own copy)."""
         sc = request.sampling_config
         if sc.seed is None and sc.temperature > 0:
             sc.seed = self._seed_rng.getrandbits(63)  # both phases must sample with the same seed
-        return self.tracks.new(request, flow), request
+        return self.tracks.new(request, flow)
 
-    def _enqueue_on_generation(self, requests: Sequence[Request], request_type: RequestType,
-                               select_id: int | None) -> list[int]:
-        requests = self._check(requests, request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY)
-        out = []
-        for r in requests:
-            ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
-            gid, r = self._new(r, Flow.AUTO)
-            r.request_type = request_type
-            self._dispatch_new(gid, r, ex, GENERATION)
-            out.append(gid)
-        return out
+    def _start_one_phase(self, r: Request, request_type: RequestType, select_id: int | None) -> int:
+        """An admitted request that runs where it decodes: aggregated, or a client's generation-only."""
+        ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
+        r.request_type = request_type
+        gid = self._new(r, Flow.AUTO)
+        self._dispatch_new(gid, r, ex, GENERATION)
+        return gid
+
+    def _start_context(self, r: Request, select_id: int | None, flow: Flow) -> int:
+        ex = self._route(self.context_ids or self.generation_ids, select_id, "context", r.input_token_ids)
+        r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
+        gid = self._new(r, flow)
+        self._dispatch_new(gid, r, ex, CONTEXT)
+        return gid
+
+    def _start_generation(self, gid: int, r: Request, select_id: int | None) -> None:
+        """The generation phase of a tracked request (`r` admitted, its params attached)."""
+        r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
+        self.tracks.get(gid).request = r
+        self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), GENERATION)
 
     def enqueue_requests(self, requests: Sequence[Request], select_id: int | None = None) -> list[int]:
         """Aggregated serving: each request runs both phases on one executor."""
-        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, select_id)
+        aggregated = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION
+        return [self._start_one_phase(r, aggregated, select_id) for r in self._check(requests)]
 
     def enqueue_generation_only(self, requests: Sequence[Request], select_gen_id: int | None = None) -> list[int]:
         """Start the generation phase of contexts run earlier (each request carries its
         `context_phase_params`, e.g. from an HTTP client), under new global ids."""
-        return self._enqueue_on_generation(requests, RequestType.REQUEST_TYPE_GENERATION_ONLY, select_gen_id)
+        generation = RequestType.REQUEST_TYPE_GENERATION_ONLY
+        return [self._start_one_phase(r, generation, select_gen_id)
+                for r in self._check(requests, generation_only=True)]
 
     def enqueue_context(self, requests: Sequence[Request], select_context_id: int | None = None,
                         flow: Flow = Flow.MANUAL) -> list[int]:
@@ -130,45 +142,33 @@ class DisaggOrchestrator:
         `await_context_responses`, and the caller enqueues the generation phase; Flow.AUTO: rank 0
         moves each on by itself; Flow.CONTEXT_ONLY: the answer, with its ContextPhaseParams, is the
         final response."""
-        requests = self._check(requests)
-        out = []
-        for r in requests:
-            ex = self._route(self.context_ids or self.generation_ids, select_context_id, "context",
-                             r.input_token_ids)
-            gid, r = self._new(r, flow)
-            r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
-            self._dispatch_new(gid, r, ex, CONTEXT)
-            out.append(gid)
-        return out
+        return [self._start_context(r, select_context_id, flow) for r in self._check(requests)]
 
     def enqueue_generation(self, requests: Sequence[Request], global_ids: Sequence[int],
                            select_gen_id: int | None = None) -> None:
         requests = self._check(requests, generation_only=True)
         for r, gid in zip(requests, global_ids, strict=True):
-            t = self.tracks.get(gid)
-            if t is None:
+            if gid not in self.tracks:
                 raise KeyError(f"global request id {gid} is unknown")
-            r = copy.deepcopy(r)
-            r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
-            t.request = r
-            self._dispatch(gid, r, self._route(self.generation_ids, select_gen_id, "gen", r.input_token_ids),
-                           GENERATION)
+        for r, gid in zip(requests, global_ids, strict=True):
+            self._start_generation(gid, r, select_gen_id)
 
     def submit(self, requests: Sequence[Request]) -> list[int]:
         """Start requests the way the topology serves them (disaggregated if it can); rank 0
         moves each from its context phase to its generation phase."""
         requests = self._check(requests)
+        aggregated = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION
         if not self.context_ids:
-            return self.enqueue_requests(requests)
+            return [self._start_one_phase(r, aggregated, None) for r in requests]
         limit = self.topo.router.local_prefill_max_tokens
         gids = []
         for r in requests:  # conditional disaggregation, request by request
             gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 else -1
             if limit > 0 and run_locally(len(r.input_token_ids), self.prefix[gen].cached_tokens(r.input_token_ids),
                                          limit):
-                gids += self.enqueue_requests([r], select_id=gen)
+                gids.append(self._start_one_phase(r, aggregated, gen))
             else:
-                gids += self.enqueue_context([r], flow=Flow.AUTO)
+                gids.append(self._start_context(r, None, Flow.AUTO))
         return gids
 
     def cancel_request(self, gid: int) -> None:
@@ -233,10 +233,11 @@ class DisaggOrchestrator:
         elif resp.has_error() or cpp is None:  # an error, or finished by its first token
             self._out.append((gid, self.tracks.finalize(gid, resp)))
         else:
-            req = copy.deepcopy(t.request)
-            req.context_phase_params = ContextPhaseParams(cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state)
+            # Admitted at submit: the same values go on (a shallow copy: the prompt is never changed).
+            req = dataclasses.replace(t.request, context_phase_params=ContextPhaseParams(
+                cpp.req_id, cpp.first_gen_tokens, cpp.opaque_state))
             try:
-                self.enqueue_generation([req], [gid])
+                self._start_generation(gid, req, None)
             except Exception as err:  # noqa: BLE001 - fail this request alone, free its context's KV
                 self._send(Cancel(t.exec_req_id), t.executor)
                 self._out.append((gid, self.tracks.finalize(gid, Response(

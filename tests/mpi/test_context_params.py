@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from disagg_mpi import ContextPhaseParams, Request, launch
+from disagg_mpi.orchestrator.tracks import Flow
 from tests.mpi.helpers import tiny_prompts, tiny_topology
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.world(3)]
@@ -156,7 +157,8 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
         assert r.error_msg is None and len(r.result.output_token_ids) == 3
         # ... and a dispatch that fails anyway (here: one that skips the check) leaves no state behind
         ex, load = orch.generation_ids[0], dict(orch.load)
-        gid, raw = orch._new(Request([np.int64(7)] * 12, max_tokens=2))
+        raw = Request([np.int64(7)] * 12, max_tokens=2)
+        gid = orch._new(raw, Flow.AUTO)
         with pytest.raises(TypeError):
             orch._dispatch_new(gid, raw, ex, "generation")
         assert orch.num_tracked == 0 and dict(orch.load) == load
