@@ -105,7 +105,7 @@ PROCESS: tuple[Knob, ...] = (
          "ask the MPI library whether it is CUDA-aware (`MPIX_Query_cuda_support`); 0 forces no", "GPU only"),
     Knob("max_bypass", int, 32, "DISAGG_MAX_BYPASS",
          "scheduler: requests admitted before a waiting request whose KV blocks do not fit, before the queue "
-         "stops behind it (0: strict first come, first served); a request that could not fit even once every "
+         "stops behind it (0: first come, first served); in any case, a request that could not fit even once every "
          "running request finished (its blocks are held for hand-offs) never stops the queue", ge=0),
     Knob("max_bypass_seconds", float, 10.0, "DISAGG_MAX_BYPASS_SECONDS",
          "scheduler: how long a waiting request whose KV blocks do not fit lets later ones pass it, at most "

@@ -40,7 +40,7 @@ def may_pass(bypassed: int, waited_s: float, need_blocks: int, drainable_blocks:
     has finished (`need_blocks > drainable_blocks`: free blocks + those of running requests):
     what it waits for is blocks held for a hand-off (a claim or a lease frees them), and
     stopping the queue would only idle the executor, the starvation this rule exists to end.
-    `max_bypass=0` is strict FCFS.
+    `max_bypass=0`: first come, first served, but for that case.
     """
     if need_blocks > drainable_blocks:
         return True
