@@ -133,6 +133,7 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
 
     from disagg_mpi.api import RequestError, SamplingConfig
     from disagg_mpi.cli.run import _run_batch
+    from disagg_mpi.orchestrator.tracks import Flow
 
     topo = tiny_topology(1, 1)
     with launch(topo) as orch:
@@ -156,7 +157,7 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
         assert r.error_msg is None and len(r.result.output_token_ids) == 3
         # ... and a dispatch that fails anyway (here: one that skips the check) leaves no state behind
         ex, load = orch.generation_ids[0], dict(orch.load)
-        gid, raw = orch._new(Request([np.int64(7)] * 12, max_tokens=2))
+        gid, raw = orch._new(Request([np.int64(7)] * 12, max_tokens=2), Flow.AUTO)
         with pytest.raises(TypeError):
             orch._dispatch_new(gid, raw, ex, "generation")
         assert orch.num_tracked == 0 and dict(orch.load) == load
