@@ -252,8 +252,11 @@ class Response:
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
-        return {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
-                "client_id": self.client_id, "error_param": self.error_param, "retry_after": self.retry_after}
+        d = {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
+             "client_id": self.client_id, "error_param": self.error_param}
+        if self.retry_after is not None:  # (rare: not on the wire of every streamed token)
+            d["retry_after"] = self.retry_after
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Response:
