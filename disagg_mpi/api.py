@@ -234,6 +234,9 @@ class Response:
     error_msg: str | None = None
     client_id: str | None = None
     error_param: str | None = None  # the request field an error is about (RequestError.param), if any
+    # Refused for room that frees with time (contexts held for their generation phase, hold_cap.py):
+    # retry after this many seconds (HTTP 429 with Retry-After).
+    retry_after: float | None = None
 
     def has_error(self) -> bool:
         return self.error_msg is not None
@@ -249,8 +252,11 @@ class Response:
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
-        return {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
-                "client_id": self.client_id, "error_param": self.error_param}
+        d = {"request_id": self.request_id, "result": r, "error_msg": self.error_msg,
+             "client_id": self.client_id, "error_param": self.error_param}
+        if self.retry_after is not None:  # (rare: not on the wire of every streamed token)
+            d["retry_after"] = self.retry_after
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Response:
@@ -261,7 +267,8 @@ class Response:
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
                             ContextPhaseParams.from_dict(cpp) if cpp else None,
                             RequestMetrics.from_dict(r.get("metrics")))
-        return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"))
+        return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"),
+                   d.get("retry_after"))
 
 
 @dataclass
@@ -302,6 +309,12 @@ class CacheTransceiverConfig:
         "(caching) allocator and returns them when it ends", env="DISAGG_ASYNC_BUFFER", where="GPU only")
     lease_seconds: float = knob(
         120.0, "context blocks nobody claims are freed after this", env="DISAGG_LEASE_SECONDS", gt=0)
+    max_held_fraction: float = knob(
+        0.5, "context executor: the share of its KV blocks that contexts held for clients who send the "
+        "generation phase themselves (HTTP `context_only`) may use at once, such requests queued or running "
+        "included; a new one beyond it is refused (HTTP 429 with `Retry-After`: when the soonest such hold's "
+        "lease ends), so orphaned holds can never starve other requests; 1: only the pool bounds them",
+        env="DISAGG_MAX_HELD_FRACTION", gt=0, le=1)
     keep_seconds: float = knob(
         0.25, "context executor whose pools generation ranks may map (CUDA IPC, and a generation executor has "
         "a rank on its node): after a context's first token, none of its blocks is reused for this long, even "

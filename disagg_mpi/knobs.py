@@ -103,6 +103,13 @@ PROCESS: tuple[Knob, ...] = (
          "GPU only", ge=1, le=512),
     Knob("mpi_cuda_aware", bool, True, "DISAGG_MPI_CUDA_AWARE",
          "ask the MPI library whether it is CUDA-aware (`MPIX_Query_cuda_support`); 0 forces no", "GPU only"),
+    Knob("max_bypass", int, 32, "DISAGG_MAX_BYPASS",
+         "scheduler: requests admitted before a waiting request whose KV blocks do not fit, before the queue "
+         "stops behind it (0: first come, first served); in any case, a request that could not fit even once every "
+         "running request finished (its blocks are held for hand-offs) never stops the queue", ge=0),
+    Knob("max_bypass_seconds", float, 10.0, "DISAGG_MAX_BYPASS_SECONDS",
+         "scheduler: how long a waiting request whose KV blocks do not fit lets later ones pass it, at most "
+         "(see `DISAGG_MAX_BYPASS`)", ge=0),
     Knob("model_cache", str, "", "DISAGG_MPI_CACHE",
          "folder of downloaded models (empty: ~/.cache/disagg_mpi); keep it on shared storage under SLURM"),
     Knob("api_key", str, "", "DISAGG_API_KEY", "`serve`: the key clients must send (empty: none)"),

@@ -126,17 +126,22 @@ def _record(kind: int, tag: int | None):
 
 @_record(1, Tag.TO_EXECUTOR)
 class Enqueue(Message):
-    """Requests for this executor, each under the executor-local id rank 0 gave it."""
+    """Requests for this executor, each under the executor-local id rank 0 gave it. `client_holds`:
+    context-only requests whose generation phase a client sends itself (HTTP context_only), so
+    their held blocks count against `max_held_fraction` (engine/hold_cap.py)."""
 
     items: list  # [(exec_req_id, Request)]
+    client_holds: bool = False
 
     def _wire(self) -> list:
-        return [[[rid, r.to_dict()] for rid, r in self.items]]
+        return [[[rid, r.to_dict()] for rid, r in self.items], self.client_holds]
 
     @classmethod
     def _from_wire(cls, values: list) -> Enqueue:
-        (items,) = values
-        return cls([(int(rid), Request.from_dict(d)) for rid, d in items])
+        items, *rest = values
+        if rest and not isinstance(rest[0], bool):
+            raise ProtocolError(f"Enqueue.client_holds is a {type(rest[0]).__name__}, not bool")
+        return cls([(int(rid), Request.from_dict(d)) for rid, d in items], bool(rest and rest[0]))
 
 
 @_record(2, Tag.TO_EXECUTOR)

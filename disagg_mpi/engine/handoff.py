@@ -41,6 +41,7 @@ from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
 from .handoff_check import check_handoff
+from .hold_cap import check_hold
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
 
@@ -55,6 +56,7 @@ class _Held:
 
     seq: Sequence
     deadline: float
+    since: float = 0.0  # when it was answered (time.monotonic())
     claimed_by: tuple[int, int] | None = None  # (generation leader's rank, its request id)
     keep_until: float = 0.0  # the blocks are not reused before this (time.monotonic()): see above
     released: bool = False  # released before keep_until: freed once it passes
@@ -123,6 +125,25 @@ class Handoff:
     def pending_tokens(self) -> int:
         """Tokens the pending generation requests will still need (they count as load)."""
         return sum(p.seq.remaining_tokens for p in self.pending.values())
+
+    def check_client_hold(self, seq: Sequence) -> None:
+        """Refuse a context-only request held for a client (HTTP context_only) that would take client holds
+        past `max_held_fraction` of the pool (hold_cap.py); its blocks count from admission on."""
+        now, bm = time.monotonic(), self.blocks
+        waiting = [h for h in self.held.values() if h.seq.held_for_client and h.claimed_by is None and not h.released]
+        queued = [s for q in (self.scheduler.waiting, self.scheduler.running) for s in q if s.held_for_client]
+        holding = (sum(len(bm.block_table(h.seq.req_id)) for h in waiting)
+                   + sum(bm.blocks_needed(s.max_total_tokens) for s in queued))
+        check_hold(bm.blocks_needed(seq.max_total_tokens), holding, bm.num_blocks, self.config.max_held_fraction,
+                   [h.deadline - now for h in waiting])
+
+    def hold_stats(self) -> dict[str, float]:
+        """Held contexts for /metrics: their blocks (all, and those held for clients) and the oldest one's age."""
+        now, bm = time.monotonic(), self.blocks
+        live = [h for h in self.held.values() if not h.released]
+        return {"held_blocks": sum(len(bm.block_table(h.seq.req_id)) for h in live),
+                "held_client_blocks": sum(len(bm.block_table(h.seq.req_id)) for h in live if h.seq.held_for_client),
+                "oldest_hold_s": max((now - h.since for h in live), default=0.0)}
 
     def cancel(self, req_id: int) -> bool:
         """Cancel a request the hand-off holds (pending or held); False if it holds none such."""
@@ -300,7 +321,7 @@ class Handoff:
         returns the signed params that let a generation executor claim them."""
         tc, now = self.config, time.monotonic()
         keep = now + tc.keep_seconds if tc.keep_seconds and getattr(self.group, "exports_ipc", False) else 0.0
-        self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), keep_until=keep)
+        self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
         opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                              tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
                              keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids))

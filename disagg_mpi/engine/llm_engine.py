@@ -32,6 +32,7 @@ from ..api import (
     Result,
     SamplingConfig,
 )
+from ..knobs import env_value
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
 from .block_manager import BlockManager
@@ -108,7 +109,8 @@ class LLMEngine:
         self.executor_id = executor_id
         self.transceiver_enabled = config.cache_transceiver_config.enable_cache_transceiver
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, kv.enable_prefix_reuse)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens,
+                                   env_value("DISAGG_MAX_BYPASS"), env_value("DISAGG_MAX_BYPASS_SECONDS"))
         self.eos = set(model_config.eos_token_ids)
         self._meta: dict[int, _Meta] = {}
         self.handoff = Handoff(self, self.blocks, self.scheduler, group, config.cache_transceiver_config,
@@ -121,8 +123,9 @@ class LLMEngine:
 
     # ---- admission -------------------------------------------------------
 
-    def add_request(self, req_id: int, request: Request) -> None:
-        """Admit a request; a bad one is answered with an error at once."""
+    def add_request(self, req_id: int, request: Request, client_hold: bool = False) -> None:
+        """Admit a request; a bad one is answered with an error at once. `client_hold`: a context-only
+        request whose generation phase a client sends itself; its hold is capped (hold_cap.py)."""
         meta = _Meta(request.request_type, request.streaming, request.client_id)
         self._meta[req_id] = meta
         try:
@@ -130,9 +133,12 @@ class LLMEngine:
             if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY:
                 self.handoff.admit(seq, request)
             else:
+                if client_hold and seq.keep_blocks:
+                    self.handoff.check_client_hold(seq)
+                    seq.held_for_client = True
                 self.scheduler.add(seq)
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
-            self._error(req_id, str(err), _param_of(err))
+            self._error(req_id, str(err), _param_of(err), getattr(err, "retry_after", None))
         except TypeError as err:  # a field of the wrong type that the checks above missed
             self._error(req_id, f"malformed request: {err}")
 
@@ -301,9 +307,10 @@ class LLMEngine:
         result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics())
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
-    def _error(self, req_id: int, message: str, param: str | None = None) -> None:
+    def _error(self, req_id: int, message: str, param: str | None = None, retry_after: float | None = None) -> None:
         meta = self._meta.pop(req_id, None)
-        self._responses.append(Response(req_id, None, message, meta.client_id if meta else None, param))
+        self._responses.append(Response(req_id, None, message, meta.client_id if meta else None, param,
+                                        retry_after))
 
     def take_responses(self) -> list[Response]:
         out = list(self._responses)
@@ -322,7 +329,7 @@ class LLMEngine:
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "held_contexts": self.handoff.num_held, "pending_transfers": self.handoff.num_pending,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "inflight_tokens": self.load(), **self.stats}
+                "inflight_tokens": self.load(), **self.handoff.hold_stats(), **self.stats}
 
     def load(self) -> int:
         return self.scheduler.num_inflight_tokens() + self.handoff.pending_tokens

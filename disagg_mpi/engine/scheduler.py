@@ -8,15 +8,43 @@ when the step brings `num_computed_tokens` up to `num_tokens`.
 Blocks for prompt + max_tokens are reserved at admission, so a running
 sequence never waits for memory: no preemption and no deadlock, at the price
 of admitting fewer requests than an optimistic allocator would.
+
+A waiting request whose blocks do not fit does not hold back the ones behind it
+that do (`may_pass`), but only a bounded number of times or for a bounded time:
+then the queue stops behind it, so the blocks running requests free go to it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from disagg_mpi.engine.block_manager import BlockManager
 from disagg_mpi.engine.sequence import Sequence, SequenceStatus
+
+# Bounds on passing a waiting request that does not fit (process knobs DISAGG_MAX_BYPASS and
+# DISAGG_MAX_BYPASS_SECONDS): a 37-token chat must not wait behind a long prompt for minutes
+# (issue 20 saw 75-117 s), and the long prompt must not wait forever behind a stream of chats.
+MAX_BYPASS = 32
+MAX_BYPASS_SECONDS = 10.0
+
+
+def may_pass(bypassed: int, waited_s: float, need_blocks: int, drainable_blocks: int,
+             max_bypass: int = MAX_BYPASS, max_wait_s: float = MAX_BYPASS_SECONDS) -> bool:
+    """May a request queued behind one that does not fit now be admitted before it?
+
+    Yes while the blocked request has been passed fewer than `max_bypass` times and has waited
+    less than `max_wait_s`; then no: the queue stops behind it, and the blocks that running
+    requests free go to it. Yes in any case when it would not fit even once every running request
+    has finished (`need_blocks > drainable_blocks`: free blocks + those of running requests):
+    what it waits for is blocks held for a hand-off (a claim or a lease frees them), and
+    stopping the queue would only idle the executor, the starvation this rule exists to end.
+    `max_bypass=0`: first come, first served, but for that case.
+    """
+    if need_blocks > drainable_blocks:
+        return True
+    return bypassed < max_bypass and waited_s < max_wait_s
 
 
 class RequestTooLargeError(ValueError):
@@ -58,7 +86,8 @@ class StepInputs:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
+                 max_bypass: int = MAX_BYPASS, max_bypass_s: float = MAX_BYPASS_SECONDS):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         # Every running sequence must be able to decode in every step; otherwise
@@ -71,7 +100,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
-        self.waiting: deque[Sequence] = deque()  # need blocks; admitted strictly FCFS
+        self.max_bypass, self.max_bypass_s = max_bypass, max_bypass_s
+        self.waiting: deque[Sequence] = deque()  # need blocks; FCFS, but see may_pass
         self.ready: deque[Sequence] = deque()  # KV already present, need a batch slot only
         self.running: list[Sequence] = []  # hold blocks; at most max_batch_size
 
@@ -171,18 +201,34 @@ class Scheduler:
             self._start(seq)
             step.items.append((seq, 1))
             budget -= 1
-        # ... and waiting ones, strictly FCFS: the head blocks the queue when its
-        # blocks do not fit, so a large request is not starved by small ones.
-        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            seq = self.waiting[0]
-            if not self._reserve(seq):
+        # ... and waiting ones, in arrival order; one whose blocks do not fit lets those behind it
+        # pass, within bounds (may_pass).
+        if self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            self._admit_waiting(step, budget)
+        return step
+
+    def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
+        bm, now = self.block_manager, time.monotonic()
+        # Blocks that will be free once every running request finishes; the rest are held for a
+        # hand-off (answered contexts, pulls in flight). (Prefix-shared blocks make it an estimate.)
+        drainable = bm.num_free + sum(len(bm.block_table(s.req_id)) for s in self.running)
+        passed: list[Sequence] = []  # blocked requests that the ones admitted now overtake
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_batch_size or budget <= 0:
                 break
-            self.waiting.popleft()
+            if not self._reserve(seq):
+                if not may_pass(seq.bypassed, now - seq.arrival_time, bm.blocks_needed(seq.max_total_tokens),
+                                drainable, self.max_bypass, self.max_bypass_s):
+                    break
+                passed.append(seq)
+                continue
+            self.waiting.remove(seq)
             self._start(seq)
+            for blocked in passed:
+                blocked.bypassed += 1
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             step.items.append((seq, n))
             budget -= n
-        return step
 
     def update(self, step: ScheduledStep, sampled: dict[int, int]) -> list[Sequence]:
         """Apply a computed step and its sampled tokens; returns the finished sequences.

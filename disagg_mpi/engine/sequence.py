@@ -150,6 +150,10 @@ class Sequence:
     # scheduler leaves their blocks allocated at finish; the caller frees them.
     keep_blocks: bool = False
     full_max_tokens: int = 0  # context-only (max_tokens 1 here): the client's max_tokens, for its answer
+    # A context-only request whose generation phase a client sends (HTTP context_only): its hold
+    # counts against `max_held_fraction` (handoff.py).
+    held_for_client: bool = False
+    bypassed: int = 0  # waiting: times a later request was admitted before it (scheduler.may_pass)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

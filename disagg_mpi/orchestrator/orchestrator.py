@@ -78,8 +78,10 @@ class DisaggOrchestrator:
 
     def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
         exec_req_id = self.tracks.next_exec_id()
+        # An HTTP client's context_only: its hold is capped on the executor (engine/hold_cap.py).
+        client_hold = phase == CONTEXT and self.tracks.get(gid).flow is Flow.CONTEXT_ONLY
         # Sent before any bookkeeping: a request that cannot be sent leaves none behind.
-        self._send(Enqueue([(exec_req_id, request)]), executor)
+        self._send(Enqueue([(exec_req_id, request)], client_hold), executor)
         self.tracks.assign(gid, executor, phase, exec_req_id)
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         self.prefix[executor].insert(request.input_token_ids)

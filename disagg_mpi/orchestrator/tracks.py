@@ -100,7 +100,7 @@ class Tracks:
             m.merge(resp.result.metrics, skip=("executor",))
             resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
         else:
-            resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param)
+            resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param, resp.retry_after)
         first = t.t_first if t.t_first is not None else now
         m.ttft_ms = (first - t.t_enqueue) * 1e3
         m.e2e_ms = (now - t.t_enqueue) * 1e3

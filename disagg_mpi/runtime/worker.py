@@ -230,9 +230,9 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
 def _on_orchestrator(comms: Comms, engine: LLMEngine, msg: P.Message) -> bool:
     """One record from rank 0; False once it says shutdown."""
     match msg:
-        case P.Enqueue(items):
+        case P.Enqueue(items, client_holds):
             for req_id, request in items:
-                engine.add_request(req_id, request)
+                engine.add_request(req_id, request, client_holds)
         case P.Cancel(req_id):
             engine.cancel(req_id)
         case P.StatsRequest():

@@ -12,6 +12,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,12 @@ def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.R
     if msg.startswith("internal error") or "shutting down" in msg:
         state.metrics.outcome("error")
         return _err(500, msg, "server_error")
+    if resp.retry_after is not None:  # held contexts fill their share of the pool (engine/hold_cap.py)
+        state.metrics.outcome("refused")
+        state.metrics.held_full.inc()
+        out = _err(429, msg, "rate_limit_error", code="held_contexts_full")
+        out.headers["Retry-After"] = str(max(1, math.ceil(resp.retry_after)))
+        return out
     state.metrics.outcome("refused")  # the client's request, not the server, was at fault
     return _err(400, msg, param=http_param(resp.error_param, p.kind), code="request_refused")
 

@@ -43,12 +43,23 @@ class ServerMetrics:
                              ["executor", "kind"], registry=r)
         self.kv_total = Gauge("disagg_kv_blocks", "KV cache blocks of each executor", ["executor", "kind"],
                               registry=r)
+        self.kv_held = Gauge("disagg_kv_held_blocks", "KV blocks of answered contexts held for their generation "
+                             "phase (until it pulls them, or their lease ends), per context executor",
+                             ["executor", "kind"], registry=r)
+        self.kv_held_client = Gauge("disagg_kv_held_client_blocks", "Of disagg_kv_held_blocks: those held for "
+                                    "clients that send the generation phase themselves (context_only; capped by "
+                                    "max_held_fraction)", ["executor", "kind"], registry=r)
+        self.kv_oldest_hold = Gauge("disagg_kv_oldest_hold_seconds", "Age of the oldest held context of each "
+                                    "executor (0: none)", ["executor", "kind"], registry=r)
+        self.held_full = Counter("disagg_held_contexts_full", "context_only requests refused with 429: contexts "
+                                 "held for their generation phase filled their share of the pool", registry=r)
         self.kv_bytes = Counter("disagg_kv_transfer_bytes", "KV cache bytes moved context -> generation",
                                 registry=r)
         self.kv_seconds = Counter("disagg_kv_transfer_seconds", "Time spent moving KV cache", registry=r)
         self.kinds = executors
         for ex, kind in executors.items():
-            for g in (self.exec_load, self.exec_queue, self.exec_running, self.kv_free, self.kv_total):
+            for g in (self.exec_load, self.exec_queue, self.exec_running, self.kv_free, self.kv_total, self.kv_held,
+                      self.kv_held_client, self.kv_oldest_hold):
                 g.labels(str(ex), kind)
 
     def outcome(self, outcome: str) -> None:
@@ -81,6 +92,9 @@ class ServerMetrics:
                                                  + s.get("pending_transfers", 0))
                 self.exec_running.labels(*lab).set(s.get("running", 0))
                 self.kv_total.labels(*lab).set(s.get("num_blocks", 0))
+                self.kv_held.labels(*lab).set(s.get("held_blocks", 0))
+                self.kv_held_client.labels(*lab).set(s.get("held_client_blocks", 0))
+                self.kv_oldest_hold.labels(*lab).set(s.get("oldest_hold_s", 0.0))
             free = s.get("free_blocks", free_blocks.get(ex))
             if free is not None:
                 self.kv_free.labels(*lab).set(free)

@@ -29,9 +29,9 @@ def _examples() -> list[P.Message]:
                                    RequestMetrics(ttft_ms=1.5, kv_transfer_bytes=64)))
     plan = StepPlan.from_dict(_plan_dict())
     return [
-        P.Enqueue([(7, req)]), P.Cancel(7), P.StatsRequest(), P.Shutdown(),
+        P.Enqueue([(7, req)]), P.Enqueue([(8, req)], True), P.Cancel(7), P.StatsRequest(), P.Shutdown(),
         P.Ready(1, None, "cpu"), P.Ready(2, "rank 3: boom"),
-        P.Responses(1, [resp, Response(5, None, "bad")], 12, 30), P.ExecutorStats(0, {"free_blocks": 3}),
+        P.Responses(1, [resp, Response(5, None, "bad"), Response(6, None, "full", retry_after=7.0)], 12, 30), P.ExecutorStats(0, {"free_blocks": 3}),
         P.Claim(4, 9, [1, 2, 3], 1), P.ClaimReply(9, None, 12.5, "node-a"), P.Release(4, None),
         P.Step(plan), P.Pull(9, b"opaque", [4, 5]), P.StopMember(), P.Pulled(9, 4096),
         P.PullAsk(101, [1, 2], [0, 6], [0, 2], True, 4, {"num_layers": 6}, None, "node-a", None),
@@ -58,9 +58,10 @@ def test_round_trip(msg):
     got = P.decode(P.encode(msg), msg.TAG)
     assert type(got) is type(msg)
     if isinstance(msg, P.Enqueue):
-        assert got.items[0][0] == 7 and got.items[0][1] == msg.items[0][1]
+        assert got.items == msg.items and got.client_holds is msg.client_holds
     elif isinstance(msg, P.Responses):
         assert [r.to_dict() for r in got.responses] == [r.to_dict() for r in msg.responses]
+        assert got.responses[2].retry_after == 7.0
     elif isinstance(msg, P.Step):
         assert got.plan.to_dict() == msg.plan.to_dict()
     else:
