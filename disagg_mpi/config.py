@@ -275,3 +275,26 @@ def validate_against_model(topo: Topology, num_heads: int, num_kv_heads: int, nu
         if ex.layer_split is not None and (sum(ex.layer_split) != num_layers or min(ex.layer_split) < 1):
             raise ConfigError(f"{name}.layer_split={ex.layer_split} must be {pp} positive counts summing to "
                               f"the model's {num_layers} layers")
+
+
+def check_model(topo: Topology):
+    """Read the model's config (no weights) and check the topology against it: every check a rank would
+    otherwise hit at start-up, in one process. Returns the ModelConfig; raises ConfigError naming the field.
+
+    `disagg-mpi validate`, `run`, `serve` and launch/mpirun.sh call it before any rank starts, so a
+    topology that cannot run fails with one line instead of a traceback per rank."""
+    from .model.loader import load_model_config
+    from .model.parallel import validate_split
+
+    try:
+        mc = load_model_config(topo.model.path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.path={topo.model.path!r}: {err}") from None
+    validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
+    for name, ex in topo._named():  # the model layer's own checks (MoE widths, GQA groups) as well
+        try:
+            validate_split(mc, ex.tensor_parallel_size, ex.pipeline_parallel_size, ex.layer_split)
+        except ValueError as err:
+            raise ConfigError(f"{name} (tensor_parallel_size={ex.tensor_parallel_size}, pipeline_parallel_size="
+                              f"{ex.pipeline_parallel_size}) does not fit {topo.model.path!r}: {err}") from None
+    return mc

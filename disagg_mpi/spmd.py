@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .config import Topology, load_topology, validate_against_model
+from .config import Topology, check_model, load_topology
 from .orchestrator.orchestrator import DisaggOrchestrator
 from .runtime.comms import build_comms
 from .runtime.devices import node_name
@@ -71,15 +71,12 @@ def _topology(config: str | Path | Topology) -> Topology:
 @contextlib.contextmanager
 def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestrator | None]:
     """Collective over the world: start executors, yield the orchestrator on rank 0."""
-    from .model.loader import load_model_config
-
     world = world or MPI.COMM_WORLD
     topo = _topology(config)
     from .runtime import rankmap
 
     rankmap.record(world.Get_rank(), rankmap.role_of(topo, world.Get_rank()))
-    mc = load_model_config(topo.model.path)
-    validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
+    check_model(topo)  # the CLI ran it already; a script under mpiexec reaches it here
     comms = build_comms(topo, world)
     configure_threads(world)
     # The key that signs context params: made on rank 0, known to every rank.

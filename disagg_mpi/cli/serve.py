@@ -8,7 +8,7 @@ import sys
 import click
 
 from .common import (
-    fetch_if_default,
+    check_model_or_exit,
     inside_mpi_job,
     load_topology_or_exit,
     relaunch,
@@ -43,7 +43,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     if port is not None and not 0 <= port <= 65535:
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():
-        fetch_if_default(topo.model.path)
+        check_model_or_exit(topo)
         sys.exit(relaunch(topo.world_size, sys.argv[1:]))
     setup_logging(log_level)
     from mpi4py import MPI

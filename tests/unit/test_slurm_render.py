@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _gpu_topology() -> dict:
-    """9 ranks: TP=4 context on GPUs 0-3, TP=4 generation on GPUs 4-7 (node-local ids)."""
-    return {"context_executors": [{"participant_ids": [1, 2, 3, 4], "device_ids": [0, 1, 2, 3],
+    """9 ranks: TP=4 context on GPUs 0-3, TP=4 generation on GPUs 4-7 (node-local ids), of a model
+    TP=4 can split (Llama-3.1-8B's shapes: 32 heads, 8 KV heads; SmolLM2's 9 heads cannot)."""
+    return {"model": {"path": "random:llama-3.1-8b"},
+            "context_executors": [{"participant_ids": [1, 2, 3, 4], "device_ids": [0, 1, 2, 3],
                                    "tensor_parallel_size": 4, "cache_transceiver_config": TC}],
             "generation_executors": [{"participant_ids": [5, 6, 7, 8], "device_ids": [4, 5, 6, 7],
                                       "tensor_parallel_size": 4, "cache_transceiver_config": TC}]}
@@ -195,3 +197,18 @@ def test_slurm_command_defaults_and_errors(tmp_path: Path) -> None:
 def test_help_texts() -> None:
     assert "Render a SLURM batch script" in CliRunner().invoke(slurm, ["--help"]).output
     assert "without starting anything" in CliRunner().invoke(validate, ["--help"]).output
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model": {"path": "smollm2"}}, "does not divide the model's 9 attention heads"),  # TP=4, 9 heads
+    ({"generation_executors": [{"participant_ids": [5, 6, 7, 8], "pipeline_parallel_size": 4,
+                                "layer_split": [8, 8, 8, 4]}]}, "summing to the model's 32 layers"),
+    ({"model": {"path": "/no/such/model.gguf"}}, "model.path='/no/such/model.gguf'"),
+])
+def test_validate_refuses_what_the_model_cannot_run(tmp_path: Path, change: dict, needle: str) -> None:
+    """Model-dependent mistakes fail in validate (one line, exit 2), not after srun on every rank."""
+    data = {**_gpu_topology(), **change}
+    data["generation_executors"][0].setdefault("cache_transceiver_config", TC)
+    res = CliRunner().invoke(validate, ["--config", str(_write(tmp_path, data))])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and res.output.startswith("error: ") and "Traceback" not in res.output
