@@ -90,6 +90,9 @@ def relaunch(world_size: int, args: list[str]) -> int:
             msg = watcher.explain(rc)
             if msg:
                 click.echo(msg, err=True)
+            left = rankmap.remove_segments(folder)  # MPI_Abort skips MPI_Finalize, which unlinks them
+            if left:
+                click.echo(f"disagg-mpi: removed the shared memory the job left behind: {' '.join(left)}", err=True)
         return rc
 
 
