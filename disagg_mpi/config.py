@@ -133,6 +133,15 @@ class ExecutorSpec(_Strict):
         )
 
 
+def _with_transceiver(ex: Any) -> Any:
+    """An executor entry with its transceiver on when its cache_transceiver_config is missing."""
+    if isinstance(ex, dict) and ex.get("cache_transceiver_config") is None:
+        return {**ex, "cache_transceiver_config": {}}  # the YAML section's defaults: enabled, MPI
+    if isinstance(ex, ExecutorSpec) and ex.cache_transceiver_config is None:
+        return ex.model_copy(update={"cache_transceiver_config": TransceiverSpec()})
+    return ex
+
+
 RouterName = Literal["round_robin", "least_loaded", "kv_aware"]
 
 
@@ -162,6 +171,21 @@ class Topology(_Strict):
     def _router_shorthand(cls, v: Any) -> Any:
         return {"policy": v} if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _transceivers_when_disaggregated(cls, data: Any) -> Any:
+        """A topology with context executors moves KV between executors, so each executor's
+        transceiver is on unless its YAML says otherwise: a missing cache_transceiver_config means
+        `{enable_cache_transceiver: true}` there (it meant "refused" before, with docs promising the
+        default). An aggregated topology needs none and gets none."""
+        if not isinstance(data, dict) or not data.get("context_executors"):
+            return data
+        data = dict(data)
+        for key in ("context_executors", "generation_executors"):
+            if isinstance(data.get(key), list):
+                data[key] = [_with_transceiver(e) for e in data[key]]
+        return data
+
     @model_validator(mode="after")
     def _ranks(self) -> Topology:
         seen: dict[int, str] = {}
@@ -180,9 +204,10 @@ class Topology(_Strict):
                              f"1..{self.world_size - 1}")
         if self.context_executors:
             for name, ex in self._named():
-                if ex.cache_transceiver_config is None:
-                    raise ValueError(f"{name} needs cache_transceiver_config "
-                                     "(enable_cache_transceiver: true) in a disaggregated topology")
+                if not ex.cache_transceiver_config.enable_cache_transceiver:
+                    raise ValueError(f"{name}.cache_transceiver_config.enable_cache_transceiver is false, but in a "
+                                     "disaggregated topology (one with context_executors) every executor moves KV; "
+                                     "allowed: true, or leave it out (true is the default there)")
         return self
 
     def _named(self) -> list[tuple[str, ExecutorSpec]]:
