@@ -17,6 +17,11 @@ from .common import (
 )
 
 
+def _say(msg: str) -> None:
+    """Start-up takes 20-30 s on CPU (more with graphs on GPU): say what is happening meanwhile."""
+    click.echo(f"disagg-mpi serve: {msg}", err=True)
+
+
 @click.command()
 @click.option("--config", "config", required=True, type=click.Path(), help="YAML topology (see configs/).")
 @click.option("--host", default=None, help="Address to bind (default: server.host of the config, 127.0.0.1).")
@@ -44,6 +49,8 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():
         check_model_or_exit(topo)
+        _say(f"starting {topo.world_size} ranks with mpiexec (rank 0: the HTTP server and orchestrator; "
+             f"ranks 1-{topo.world_size - 1}: the executors of {config})")
         sys.exit(relaunch(topo.world_size, sys.argv[1:]))
     setup_logging(log_level)
     from mpi4py import MPI
@@ -67,7 +74,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     from ..spmd import launch
 
     s = topo.server
-    with launch(topo) as orch:
+    with launch(topo, progress=_say) as orch:
         if orch is not None and signals.requested() is not None:  # asked before the handlers were in
             click.echo("disagg-mpi: asked to stop during start-up; not serving", err=True)
         elif orch is not None:
