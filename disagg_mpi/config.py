@@ -205,9 +205,10 @@ class Topology(_Strict):
         if self.context_executors:
             for name, ex in self._named():
                 if not ex.cache_transceiver_config.enable_cache_transceiver:
-                    raise ValueError(f"{name}.cache_transceiver_config.enable_cache_transceiver is false, but in a "
-                                     "disaggregated topology (one with context_executors) every executor moves KV; "
-                                     "allowed: true, or leave it out (true is the default there)")
+                    raise ValueError(
+                        f"{name}.cache_transceiver_config.enable_cache_transceiver is false, but in a "
+                        "disaggregated topology (one with context_executors) every executor moves KV; "
+                        "allowed: true, or leave it out (true is the default there)")
         return self
 
     def _named(self) -> list[tuple[str, ExecutorSpec]]:
@@ -320,6 +321,7 @@ def check_model(topo: Topology):
         try:
             validate_split(mc, ex.tensor_parallel_size, ex.pipeline_parallel_size, ex.layer_split)
         except ValueError as err:
-            raise ConfigError(f"{name} (tensor_parallel_size={ex.tensor_parallel_size}, pipeline_parallel_size="
-                              f"{ex.pipeline_parallel_size}) does not fit {topo.model.path!r}: {err}") from None
+            raise ConfigError(f"{name} (tensor_parallel_size={ex.tensor_parallel_size}, "
+                              f"pipeline_parallel_size={ex.pipeline_parallel_size}) does not fit "
+                              f"{topo.model.path!r}: {err}") from None
     return mc

@@ -73,14 +73,15 @@ def startup_plan(topo: Topology) -> str:
     msg = f"loading {topo.model.path} on {n} executor{'s' if n > 1 else ''} (ranks 1-{topo.world_size - 1})"
     gpu_gen = [ex.max_batch_size for ex in topo.generation_executors if ex.on_gpu]
     if gpu_gen and env_value("DISAGG_CUDA_GRAPHS") and env_value("DISAGG_GRAPH_CAPTURE") == "startup":
-        msg += f", then capturing CUDA decode graphs on the GPU generation executors (batch sizes up to {max(gpu_gen)})"
+        msg += (", then capturing CUDA decode graphs on the GPU generation executors "
+                f"(batch sizes up to {max(gpu_gen)})")
     return msg
 
 
 def ready_line(topo: Topology, executor: int, device: str, seconds: float) -> str:
     kind = "context" if topo.is_context(executor) else "generation"
-    return (f"executor {executor} ({kind}, ranks {topo.executors[executor].participant_ids}) ready on {device} "
-            f"after {seconds:.0f} s")
+    ranks = topo.executors[executor].participant_ids
+    return f"executor {executor} ({kind}, ranks {ranks}) ready on {device} after {seconds:.0f} s"
 
 
 def _topology(config: str | Path | Topology) -> Topology:

@@ -73,12 +73,12 @@ def _run(cmd: list[str], xml: Path) -> tuple[int, int, int, int, int]:
 
 def commands(extra: list[str], sizes: list[int]) -> list[list[str]]:
     """The single-process run, then one `mpiexec -n N` run per world size."""
-    single = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=900", "--durations=15",
-              "tests/unit", "tests/slurm", *extra]
+    single = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=900",
+              "--durations=15", "tests/unit", "tests/slurm", *extra]
     # pytest-mpi is left out: with --with-mpi it prints a 20-line "MPI Information" banner from
     # every rank of every run (44 in all), and the world(n) markers already pick each test's job.
-    mpi = [[_mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:pytest_mpi",
-            "-p", "no:cacheprovider", "--timeout=900", "tests/mpi", *extra] for n in sizes]
+    mpi = [[_mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest", "-q",
+            "-p", "no:pytest_mpi", "-p", "no:cacheprovider", "--timeout=900", "tests/mpi", *extra] for n in sizes]
     return [single, *mpi]
 
 

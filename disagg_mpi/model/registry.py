@@ -75,17 +75,22 @@ class _Percent:
         return f"downloading: {tenth * 10}% ({done / 1e6:.1f} of {total / 1e6:.1f} MB)"
 
 
+_PIP_STEPS = ("Collecting", "Downloading", "Processing", "Saved")  # pip's lines worth relaying
+
+
 def _pip_download(package: str, folder: Path, timeout_s: float = 1800) -> tuple[int, list[str]]:
     """`pip download` with its progress relayed as log lines; (exit code, its last lines)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw", package, "-d", str(folder)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw", package,
+           "-d", str(folder)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
     percent, tail = _Percent(), []
     try:
         for line in proc.stdout:
             shown = percent.step(line)
-            if shown is None and line.lstrip().startswith(("Collecting", "Downloading", "Processing", "Saved")):
+            if shown is None and line.lstrip().startswith(_PIP_STEPS):
                 shown = "pip: " + line.strip()
             if shown:
                 _say(shown)

@@ -23,7 +23,7 @@ def _smollm2_cached() -> bool:
 
 
 def readme_python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
 
 
 def _mpiexec() -> str:
