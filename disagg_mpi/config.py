@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,6 +23,9 @@ from pydantic import (
 
 from .api import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig
 from .knobs import Knob, field_knobs
+
+if TYPE_CHECKING:
+    from .model.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -303,7 +306,7 @@ def validate_against_model(topo: Topology, num_heads: int, num_kv_heads: int, nu
                               f"the model's {num_layers} layers")
 
 
-def check_model(topo: Topology):
+def check_model(topo: Topology) -> ModelConfig:
     """Read the model's config (no weights) and check the topology against it: every check a rank would
     otherwise hit at start-up, in one process. Returns the ModelConfig; raises ConfigError naming the field.
 
