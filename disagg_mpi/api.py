@@ -278,8 +278,9 @@ class CacheTransceiverConfig:
 
     enable_cache_transceiver: bool = knob(
         False, "build a transceiver on the executor's ranks; required for context and generation executors of "
-        "a disaggregated topology (`true` in the YAML's `cache_transceiver_config`, `false` in the Python "
-        "dataclass)")
+        "a disaggregated topology. YAML: `true` for every executor of a topology with `context_executors`, "
+        "whether or not `cache_transceiver_config` is given (`false` there is refused), and `true` wherever the "
+        "section is given; off in an aggregated executor without the section. Python dataclass: `false`")
     comm_type: CommType | None = knob(  # noqa: RUF009 - knob() is a dataclasses.field
         None, "transport (the YAML's default is `MPI`; unset means MPI); only `MPI` exists in this build "
         "(`UCX`, `NIXL` are refused)", choices=("MPI",))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,6 +23,9 @@ from pydantic import (
 
 from .api import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig
 from .knobs import Knob, field_knobs
+
+if TYPE_CHECKING:
+    from .model.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -133,6 +136,15 @@ class ExecutorSpec(_Strict):
         )
 
 
+def _with_transceiver(ex: Any) -> Any:
+    """An executor entry with its transceiver on when its cache_transceiver_config is missing."""
+    if isinstance(ex, dict) and ex.get("cache_transceiver_config") is None:
+        return {**ex, "cache_transceiver_config": {}}  # the YAML section's defaults: enabled, MPI
+    if isinstance(ex, ExecutorSpec) and ex.cache_transceiver_config is None:
+        return ex.model_copy(update={"cache_transceiver_config": TransceiverSpec()})
+    return ex
+
+
 RouterName = Literal["round_robin", "least_loaded", "kv_aware"]
 
 
@@ -162,6 +174,21 @@ class Topology(_Strict):
     def _router_shorthand(cls, v: Any) -> Any:
         return {"policy": v} if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _transceivers_when_disaggregated(cls, data: Any) -> Any:
+        """A topology with context executors moves KV between executors, so each executor's
+        transceiver is on unless its YAML says otherwise: a missing cache_transceiver_config means
+        `{enable_cache_transceiver: true}` there (it meant "refused" before, with docs promising the
+        default). An aggregated topology needs none and gets none."""
+        if not isinstance(data, dict) or not data.get("context_executors"):
+            return data
+        data = dict(data)
+        for key in ("context_executors", "generation_executors"):
+            if isinstance(data.get(key), list):
+                data[key] = [_with_transceiver(e) for e in data[key]]
+        return data
+
     @model_validator(mode="after")
     def _ranks(self) -> Topology:
         seen: dict[int, str] = {}
@@ -180,9 +207,11 @@ class Topology(_Strict):
                              f"1..{self.world_size - 1}")
         if self.context_executors:
             for name, ex in self._named():
-                if ex.cache_transceiver_config is None:
-                    raise ValueError(f"{name} needs cache_transceiver_config "
-                                     "(enable_cache_transceiver: true) in a disaggregated topology")
+                if not ex.cache_transceiver_config.enable_cache_transceiver:
+                    raise ValueError(
+                        f"{name}.cache_transceiver_config.enable_cache_transceiver is false, but in a "
+                        "disaggregated topology (one with context_executors) every executor moves KV; "
+                        "allowed: true, or leave it out (true is the default there)")
         return self
 
     def _named(self) -> list[tuple[str, ExecutorSpec]]:
@@ -275,3 +304,27 @@ def validate_against_model(topo: Topology, num_heads: int, num_kv_heads: int, nu
         if ex.layer_split is not None and (sum(ex.layer_split) != num_layers or min(ex.layer_split) < 1):
             raise ConfigError(f"{name}.layer_split={ex.layer_split} must be {pp} positive counts summing to "
                               f"the model's {num_layers} layers")
+
+
+def check_model(topo: Topology) -> ModelConfig:
+    """Read the model's config (no weights) and check the topology against it: every check a rank would
+    otherwise hit at start-up, in one process. Returns the ModelConfig; raises ConfigError naming the field.
+
+    `disagg-mpi validate`, `run`, `serve` and launch/mpirun.sh call it before any rank starts, so a
+    topology that cannot run fails with one line instead of a traceback per rank."""
+    from .model.loader import load_model_config
+    from .model.parallel import validate_split
+
+    try:
+        mc = load_model_config(topo.model.path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.path={topo.model.path!r}: {err}") from None
+    validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
+    for name, ex in topo._named():  # the model layer's own checks (MoE widths, GQA groups) as well
+        try:
+            validate_split(mc, ex.tensor_parallel_size, ex.pipeline_parallel_size, ex.layer_split)
+        except ValueError as err:
+            raise ConfigError(f"{name} (tensor_parallel_size={ex.tensor_parallel_size}, "
+                              f"pipeline_parallel_size={ex.pipeline_parallel_size}) does not fit "
+                              f"{topo.model.path!r}: {err}") from None
+    return mc

@@ -90,6 +90,10 @@ def env_overrides(knobs: list[Knob], environ: dict[str, str] | None = None) -> d
     return {k.name: k.parse(environ[k.env]) for k in knobs if k.env and environ.get(k.env, "").strip()}
 
 
+# Where downloaded models go when DISAGG_MPI_CACHE is unset: model/registry.py, the SLURM script
+# `disagg-mpi slurm` renders (slurm.py), launch/slurm.sbatch and the docs all name this one folder.
+DEFAULT_MODEL_CACHE = "~/.cache/disagg_mpi/models"
+
 PROCESS: tuple[Knob, ...] = (
     Knob("cuda_graphs", bool, True, "DISAGG_CUDA_GRAPHS",
          "CUDA graphs and the Triton decode kernels for decode-only steps (off: eager torch)", "GPU only"),
@@ -111,7 +115,7 @@ PROCESS: tuple[Knob, ...] = (
          "scheduler: how long a waiting request whose KV blocks do not fit lets later ones pass it, at most "
          "(see `DISAGG_MAX_BYPASS`)", ge=0),
     Knob("model_cache", str, "", "DISAGG_MPI_CACHE",
-         "folder of downloaded models (empty: ~/.cache/disagg_mpi); keep it on shared storage under SLURM"),
+         f"folder of downloaded models (empty: {DEFAULT_MODEL_CACHE}); keep it on shared storage under SLURM"),
     Knob("api_key", str, "", "DISAGG_API_KEY", "`serve`: the key clients must send (empty: none)"),
     Knob("rankmap", str, "", "DISAGG_MPI_RANKMAP",
          "internal: the folder where `disagg-mpi` learns which rank is which process (set by the CLI)"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Topology
+from .knobs import DEFAULT_MODEL_CACHE
 from .placement import Placement, plan_placement
 
 SrunMpi = str  # "pmi2" | "pmix"
@@ -130,7 +131,7 @@ def render_sbatch(topology: Topology, config_path: str | Path, options: SlurmOpt
     if options.pythonpath:
         out.append(f'export PYTHONPATH={_q(options.pythonpath)}"${{PYTHONPATH:+:$PYTHONPATH}}"')
     # The model cache must be on a filesystem every node sees; an exported value wins.
-    cache = _dq(options.cache_dir) if options.cache_dir else "$HOME/.cache/disagg-mpi"
+    cache = _dq(options.cache_dir) if options.cache_dir else DEFAULT_MODEL_CACHE.replace("~", "$HOME", 1)
     out.append(f'export DISAGG_MPI_CACHE="${{DISAGG_MPI_CACHE:-{cache}}}"')
     # Each rank gets its share of the node's CPUs: torch otherwise starts one thread per core in
     # every rank, and oversubscribed threads slowed a 3-rank CPU job ~15x (srun, 2 CPUs).

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mpi4py import MPI
 
-from .config import Topology, load_topology, validate_against_model
+from .config import Topology, check_model, load_topology
 from .orchestrator.orchestrator import DisaggOrchestrator
 from .runtime.comms import build_comms
 from .runtime.devices import node_name
@@ -64,22 +65,41 @@ def _warn_shared_gpus(topo: Topology, world) -> None:
                         "disaggregation on one GPU; give each executor its own GPU for speed)", executors, g, node)
 
 
+def startup_plan(topo: Topology) -> str:
+    """What the executors do before they report ready, said while rank 0 waits for them."""
+    from .knobs import env_value
+
+    n = len(topo.executors)
+    msg = f"loading {topo.model.path} on {n} executor{'s' if n > 1 else ''} (ranks 1-{topo.world_size - 1})"
+    gpu_gen = [ex.max_batch_size for ex in topo.generation_executors if ex.on_gpu]
+    if gpu_gen and env_value("DISAGG_CUDA_GRAPHS") and env_value("DISAGG_GRAPH_CAPTURE") == "startup":
+        msg += (", then capturing CUDA decode graphs on the GPU generation executors "
+                f"(batch sizes up to {max(gpu_gen)})")
+    return msg
+
+
+def ready_line(topo: Topology, executor: int, device: str, seconds: float) -> str:
+    kind = "context" if topo.is_context(executor) else "generation"
+    ranks = topo.executors[executor].participant_ids
+    return f"executor {executor} ({kind}, ranks {ranks}) ready on {device} after {seconds:.0f} s"
+
+
 def _topology(config: str | Path | Topology) -> Topology:
     return config if isinstance(config, Topology) else load_topology(config)
 
 
 @contextlib.contextmanager
-def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestrator | None]:
-    """Collective over the world: start executors, yield the orchestrator on rank 0."""
-    from .model.loader import load_model_config
+def launch(config: str | Path | Topology, world=None,
+           progress: Callable[[str], None] | None = None) -> Iterator[DisaggOrchestrator | None]:
+    """Collective over the world: start executors, yield the orchestrator on rank 0.
 
+    `progress` (rank 0): called with a line as start-up advances (what loads, each executor ready)."""
     world = world or MPI.COMM_WORLD
     topo = _topology(config)
     from .runtime import rankmap
 
     rankmap.record(world.Get_rank(), rankmap.role_of(topo, world.Get_rank()))
-    mc = load_model_config(topo.model.path)
-    validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
+    check_model(topo)  # the CLI ran it already; a script under mpiexec reaches it here
     comms = build_comms(topo, world)
     configure_threads(world)
     # The key that signs context params: made on rank 0, known to every rank.
@@ -89,12 +109,11 @@ def launch(config: str | Path | Topology, world=None) -> Iterator[DisaggOrchestr
     try:
         if comms.rank == 0:
             orch = DisaggOrchestrator(topo, comms)
+            say = progress or log.info
+            t0 = time.perf_counter()
             try:
-                orch.wait_ready()
-                for ex, dev in sorted(orch.devices.items()):
-                    kind = "context" if topo.is_context(ex) else "generation"
-                    log.info("executor %d (%s) on ranks %s, device %s", ex, kind,
-                             topo.executors[ex].participant_ids, dev)
+                say(startup_plan(topo))
+                orch.wait_ready(on_ready=lambda ex, dev: say(ready_line(topo, ex, dev, time.perf_counter() - t0)))
                 yield orch
             finally:
                 orch.shutdown()

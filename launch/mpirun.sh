@@ -15,11 +15,13 @@ fi
 config=$1; shift
 cmd=${1:-run}; [ $# -gt 0 ] && shift
 python=${PYTHON:-python}
-# Validate first: a bad topology fails here, before any rank starts.
-n=$("$python" -c 'import sys; from disagg_mpi.config import load_topology; print(load_topology(sys.argv[1]).world_size)' "$config")
+# Validate first, in one process: a bad topology, a missing model or a TP / layer_split the model
+# cannot take fails here with one line and exit code 2, before any rank starts. This also fetches
+# the default model once, before N ranks race for it. Its summary line names the world size.
+summary=$("$python" -m disagg_mpi.cli validate --config "$config") || exit $?
+echo "$summary" >&2
+n=$(sed -n 's/^ok: world size \([0-9][0-9]*\) .*/\1/p' <<<"$summary")
 bin=$(dirname "$(command -v "$python")")
 mpiexec=${MPIEXEC:-$( [ -x "$bin/mpiexec" ] && echo "$bin/mpiexec" || command -v mpiexec )}
-# Fetch the default model once, before N ranks race for it.
-"$python" -c 'import sys; from disagg_mpi.config import load_topology; from disagg_mpi.cli import _fetch_if_default; _fetch_if_default(load_topology(sys.argv[1]).model.path)' "$config"
 # `python -m mpi4py` turns an exception on one rank into an abort of the whole job.
 exec "$mpiexec" ${MPIEXEC_FLAGS:-} -n "$n" "$python" -m mpi4py -m disagg_mpi.cli "$cmd" --config "$config" "$@"

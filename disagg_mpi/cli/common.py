@@ -13,7 +13,15 @@ from pathlib import Path
 
 import click
 
-from ..config import ConfigError, load_topology
+from ..config import ConfigError, Topology, check_model, load_topology
+
+EXIT_BAD_CONFIG = 2  # a topology or model that cannot run, refused before any rank starts
+
+
+class BadConfig(click.ClickException):
+    """One clean error on stderr and exit code 2 (`validate`'s code for the same mistakes)."""
+
+    exit_code = EXIT_BAD_CONFIG
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -82,6 +90,9 @@ def relaunch(world_size: int, args: list[str]) -> int:
             msg = watcher.explain(rc)
             if msg:
                 click.echo(msg, err=True)
+            left = rankmap.remove_segments(folder)  # MPI_Abort skips MPI_Finalize, which unlinks them
+            if left:
+                click.echo(f"disagg-mpi: removed the shared memory the job left behind: {' '.join(left)}", err=True)
         return rc
 
 
@@ -90,21 +101,20 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s: %(message)s")
 
 
-def load_topology_or_exit(config: str):
+def load_topology_or_exit(config: str) -> Topology:
     try:
         return load_topology(config)
     except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+        raise BadConfig(str(err)) from None
 
 
-def fetch_if_default(path: str) -> None:
-    from ..model.registry import DEFAULTS, default_model_path
-
-    if path in DEFAULTS:
-        try:
-            default_model_path(path)
-        except RuntimeError as err:
-            raise click.ClickException(str(err)) from None
+def check_model_or_exit(topo: Topology) -> None:
+    """The model-dependent checks (config.check_model) in this one process, before `mpiexec` starts N
+    ranks that would each fail with a traceback; fetches the default model once on first use."""
+    try:
+        check_model(topo)
+    except ConfigError as err:
+        raise BadConfig(str(err)) from None
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .common import fetch_if_default, inside_mpi_job, load_topology_or_exit, relaunch, setup_logging
+from .common import check_model_or_exit, inside_mpi_job, load_topology_or_exit, relaunch, setup_logging
 
 
 @click.command()
@@ -35,7 +35,7 @@ def run(config: str, input_path: str, output_path: str | None, timeout: float | 
     if not Path(input_path).is_file():
         raise click.ClickException(f"input file {input_path!r} does not exist")
     if not inside_mpi_job():
-        fetch_if_default(topo.model.path)
+        check_model_or_exit(topo)
         sys.exit(relaunch(topo.world_size, sys.argv[1:]))
     setup_logging(log_level)
     from mpi4py import MPI

@@ -8,13 +8,18 @@ import sys
 import click
 
 from .common import (
-    fetch_if_default,
+    check_model_or_exit,
     inside_mpi_job,
     load_topology_or_exit,
     relaunch,
     require_extra,
     setup_logging,
 )
+
+
+def _say(msg: str) -> None:
+    """Start-up takes 20-30 s on CPU (more with graphs on GPU): say what is happening meanwhile."""
+    click.echo(f"disagg-mpi serve: {msg}", err=True)
 
 
 @click.command()
@@ -43,7 +48,9 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     if port is not None and not 0 <= port <= 65535:
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():
-        fetch_if_default(topo.model.path)
+        check_model_or_exit(topo)
+        _say(f"starting {topo.world_size} ranks with mpiexec (rank 0: the HTTP server and orchestrator; "
+             f"ranks 1-{topo.world_size - 1}: the executors of {config})")
         sys.exit(relaunch(topo.world_size, sys.argv[1:]))
     setup_logging(log_level)
     from mpi4py import MPI
@@ -67,7 +74,7 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     from ..spmd import launch
 
     s = topo.server
-    with launch(topo) as orch:
+    with launch(topo, progress=_say) as orch:
         if orch is not None and signals.requested() is not None:  # asked before the handlers were in
             click.echo("disagg-mpi: asked to stop during start-up; not serving", err=True)
         elif orch is not None:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from ..config import ConfigError, Topology, load_topology
+from ..config import ConfigError, Topology, check_model, load_topology
 from ..placement import default_gpus_per_node, plan_placement
 from ..slurm import options_from_environment, render_sbatch
-
-EXIT_BAD_CONFIG = 2
+from .common import EXIT_BAD_CONFIG
 
 
 def summary_line(topology: Topology) -> str:
@@ -52,17 +51,17 @@ def validate(config: str, world_size: int | None) -> None:
     """Check a topology without starting anything.
 
     Prints a one-line summary (world size, every executor's TP/PP and ranks).
-    Exits 2 with the reason on a bad config, on a model we do not support (its
-    architecture, options or checkpoint tensor names, read without loading
-    weights), or when --world-size differs from the world size the topology needs.
+    Exits 2 with the reason on a bad config; on a model that is missing or that we do
+    not support (its architecture, options or checkpoint tensor names, read without
+    loading weights); on a TP, PP or layer_split the model cannot take (TP must divide
+    its heads, layer_split must add up to its layers); or when --world-size differs
+    from the world size the topology needs. `run` and `serve` make the same checks.
     """
-    from ..model.loader import load_model_config
-
     topology = _load(config)
     try:
-        load_model_config(topology.model.path)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(f"model.path={topology.model.path!r}: {err}")
+        check_model(topology)
+    except ConfigError as err:
+        _fail(str(err))
     if world_size is not None and world_size != topology.world_size:
         _fail(f"{config} needs a world size of {topology.world_size} (rank 0 plus "
               f"{topology.world_size - 1} executor ranks) but the job has {world_size}; "

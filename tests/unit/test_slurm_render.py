@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _gpu_topology() -> dict:
-    """9 ranks: TP=4 context on GPUs 0-3, TP=4 generation on GPUs 4-7 (node-local ids)."""
-    return {"context_executors": [{"participant_ids": [1, 2, 3, 4], "device_ids": [0, 1, 2, 3],
+    """9 ranks: TP=4 context on GPUs 0-3, TP=4 generation on GPUs 4-7 (node-local ids), of a model
+    TP=4 can split (Llama-3.1-8B's shapes: 32 heads, 8 KV heads; SmolLM2's 9 heads cannot)."""
+    return {"model": {"path": "random:llama-3.1-8b"},
+            "context_executors": [{"participant_ids": [1, 2, 3, 4], "device_ids": [0, 1, 2, 3],
                                    "tensor_parallel_size": 4, "cache_transceiver_config": TC}],
             "generation_executors": [{"participant_ids": [5, 6, 7, 8], "device_ids": [4, 5, 6, 7],
                                       "tensor_parallel_size": 4, "cache_transceiver_config": TC}]}
@@ -102,7 +104,7 @@ def test_default_cache_and_no_venv() -> None:
     topo = parse_topology(_gpu_topology())
     text = render_sbatch(topo, "t.yaml", SlurmOptions(gpus_per_node=8, python="/usr/bin/python3"))
     assert "source " not in text and "PYTHONPATH" not in text
-    assert 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg-mpi}"' in text
+    assert 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg_mpi/models}"' in text
     assert "/usr/bin/python3 -m mpi4py -m disagg_mpi.cli run --config t.yaml" in _launch_line(text)
 
 
@@ -195,3 +197,32 @@ def test_slurm_command_defaults_and_errors(tmp_path: Path) -> None:
 def test_help_texts() -> None:
     assert "Render a SLURM batch script" in CliRunner().invoke(slurm, ["--help"]).output
     assert "without starting anything" in CliRunner().invoke(validate, ["--help"]).output
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model": {"path": "smollm2"}}, "does not divide the model's 9 attention heads"),  # TP=4, 9 heads
+    ({"generation_executors": [{"participant_ids": [5, 6, 7, 8], "pipeline_parallel_size": 4,
+                                "layer_split": [8, 8, 8, 4]}]}, "summing to the model's 32 layers"),
+    ({"model": {"path": "/no/such/model.gguf"}}, "model.path='/no/such/model.gguf'"),
+])
+def test_validate_refuses_what_the_model_cannot_run(tmp_path: Path, change: dict, needle: str) -> None:
+    """Model-dependent mistakes fail in validate (one line, exit 2), not after srun on every rank."""
+    data = {**_gpu_topology(), **change}
+    data["generation_executors"][0].setdefault("cache_transceiver_config", TC)
+    res = CliRunner().invoke(validate, ["--config", str(_write(tmp_path, data))])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and res.output.startswith("error: ") and "Traceback" not in res.output
+
+
+def test_one_model_cache_folder_everywhere(monkeypatch) -> None:
+    """The runtime, the rendered script, the template and the docs name the same default folder."""
+    from disagg_mpi.model.registry import cache_dir
+
+    monkeypatch.delenv("DISAGG_MPI_CACHE", raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "disagg_mpi" / "models"
+    line = 'export DISAGG_MPI_CACHE="${DISAGG_MPI_CACHE:-$HOME/.cache/disagg_mpi/models}"'
+    assert line in render_sbatch(parse_topology(_gpu_topology()), "t.yaml", SlurmOptions(gpus_per_node=8))
+    assert line in (REPO / "launch" / "slurm.sbatch").read_text()
+    for doc in ("README.md", "docs/transfer.md"):
+        text = (REPO / doc).read_text()
+        assert "~/.cache/disagg_mpi/models" in text and "disagg-mpi}" not in text, doc
