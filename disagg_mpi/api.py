@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,16 @@ class FinishReason(str, enum.Enum):
 
 
 DISAGG_NOT_ENABLED = "Disaggregated serving is not enabled, please check the configuration"
+
+
+def as_int(value: Any) -> int | None:
+    """A Python int from an integer-like value (int, numpy or torch integer); None for bool, float, str."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class RequestError(ValueError):

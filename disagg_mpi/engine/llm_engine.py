@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import operator
 import random
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from ..api import (
     Response,
     Result,
     SamplingConfig,
+    as_int,
 )
 from ..knobs import env_value
 from ..transfer.cache_state import CacheState
@@ -47,14 +47,7 @@ from .step_isolation import retry_alone
 log = logging.getLogger(__name__)
 
 
-def _as_int(value: Any) -> int | None:
-    """A Python int from an integer-like value (int, numpy or torch integer), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+_as_int = as_int
 
 
 def _param_of(err: Exception) -> str | None:

@@ -18,7 +18,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from ..api import ContextPhaseParams, Request, RequestError, RequestType, SamplingConfig
+from ..api import ContextPhaseParams, Request, RequestError, RequestType, SamplingConfig, as_int
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
 
@@ -38,14 +38,7 @@ def model_limits(model_path: str) -> ModelLimits:
     return ModelLimits(mc.vocab_size, mc.max_position_embeddings)
 
 
-def _int(v: Any) -> int | None:
-    """A Python int from an integer-like value (numpy / torch integers too); None for bool, float, str."""
-    if isinstance(v, bool):
-        return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        return None
+_int = as_int
 
 
 def _utf8(s: str) -> bool:
