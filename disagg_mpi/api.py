@@ -120,6 +120,52 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
+
+
+@dataclass
+class OutputConfig:
+    """What a result carries besides the tokens (TensorRT-LLM's name and field).
+
+    `return_log_probs`: each output token's log-probability, with `Request.num_logprobs` top
+    alternatives. The values are the model's log-softmax over the vocabulary **before** any penalty,
+    logit bias, min_tokens mask or temperature (vLLM's "raw" logprobs), so they do not depend on how
+    the token was sampled.
+    """
+
+    return_log_probs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One output token's log-probability and its `num_logprobs` most likely alternatives
+    (the sampled token is among them only if it is that likely), best first."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+    def to_wire(self) -> list:
+        return [self.logprob, list(self.top_ids), list(self.top_logprobs)]
+
+    @classmethod
+    def from_wire(cls, w: Any) -> TokenLogprobs:
+        lp, ids, lps = w
+        return cls(float(lp), tuple(int(i) for i in ids), tuple(float(v) for v in lps))
+
+    def top(self, k: int) -> TokenLogprobs:
+        """Only the best `k` alternatives."""
+        return TokenLogprobs(self.logprob, self.top_ids[:k], self.top_logprobs[:k])
+
+
+def logprobs_to_wire(lps: list[TokenLogprobs] | None) -> list | None:
+    return None if lps is None else [t.to_wire() for t in lps]
+
+
+def logprobs_from_wire(w: Any) -> list[TokenLogprobs] | None:
+    return None if w is None else [TokenLogprobs.from_wire(t) for t in w]
+
+
 @dataclass
 class ContextPhaseParams:
     """What a context-only request hands to its generation-only twin.
@@ -156,6 +202,15 @@ class Request:
     # output, ends it before the first stop string and cancels the request (disagg_mpi/stops.py).
     stop_words: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # vLLM's name: keep the stop string in the text
+    output_config: OutputConfig = field(default_factory=OutputConfig)
+    # With output_config.return_log_probs: how many top alternatives each token's logprobs list
+    # (0 to MAX_LOGPROBS; 0 = the sampled token's logprob alone).
+    num_logprobs: int = 0
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """Top alternatives per token when logprobs are asked, else None."""
+        return self.num_logprobs if self.output_config.return_log_probs else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,6 +235,8 @@ class Request:
             client_id=d.get("client_id"),
             stop_words=list(d.get("stop_words") or []),
             include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
+            output_config=OutputConfig(**(d.get("output_config") or {})),
+            num_logprobs=d.get("num_logprobs", 0),
         )
 
 
@@ -223,6 +280,8 @@ class Result:
     finish_reason: str | None = None
     context_phase_params: ContextPhaseParams | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # One per output token (same order) when the request asked (OutputConfig.return_log_probs), else None.
+    log_probs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -245,7 +304,11 @@ class Response:
     def to_dict(self) -> dict[str, Any]:
         r = None
         if self.result is not None:
-            r = asdict(self.result)
+            res = self.result
+            r = {"output_token_ids": res.output_token_ids, "is_final": res.is_final,
+                 "finish_reason": res.finish_reason}
+            if res.log_probs is not None:  # (absent when not asked: responses stay as small as before)
+                r["log_probs"] = logprobs_to_wire(res.log_probs)
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
@@ -260,7 +323,7 @@ class Response:
             cpp = r.get("context_phase_params")
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
                             ContextPhaseParams.from_dict(cpp) if cpp else None,
-                            RequestMetrics.from_dict(r.get("metrics")))
+                            RequestMetrics.from_dict(r.get("metrics")), logprobs_from_wire(r.get("log_probs")))
         return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"))
 
 

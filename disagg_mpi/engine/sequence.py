@@ -150,6 +150,10 @@ class Sequence:
     # scheduler leaves their blocks allocated at finish; the caller frees them.
     keep_blocks: bool = False
     full_max_tokens: int = 0  # context-only (max_tokens 1 here): the client's max_tokens, for its answer
+    # Logprobs (OutputConfig.return_log_probs): top alternatives per token, logprobs.NOT_ASKED = none;
+    # `logprobs[i]` belongs to output_ids[i] (the generation side gets the first one in the hand-off).
+    num_logprobs: int = -1
+    logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs]
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
