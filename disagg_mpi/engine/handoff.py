@@ -34,7 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..api import CacheTransceiverConfig, ContextPhaseParams, Request, RequestError, RequestMetrics, TokenLogprobs
+from ..api import (
+    CacheTransceiverConfig,
+    ContextPhaseParams,
+    Request,
+    RequestError,
+    RequestMetrics,
+    TokenLogprobs,
+)
 from ..protocol import Claim, Release
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, prompt_digest

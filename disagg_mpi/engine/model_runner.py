@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..api import TokenLogprobs
 from ..model import triton_kernels
 from ..model.context import AttentionMetadata, forward_context
 from .cuda_graphs import (
@@ -26,7 +27,6 @@ from .cuda_graphs import (
     packed_len,
     unpack_views,
 )
-from ..api import TokenLogprobs
 from .logprobs import token_logprobs
 from .overlap import is_predicted, overlap_enabled
 from .sampler import sample

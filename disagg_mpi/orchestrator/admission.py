@@ -18,7 +18,15 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from ..api import MAX_LOGPROBS, ContextPhaseParams, OutputConfig, Request, RequestError, RequestType, SamplingConfig
+from ..api import (
+    MAX_LOGPROBS,
+    ContextPhaseParams,
+    OutputConfig,
+    Request,
+    RequestError,
+    RequestType,
+    SamplingConfig,
+)
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
 

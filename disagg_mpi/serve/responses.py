@@ -7,9 +7,8 @@ request side is `protocol.py`.
 from __future__ import annotations
 
 import base64
-from typing import Any
-
 from collections.abc import Sequence
+from typing import Any
 
 from ..api import Response, TokenLogprobs
 from .protocol import CONTEXT_ONLY, ParsedRequest

@@ -122,3 +122,35 @@ def test_engine_refuses_too_many_logprobs(checkpoint):
     [resp] = ex.generate([Request([5, 9], 3, **asks(21))])
     assert resp.has_error() and "num_logprobs=21" in resp.error_msg and resp.error_param == "num_logprobs"
     ex.shutdown()
+
+
+# ---- the hand-off: the first token's logprobs travel signed --------------------------------------------
+
+
+def test_first_logprobs_travel_signed_and_are_cut_to_the_request():
+    from disagg_mpi.api import RequestError
+    from disagg_mpi.engine.handoff import _first_logprobs
+    from disagg_mpi.engine.sequence import Sequence
+    from disagg_mpi.transfer.cache_state import CacheState
+    from disagg_mpi.transfer.opaque import OpaqueState, OpaqueStateError
+
+    key = b"k" * 32
+    first = TokenLogprobs(-0.75, (9, 4, 1), (-0.5, -0.75, -3.0))
+    s = OpaqueState(0, (1,), 7, (3,), 4, CacheState.create(2, 2, 16, 4, "float32"), first_tokens=(4,),
+                    first_logprobs=(first,))
+    back = OpaqueState.decode(s.encode(key), key)
+    assert back == s and back.first_logprobs == (first,)
+    seq = Sequence(1, [1, 2, 3, 4], 5)
+    seq.num_logprobs = 2
+    assert _first_logprobs(seq, back) == [first.top(2)]
+    seq.num_logprobs = NOT_ASKED
+    assert _first_logprobs(seq, back) == []
+    seq.num_logprobs = 5  # more than the context phase computed: refused, naming the field
+    with pytest.raises(RequestError, match="num_logprobs=5") as info:
+        _first_logprobs(seq, back)
+    assert info.value.param == "num_logprobs"
+    blob = bytearray(s.encode(key))  # the values are signed: altering one is refused
+    at = bytes(blob).find(b"\xcb")  # (the first float64 in the payload)
+    blob[at + 3] ^= 1
+    with pytest.raises(OpaqueStateError):
+        OpaqueState.decode(bytes(blob), key)
