@@ -354,6 +354,7 @@ _HTTP_PARAMS = {
     "context_phase_params.req_id": "disaggregated_params.ctx_request_id",
     "context_phase_params.first_gen_tokens": "disaggregated_params.first_gen_tokens",
     "context_phase_params.opaque_state": "disaggregated_params.opaque_state",
+    "num_logprobs": "logprobs", "output_config": "logprobs",
 }
 
 

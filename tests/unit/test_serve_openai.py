@@ -370,3 +370,24 @@ def test_bad_logprobs_are_400_naming_the_field(agg):
         with pytest.raises(openai.BadRequestError) as info:
             call()
         assert info.value.body["param"] == param
+
+
+def test_context_only_then_generation_only_carries_the_first_logprobs(clients):
+    """A client that runs the two phases itself: the first token's logprobs come back in both answers,
+    the generation side's from the signed hand-off state, equal to one aggregated request's."""
+    client = clients["disagg"]
+    whole = complete(clients["agg"], PROMPTS[4], logprobs=3, max_tokens=8).choices[0]
+    ctx = complete(client, PROMPTS[4], logprobs=3, max_tokens=8,
+                   extra_body={"ignore_eos": True, "disaggregated_params": {"request_type": "context_only"}})
+    dp = ctx.choices[0].model_extra["disaggregated_params"]
+    assert close(ctx.choices[0].logprobs.token_logprobs, whole.logprobs.token_logprobs[:1])
+    gen = {"request_type": "generation_only", "first_gen_tokens": dp["first_gen_tokens"],
+           "ctx_request_id": dp["ctx_request_id"], "opaque_state": dp["opaque_state"]}
+    with pytest.raises(openai.BadRequestError) as info:  # more alternatives than the context phase computed
+        complete(client, PROMPTS[4], logprobs=4, max_tokens=8, extra_body={"ignore_eos": True,
+                                                                          "disaggregated_params": gen})
+    assert info.value.body["param"] == "logprobs"
+    c = complete(client, PROMPTS[4], logprobs=3, max_tokens=8,
+                 extra_body={"ignore_eos": True, "disaggregated_params": gen}).choices[0]
+    assert ids_of(c) == ids_of(whole) and close(c.logprobs.token_logprobs, whole.logprobs.token_logprobs)
+    assert [list(t) for t in c.logprobs.top_logprobs] == [list(t) for t in whole.logprobs.top_logprobs]
