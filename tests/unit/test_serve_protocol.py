@@ -168,6 +168,8 @@ def test_incremental_decoder_holds_partial_characters():
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from disagg_mpi.orchestrator.admission import check_logprobs
+
 _any_json = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=15)
@@ -175,7 +177,7 @@ _field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature
                                 "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
                                 "disaggregated_params", "logprobs", "user", "bogus", "stop",
                                 "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "logit_bias", "min_tokens", "min_p"])
+                                "repetition_penalty", "logit_bias", "min_tokens", "min_p", "top_logprobs", "echo"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -192,6 +194,7 @@ def test_any_body_parses_or_gets_a_4xx(body, chat):
     for r in p.requests:  # what the edge let through, the engine's own checks accept
         r.sampling_config.validate()
         assert r.sampling_config.min_tokens <= r.max_tokens
+        check_logprobs(r)
 
 
 def test_penalties_bias_stop_fields_reach_the_request():
