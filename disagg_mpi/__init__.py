@@ -6,11 +6,13 @@ from .api import (
     ContextPhaseParams,
     ExecutorConfig,
     KvCacheConfig,
+    OutputConfig,
     Request,
     RequestType,
     Response,
     Result,
     SamplingConfig,
+    TokenLogprobs,
 )
 
 __all__ = [
@@ -21,11 +23,13 @@ __all__ = [
     "Executor",
     "ExecutorConfig",
     "KvCacheConfig",
+    "OutputConfig",
     "Request",
     "RequestType",
     "Response",
     "Result",
     "SamplingConfig",
+    "TokenLogprobs",
     "launch",
 ]
 

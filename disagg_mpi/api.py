@@ -6,26 +6,20 @@ the same here; everything is a plain dataclass so it can cross MPI as msgpack.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .knobs import env_overrides, field_knobs, knob
+# The configuration records live in their own module; the API is one import.
+from .executor_config import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig  # noqa: F401
 
 
 class RequestType(enum.IntEnum):
     REQUEST_TYPE_CONTEXT_AND_GENERATION = 0
     REQUEST_TYPE_CONTEXT_ONLY = 1
     REQUEST_TYPE_GENERATION_ONLY = 2
-
-
-class CommType(enum.Enum):
-    MPI = "MPI"
-    UCX = "UCX"
-    NIXL = "NIXL"
 
 
 class FinishReason(str, enum.Enum):
@@ -131,6 +125,52 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
+
+
+@dataclass
+class OutputConfig:
+    """What a result carries besides the tokens (TensorRT-LLM's name and field).
+
+    `return_log_probs`: each output token's log-probability, with `Request.num_logprobs` top
+    alternatives. The values are the model's log-softmax over the vocabulary **before** any penalty,
+    logit bias, min_tokens mask or temperature (vLLM's "raw" logprobs), so they do not depend on how
+    the token was sampled.
+    """
+
+    return_log_probs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One output token's log-probability and its `num_logprobs` most likely alternatives
+    (the sampled token is among them only if it is that likely), best first."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+    def to_wire(self) -> list:
+        return [self.logprob, list(self.top_ids), list(self.top_logprobs)]
+
+    @classmethod
+    def from_wire(cls, w: Any) -> TokenLogprobs:
+        lp, ids, lps = w
+        return cls(float(lp), tuple(int(i) for i in ids), tuple(float(v) for v in lps))
+
+    def top(self, k: int) -> TokenLogprobs:
+        """Only the best `k` alternatives."""
+        return TokenLogprobs(self.logprob, self.top_ids[:k], self.top_logprobs[:k])
+
+
+def logprobs_to_wire(lps: list[TokenLogprobs] | None) -> list | None:
+    return None if lps is None else [t.to_wire() for t in lps]
+
+
+def logprobs_from_wire(w: Any) -> list[TokenLogprobs] | None:
+    return None if w is None else [TokenLogprobs.from_wire(t) for t in w]
+
+
 @dataclass
 class ContextPhaseParams:
     """What a context-only request hands to its generation-only twin.
@@ -167,6 +207,15 @@ class Request:
     # output, ends it before the first stop string and cancels the request (disagg_mpi/stops.py).
     stop_words: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # vLLM's name: keep the stop string in the text
+    output_config: OutputConfig = field(default_factory=OutputConfig)
+    # With output_config.return_log_probs: how many top alternatives each token's logprobs list
+    # (0 to MAX_LOGPROBS; 0 = the sampled token's logprob alone).
+    num_logprobs: int = 0
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """Top alternatives per token when logprobs are asked, else None."""
+        return self.num_logprobs if self.output_config.return_log_probs else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -191,6 +240,8 @@ class Request:
             client_id=d.get("client_id"),
             stop_words=list(d.get("stop_words") or []),
             include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
+            output_config=OutputConfig(**(d.get("output_config") or {})),
+            num_logprobs=d.get("num_logprobs", 0),
         )
 
 
@@ -234,6 +285,8 @@ class Result:
     finish_reason: str | None = None
     context_phase_params: ContextPhaseParams | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # One per output token (same order) when the request asked (OutputConfig.return_log_probs), else None.
+    log_probs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -259,7 +312,11 @@ class Response:
     def to_dict(self) -> dict[str, Any]:
         r = None
         if self.result is not None:
-            r = asdict(self.result)
+            res = self.result
+            r = {"output_token_ids": res.output_token_ids, "is_final": res.is_final,
+                 "finish_reason": res.finish_reason}
+            if res.log_probs is not None:  # (absent when not asked: responses stay as small as before)
+                r["log_probs"] = logprobs_to_wire(res.log_probs)
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
@@ -277,100 +334,6 @@ class Response:
             cpp = r.get("context_phase_params")
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
                             ContextPhaseParams.from_dict(cpp) if cpp else None,
-                            RequestMetrics.from_dict(r.get("metrics")))
+                            RequestMetrics.from_dict(r.get("metrics")), logprobs_from_wire(r.get("log_probs")))
         return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"),
                    d.get("retry_after"))
-
-
-@dataclass
-class CacheTransceiverConfig:
-    """KV transfer settings: each field is a knob (`knobs.py`), documented once here; the YAML schema,
-    the environment overrides and the table in docs/transfer.md are derived from these fields."""
-
-    enable_cache_transceiver: bool = knob(
-        False, "build a transceiver on the executor's ranks; required for context and generation executors of "
-        "a disaggregated topology. YAML: `true` for every executor of a topology with `context_executors`, "
-        "whether or not `cache_transceiver_config` is given (`false` there is refused), and `true` wherever the "
-        "section is given; off in an aggregated executor without the section. Python dataclass: `false`")
-    comm_type: CommType | None = knob(  # noqa: RUF009 - knob() is a dataclasses.field
-        None, "transport (the YAML's default is `MPI`; unset means MPI); only `MPI` exists in this build "
-        "(`UCX`, `NIXL` are refused)", choices=("MPI",))
-    max_num_tokens: int | None = knob(
-        None, "the transfer buffer in tokens (TensorRT-LLM's form): when set, `buffer_bytes` = max_num_tokens x "
-        "this rank's KV bytes per token", ge=1)
-    parallel_send: bool = knob(
-        True, "serve several pulls at once (up to `send_concurrency`); off: one at a time, in arrival order",
-        env="DISAGG_PARALLEL_SEND")
-    send_concurrency: int = knob(
-        4, "pulls a context rank sends at once when `parallel_send` is on", env="DISAGG_SEND_CONCURRENCY", ge=1)
-    parallel_receive: bool = knob(
-        True, "a generation rank pulls from all its context ranks at once; off: one plan item after the other",
-        env="DISAGG_PARALLEL_RECEIVE")
-    overlap: bool = knob(
-        True, "the generation executor keeps stepping its other requests while a transfer runs; off: it waits "
-        "for the transfer", env="DISAGG_OVERLAP")
-    zero_copy: bool = knob(
-        True, "send/receive blocks straight from/into the pools when the layouts match (and skip one side's "
-        "copy when that side's slice is whole); off: always pack and scatter", env="DISAGG_ZERO_COPY")
-    buffer_bytes: int = knob(
-        32 << 20, "bound on the chunk buffers of one transfer (two chunks in flight share it); also the longest "
-        "zero-copy message", env="DISAGG_BUFFER_BYTES", ge=4096)
-    async_buffer: bool = knob(
-        False, "`false`: device chunk buffers are allocated once and reused by every later transfer; `true`: "
-        "each transfer allocates its chunk buffers on the transceiver's side stream through the stream-ordered "
-        "(caching) allocator and returns them when it ends", env="DISAGG_ASYNC_BUFFER", where="GPU only")
-    lease_seconds: float = knob(
-        120.0, "context blocks nobody claims are freed after this", env="DISAGG_LEASE_SECONDS", gt=0)
-    max_held_fraction: float = knob(
-        0.5, "context executor: the share of its KV blocks that contexts held for clients who send the "
-        "generation phase themselves (HTTP `context_only`) may use at once, such requests queued or running "
-        "included; a new one beyond it is refused (HTTP 429 with `Retry-After`: when the soonest such hold's "
-        "lease ends), so orphaned holds can never starve other requests; 1: only the pool bounds them",
-        env="DISAGG_MAX_HELD_FRACTION", gt=0, le=1)
-    keep_seconds: float = knob(
-        0.25, "context executor whose pools generation ranks may map (CUDA IPC, and a generation executor has "
-        "a rank on its node): after a context's first token, none of its blocks is reused for this long, even "
-        "once released; the signed params carry that time, so a same-node one-sided IPC pull that landed "
-        "before it is used at once instead of waiting for the claim's answer. Released blocks stay allocated "
-        "until then; 0: off, every pull waits for the answer; at most min(60, `lease_seconds`)",
-        env="DISAGG_KEEP_SECONDS", where="GPU with CUDA IPC", ge=0)
-    timeout_seconds: float = knob(
-        60.0, "a transfer not finished this long after the claim fails its generation request with a clear "
-        "error (or ends it cancelled); both sides free the request's blocks", env="DISAGG_TRANSFER_TIMEOUT", gt=0)
-    backend: str = knob(
-        "auto", "CUDA pools only: `ipc` (CUDA IPC device-to-device pulls between ranks of one node), `staged` "
-        "(pinned host buffers over any MPI), `cuda_aware_mpi` (device buffers straight to MPI; refused with the "
-        "reason unless `MPIX_Query_cuda_support()` says yes); `auto` = IPC on one node, else staged",
-        env="DISAGG_KV_BACKEND", where="GPU only", choices=("auto", "ipc", "staged", "cuda_aware_mpi"))
-    shared_staging: bool = knob(
-        True, "staged transfers between ranks of one node go through a ring of shared, page-locked slots "
-        "(`DISAGG_RING_SLOTS` of `buffer_bytes` / slots each, a file in /dev/shm) that both GPUs' streams "
-        "synchronise on; off, or when /dev/shm cannot hold a ring: the bytes go through MPI",
-        env="DISAGG_SHARED_STAGING", where="GPU only")
-
-    def with_env_overrides(self) -> CacheTransceiverConfig:
-        """This config with every knob whose environment variable is set replaced by its value."""
-        return dataclasses.replace(self, **env_overrides(field_knobs(CacheTransceiverConfig)))
-
-    def check_available(self) -> None:
-        if self.enable_cache_transceiver and self.comm_type not in (None, CommType.MPI):
-            raise RequestError(
-                f"cache transceiver comm_type {self.comm_type.value} is not available in this build; "
-                "use MPI")
-
-
-@dataclass
-class KvCacheConfig:
-    block_size: int = 16
-    num_blocks: int = 512
-    enable_prefix_reuse: bool = False
-
-
-@dataclass
-class ExecutorConfig:
-    max_batch_size: int = 8
-    max_num_tokens: int = 2048
-    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
-    cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
-    dtype: str = "float32"
-    device: str = "cpu"

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from .api import Request, Response, SamplingConfig
+from .api import MAX_LOGPROBS, OutputConfig, Request, Response, SamplingConfig
 from .stops import check_stop_strings
 
 
@@ -52,6 +52,8 @@ class InputLine(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None  # stop strings (Request.stop_words), applied on rank 0
     include_stop_str_in_output: bool = False
+    # top alternatives per output token: the output line gets `logprobs` (see output_line)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("stop")
     @classmethod
@@ -80,7 +82,7 @@ def _pydantic_message(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
                    "top_k, top_p, min_p, seed, presence_penalty, frequency_penalty, repetition_penalty, "
-                   "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream")
+                   "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream, logprobs")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -119,7 +121,8 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
     req = Request(ids, line.max_tokens, sc,
                   streaming=line.stream, stop_token_ids=line.stop_token_ids, ignore_eos=line.ignore_eos,
                   client_id=line.id, stop_words=list(line.stop or []),
-                  include_stop_str_in_output=line.include_stop_str_in_output)
+                  include_stop_str_in_output=line.include_stop_str_in_output,
+                  output_config=OutputConfig(return_log_probs=line.logprobs is not None), num_logprobs=line.logprobs or 0)
     return line.id, req
 
 
@@ -131,8 +134,12 @@ def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str 
         reason = r.finish_reason or "length"
         if text is None:
             text = tokenizer.decode(r.output_token_ids)
-        return {"id": line_id, "output_ids": r.output_token_ids, "text": text,
-                "finish_reason": reason, "error": None, "metrics": _round(r.metrics.to_dict())}
+        out = {"id": line_id, "output_ids": r.output_token_ids, "text": text,
+               "finish_reason": reason, "error": None, "metrics": _round(r.metrics.to_dict())}
+        if r.log_probs is not None:  # per output token: its logprob and the top [id, logprob] pairs
+            out["logprobs"] = [{"logprob": lp.logprob, "top": [[i, v] for i, v in zip(lp.top_ids, lp.top_logprobs)]}
+                               for lp in r.log_probs]
+        return out
     msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
     metrics = _round(resp.result.metrics.to_dict()) if resp is not None and resp.result is not None else {}
     return {"id": line_id, "output_ids": [], "text": "", "finish_reason": "error", "error": msg,

@@ -15,9 +15,9 @@ the text; `ChoiceOutput` follows one request's responses with it, and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from .api import Request, RequestMetrics, Response, Result
+from .api import Request, RequestMetrics, Response, Result, TokenLogprobs
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -106,6 +106,9 @@ class StopTracker:
         self.tok = tokenizer
         self.matcher = StopMatcher(stops, include)
         self.ids: list[int] = []
+        # The text each token added to the output, before stop strings ("" while it ends in half a
+        # character: the token completing it gets the whole character): logprobs' token strings.
+        self.pieces: list[str] = []
         self.prefix_offset = 0  # the window's context starts here ...
         self.read_offset = 0  # ... and its text up to here was already passed on
 
@@ -133,6 +136,7 @@ class StopTracker:
                 break
             self.ids.append(int(t))
             delta = self._delta()
+            self.pieces.append(delta or "")
             if delta:
                 out.append(self.matcher.feed(delta))
         return "".join(out)
@@ -149,6 +153,15 @@ class StopTracker:
         return rest + ("" if self.stopped else self.matcher.flush())
 
 
+class Taken(NamedTuple):
+    """What one response adds to a choice, stop strings applied."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprobs] | None  # of `tokens`, where the request asked
+    pieces: list[str]  # the text of each of `tokens` (StopTracker.pieces)
+
+
 class ChoiceOutput:
     """Feeds one request's responses through a `StopTracker`; keeps the text sent so far."""
 
@@ -156,6 +169,8 @@ class ChoiceOutput:
         self.tracker = StopTracker(tokenizer, request.stop_words, request.include_stop_str_in_output)
         self.seen = 0  # tokens received in non-final responses (a final one holds every token)
         self.text = ""
+        # the kept tokens' logprobs (those past a stop string are dropped with their tokens), if asked
+        self.logprobs: list[TokenLogprobs] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -166,10 +181,12 @@ class ChoiceOutput:
         """Output tokens up to the one that completed a stop string (all of them otherwise)."""
         return list(self.tracker.ids)
 
-    def take(self, resp: Response) -> tuple[str, list[int]]:
-        """The new text and the new tokens of `resp`, stop strings applied."""
+    def take(self, resp: Response) -> Taken:
+        """The new text, tokens, logprobs and token texts of `resp`, stop strings applied."""
         tokens = list(resp.result.output_token_ids) if resp.result is not None else []
-        new = tokens[self.seen:] if resp.is_final else tokens
+        lps = resp.result.log_probs if resp.result is not None else None
+        start = self.seen if resp.is_final else 0
+        new = tokens[start:]
         if not resp.is_final:
             self.seen += len(tokens)
         before = self.tracker.num_tokens
@@ -178,7 +195,11 @@ class ChoiceOutput:
         if resp.is_final:
             text += self.tracker.finish()
         self.text += text
-        return text, used
+        new_lps = None
+        if lps is not None:
+            new_lps = list(lps[start:start + len(used)])
+            self.logprobs = (self.logprobs or []) + new_lps
+        return Taken(text, used, new_lps, self.tracker.pieces[before:before + len(used)])
 
     def final_response(self, resp: Response) -> Response:
         """`resp` (final) with the tokens and finish reason the client sees."""
@@ -186,7 +207,8 @@ class ChoiceOutput:
             return resp
         r = resp.result
         return Response(resp.request_id, Result(self.tokens, True, "stop",
-                                                r.context_phase_params if r else None, r.metrics if r else RequestMetrics()),
+                                                r.context_phase_params if r else None, r.metrics if r else RequestMetrics(),
+                                                self.logprobs if r and r.log_probs is not None else None),
                         None, resp.client_id)
 
 

@@ -20,7 +20,7 @@ from ..api import ExecutorConfig, Request, RequestError, Response
 from ..model.loader import load_model
 from ..transfer.cache_state import CacheState
 from .llm_engine import LLMEngine
-from .model_runner import ModelRunner, StepPlan
+from .model_runner import ModelRunner, Sampled, StepPlan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,7 +31,7 @@ class _LocalGroup:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def run_step(self, plan: StepPlan) -> list[int]:
+    def run_step(self, plan: StepPlan) -> Sampled:
         return self.runner.execute(plan)
 
     @property
@@ -133,15 +133,20 @@ class Executor:
         """
         ids = self.enqueue_requests(requests)
         tokens: dict[int, list[int]] = {i: [] for i in ids}
+        lps: dict[int, list] = {i: [] for i in ids}  # and their logprobs, where asked
         final: dict[int, Response] = {}
         while len(final) < len(ids):
             for r in self.await_responses():
                 if r.result is not None:
                     if requests[ids.index(r.request_id)].streaming:
                         tokens[r.request_id].extend(r.result.output_token_ids)
+                        lps[r.request_id].extend(r.result.log_probs or [])
                     else:
                         tokens[r.request_id] = list(r.result.output_token_ids)
+                        lps[r.request_id] = list(r.result.log_probs or [])
                     r.result.output_token_ids = list(tokens[r.request_id])
+                    if r.result.log_probs is not None:
+                        r.result.log_probs = list(lps[r.request_id])
                 if r.is_final:
                     final[r.request_id] = r
         return [final[i] for i in ids]

@@ -34,7 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..api import CacheTransceiverConfig, ContextPhaseParams, Request, RequestError, RequestMetrics
+from ..api import (
+    CacheTransceiverConfig,
+    ContextPhaseParams,
+    Request,
+    RequestError,
+    RequestMetrics,
+    TokenLogprobs,
+)
 from ..protocol import Claim, Release
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, prompt_digest
@@ -179,6 +186,7 @@ class Handoff:
         check_handoff(cpp, opaque, seq.prompt_ids)
         self._check_generation(seq, opaque)
         seq.output_ids = [int(opaque.first_tokens[0])]
+        seq.logprobs = _first_logprobs(seq, opaque)
         seq.num_computed_tokens = len(seq.prompt_ids)
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
@@ -324,7 +332,7 @@ class Handoff:
         self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
         opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                              tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
-                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids))
+                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids), tuple(seq.logprobs))
         return ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
 
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
@@ -372,3 +380,18 @@ class Handoff:
                             rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
                 self.release_context(rid)
 
+
+
+def _first_logprobs(seq: Sequence, opaque: OpaqueState) -> list[TokenLogprobs]:
+    """The first token's logprobs as the context phase computed them (signed), cut to the alternatives
+    this request asks for; refused if it asks for more than the context phase computed."""
+    k = seq.num_logprobs
+    if k < 0:
+        return []
+    if not opaque.first_logprobs or len(opaque.first_logprobs[0].top_ids) < k:
+        have = len(opaque.first_logprobs[0].top_ids) if opaque.first_logprobs else None
+        raise RequestError(f"num_logprobs={k}: the context phase computed "
+                           + ("no logprobs" if have is None else f"{have} alternatives") + " for the first token; "
+                           "send its context-only request with the same output_config and num_logprobs",
+                           "num_logprobs")
+    return [opaque.first_logprobs[0].top(k)]

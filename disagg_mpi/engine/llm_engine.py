@@ -20,9 +20,11 @@ from typing import Any, Protocol
 
 from ..api import (
     DISAGG_NOT_ENABLED,
+    MAX_LOGPROBS,
     ContextPhaseParams,
     ExecutorConfig,
     FinishReason,
+    OutputConfig,
     Request,
     RequestError,
     RequestMetrics,
@@ -38,6 +40,7 @@ from ..transfer.opaque import OpaqueState, OpaqueStateError
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
 from .handoff import Handoff
+from .logprobs import NOT_ASKED
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
@@ -50,6 +53,27 @@ log = logging.getLogger(__name__)
 _as_int = as_int
 
 
+def _logprobs_k(r: Request) -> int:
+    """The request's top-alternatives count, or NOT_ASKED; RequestError unless in [0, MAX_LOGPROBS]."""
+    oc = r.output_config
+    if not isinstance(oc, OutputConfig) or not isinstance(oc.return_log_probs, bool):
+        raise RequestError("output_config must be an OutputConfig with return_log_probs true or false",
+                           "output_config")
+    if not oc.return_log_probs:
+        return NOT_ASKED
+    k = _as_int(r.num_logprobs)
+    if k is None or not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(f"num_logprobs={r.num_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]",
+                           "num_logprobs")
+    return k
+
+
+def _logprobs_plan(seqs: list[Sequence]) -> list[int]:
+    """StepPlan.logprobs: each row's k, or [] when no row asks (nothing is computed then)."""
+    ks = [s.num_logprobs for s in seqs]
+    return ks if any(k != NOT_ASKED for k in ks) else []
+
+
 def _param_of(err: Exception) -> str | None:
     """The request field a refusal is about (shown to HTTP clients as the error's `param`)."""
     if isinstance(err, OpaqueStateError):
@@ -60,7 +84,7 @@ def _param_of(err: Exception) -> str | None:
 class ExecutorGroup(Protocol):
     """The ranks that run one executor's model, seen from its leader."""
 
-    def run_step(self, plan: StepPlan) -> list[int]: ...
+    def run_step(self, plan: StepPlan) -> Any: ...  # model_runner.Sampled
 
     def start_pull(self, req_id: int, opaque: OpaqueState, blocks: list[int]) -> None: ...
 
@@ -176,6 +200,7 @@ class LLMEngine:
         max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
         seq = Sequence(req_id, ids, max_tokens, self._sampling_params(sc, seed, stop_ids, full_max_tokens),
                        set(stop_ids), self.eos, r.ignore_eos)
+        seq.num_logprobs = _logprobs_k(r)
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
@@ -247,10 +272,16 @@ class LLMEngine:
                         [by_id[r].sample_key() for r in inputs.sample_req_ids],
                         histories=[by_id[r].all_ids if by_id[r].sampling.needs_history else None
                                    for r in inputs.sample_req_ids],
+                        logprobs=_logprobs_plan([by_id[r] for r in inputs.sample_req_ids]),
                         next_inputs=self._predict_next(step, inputs, sampling) if predict else None)
         if plan.next_inputs is not None:
             self._predicted = plan.next_inputs.sample_req_ids
-        return dict(zip(inputs.sample_req_ids, self.group.run_step(plan), strict=True))
+        out = self.group.run_step(plan)
+        if out.logprobs is not None:  # kept beside the tokens that scheduler.update appends next
+            for rid, lp in zip(inputs.sample_req_ids, out.logprobs, strict=True):
+                if lp is not None:
+                    by_id[rid].logprobs.append(lp)
+        return dict(zip(inputs.sample_req_ids, out.tokens, strict=True))
 
     def _predict_next(self, step, inputs, sampling) -> Any:
         """The next step's inputs when it can only be these sequences one position further
@@ -259,6 +290,8 @@ class LLMEngine:
             return None
         if len(sampling) != len(step.items) or not all(s.plain_greedy for s in sampling):
             return None
+        if any(seq.num_logprobs != NOT_ASKED for seq, _ in step.items):
+            return None   # the step ahead would overwrite the graph's logits before they are read
         if any(len(seq.output_ids) + 1 >= seq.max_tokens for seq, _ in step.items):
             return None   # one finishes by length now: the next step is smaller
         if not is_decode_only(inputs):
@@ -295,9 +328,11 @@ class LLMEngine:
             meta.metrics.executor = self.executor_id
             meta.metrics.num_prompt_tokens = len(seq.prompt_ids)
             self._meta.pop(seq.req_id)
+        start = meta.num_streamed if meta.streaming else 0  # `tokens` is output_ids[start:start + len]
+        lps = seq.logprobs[start:start + len(tokens)] if seq.num_logprobs != NOT_ASKED else None
         if meta.streaming:
             meta.num_streamed += len(tokens)
-        result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics())
+        result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics(), lps)
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
     def _error(self, req_id: int, message: str, param: str | None = None, retry_after: float | None = None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..api import TokenLogprobs
 from ..model import triton_kernels
 from ..model.context import AttentionMetadata, forward_context
 from .cuda_graphs import (
@@ -26,6 +27,7 @@ from .cuda_graphs import (
     packed_len,
     unpack_views,
 )
+from .logprobs import token_logprobs
 from .overlap import is_predicted, overlap_enabled
 from .sampler import sample
 from .scheduler import StepInputs
@@ -41,18 +43,37 @@ class StepPlan:
     keys: list[tuple[int, int]]  # (seed, output position) per sampled seq
     # prompt + output ids per sampled seq whose params need them (penalties), else None
     histories: list[list[int] | None] = field(default_factory=list)
+    # Per sampled seq: how many top alternatives its logprobs list (logprobs.NOT_ASKED: none);
+    # empty when no row asks, so a step without logprobs sends and computes nothing more.
+    logprobs: list[int] = field(default_factory=list)
     # The predicted next decode step, to launch behind this one (overlap.py); leader only,
     # not sent to other ranks (overlap runs on one-rank executors).
     next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": asdict(self.inputs), "sampling": [s.to_wire() for s in self.sampling],
-                "keys": self.keys, "histories": self.histories}
+                "keys": self.keys, "histories": self.histories, "logprobs": self.logprobs}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
         return cls(StepInputs(**d["inputs"]), [SamplingParams.from_wire(w) for w in d["sampling"]],
-                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []))
+                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []), list(d.get("logprobs") or []))
+
+
+@dataclass
+class Sampled:
+    """What a step gives its leader: a token per sampled seq and, where the plan asked, its logprobs."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None  # None: no row asked
+
+
+def sample_step(logits: torch.Tensor, plan: StepPlan) -> Sampled:
+    """Sample the plan's rows from the model's `logits`; logprobs (of these unadjusted logits) for the
+    rows that asked."""
+    tokens = sample(logits, plan.sampling, plan.keys, plan.histories)
+    lps = token_logprobs(logits, tokens, plan.logprobs) if plan.logprobs else None
+    return Sampled(tokens, lps)
 
 
 @dataclass
@@ -155,19 +176,19 @@ class ModelRunner:
         self.overlap_stats["dropped"] += 1
         return None
 
-    def _execute_graph(self, plan: StepPlan, launch: Launch | None) -> list[int]:
+    def _execute_graph(self, plan: StepPlan, launch: Launch | None) -> Sampled:
         """A decode step from CUDA graphs (one rank: it is the leader and the sampler)."""
         inp = plan.inputs
         if launch is None:
             launch = self.graphs.launch(inp)
         if not inp.sample_indices:
-            return []
+            return Sampled([])
         params = plan.sampling
         logits, greedy = launch.logits, launch.tokens
         if list(inp.sample_indices) != list(range(launch.b)):
             rows = self._tensor(inp.sample_indices)
             logits, greedy = logits[rows], greedy[rows]
-        elif len(params) == launch.b and all(p.plain_greedy for p in params):
+        elif len(params) == launch.b and all(p.plain_greedy for p in params) and not plan.logprobs:
             nxt = plan.next_inputs
             queued = None
             if (self.chains_decode and nxt is not None and len(nxt.input_ids) == launch.b
@@ -177,10 +198,10 @@ class ModelRunner:
             tokens = launch.wait()   # argmax ran inside the graph: the one host sync
             if queued is not None:
                 self._chained = (nxt, queued, tokens)
-            return tokens
-        if len(params) == len(greedy) and all(p.plain_greedy for p in params):
-            return greedy.tolist()
-        return sample(logits, params, plan.keys, plan.histories)
+            return Sampled(tokens)
+        if len(params) == len(greedy) and all(p.plain_greedy for p in params) and not plan.logprobs:
+            return Sampled(greedy.tolist())
+        return sample_step(logits, plan)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -212,8 +233,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int] | None:
-        """Run the step; the leader gets the sampled tokens, other ranks None."""
+    def execute(self, plan: StepPlan) -> Sampled | None:
+        """Run the step; the leader gets the sampled tokens (and logprobs), other ranks None."""
         par = self.par
         inp = plan.inputs
         n = len(inp.input_ids)
@@ -243,9 +264,9 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
-            tokens = sample(logits, plan.sampling, plan.keys, plan.histories)
+            tokens = sample_step(logits, plan)
         else:
-            tokens = [] if par.is_sampler else None
+            tokens = Sampled([]) if par.is_sampler else None
         if par.pp_size > 1:  # the last stage hands the tokens back to the leader
             if par.is_sampler and not par.is_leader:
                 par.comm.send(tokens, dest=0, tag=_TOKENS_TAG)

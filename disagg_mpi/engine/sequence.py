@@ -154,6 +154,10 @@ class Sequence:
     # counts against `max_held_fraction` (handoff.py).
     held_for_client: bool = False
     bypassed: int = 0  # waiting: times a later request was admitted before it (scheduler.may_pass)
+    # Logprobs (OutputConfig.return_log_probs): top alternatives per token, logprobs.NOT_ASKED = none;
+    # `logprobs[i]` belongs to output_ids[i] (the generation side gets the first one in the hand-off).
+    num_logprobs: int = -1
+    logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs]
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

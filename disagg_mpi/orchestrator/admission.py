@@ -18,7 +18,16 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from ..api import ContextPhaseParams, Request, RequestError, RequestType, SamplingConfig, as_int
+from ..api import (
+    MAX_LOGPROBS,
+    ContextPhaseParams,
+    OutputConfig,
+    Request,
+    RequestError,
+    RequestType,
+    SamplingConfig,
+    as_int,
+)
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
 
@@ -127,6 +136,7 @@ def check_request(r: Any, limits: ModelLimits, generation_only: bool | None = No
         raise RequestError(f"{name}={_shown(getattr(r, name))} must be true or false", name)
     if r.client_id is not None and (not isinstance(r.client_id, str) or not _utf8(r.client_id)):
         raise RequestError(f"client_id={_shown(r.client_id)} must be a string of valid UTF-8 or None", "client_id")
+    check_logprobs(r)
     if generation_only is None:
         generation_only = r.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
     if generation_only:
@@ -151,3 +161,14 @@ def admitted(r: Request, limits: ModelLimits, generation_only: bool | None = Non
                             stop_token_ids=[operator.index(t) for t in (r.stop_token_ids or [])],
                             context_phase_params=cpp)
     return r
+
+
+def check_logprobs(r: Request) -> None:
+    """OutputConfig.return_log_probs a bool; num_logprobs an integer in [0, MAX_LOGPROBS]."""
+    oc = r.output_config
+    if not isinstance(oc, OutputConfig) or not isinstance(oc.return_log_probs, bool):
+        raise RequestError(f"output_config={_shown(oc)} must be an OutputConfig with return_log_probs true or "
+                           "false", "output_config")
+    k = r.num_logprobs
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(f"num_logprobs={_shown(k)} must be an integer in [0, {MAX_LOGPROBS}]", "num_logprobs")

@@ -215,6 +215,8 @@ class DisaggOrchestrator:
                 self._out.append((gid, self.tracks.finalize(gid, resp)))
             else:
                 t.streamed.extend(resp.result.output_token_ids)
+                if resp.result.log_probs:
+                    t.streamed_logprobs.extend(resp.result.log_probs)
                 self._out.append((gid, resp))
 
     def _on_context_answer(self, gid: int, t: Track, resp: Response) -> None:

@@ -11,7 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ..api import Request, RequestMetrics, Response, Result
+from ..api import Request, RequestMetrics, Response, Result, TokenLogprobs
 
 CONTEXT, GENERATION = "context", "generation"
 
@@ -35,6 +35,7 @@ class Track:
     t_first: float | None = None
     cancelled: bool = False
     streamed: list[int] = field(default_factory=list)  # tokens already passed on to a streaming caller
+    streamed_logprobs: list[TokenLogprobs] = field(default_factory=list)  # theirs, when asked
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
@@ -95,10 +96,13 @@ class Tracks:
         now = time.perf_counter()
         m = t.metrics
         if resp.result is not None:
-            tokens = t.streamed + list(resp.result.output_token_ids) if t.request.streaming else list(
-                resp.result.output_token_ids)
-            m.merge(resp.result.metrics, skip=("executor",))
-            resp = Response(gid, Result(tokens, True, resp.result.finish_reason, None, m), None, resp.client_id)
+            r = resp.result
+            tokens = t.streamed + list(r.output_token_ids) if t.request.streaming else list(r.output_token_ids)
+            lps = r.log_probs
+            if lps is not None and t.request.streaming:
+                lps = t.streamed_logprobs + list(lps)
+            m.merge(r.metrics, skip=("executor",))
+            resp = Response(gid, Result(tokens, True, r.finish_reason, None, m, lps), None, resp.client_id)
         else:
             resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param, resp.retry_after)
         first = t.t_first if t.t_first is not None else now

@@ -18,7 +18,7 @@ import torch
 from .. import protocol as P
 from ..config import Topology
 from ..engine.llm_engine import LLMEngine
-from ..engine.model_runner import ModelRunner, ParallelInfo, StepPlan
+from ..engine.model_runner import ModelRunner, ParallelInfo, Sampled, StepPlan
 from ..knobs import env_value
 from ..model.loader import load_model
 from ..model.parallel import ShardSpec
@@ -48,7 +48,7 @@ class MpiGroup:
         self._done: list[tuple[int, int, float]] = []
         self._t0: dict[int, float] = {}
 
-    def run_step(self, plan: StepPlan) -> list[int]:
+    def run_step(self, plan: StepPlan) -> Sampled:
         msg = P.Step(plan)
         for m in self.members:
             send(self.comms.ctl, msg, m, wait=True)

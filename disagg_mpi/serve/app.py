@@ -38,7 +38,7 @@ from .protocol import (
     parse_completion,
     parse_json_body,
 )
-from .responses import full_body
+from .responses import full_body, logprobs_body
 from .streaming import stream_choices
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,10 @@ def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], o
         else:
             state.metrics.outcome("ok")
             state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
-    return _json(full_body(p, [(r, o.text) for r, o in zip(finals, outs)]))
+    lps = [logprobs_body(p.kind, state.tok, r.result.output_token_ids, r.result.log_probs,
+                         o.tracker.pieces[:len(r.result.output_token_ids)], req.num_logprobs)
+           if r.result.log_probs is not None else None for r, o, req in zip(finals, outs, p.requests)]
+    return _json(full_body(p, [(r, o.text) for r, o in zip(finals, outs)], lps))
 
 
 async def models(request: web.Request) -> web.Response:

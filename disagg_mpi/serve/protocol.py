@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import ContextPhaseParams, Request, RequestError, SamplingConfig
+from ..api import ContextPhaseParams, OutputConfig, Request, RequestError, SamplingConfig
 from ..orchestrator.admission import ModelLimits, check_request
 from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
-from .sampling_fields import extras, stop_fields
+from .sampling_fields import extras, logprob_fields, stop_fields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -103,10 +103,6 @@ def _check_defaults(body: dict[str, Any]) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1 and best_of != body.get("n"):
         raise bad(f"best_of={best_of!r} is not supported: leave it out (or equal to n)", "best_of")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad("logprobs are not supported: send logprobs null or false", "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise bad("top_logprobs is not supported", "top_logprobs")
     if body.get("echo") not in (None, False, True):
         raise bad(f"echo={body.get('echo')!r} must be true or false", "echo")
     if body.get("suffix") not in (None, ""):
@@ -266,9 +262,11 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
         raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
     mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
     stop_words, include_stop = stop_fields(body)
+    k = logprob_fields(body, kind)
     reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                    stop_words=list(stop_words), include_stop_str_in_output=include_stop)
+                    stop_words=list(stop_words), include_stop_str_in_output=include_stop,
+                    output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0)
             for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
@@ -356,6 +354,7 @@ _HTTP_PARAMS = {
     "context_phase_params.req_id": "disaggregated_params.ctx_request_id",
     "context_phase_params.first_gen_tokens": "disaggregated_params.first_gen_tokens",
     "context_phase_params.opaque_state": "disaggregated_params.opaque_state",
+    "num_logprobs": "logprobs", "output_config": "logprobs",
 }
 
 

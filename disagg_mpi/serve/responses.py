@@ -7,9 +7,10 @@ request side is `protocol.py`.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
-from ..api import Response
+from ..api import Response, TokenLogprobs
 from .protocol import CONTEXT_ONLY, ParsedRequest
 
 
@@ -37,20 +38,51 @@ def disagg_params_out(resp: Response) -> dict[str, Any]:
             "ctx_request_id": cpp.req_id, "opaque_state": base64.b64encode(cpp.opaque_state).decode()}
 
 
-def _choice(p: ParsedRequest, index: int, resp: Response, text: str) -> dict[str, Any]:
+def logprobs_body(kind: str, tokenizer: Any, tokens: Sequence[int], lps: Sequence[TokenLogprobs],
+                  pieces: Sequence[str], k: int, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's `logprobs` of `tokens`: completions' {tokens, token_logprobs, top_logprobs, text_offset}
+    (the k best as {token: logprob}, null for k = 0) or chat's {content: [{token, logprob, bytes,
+    top_logprobs}]}. `pieces[i]`: the text token i added to the output (its token string, so the
+    strings add up to the text); `offset`: where the first one starts in the choice's text."""
+    def name(tid: int, i: int) -> str:  # an alternative's string; the sampled token's is its piece
+        return pieces[i] if tid == tokens[i] else tokenizer.decode([tid])
+
+    lps = [lp.top(k) for lp in lps]
+    if kind == "completion":
+        offsets = []
+        for s in pieces:
+            offsets.append(offset)
+            offset += len(s)
+        top = [{name(t, i): v for t, v in zip(lp.top_ids, lp.top_logprobs)} for i, lp in enumerate(lps)] if k else None
+        return {"tokens": list(pieces), "token_logprobs": [lp.logprob for lp in lps], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def entry(s: str, v: float) -> dict[str, Any]:
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**entry(pieces[i], lp.logprob),
+                         "top_logprobs": [entry(name(t, i), v) for t, v in zip(lp.top_ids, lp.top_logprobs)]}
+                        for i, lp in enumerate(lps)], "refusal": None}
+
+
+def _choice(p: ParsedRequest, index: int, resp: Response, text: str, logprobs: dict | None = None) -> dict[str, Any]:
     r = resp.result
     tokens = list(r.output_token_ids)
     reason = finish_reason(r.finish_reason)
     if p.kind == "completion":
         echo = p.echo[index] if index < len(p.echo) else ""
-        return {"index": index, "text": echo + text, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": echo + text, "token_ids": tokens, "logprobs": logprobs,
+                "finish_reason": reason}
     return {"index": index, "message": {"role": "assistant", "content": text}, "token_ids": tokens,
-            "logprobs": None, "finish_reason": reason}
+            "logprobs": logprobs, "finish_reason": reason}
 
 
-def full_body(p: ParsedRequest, finals: list[tuple[Response, str]]) -> dict[str, Any]:
-    """The non-streaming body of a finished request: (final response, text) of each choice, in order."""
-    choices = [_choice(p, i, resp, text) for i, (resp, text) in enumerate(finals)]
+def full_body(p: ParsedRequest, finals: list[tuple[Response, str]],
+              logprobs: Sequence[dict | None] | None = None) -> dict[str, Any]:
+    """The non-streaming body of a finished request: (final response, text) of each choice, in order;
+    `logprobs`: each choice's (logprobs_body), where asked."""
+    logprobs = logprobs or [None] * len(finals)
+    choices = [_choice(p, i, resp, text, lp) for i, ((resp, text), lp) in enumerate(zip(finals, logprobs))]
     completion_tokens = sum(len(resp.result.output_token_ids) for resp, _ in finals)
     metrics = finals[0][0].result.metrics
     body: dict[str, Any] = {"id": p.id, "object": "text_completion" if p.kind == "completion" else "chat.completion",
@@ -66,12 +98,12 @@ def full_body(p: ParsedRequest, finals: list[tuple[Response, str]]) -> dict[str,
 
 
 def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | None,
-          first: bool = False, index: int = 0) -> dict[str, Any]:
+          first: bool = False, index: int = 0, logprobs: dict | None = None) -> dict[str, Any]:
     """One streaming chunk (OpenAI format; `token_ids` is an extension)."""
     if p.kind == "completion":
         if first and index < len(p.echo):
             text = p.echo[index] + (text or "")
-        choice: dict[str, Any] = {"index": index, "text": text or "", "token_ids": tokens, "logprobs": None,
+        choice: dict[str, Any] = {"index": index, "text": text or "", "token_ids": tokens, "logprobs": logprobs,
                                   "finish_reason": reason}
         obj = "text_completion"
     else:
@@ -80,7 +112,7 @@ def chunk(p: ParsedRequest, text: str | None, tokens: list[int], reason: str | N
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "token_ids": tokens, "logprobs": logprobs, "finish_reason": reason}
         obj = "chat.completion.chunk"
     return {"id": p.id, "object": obj, "created": p.created, "model": p.model, "choices": [choice]}
 

@@ -1,4 +1,4 @@
-"""The sampling extras of an OpenAI body: penalties, logit_bias, min_tokens, min_p, stop strings.
+"""The sampling extras of an OpenAI body: penalties, logit_bias, min_tokens, min_p, stop strings, logprobs.
 
 Pure functions used by `protocol.py`; each refusal is a 400 naming its field.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..api import MAX_LOGPROBS
 from ..stops import check_stop_strings
 from .errors import bad, is_int, is_num
 
@@ -70,3 +71,29 @@ def stop_fields(body: dict[str, Any]) -> tuple[list[str], bool]:
     if not isinstance(include, bool):
         raise bad(f"include_stop_str_in_output={include!r} must be true or false", "include_stop_str_in_output")
     return stops, include
+
+
+def logprob_fields(body: dict[str, Any], kind: str) -> int | None:
+    """How many top alternatives each token's logprobs list, or None when not asked: completions'
+    `logprobs: k`, chat's `logprobs: true` with `top_logprobs: k` (k in [0, 20])."""
+    if kind == "completion":
+        k = body.get("logprobs")
+        if k is None or k is False:
+            return None
+        if not is_int(k) or not 0 <= k <= MAX_LOGPROBS:
+            raise bad(f"logprobs={k!r} must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token)",
+                      "logprobs")
+        if body.get("echo"):
+            raise bad("echo with logprobs would need the prompt's logprobs, which this server does not compute; "
+                      "send one of them", "echo")
+        return k
+    on, k = body.get("logprobs"), body.get("top_logprobs")
+    if on not in (None, True, False):
+        raise bad(f"logprobs={on!r} must be true or false (top_logprobs says how many alternatives)", "logprobs")
+    if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+        raise bad(f"top_logprobs={k!r} must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
+    if not on:
+        if k:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return k or 0

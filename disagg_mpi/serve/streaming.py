@@ -18,7 +18,7 @@ from aiohttp import web
 from ..api import RequestMetrics, Response
 from ..stops import ChoiceOutput
 from .protocol import ParsedRequest, error_body
-from .responses import chunk, finish_reason, usage_chunk
+from .responses import chunk, finish_reason, logprobs_body, usage_chunk
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,16 @@ class _Choices:
         self.outs = [ChoiceOutput(state.tok, r) for r in p.requests]
         self.first = [True] * len(subs)
         self.cancelled = [False] * len(subs)
+        self.offsets = [0] * len(subs)  # text_offset of each choice's next token (completions)
+
+    def logprobs(self, i: int, tokens: list[int], lps: Any, pieces: list[str]) -> dict[str, Any] | None:
+        """The chunk's `logprobs` for choice i's new tokens (None when not asked)."""
+        if lps is None:
+            return None
+        k = self.p.requests[i].num_logprobs
+        body = logprobs_body(self.p.kind, self.state.tok, tokens, lps, pieces, k, self.offsets[i])
+        self.offsets[i] += sum(len(s) for s in pieces)
+        return body
 
     def cancel_all(self) -> None:
         for gid, _ in self.subs:
@@ -43,18 +53,19 @@ class _Choices:
     async def write(self, out: web.StreamResponse, i: int, resp: Response) -> bool:
         """Write what `resp` brings for choice i; True once the choice is over."""
         o, m = self.outs[i], self.state.metrics
-        text, new = o.take(resp)
+        text, new, lps, pieces = o.take(resp)
         if o.stopped and not resp.is_final and not self.cancelled[i]:
             self.cancelled[i] = True
             self.state.dispatcher.cancel(self.subs[i][0])  # a stop string ended the text: nothing past it goes out
         if not resp.is_final:
             if new or text:
-                await out.write(sse(chunk(self.p, text, new, None, self.first[i], i)))
+                await out.write(sse(chunk(self.p, text, new, None, self.first[i], i,
+                                          self.logprobs(i, new, lps, pieces))))
                 self.first[i] = False
             return False
         resp = o.final_response(resp)
         reason = resp.result.finish_reason if resp.result else "error"
-        last = chunk(self.p, text, new, finish_reason(reason), self.first[i], i)
+        last = chunk(self.p, text, new, finish_reason(reason), self.first[i], i, self.logprobs(i, new, lps, pieces))
         last["metrics"] = resp.result.metrics.to_dict() if resp.result else {}  # extension
         await out.write(sse(last))
         if reason == "cancelled":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from ..api import TokenLogprobs
 from .cache_state import CacheState
 
 
@@ -36,11 +37,16 @@ class OpaqueState:
     # The token(s) the context phase sampled: the generation side decodes on from these and no others
     # (a client's first_gen_tokens must equal them: engine/handoff_check.py).
     first_tokens: tuple[int, ...] = ()
+    # Their logprobs, when the request asked (OutputConfig.return_log_probs): the generation side's
+    # first output carries them, so the disaggregated output equals the aggregated one. Signed like
+    # the rest: a client cannot make the server report values the model did not give.
+    first_logprobs: tuple[TokenLogprobs, ...] = ()
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
                               list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
-                              self.keep_until, self.prompt_digest, list(self.first_tokens)])
+                              self.keep_until, self.prompt_digest, list(self.first_tokens),
+                              [t.to_wire() for t in self.first_logprobs]])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -58,9 +64,9 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs, keep, digest, first = msgpack.unpackb(payload)
+        ex, ranks, rid, blocks, ntok, cs, keep, digest, first, first_lps = msgpack.unpackb(payload)
         return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest,
-                   tuple(first))
+                   tuple(first), tuple(TokenLogprobs.from_wire(t) for t in first_lps))
 
 
 def prompt_digest(token_ids: list[int]) -> bytes:

@@ -1,4 +1,4 @@
-"""Penalties, logit_bias, min_tokens and seeded sampling through pipeline-parallel executors, disaggregated
+"""Penalties, logit_bias, min_tokens, seeded sampling and logprobs through pipeline-parallel executors, disaggregated
 (the last PP stage samples, so the token histories cross ranks in the step plan): equal to one
 aggregated executor in process.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from disagg_mpi import Request, launch
-from disagg_mpi.api import SamplingConfig
+from disagg_mpi.api import OutputConfig, SamplingConfig
 from tests.mpi.helpers import tiny_prompts
 from tests.mpi.test_parallel import _disagg_topology
 
@@ -25,8 +25,10 @@ CONFIGS = [SamplingConfig(frequency_penalty=1.5, presence_penalty=0.5),
 
 def _requests() -> list[Request]:
     prompts = tiny_prompts(4)
-    return [Request(p, max_tokens=9, sampling_config=c, ignore_eos=(c.min_tokens == 0), stop_token_ids=[2])
-            for p in prompts for c in CONFIGS]
+    # logprobs on the first and third configs: computed on the last stage, sent to the leader with the tokens
+    return [Request(p, max_tokens=9, sampling_config=c, ignore_eos=(c.min_tokens == 0), stop_token_ids=[2],
+                    output_config=OutputConfig(return_log_probs=j % 2 == 0), num_logprobs=j + 1)
+            for p in prompts for j, c in enumerate(CONFIGS)]
 
 
 @pytest.mark.world(5)
@@ -37,13 +39,20 @@ def test_penalties_through_pp2_disaggregated_equal_aggregated_in_process():
         outs = orch.generate(_requests(), timeout=600)
         assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
         got = [o.result.output_token_ids for o in outs]
+        got_lps = [o.result.log_probs for o in outs]
         orch.wait_pools_full()
     from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig
 
     ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=96,
                                                 kv_cache_config=KvCacheConfig(4, 512)))
-    want = [r.result.output_token_ids for r in ex.generate(_requests())]
+    wants = ex.generate(_requests())
+    want = [r.result.output_token_ids for r in wants]
     assert got == want
+    for g, w in zip(got_lps, [r.result.log_probs for r in wants]):  # the first token's came in the hand-off
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert len(g) == len(w) and all(a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5
+                                            for a, b in zip(g, w))
     forced = got[3::4]  # logit_bias forces token 2 (a stop token), held back by min_tokens=4
     assert all(g == g[:4] + [2] and 2 not in g[:4] for g in forced), forced
     plain = [r.result.output_token_ids for r in ex.generate(

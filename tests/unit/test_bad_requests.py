@@ -16,6 +16,7 @@ from disagg_mpi.api import (
 from disagg_mpi.engine.executor import Executor
 from disagg_mpi.jobs import LineError, parse_line
 from disagg_mpi.model import load_model, load_tokenizer
+from disagg_mpi.orchestrator.admission import check_logprobs
 
 GOOD = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 12, 13], list(range(20, 60))]
 VOCAB = 1024  # random:tiny
@@ -226,8 +227,11 @@ def test_parse_line_sampling_extras_and_stop(tok):
                                     "min_p": 0.1, "stop": "ab", "include_stop_str_in_output": True}), 1, tok)
     assert req.sampling_config == SamplingConfig(1, 0.0, 0, 1.0, None, 0.1, 1.0, -0.5, 1.2, {7: -100.0, 9: 3.0}, 2)
     assert req.stop_words == ["ab"] and req.include_stop_str_in_output
+    _, req = parse_line(json.dumps({"id": "p", "input_ids": [5], "logprobs": 20}), 1, tok)
+    assert req.logprobs_k == 20
+    assert parse_line(json.dumps({"id": "p", "input_ids": [5]}), 1, tok)[1].logprobs_k is None
     for bad in ({"presence_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {"7": 200}},
-                {"min_tokens": -1}, {"stop": ["a"] * 5}):
+                {"min_tokens": -1}, {"stop": ["a"] * 5}, {"logprobs": 21}, {"logprobs": True}):
         with pytest.raises(LineError, match=next(iter(bad))):
             parse_line(json.dumps({"id": "p", "input_ids": [5], **bad}), 1, tok)
 
@@ -252,7 +256,7 @@ _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 _FIELDS = ["id", "prompt", "messages", "input_ids", "max_tokens", "temperature", "top_k", "top_p", "seed",
            "stop_token_ids", "ignore_eos", "stream", "min_p", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "logit_bias", "min_tokens", "stop", "include_stop_str_in_output"]
+           "repetition_penalty", "logit_bias", "min_tokens", "stop", "include_stop_str_in_output", "logprobs"]
 _field_values = {
     "id": st.text(max_size=10) | _json,
     "prompt": st.text(max_size=30) | _json,
@@ -277,6 +281,7 @@ _field_values = {
     "min_tokens": st.integers(-2, 100) | _json,
     "stop": st.text(max_size=4) | st.lists(st.text(max_size=3), max_size=6) | _json,
     "include_stop_str_in_output": st.booleans() | _json,
+    "logprobs": st.integers(-2, 25) | _json,
 }
 # Mostly objects with the known fields (well-typed or not), some with arbitrary keys.
 _objects = (st.fixed_dictionaries({}, optional=_field_values)
@@ -297,6 +302,7 @@ def test_parse_line_property(tok, obj):
     assert isinstance(obj, dict) and line_id == obj["id"] == req.client_id
     assert isinstance(req.max_tokens, int) and req.max_tokens >= 1
     req.sampling_config.validate()  # what the line let through, the engine's own checks accept
+    check_logprobs(req)
 
 
 @hypothesis.settings(max_examples=200, deadline=None)

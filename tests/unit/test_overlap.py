@@ -82,9 +82,9 @@ def _recording_executor(model, max_batch_size=4):
     run = ex._engine.group.run_step
 
     def record(plan):
-        tokens = run(plan)
-        steps.append((plan, tokens))
-        return tokens
+        out = run(plan)
+        steps.append((plan, out.tokens))
+        return out
 
     ex._engine.group.run_step = record
     return ex, steps

@@ -10,12 +10,14 @@ import pytest
 from disagg_mpi import protocol as P
 from disagg_mpi.api import (
     ContextPhaseParams,
+    OutputConfig,
     Request,
     RequestMetrics,
     RequestType,
     Response,
     Result,
     SamplingConfig,
+    TokenLogprobs,
 )
 from disagg_mpi.engine.model_runner import StepPlan
 
@@ -24,14 +26,16 @@ def _examples() -> list[P.Message]:
     req = Request([5, 6, 7], max_tokens=4, sampling_config=SamplingConfig(temperature=0.7, top_k=3, seed=9),
                   streaming=True, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY,
                   context_phase_params=ContextPhaseParams(3, [11], b"\x00sig"), stop_token_ids=[2],
-                  client_id="c")
+                  client_id="c", output_config=OutputConfig(return_log_probs=True), num_logprobs=2)
+    with_lps = Response(6, Result([3], False, log_probs=[TokenLogprobs(-0.5, (3, 8), (-0.5, -1.25))]))
     resp = Response(4, Result([1, 2], True, "length", ContextPhaseParams(1, [2], b"o"),
                                    RequestMetrics(ttft_ms=1.5, kv_transfer_bytes=64)))
     plan = StepPlan.from_dict(_plan_dict())
     return [
         P.Enqueue([(7, req)]), P.Enqueue([(8, req)], True), P.Cancel(7), P.StatsRequest(), P.Shutdown(),
         P.Ready(1, None, "cpu"), P.Ready(2, "rank 3: boom"),
-        P.Responses(1, [resp, Response(5, None, "bad"), Response(6, None, "full", retry_after=7.0)], 12, 30), P.ExecutorStats(0, {"free_blocks": 3}),
+        P.Responses(1, [resp, Response(5, None, "bad"), with_lps, Response(6, None, "full", retry_after=7.0)], 12,
+                    30), P.ExecutorStats(0, {"free_blocks": 3}),
         P.Claim(4, 9, [1, 2, 3], 1), P.ClaimReply(9, None, 12.5, "node-a"), P.Release(4, None),
         P.Step(plan), P.Pull(9, b"opaque", [4, 5]), P.StopMember(), P.Pulled(9, 4096),
         P.PullAsk(101, [1, 2], [0, 6], [0, 2], True, 4, {"num_layers": 6}, None, "node-a", None),
@@ -46,7 +50,7 @@ def _plan_dict() -> dict:
     from disagg_mpi.engine.sequence import SamplingParams
 
     wire = SamplingParams(temperature=0.5, top_k=3, top_p=0.9, seed=11, presence_penalty=0.5).to_wire()
-    return {"inputs": inputs, "sampling": [list(wire)], "keys": [[11, 0]], "histories": [[5, 6]]}
+    return {"inputs": inputs, "sampling": [list(wire)], "keys": [[11, 0]], "histories": [[5, 6]], "logprobs": [3]}
 
 
 def test_every_record_kind_has_an_example():
@@ -61,7 +65,9 @@ def test_round_trip(msg):
         assert got.items == msg.items and got.client_holds is msg.client_holds
     elif isinstance(msg, P.Responses):
         assert [r.to_dict() for r in got.responses] == [r.to_dict() for r in msg.responses]
-        assert got.responses[2].retry_after == 7.0
+        assert got.responses[2].result.log_probs == msg.responses[2].result.log_probs
+        assert got.responses[0].result.log_probs is None and "log_probs" not in msg.responses[0].to_dict()["result"]
+        assert got.responses[3].retry_after == 7.0
     elif isinstance(msg, P.Step):
         assert got.plan.to_dict() == msg.plan.to_dict()
     else:

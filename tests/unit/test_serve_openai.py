@@ -1,5 +1,5 @@
 """The official `openai` SDK against `disagg-mpi serve`: stop strings, penalties, logit_bias, batched
-prompts and echo, each on an aggregated server (mpiexec -n 2) and a 1 context + 1 generation
+prompts and echo, logprobs, each on an aggregated server (mpiexec -n 2) and a 1 context + 1 generation
 server (mpiexec -n 3) that must answer token for token alike. The model is word_model.py's small
 random Llama whose tokens are words, so its output is text; greedy unless seeded.
 
@@ -142,7 +142,7 @@ def test_tools_and_bad_stop_are_400(agg):
     assert info.value.body["param"] == "tools"
 
 
-def test_run_jsonl_stop_lines(workdir, folder, reference):
+def test_run_jsonl_stop_lines(workdir, folder, reference, clients):
     """`disagg-mpi run` (1 context + 1 generation) ends lines at their stop strings like the server."""
     import json
     import subprocess
@@ -156,7 +156,8 @@ def test_run_jsonl_stop_lines(workdir, folder, reference):
              {"id": "a", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True, "stop": [stop],
               "include_stop_str_in_output": True, "stream": True},
              {"id": "c", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True},
-             {"id": "d", "input_ids": PROMPTS[i], "stop": ["a"] * 5}]
+             {"id": "d", "input_ids": PROMPTS[i], "stop": ["a"] * 5},
+             {"id": "e", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True, "stop": stop, "logprobs": 2}]
     (workdir / "stop.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     proc = subprocess.run([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(workdir / "disagg.yaml"),
                            "--input", str(workdir / "stop.jsonl"), "--output", str(workdir / "stop.out")],
@@ -169,6 +170,11 @@ def test_run_jsonl_stop_lines(workdir, folder, reference):
     assert out[0]["output_ids"] == out[1]["output_ids"] == reference[i][1][: len(out[0]["output_ids"])]
     assert (out[2]["text"], out[2]["output_ids"]) == reference[i]
     assert out[3]["finish_reason"] == "error" and "at most 4" in out[3]["error"]
+    # logprobs: one per kept token (cut at the stop too), as the aggregated server gives them
+    want = complete(clients["agg"], PROMPTS[i], logprobs=2).choices[0].logprobs
+    assert out[4]["output_ids"] == out[0]["output_ids"] and len(out[4]["logprobs"]) == len(out[0]["output_ids"])
+    assert close([x["logprob"] for x in out[4]["logprobs"]], want.token_logprobs[: len(out[4]["logprobs"])])
+    assert all(len(x["top"]) == 2 for x in out[4]["logprobs"])
 
 
 # ---- penalties, logit_bias, min_tokens, top_k, min_p ----------------------------------------------------
@@ -268,3 +274,120 @@ def test_suffix_refused(agg):
     with pytest.raises(openai.BadRequestError) as info:
         agg.completions.create(model=MODEL, prompt="w1", suffix="w2")
     assert info.value.body["param"] == "suffix"
+
+
+# ---- logprobs ---------------------------------------------------------------------------------------------
+
+
+def close(a, b, tol=1e-5) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def check_offsets(c) -> None:
+    """The token strings add up to the text, each at its text_offset."""
+    lp = c.logprobs
+    assert "".join(lp.tokens) == c.text
+    assert all(c.text[o:o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens))
+
+
+def test_completion_logprobs_match_transformers_and_agg_equals_disagg(clients, folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    got = {}
+    for mode, client in clients.items():
+        greedy = by_index(complete(client, PROMPTS[:2], logprobs=5).choices)
+        sampled = complete(client, PROMPTS[2], logprobs=20, temperature=1.1, seed=5, frequency_penalty=1.0).choices[0]
+        for c in (*greedy, sampled):
+            assert len(c.logprobs.token_logprobs) == len(ids_of(c)) == 30
+            check_offsets(c)
+        got[mode] = (*greedy, sampled)
+    for a, d in zip(got["agg"], got["disagg"]):
+        assert ids_of(a) == ids_of(d) and a.logprobs.tokens == d.logprobs.tokens
+        assert close(a.logprobs.token_logprobs, d.logprobs.token_logprobs)  # the first token's too
+        assert [list(x) for x in a.logprobs.top_logprobs] == [list(x) for x in d.logprobs.top_logprobs]
+        assert all(close(list(x.values()), list(y.values())) for x, y in zip(a.logprobs.top_logprobs,
+                                                                              d.logprobs.top_logprobs))
+    assert all(len(t) == 20 for t in got["agg"][2].logprobs.top_logprobs)
+    # against transformers' log-softmax (fp32), teacher-forced over the greedy and the sampled outputs
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for prompt, c in zip([PROMPTS[0], PROMPTS[1], PROMPTS[2]], got["disagg"]):
+        ids = torch.tensor([prompt + ids_of(c)])
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+        want = [ref[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids_of(c))]
+        assert close(c.logprobs.token_logprobs, want, 2e-3)
+
+
+def test_streamed_logprobs_equal_the_whole_ones(clients):
+    whole = complete(clients["agg"], PROMPTS[3], logprobs=3).choices[0]
+    for mode, client in clients.items():
+        chunks = [c.choices[0] for c in complete(client, PROMPTS[3], logprobs=3, stream=True) if c.choices]
+        lps = [c.logprobs for c in chunks if c.logprobs is not None]
+        assert sum(len(lp.tokens) for lp in lps) == 30, mode
+        assert [t for lp in lps for t in lp.tokens] == whole.logprobs.tokens
+        assert [o for lp in lps for o in lp.text_offset] == whole.logprobs.text_offset
+        assert close([v for lp in lps for v in lp.token_logprobs], whole.logprobs.token_logprobs)
+
+
+def test_chat_logprobs_both_modes_streamed_too(clients):
+    msgs = [{"role": "user", "content": "w3 w4 w5"}]
+    kw = {"model": MODEL, "messages": msgs, "max_completion_tokens": 12, "logprobs": True, "top_logprobs": 4,
+          "extra_body": {"ignore_eos": True}}
+    ref = clients["agg"].chat.completions.create(**kw).choices[0]
+    content = ref.logprobs.content
+    assert len(content) == 12 and "".join(e.token for e in content) == ref.message.content
+    assert all(e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 4 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)  # greedy: the best one
+    for mode, client in clients.items():
+        c = client.chat.completions.create(**kw).choices[0]
+        streamed = [e for ch in client.chat.completions.create(**kw, stream=True) if ch.choices
+                    and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+        for got in (c.logprobs.content, streamed):
+            assert [e.token for e in got] == [e.token for e in content], mode
+            assert close([e.logprob for e in got], [e.logprob for e in content])
+            assert [[t.token for t in e.top_logprobs] for e in got] == [[t.token for t in e.top_logprobs]
+                                                                         for e in content]
+
+
+def test_a_stop_string_cuts_the_logprobs_too(clients, reference):
+    i, stop = stop_case(reference)
+    whole = complete(clients["agg"], PROMPTS[i], logprobs=2).choices[0]
+    for mode, client in clients.items():
+        c = complete(client, PROMPTS[i], logprobs=2, stop=stop).choices[0]
+        n = len(ids_of(c))
+        assert c.finish_reason == "stop" and n < 30 and len(c.logprobs.token_logprobs) == n, mode
+        assert close(c.logprobs.token_logprobs, whole.logprobs.token_logprobs[:n])
+        chunks = [x.choices[0] for x in complete(client, PROMPTS[i], logprobs=2, stop=stop, stream=True) if x.choices]
+        assert sum(len(x.logprobs.tokens) for x in chunks if x.logprobs) == n
+
+
+def test_bad_logprobs_are_400_naming_the_field(agg):
+    for call, param in [(lambda: complete(agg, PROMPTS[0], logprobs=21), "logprobs"),
+                        (lambda: complete(agg, "w1 w2", logprobs=1, echo=True), "echo"),
+                        (lambda: agg.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                             logprobs=True, top_logprobs=21), "top_logprobs")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.body["param"] == param
+
+
+def test_context_only_then_generation_only_carries_the_first_logprobs(clients):
+    """A client that runs the two phases itself: the first token's logprobs come back in both answers,
+    the generation side's from the signed hand-off state, equal to one aggregated request's."""
+    client = clients["disagg"]
+    whole = complete(clients["agg"], PROMPTS[4], logprobs=3, max_tokens=8).choices[0]
+    ctx = complete(client, PROMPTS[4], logprobs=3, max_tokens=8,
+                   extra_body={"ignore_eos": True, "disaggregated_params": {"request_type": "context_only"}})
+    dp = ctx.choices[0].model_extra["disaggregated_params"]
+    assert close(ctx.choices[0].logprobs.token_logprobs, whole.logprobs.token_logprobs[:1])
+    gen = {"request_type": "generation_only", "first_gen_tokens": dp["first_gen_tokens"],
+           "ctx_request_id": dp["ctx_request_id"], "opaque_state": dp["opaque_state"]}
+    with pytest.raises(openai.BadRequestError) as info:  # more alternatives than the context phase computed
+        complete(client, PROMPTS[4], logprobs=4, max_tokens=8, extra_body={"ignore_eos": True,
+                                                                          "disaggregated_params": gen})
+    assert info.value.body["param"] == "logprobs"
+    c = complete(client, PROMPTS[4], logprobs=3, max_tokens=8,
+                 extra_body={"ignore_eos": True, "disaggregated_params": gen}).choices[0]
+    assert ids_of(c) == ids_of(whole) and close(c.logprobs.token_logprobs, whole.logprobs.token_logprobs)
+    assert [list(t) for t in c.logprobs.top_logprobs] == [list(t) for t in whole.logprobs.top_logprobs]

@@ -77,7 +77,9 @@ def test_completion_text_ids_and_params():
     ({"prompt": "x", "seed": -2}, "seed"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "logprobs": 2, "echo": True}, "echo"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "stop": 3}, "stop"),
     ({"prompt": "x", "stop": "a", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
@@ -166,6 +168,8 @@ def test_incremental_decoder_holds_partial_characters():
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from disagg_mpi.orchestrator.admission import check_logprobs
+
 _any_json = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=15)
@@ -173,7 +177,7 @@ _field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature
                                 "stream", "stream_options", "n", "model", "stop_token_ids", "ignore_eos",
                                 "disaggregated_params", "logprobs", "user", "bogus", "stop",
                                 "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "logit_bias", "min_tokens", "min_p"])
+                                "repetition_penalty", "logit_bias", "min_tokens", "min_p", "top_logprobs", "echo"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -190,6 +194,7 @@ def test_any_body_parses_or_gets_a_4xx(body, chat):
     for r in p.requests:  # what the edge let through, the engine's own checks accept
         r.sampling_config.validate()
         assert r.sampling_config.min_tokens <= r.max_tokens
+        check_logprobs(r)
 
 
 def test_penalties_bias_stop_fields_reach_the_request():
@@ -242,3 +247,42 @@ def test_batched_prompts_n_and_echo():
     body = full_body(p, [(Response(i, Result([9], True, "length")), "z") for i in range(6)])
     assert [c["index"] for c in body["choices"]] == list(range(6))
     assert body["choices"][3]["text"] == "cz" and body["usage"]["completion_tokens"] == 6
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+def test_logprobs_fields_become_the_request_output_config():
+    r = parse_completion({"prompt": "x", "logprobs": 3}, TOK, NAMES, 1024).request
+    assert r.output_config.return_log_probs and r.num_logprobs == 3
+    assert parse_completion({"prompt": "x", "logprobs": 0}, TOK, NAMES, 1024).request.logprobs_k == 0
+    assert parse_completion({"prompt": "x"}, TOK, NAMES, 1024).request.logprobs_k is None
+    assert parse_chat({**CHAT, "logprobs": True, "top_logprobs": 20}, TOK, NAMES).request.logprobs_k == 20
+    assert parse_chat({**CHAT, "logprobs": True}, TOK, NAMES).request.logprobs_k == 0
+    assert parse_chat({**CHAT, "logprobs": False}, TOK, NAMES).request.logprobs_k is None
+
+
+@pytest.mark.parametrize("extra,param", [({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+                                         ({"top_logprobs": 2}, "top_logprobs"),
+                                         ({"logprobs": 3}, "logprobs"),
+                                         ({"top_logprobs": -1, "logprobs": True}, "top_logprobs")])
+def test_bad_chat_logprobs(extra, param):
+    refused(parse_chat, {**CHAT, **extra}, param)
+
+
+def test_logprobs_bodies_in_openai_shapes():
+    from disagg_mpi.api import TokenLogprobs
+    from disagg_mpi.serve.responses import logprobs_body
+
+    lps = [TokenLogprobs(-0.5, (104, 105), (-0.5, -1.0)), TokenLogprobs(-2.0, (104, 105), (-0.1, -0.2))]
+    c = logprobs_body("completion", TOK, [104, 105], lps, ["h", "ij"], 2, offset=3)
+    assert c == {"tokens": ["h", "ij"], "token_logprobs": [-0.5, -2.0], "text_offset": [3, 4],
+                 "top_logprobs": [{"h": -0.5, TOK.decode([105]): -1.0}, {TOK.decode([104]): -0.1, "ij": -0.2}]}
+    assert logprobs_body("completion", TOK, [104], lps[:1], ["h"], 0)["top_logprobs"] is None
+    ch = logprobs_body("chat", TOK, [104, 105], lps, ["h", "é"], 1)
+    assert ch["content"][1] == {"token": "é", "logprob": -2.0, "bytes": [0xC3, 0xA9],
+                                "top_logprobs": [{"token": TOK.decode([104]), "logprob": -0.1,
+                                                  "bytes": list(TOK.decode([104]).encode())}]}

@@ -191,7 +191,7 @@ def test_model_fast_decode_matches_eager():
         greedy = [SamplingParams(temperature=0.0, seed=0)] * n
         inp = StepInputs(ids, pos, slots, qsl, [len(p) for p in seqs], tables,
                          [qsl[j + 1] - 1 for j in range(n)], list(range(n)))
-        toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n))
+        toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n)).tokens
         for _ in range(steps):
             for p, t in zip(seqs, toks):
                 p.append(t)
@@ -199,7 +199,7 @@ def test_model_fast_decode_matches_eager():
             slots = [tables[j][q // bs] * bs + q % bs for j, q in enumerate(pos)]
             inp = StepInputs([p[-1] for p in seqs], pos, slots, list(range(n + 1)),
                              [len(p) for p in seqs], tables, list(range(n)), list(range(n)))
-            toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n))
+            toks = runner.execute(StepPlan(inp, greedy, [(0, 0)] * n)).tokens
         return seqs, runner.kv_pool
 
     ref, ref_pool = run(False)

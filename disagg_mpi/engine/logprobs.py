@@ -1,0 +1,46 @@
+"""Log-probabilities of sampled tokens (OutputConfig.return_log_probs), for the rows that ask.
+
+The values are the model's log-softmax over the vocabulary, taken from the logits **before**
+penalties, logit_bias, the min_tokens mask and temperature (vLLM's "raw" logprobs; OpenAI's
+are of the model's distribution too): a token's logprob is then a property of the model and the
+text so far, the same however it was sampled, on whichever executor sampled it.
+
+One batched computation per step over the rows that asked (a gather, one log_softmax, one topk to
+the largest k asked, one host copy); rows that did not ask are not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..api import TokenLogprobs
+
+NOT_ASKED = -1  # StepPlan.logprobs value of a row that wants no logprobs
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]
+                   ) -> list[TokenLogprobs | None]:
+    """Per row of `logits` [B, V] (the model's, unadjusted): the logprob of `tokens[i]` and the
+    `ks[i]` best alternatives, or None where ks[i] is NOT_ASKED."""
+    if logits.dim() != 2 or not logits.shape[0] == len(tokens) == len(ks):
+        raise ValueError(f"token_logprobs: logits {tuple(logits.shape)}, {len(tokens)} tokens and {len(ks)} "
+                         "k values must agree on the batch size")
+    rows = [i for i, k in enumerate(ks) if k != NOT_ASKED]
+    out: list[TokenLogprobs | None] = [None] * len(ks)
+    if not rows:
+        return out
+    device = logits.device
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    picked = lp.gather(1, torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=device)[:, None])
+    kmax = max(ks[i] for i in rows)
+    # topk is stable enough here: ties between alternatives are broken by index, as vLLM's are.
+    top_v, top_i = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())
+    host = torch.cat([picked, top_v], dim=1).cpu().tolist()  # the one host copy (plus the ids)
+    ids = top_i.cpu().tolist()
+    for j, i in enumerate(rows):
+        k = ks[i]
+        out[i] = TokenLogprobs(host[j][0], tuple(ids[j][:k]), tuple(host[j][1:1 + k]))
+    return out
