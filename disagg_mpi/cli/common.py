@@ -45,10 +45,10 @@ def relaunch(world_size: int, args: list[str]) -> int:
 
     The job's output goes straight to this process's stdout and stderr (inherited, not piped
     through it), so a launcher killed with SIGKILL leaves the job able to write: its mpiexec gets
-    SIGTERM (`signals.stop_with_parent`) and rank 0 drains, ending every open HTTP stream with a
-    final chunk and `[DONE]`. Piped through us, the first line rank 0 wrote after our death
-    killed mpiexec (SIGPIPE), and Hydra SIGKILLed the ranks mid-stream. If the job fails, the
-    rank that died is named (mpiexec itself only names a PID).
+    a stop signal (`signals.stop_with_parent`) and rank 0 drains, ending every open HTTP stream
+    with a final chunk and `[DONE]`. Piped through us, the first line rank 0 wrote after our
+    death (into a pipe nobody read) ended mpiexec, and Hydra SIGKILLed the ranks mid-stream.
+    If the job fails, the rank that died is named (mpiexec itself only names a PID).
     """
     import tempfile
     import threading
@@ -62,7 +62,8 @@ def relaunch(world_size: int, args: list[str]) -> int:
         env = {**os.environ, rankmap.ENV: folder}
         sys.stdout.flush()
         sys.stderr.flush()
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=signals.stop_with_parent)  # noqa: PLW1509
+        orphaned = signals.stop_with_parent(signals.for_launcher(signal.SIGTERM, family))
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=orphaned)  # noqa: PLW1509
         watcher = rankmap.Watcher(folder)
         watching = threading.Thread(target=watcher.run, daemon=True)
         watching.start()
