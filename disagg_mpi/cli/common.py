@@ -53,13 +53,14 @@ def relaunch(world_size: int, args: list[str]) -> int:
     import tempfile
     import threading
 
-    from ..runtime import rankmap, signals
+    from ..runtime import last_words, rankmap, signals
 
     mpiexec = mpiexec_path()
     family = signals.probe_launcher(mpiexec)
     cmd = [mpiexec, "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
     with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
-        env = {**os.environ, rankmap.ENV: folder}
+        keeper = last_words.Keeper(os.path.join(folder, "last-words"))  # rank 0's clients, should the job die
+        env = {**os.environ, rankmap.ENV: folder, last_words.ENV: keeper.path}
         sys.stdout.flush()
         sys.stderr.flush()
         orphaned = signals.stop_with_parent(signals.for_launcher(signal.SIGTERM, family))
@@ -80,6 +81,9 @@ def relaunch(world_size: int, args: list[str]) -> int:
                 signal.signal(s, handler)
         watcher.stop()
         watching.join(timeout=5)
+        spoken = keeper.close(speak=rc != 0)
+        if spoken:
+            click.echo(f"disagg-mpi: told {spoken} HTTP clients in flight that the job died", err=True)
         if rc != 0:
             msg = watcher.explain(rc)
             if msg:

@@ -22,9 +22,11 @@ from aiohttp import web
 
 from ..api import Response
 from ..orchestrator.admission import ModelLimits, model_limits
+from ..runtime.last_words import Teller
 from ..runtime.signals import STOP_SIGNALS
 from ..stops import ChoiceOutput
 from .dispatcher import SHUT_DOWN, Dispatcher
+from .last_words import LastWords
 from .metrics import ServerMetrics
 from .outputs import collect
 from .protocol import (
@@ -63,6 +65,7 @@ class ServerState:
         self.dispatcher = Dispatcher(orch)
         self.shutting_down = False
         self.started = int(time.time())
+        self.last_words = LastWords(None)  # serve_async connects it to the launcher, where there is one
 
 
 def _limits(topo: Any) -> ModelLimits | None:
@@ -163,6 +166,7 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         state.metrics.outcome("refused")
         raise ApiError(400, str(err), http_param(getattr(err, "param", None), p.kind), "request_refused") from None
     state.metrics.in_flight.set(state.dispatcher.in_flight)
+    request["last_words"] = state.last_words.hold(request)  # if the job dies now, the launcher answers
 
     def cancel_all() -> None:
         for gid, _ in subs:
@@ -183,6 +187,7 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         cancel_all()
         raise
     finally:
+        state.last_words.drop(request["last_words"])
         state.metrics.in_flight.set(state.dispatcher.in_flight)
 
 
@@ -274,6 +279,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
 
         tokenizer = load_tokenizer(topo.model.path)
     state = ServerState(orch, topo, tokenizer, api_key, topo.server.max_body_bytes, served_model_name)
+    state.last_words = LastWords(Teller.connect())
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in STOP_SIGNALS:

@@ -1,13 +1,12 @@
 """What an HTTP client in flight sees when the job goes down under it (a real `disagg-mpi serve`).
 
-The `disagg-mpi serve` launcher killed with SIGKILL: its mpiexec gets SIGTERM from the kernel
-(runtime/signals.py: stop_with_parent) and rank 0 drains; when the grace runs out, an open stream
-ends with a final chunk (finish_reason "cancelled") and `data: [DONE]`, and a non-streamed request
-gets a 503 JSON error body, instead of a dropped connection.
-
-An executor rank killed with SIGKILL is not tested here: MPICH's Hydra SIGKILLs every other rank,
-rank 0 included, within about 20 ms (measured; README "When the job goes down"), so no rank can
-send anything.
+- The `disagg-mpi serve` launcher killed with SIGKILL: its mpiexec gets a stop signal from the
+  kernel (runtime/signals.py: stop_with_parent) and rank 0 drains; when the grace runs out, an
+  open stream ends with a final chunk (finish_reason "cancelled") and `data: [DONE]`, and a
+  non-streamed request gets a 503 JSON error body, instead of a dropped connection.
+- An executor rank killed with SIGKILL: MPICH's Hydra SIGKILLs rank 0 within about 20 ms, so the
+  launcher, which holds a duplicate of each connection in flight (runtime/last_words.py), ends
+  them: an error event and `data: [DONE]` for a stream, a 503 JSON body for the others.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.unit.http_client import clean_env, post, run, stream
+from tests.unit.test_rank_failure import _rank_pid
 
 TOPOLOGY = """
 model: {path: "random:tiny", dtype: float32}
@@ -65,8 +65,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_launcher_killed_streams_end_with_done_and_waiting_requests_get_503(tmp_path):
-    proc, port = _start(tmp_path)
+def _in_flight_when(proc: subprocess.Popen, port: int, victim: int) -> tuple[list, int, dict]:
+    """A streaming and a non-streamed request under way when `victim` gets SIGKILL; what each got."""
     url = f"http://127.0.0.1:{port}/v1/completions"
 
     async def go():
@@ -77,13 +77,35 @@ def test_launcher_killed_streams_end_with_done_and_waiting_requests_get_503(tmp_
             await asyncio.wait_for(started.wait(), 60)
             await asyncio.sleep(0.3)
             assert not streamed.done() and not full.done(), "finished before the kill"
-            os.kill(proc.pid, signal.SIGKILL)  # the launcher: no handler of its own can run
+            os.kill(victim, signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(streamed, full), 60)
 
     try:
         events, (status, body) = run(go())
+        if victim != proc.pid:
+            proc.wait(timeout=30)  # the launcher exits once it has told the clients (and says so)
     finally:
         _kill_group(proc)
+    return events, status, body
+
+
+def test_executor_killed_clients_get_an_error_event_and_done_or_a_503(tmp_path):
+    proc, port = _start(tmp_path)
+    victim = _rank_pid(proc.pid, 2)
+    assert victim is not None
+    events, status, body = _in_flight_when(proc, port, victim)
+    log = (tmp_path / "serve.log").read_text()
+    assert events[-1][1] == "[DONE]", (events[-3:], log[-3000:])
+    err = events[-2][1]["error"]
+    assert err["code"] == "job_died" and err["type"] == "server_error" and "killed" in err["message"], err
+    assert any("choices" in e for _, e in events[:-2])  # tokens came before the error
+    assert status == 503 and body["error"]["code"] == "job_died", body
+    assert "told 2 HTTP clients in flight that the job died" in log, log[-3000:]
+
+
+def test_launcher_killed_streams_end_with_done_and_waiting_requests_get_503(tmp_path):
+    proc, port = _start(tmp_path)
+    events, status, body = _in_flight_when(proc, port, proc.pid)  # the launcher: no handler of its own can run
     log = (tmp_path / "serve.log").read_text()
     assert events[-1][1] == "[DONE]", (events[-3:], log[-3000:])
     last = events[-2][1]
