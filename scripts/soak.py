@@ -97,8 +97,18 @@ class _Book:
         self.doubled = 0
         self.wrong: list[str] = []
         self.follow_ups: list[tuple[list[int], int, ContextPhaseParams]] = []  # (prompt, max_tokens, params)
+        self.pending: set[int] = set()
+        self.refused_at_submit = 0
+
+    def track(self, gids: list[int] | None, kind: str, max_tokens: int, prompt: list[int]) -> None:
+        if gids is None:
+            self.refused_at_submit += 1
+        for gid in gids or ():
+            self.expect[gid] = (kind, max_tokens, prompt)
+            self.pending.add(gid)
 
     def settle(self, gid: int, resp) -> None:
+        self.pending.discard(gid)
         if gid in self.finals:
             self.doubled += 1
             return
@@ -124,6 +134,30 @@ class _Book:
         self.finals[gid] = reason
 
 
+def _follow_up(orch, rng: random.Random, book: _Book) -> None:
+    """A forgery first, then the genuine generation phase, which must still be served."""
+    prompt, max_tokens, cpp = book.follow_ups.pop()
+    book.track(_try_submit(orch.enqueue_generation_only, forged(rng, prompt, cpp)), "hostile", 4, prompt)
+    genuine = Request(prompt, max_tokens=max_tokens, ignore_eos=True,
+                      request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY, context_phase_params=cpp)
+    book.track(orch.enqueue_generation_only([genuine]), "good", max_tokens, prompt)
+
+
+def _send_hostile(orch, rng: random.Random, book: _Book, prompt: list[int], max_tokens: int) -> None:
+    """A bad request (refused at submit), an orphaned context-only one, or one whose generation
+    phase will be forged (then sent genuine: `_follow_up`)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        gids = _try_submit(orch.submit, bad_request(rng))
+        if gids is not None:
+            book.wrong.append("a bad request was accepted at submit")
+        book.track(gids, "hostile", 4, prompt)
+        return
+    max_tokens = max(2, max_tokens)  # 1 would end in the context phase: no params to forge
+    ctx = Request(prompt, max_tokens=max_tokens, ignore_eos=True)
+    book.track(orch.enqueue_context([ctx], flow=Flow.CONTEXT_ONLY), "context", 0 if kind == 1 else max_tokens, prompt)
+
+
 def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 48, seed: int = 0,
              progress: bool = False, hostile_share: float = 0.0) -> dict:
     """Drive the load from rank 0; returns the report (raises if a request was lost, doubled or
@@ -132,61 +166,32 @@ def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 
     forged generation-only request and then the genuine one."""
     rng = random.Random(seed)
     book = _Book()
-    pending: set[int] = set()
     cancel_at: dict[int, float] = {}
-    sent = refused_at_submit = 0
+    sent = 0
     shown = -1
     t0 = time.perf_counter()
-
-    def track(gids: list[int], kind: str, max_tokens: int, prompt: list[int]) -> None:
-        for gid in gids:
-            book.expect[gid] = (kind, max_tokens, prompt)
-            pending.add(gid)
-
-    while sent < n_requests or pending or book.follow_ups:
-        while book.follow_ups:  # a forgery first, then the genuine generation phase: still served
-            prompt, max_tokens, cpp = book.follow_ups.pop()
-            gids = _try_submit(orch.enqueue_generation_only, forged(rng, prompt, cpp))
-            if gids is None:
-                refused_at_submit += 1
-            else:
-                track(gids, "hostile", 4, prompt)
-            genuine = Request(prompt, max_tokens=max_tokens, ignore_eos=True,
-                              request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY, context_phase_params=cpp)
-            track(orch.enqueue_generation_only([genuine]), "good", max_tokens, prompt)
-        while sent < n_requests and len(pending) < in_flight:
+    while sent < n_requests or book.pending or book.follow_ups:
+        while book.follow_ups:
+            _follow_up(orch, rng, book)
+        while sent < n_requests and len(book.pending) < in_flight:
             sent += 1
-            n_prompt = rng.choice([1, 3, 8, 20, 60, 150])
-            prompt = [rng.randrange(3, 1000) for _ in range(n_prompt)]
+            prompt = [rng.randrange(3, 1000) for _ in range(rng.choice([1, 3, 8, 20, 60, 150]))]
             max_tokens = rng.choice([1, 2, 8, 24])
             if rng.random() < hostile_share:
-                kind = rng.randrange(3)
-                if kind == 0:
-                    gids = _try_submit(orch.submit, bad_request(rng))
-                    if gids is not None:
-                        book.wrong.append("a bad request was accepted at submit")
-                        track(gids, "hostile", 4, prompt)
-                    refused_at_submit += 1
-                    continue
-                # kind 1: an orphan, never followed; kind 2: a forged generation phase, then the genuine one
-                max_tokens = max(2, max_tokens)  # 1 would end in the context phase: no params to forge
-                ctx = Request(prompt, max_tokens=max_tokens, ignore_eos=True)
-                track(orch.enqueue_context([ctx], flow=Flow.CONTEXT_ONLY), "context", 0 if kind == 1 else max_tokens,
-                      prompt)
+                _send_hostile(orch, rng, book, prompt, max_tokens)
                 continue
             req = Request(prompt, max_tokens=max_tokens, ignore_eos=True, streaming=rng.random() < 0.2)
             [gid] = orch.submit([req])
-            track([gid], "good", max_tokens, prompt)
+            book.track([gid], "good", max_tokens, prompt)
             if rng.random() < cancel_share:
                 cancel_at[gid] = time.perf_counter() + rng.uniform(0, 0.05)
         now = time.perf_counter()
         for gid in [g for g, t in cancel_at.items() if t <= now]:
             del cancel_at[gid]
-            if gid in pending:
+            if gid in book.pending:
                 orch.cancel_request(gid)
         for gid, resp in orch.await_responses(timeout=0.002):
             if resp.is_final:
-                pending.discard(gid)
                 book.settle(gid, resp)
         if progress and len(book.finals) // 500 != shown:
             shown = len(book.finals) // 500
@@ -194,8 +199,8 @@ def run_soak(orch, n_requests: int, cancel_share: float = 0.1, in_flight: int = 
     wall = time.perf_counter() - t0
     stats = orch.wait_pools_full(timeout=60)
     outcomes = collections.Counter(book.finals.values())
-    if refused_at_submit:
-        outcomes["refused_at_submit"] = refused_at_submit
+    if book.refused_at_submit:
+        outcomes["refused_at_submit"] = book.refused_at_submit
     report = {"requests": n_requests, "finals": len(book.finals), "duplicate_finals": book.doubled,
               "outcomes": dict(outcomes), "wrong": book.wrong[:10], "wall_s": round(wall, 2),
               "requests_per_s": round(n_requests / wall, 1),
