@@ -117,6 +117,7 @@ class Teller:
         if not path:
             return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(0.5)  # a stopped launcher must not stall rank 0's event loop for long
         try:
             s.connect(path)  # fails on another host: the path does not exist there
         except OSError:
