@@ -48,7 +48,8 @@ def relaunch(world_size: int, args: list[str]) -> int:
     a stop signal (`signals.stop_with_parent`) and rank 0 drains, ending every open HTTP stream
     with a final chunk and `[DONE]`. Piped through us, the first line rank 0 wrote after our
     death (into a pipe nobody read) ended mpiexec, and Hydra SIGKILLed the ranks mid-stream.
-    If the job fails, the rank that died is named (mpiexec itself only names a PID).
+    If the job fails, the rank that died is named (mpiexec itself only names a PID), and the HTTP
+    clients rank 0 had in flight are told (runtime/last_words.py: Hydra SIGKILLs rank 0 too).
     """
     import tempfile
     import threading
@@ -59,8 +60,8 @@ def relaunch(world_size: int, args: list[str]) -> int:
     family = signals.probe_launcher(mpiexec)
     cmd = [mpiexec, "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
     with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
-        keeper = last_words.Keeper(os.path.join(folder, "last-words"))  # rank 0's clients, should the job die
-        env = {**os.environ, rankmap.ENV: folder, last_words.ENV: keeper.path}
+        keeper = last_words.Keeper.start(os.path.join(folder, "last-words"))  # rank 0's clients, should the job die
+        env = {**os.environ, rankmap.ENV: folder, **({last_words.ENV: keeper.path} if keeper else {})}
         sys.stdout.flush()
         sys.stderr.flush()
         orphaned = signals.stop_with_parent(signals.for_launcher(signal.SIGTERM, family))
@@ -81,7 +82,7 @@ def relaunch(world_size: int, args: list[str]) -> int:
                 signal.signal(s, handler)
         watcher.stop()
         watching.join(timeout=5)
-        spoken = keeper.close(speak=rc != 0)
+        spoken = keeper.close(speak=rc != 0) if keeper else 0
         if spoken:
             click.echo(f"disagg-mpi: told {spoken} HTTP clients in flight that the job died", err=True)
         if rc != 0:

@@ -68,6 +68,15 @@ class Keeper:
         for fd in fds:  # never leak one we did not keep
             os.close(fd)
 
+    @classmethod
+    def start(cls, path: str) -> Keeper | None:
+        """A keeper listening at `path`, or None where no Unix socket can be made (the job then runs
+        without last words)."""
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
     @property
     def held(self) -> int:
         with self._lock:
