@@ -43,36 +43,33 @@ def mpiexec_path() -> str:
 def relaunch(world_size: int, args: list[str]) -> int:
     """Run this CLI again under `mpiexec -n world_size`; returns its exit code.
 
-    The job's output passes through as it comes; if the job fails, the rank
-    that died is named (mpiexec itself only names a PID).
+    The job's output goes straight to this process's stdout and stderr (inherited, not piped
+    through it), so a launcher killed with SIGKILL leaves the job able to write: its mpiexec gets
+    a stop signal (`signals.stop_with_parent`) and rank 0 drains, ending every open HTTP stream
+    with a final chunk and `[DONE]`. Piped through us, the first line rank 0 wrote after our
+    death (into a pipe nobody read) ended mpiexec, and Hydra SIGKILLed the ranks mid-stream.
+    If the job fails, the rank that died is named (mpiexec itself only names a PID), and the HTTP
+    clients rank 0 had in flight are told (runtime/last_words.py: Hydra SIGKILLs rank 0 too).
     """
     import tempfile
     import threading
 
-    from ..runtime import rankmap, signals
+    from ..runtime import last_words, rankmap, signals
 
     mpiexec = mpiexec_path()
     family = signals.probe_launcher(mpiexec)
     cmd = [mpiexec, "-n", str(world_size), sys.executable, "-m", "mpi4py", "-m", "disagg_mpi.cli", *args]
     with tempfile.TemporaryDirectory(prefix="disagg-ranks-") as folder:
-        env = {**os.environ, rankmap.ENV: folder}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", preexec_fn=signals.stop_with_parent)  # noqa: PLW1509
-        tail: list[str] = []
-
-        def pump(src, dst) -> None:
-            for line in src:
-                dst.write(line)
-                dst.flush()
-                tail.append(line)
-                del tail[:-200]
-
-        threads = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout), daemon=True),
-                   threading.Thread(target=pump, args=(proc.stderr, sys.stderr), daemon=True)]
+        keeper = last_words.Keeper.start(os.path.join(folder, "last-words"))  # rank 0's clients, should the job die
+        env = {**os.environ, rankmap.ENV: folder, **({last_words.ENV: keeper.path} if keeper else {})}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        orphaned = signals.stop_with_parent(signals.for_launcher(signal.SIGTERM, family))
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=orphaned)  # noqa: PLW1509
         watcher = rankmap.Watcher(folder)
-        threads.append(threading.Thread(target=watcher.run, daemon=True))
-        for t in threads:
-            t.start()
+        watching = threading.Thread(target=watcher.run, daemon=True)
+        watching.start()
+
         def forward(sig, _frame):  # the launcher passes it to the ranks: rank 0 drains, then all exit
             if proc.poll() is None:
                 proc.send_signal(signals.for_launcher(sig, family))
@@ -84,8 +81,10 @@ def relaunch(world_size: int, args: list[str]) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         watcher.stop()
-        for t in threads:
-            t.join(timeout=5)
+        watching.join(timeout=5)
+        spoken = keeper.close(speak=rc != 0) if keeper else 0
+        if spoken:
+            click.echo(f"disagg-mpi: told {spoken} HTTP clients in flight that the job died", err=True)
         if rc != 0:
             msg = watcher.explain(rc)
             if msg:

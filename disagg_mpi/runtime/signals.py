@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
@@ -102,12 +102,18 @@ def for_launcher(sig: int, family: str) -> int:
     return signal.SIGTERM if sig == signal.SIGUSR2 else sig
 
 
-def stop_with_parent() -> None:
-    """For a launcher's `preexec_fn` (Linux): it gets SIGTERM when the `disagg-mpi` that started it
-    dies, even of SIGKILL, so the job does not run on without anyone to report to. Elsewhere a no-op."""
-    import ctypes
-    import sys
+def stop_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A launcher's `preexec_fn` (Linux): it gets `sig` when the `disagg-mpi` that started it dies,
+    even of SIGKILL, so the job does not run on without anyone to report to. Pass
+    `for_launcher(SIGTERM, family)`: Open MPI's mpirun drains on SIGUSR2 but SIGKILLs the job a
+    few seconds after a SIGTERM. Elsewhere a no-op."""
 
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    def preexec() -> None:
+        import ctypes
+        import sys
+
+        if sys.platform.startswith("linux"):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+
+    return preexec

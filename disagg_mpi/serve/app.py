@@ -22,9 +22,11 @@ from aiohttp import web
 
 from ..api import Response
 from ..orchestrator.admission import ModelLimits, model_limits
+from ..runtime.last_words import Teller
 from ..runtime.signals import STOP_SIGNALS
 from ..stops import ChoiceOutput
-from .dispatcher import Dispatcher
+from .dispatcher import SHUT_DOWN, Dispatcher
+from .last_words import LastWords
 from .metrics import ServerMetrics
 from .outputs import collect
 from .protocol import (
@@ -63,6 +65,7 @@ class ServerState:
         self.dispatcher = Dispatcher(orch)
         self.shutting_down = False
         self.started = int(time.time())
+        self.last_words = LastWords(None)  # serve_async connects it to the launcher, where there is one
 
 
 def _limits(topo: Any) -> ModelLimits | None:
@@ -163,6 +166,7 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         state.metrics.outcome("refused")
         raise ApiError(400, str(err), http_param(getattr(err, "param", None), p.kind), "request_refused") from None
     state.metrics.in_flight.set(state.dispatcher.in_flight)
+    request["last_words"] = state.last_words.hold(request)  # if the job dies now, the launcher answers
 
     def cancel_all() -> None:
         for gid, _ in subs:
@@ -183,11 +187,14 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         cancel_all()
         raise
     finally:
+        state.last_words.drop(request["last_words"])
         state.metrics.in_flight.set(state.dispatcher.in_flight)
 
 
 def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.Response:
     msg = resp.error_msg or "unknown error"
+    if msg == SHUT_DOWN:
+        return _shut_down(state)
     if msg.startswith("internal error") or "shutting down" in msg:
         state.metrics.outcome("error")
         return _err(500, msg, "server_error")
@@ -201,11 +208,20 @@ def _engine_error(state: ServerState, p: ParsedRequest, resp: Response) -> web.R
     return _err(400, msg, param=http_param(resp.error_param, p.kind), code="request_refused")
 
 
+def _shut_down(state: ServerState) -> web.Response:
+    """A non-streamed request the drain could not finish (the job is going down): 503."""
+    state.metrics.outcome("error")
+    return _err(503, f"{SHUT_DOWN}: the job is stopping and the request did not finish within the "
+                "grace period; send it again to another server", "server_error", code="shutting_down")
+
+
 def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], outs: list[ChoiceOutput]
                  ) -> web.Response:
     failed = next((r for r in finals if r.has_error() or r.result is None), None)
     if failed is not None:
         return _engine_error(state, p, failed)
+    if state.shutting_down and any(r.result.finish_reason == "cancelled" for r in finals):
+        return _shut_down(state)  # cut by the drain's deadline: a 5xx, not a 200 with part of the text
     for r, req in zip(finals, p.requests):
         if r.result.finish_reason == "cancelled":
             state.metrics.outcome("cancelled")
@@ -266,6 +282,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
 
         tokenizer = load_tokenizer(topo.model.path)
     state = ServerState(orch, topo, tokenizer, api_key, topo.server.max_body_bytes, served_model_name)
+    state.last_words = LastWords(Teller.connect())
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in STOP_SIGNALS:
@@ -300,7 +317,7 @@ async def serve_async(orch: Any, topo: Any, host: str, port: int, api_key: str |
             deadline = time.monotonic() + 2.0
             while state.dispatcher.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            state.dispatcher.fail_all("the server shut down before the request finished")
+            state.dispatcher.fail_all()
         await asyncio.sleep(0.05)  # let handlers write their last bytes
         await state.dispatcher.stop()
         await runner.cleanup()

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 BUSY_INTERVAL = 0.001
 IDLE_INTERVAL = 0.05
 STATS_INTERVAL = 1.0
+SHUT_DOWN = "the server shut down before the request finished"  # fail_all's word at the end of a drain
 
 
 class Dispatcher:
@@ -73,7 +74,7 @@ class Dispatcher:
         for gid in list(self.queues):
             self.cancel(gid)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str = SHUT_DOWN) -> None:
         """End every open request with an error (last resort at shutdown)."""
         for gid in list(self.queues):
             self._deliver(gid, Response(gid, None, message))

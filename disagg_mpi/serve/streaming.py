@@ -97,6 +97,7 @@ async def stream_choices(request: web.Request, state: Any, p: ParsedRequest,
             return engine_error(state, p, resp)
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
+        state.last_words.streaming(request.get("last_words"), request)
         await out.prepare(request)
         try:
             await _pump(out, c, merged, i, resp)

@@ -67,3 +67,34 @@ def test_from_the_start_other_ranks_ignore_stop_signals_and_rank_0_notes_them():
         for s, handler in saved.items():
             signal.signal(s, handler)
         signals._requested.clear()  # process-wide: later tests start unasked
+
+
+def test_a_launcher_gets_the_chosen_signal_when_its_parent_is_killed(tmp_path):
+    """stop_with_parent: the kernel sends the launcher the signal its family drains on (SIGUSR2 for
+    Open MPI's mpirun) when the `disagg-mpi` that started it dies of SIGKILL."""
+    import subprocess
+    import sys
+    import time
+
+    child = ("import signal, sys, time, pathlib\n"
+             f"d = pathlib.Path({str(tmp_path)!r})\n"
+             "signal.signal(signal.SIGUSR2, lambda *a: ((d / 'got').write_text('USR2'), sys.exit(0)))\n"
+             "(d / 'ready').write_text('1')\n"
+             "time.sleep(60)\n")
+    parent = ("import signal, subprocess, sys, time\n"
+              "from disagg_mpi.runtime.signals import stop_with_parent\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=stop_with_parent(signal.SIGUSR2))\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while not (tmp_path / "got").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "got").read_text() == "USR2"
