@@ -119,6 +119,9 @@ PROCESS: tuple[Knob, ...] = (
     Knob("api_key", str, "", "DISAGG_API_KEY", "`serve`: the key clients must send (empty: none)"),
     Knob("rankmap", str, "", "DISAGG_MPI_RANKMAP",
          "internal: the folder where `disagg-mpi` learns which rank is which process (set by the CLI)"),
+    Knob("last_words", str, "", "DISAGG_MPI_LAST_WORDS",
+         "internal: the Unix socket where `disagg-mpi serve` keeps in-flight clients' connections, to end "
+         "them if the job dies (set by the CLI)"),
     Knob("fault_stall_pull", bool, False, "DISAGG_FAULT_STALL_PULL",
          "tests only: the generation side claims a context but never pulls (fault injection)"),
 )
