@@ -18,7 +18,7 @@ from .workload import BenchRequest, arrival_offsets
 def completion_payload(req: BenchRequest, temperature: float = 0.0, stream: bool = True,
                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "prompt": list(req.prompt_ids),
+        "prompt": req.prompt_text if req.prompt_text is not None else list(req.prompt_ids),
         "max_tokens": int(req.output_len),
         "temperature": temperature,
         "ignore_eos": True,
@@ -29,6 +29,20 @@ def completion_payload(req: BenchRequest, temperature: float = 0.0, stream: bool
     if extra:
         body.update(extra)
     return body
+
+
+async def takes_token_ids(base_url: str, headers: dict[str, str] | None = None, timeout: float = 60.0) -> bool:
+    """Whether the server at `base_url` takes a prompt of token ids (OpenAI's API allows it;
+    llama.cpp's server answers 500, some others 400/422): one 1-token completion tells."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    body = {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0.0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        try:
+            async with session.post(url, json=body, headers=headers or {}) as resp:
+                await resp.read()
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
 
 
 def parse_sse_line(line: bytes | str) -> Any:

@@ -24,6 +24,9 @@ class BenchRequest:
     output_len: int
     idx: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Sent instead of the ids to servers that take text prompts only (llama.cpp's server); the
+    # server tokenizes it again, so its prompt length is close to, not exactly, input_len.
+    prompt_text: str | None = None
 
     @property
     def input_len(self) -> int:

@@ -77,11 +77,14 @@ def _parse_kv_json(value: str | None, what: str) -> dict:
 @click.option("--request-timeout", type=float, default=600.0, show_default=True)
 @click.option("--extra-body", default=None, help="JSON merged into every request body.")
 @click.option("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
+@click.option("--prompt-format", type=click.Choice(["auto", "ids", "text"]), default="auto", show_default=True,
+              help="--url targets: send prompts as token ids or as text (decoded with --model's tokenizer); "
+                   "auto asks each server with one 1-token request (llama.cpp's server takes text only).")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, output_len, input_len_dist,
           output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, request_rate, concurrency,
           warmup, seed, temperature, slo_ttft_ms, slo_tpot_ms, out_dir, no_plots, no_progress, host,
-          startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level):
+          startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level, prompt_format):
     """Benchmark serving: each --config served in turn (or --url), one workload, a side-by-side table."""
     from .common import require_extra
 
@@ -114,18 +117,45 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
         targets, model_spec, lambda spec: _workload(spec, dataset, num_requests, warmup, input_len, output_len,
                                                     input_len_dist, output_len_dist, shared_prefix_ratio,
                                                     max_input_len, max_output_len, seed)))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for t in targets:
+        if t.url and _prompts_as_text(t, prompt_format, headers):
+            _as_text(t, _model_of(t, model_spec))
 
     out = Path(out_dir) if out_dir else None
     settings = BenchSettings(
         requests=[], warmup=[], loads=loads, seed=seed, temperature=temperature, slo_ttft_ms=slo_ttft_ms,
         slo_tpot_ms=slo_tpot_ms, request_timeout=request_timeout, startup_timeout=startup_timeout,
         stop_grace=stop_grace, host=host, extra_body=_parse_kv_json(extra_body, "--extra-body"),
-        headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, progress=not no_progress,
+        headers=headers, progress=not no_progress,
         log_dir=out)
     click.echo(f"workload: {workload_meta['workload']}, {num_requests} requests (+{warmup} warm-up), "
                f"mean input {workload_meta['mean_input_len']:.0f} / output {workload_meta['mean_output_len']:.0f} "
                f"tokens; load points: " + "; ".join(_load_desc(ld) for ld in loads), err=True)
     _run_and_report(targets, settings, workload_meta, slo_ttft_ms, slo_tpot_ms, out, no_plots)
+
+
+def _prompts_as_text(target, prompt_format: str, headers: dict[str, str]) -> bool:
+    if prompt_format != "auto":
+        return prompt_format == "text"
+    import asyncio
+
+    from ..bench.client import takes_token_ids
+
+    ids = asyncio.run(takes_token_ids(target.url, headers))
+    _say(f"{target.label}: the server {'takes token ids' if ids else 'refuses token ids: sending text prompts'}")
+    return not ids
+
+
+def _as_text(target, spec: str) -> None:
+    """Give the target's requests their prompts as text (its server takes no token ids)."""
+    import dataclasses
+
+    from ..model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    target.requests = [dataclasses.replace(r, prompt_text=tok.decode(r.prompt_ids)) for r in target.requests]
+    target.warmup = [dataclasses.replace(r, prompt_text=tok.decode(r.prompt_ids)) for r in target.warmup or []]
 
 
 def _targets(configs, urls, labels, target_cls) -> list:

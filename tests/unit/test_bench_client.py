@@ -34,6 +34,8 @@ def fake_server():
     async def completions(request):
         body = await request.json()
         seen.append(body)
+        if request.path.startswith("/textonly/") and not isinstance(body["prompt"], str):
+            return web.json_response({"error": {"message": "prompt must be a string"}}, status=500)  # llama.cpp
         if body["prompt"][:1] == [13]:
             return web.json_response({"error": {"message": "bad prompt"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -55,6 +57,7 @@ def fake_server():
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/textonly/v1/completions", completions)
     app.router.add_get("/health", health)
     runner = web.AppRunner(app)
 
@@ -152,3 +155,24 @@ def test_interrupted_sweep_reports_the_points_that_finished(fake_server, tmp_pat
     assert data["interrupted"] is True and [r["request_rate"] for r in data["results"]] == [100.0]
     assert data["results"][0]["num_samples"] == 6
     assert "token_throughput" in stdout   # the table of what finished
+
+
+def test_cli_bench_url_sends_text_to_a_server_that_takes_no_token_ids(fake_server, tmp_path):
+    """llama.cpp's server takes string prompts only: `--prompt-format auto` finds out and decodes the
+    workload's prompts with the model's tokenizer; `ids` against it fails every request."""
+    from click.testing import CliRunner
+
+    from disagg_mpi.cli import cli
+
+    url, seen = fake_server
+    args = ["bench", "--url", url + "/textonly", "--label", "llama.cpp", "--model", "smollm2", "--num-requests", "4",
+            "--input-len", "16", "--output-len", "3", "--warmup", "0", "--no-progress", "--no-plots"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    assert "llama.cpp: the server refuses token ids: sending text prompts" in res.output
+    sent = [b["prompt"] for b in seen if b["max_tokens"] == 3]
+    assert len(sent) == 4 and all(isinstance(p, str) and p for p in sent)
+    data = json.loads((tmp_path / "auto" / "results.json").read_text())
+    assert data["results"][0]["num_samples"] == 4 and data["results"][0]["num_errors"] == 0
+    res = CliRunner().invoke(cli, [*args, "--prompt-format", "ids", "--out", str(tmp_path / "ids")])
+    assert res.exit_code == 1   # every request refused
