@@ -116,6 +116,28 @@ class SamplingConfig:
         return cls(**d)
 
 
+@dataclass
+class GuidedDecodingParams:
+    """Constrained (structured) generation, TensorRT-LLM's name: every sampled token keeps the output a
+    prefix of the grammar's language (engine/grammar.py masks the others).
+
+    `guide_type`: "json" (any JSON object, OpenAI's json_object) or "json_schema" (`guide` is the schema,
+    a JSON string). The generation side of a disaggregated request rebuilds the grammar's state from the
+    tokens generated so far, so only this spec travels (inside the Request)."""
+
+    guide_type: str
+    guide: str | None = None
+
+    GUIDE_TYPES = ("json", "json_schema")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"guide_type": self.guide_type, "guide": self.guide}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> GuidedDecodingParams | None:
+        return None if d is None else cls(str(d["guide_type"]), d.get("guide"))
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -156,6 +178,7 @@ class Request:
     # output, ends it before the first stop string and cancels the request (disagg_mpi/stops.py).
     stop_words: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # vLLM's name: keep the stop string in the text
+    guided_decoding: GuidedDecodingParams | None = None  # e.g. OpenAI's response_format (JSON)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,6 +186,7 @@ class Request:
         d["sampling_config"] = self.sampling_config.to_dict()
         d["context_phase_params"] = (
             self.context_phase_params.to_dict() if self.context_phase_params else None)
+        d["guided_decoding"] = self.guided_decoding.to_dict() if self.guided_decoding else None
         return d
 
     @classmethod
@@ -180,6 +204,7 @@ class Request:
             client_id=d.get("client_id"),
             stop_words=list(d.get("stop_words") or []),
             include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
+            guided_decoding=GuidedDecodingParams.from_dict(d.get("guided_decoding")),
         )
 
 

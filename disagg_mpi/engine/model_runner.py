@@ -41,18 +41,25 @@ class StepPlan:
     keys: list[tuple[int, int]]  # (seed, output position) per sampled seq
     # prompt + output ids per sampled seq whose params need them (penalties), else None
     histories: list[list[int] | None] = field(default_factory=list)
+    # Guided decoding: the grammar's bitmask [len(mask_rows), ceil(V / 32)] int32 of the sampled rows
+    # mask_rows (indices into `sampling`), filled by the leader (grammar.py); None without grammars
+    mask_rows: list[int] = field(default_factory=list)
+    masks: torch.Tensor | None = field(default=None, compare=False)
     # The predicted next decode step, to launch behind this one (overlap.py); leader only,
     # not sent to other ranks (overlap runs on one-rank executors).
     next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": asdict(self.inputs), "sampling": [s.to_wire() for s in self.sampling],
-                "keys": self.keys, "histories": self.histories}
+                "keys": self.keys, "histories": self.histories, "mask_rows": self.mask_rows,
+                "masks": None if self.masks is None else self.masks.numpy().tobytes()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
+        rows, raw = list(d.get("mask_rows") or []), d.get("masks")
+        masks = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.int32).view(len(rows), -1)
         return cls(StepInputs(**d["inputs"]), [SamplingParams.from_wire(w) for w in d["sampling"]],
-                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []))
+                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []), rows, masks)
 
 
 @dataclass
@@ -180,7 +187,7 @@ class ModelRunner:
             return tokens
         if len(params) == len(greedy) and all(p.plain_greedy for p in params):
             return greedy.tolist()
-        return sample(logits, params, plan.keys, plan.histories)
+        return sample(logits, params, plan.keys, plan.histories, plan.mask_rows, plan.masks)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -243,7 +250,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
-            tokens = sample(logits, plan.sampling, plan.keys, plan.histories)
+            tokens = sample(logits, plan.sampling, plan.keys, plan.histories, plan.mask_rows, plan.masks)
         else:
             tokens = [] if par.is_sampler else None
         if par.pp_size > 1:  # the last stage hands the tokens back to the leader

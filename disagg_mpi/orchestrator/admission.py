@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import ContextPhaseParams, Request, RequestError, RequestType, SamplingConfig
+from ..engine.grammar import grammar_of
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
 
@@ -134,6 +135,8 @@ def check_request(r: Any, limits: ModelLimits, generation_only: bool | None = No
         raise RequestError(f"{name}={_shown(getattr(r, name))} must be true or false", name)
     if r.client_id is not None and (not isinstance(r.client_id, str) or not _utf8(r.client_id)):
         raise RequestError(f"client_id={_shown(r.client_id)} must be a string of valid UTF-8 or None", "client_id")
+    if r.guided_decoding is not None:
+        grammar_of(r.guided_decoding)  # a schema that cannot compile is refused here, not on an executor
     if generation_only is None:
         generation_only = r.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
     if generation_only:

@@ -36,11 +36,14 @@ class OpaqueState:
     # The token(s) the context phase sampled: the generation side decodes on from these and no others
     # (a client's first_gen_tokens must equal them: engine/handoff_check.py).
     first_tokens: tuple[int, ...] = ()
+    # The grammar the first token(s) obeyed (engine/grammar.py: guide_digest; b"": none): the generation
+    # side must continue under the same one, or its output silently stops matching the schema.
+    guide_digest: bytes = b""
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
                               list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
-                              self.keep_until, self.prompt_digest, list(self.first_tokens)])
+                              self.keep_until, self.prompt_digest, list(self.first_tokens), self.guide_digest])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -58,9 +61,9 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs, keep, digest, first = msgpack.unpackb(payload)
+        ex, ranks, rid, blocks, ntok, cs, keep, digest, first, guide = msgpack.unpackb(payload)
         return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest,
-                   tuple(first))
+                   tuple(first), guide)
 
 
 def prompt_digest(token_ids: list[int]) -> bytes:
