@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from disagg_mpi.api import ExecutorConfig, GuidedDecodingParams, Request, SamplingConfig
-from disagg_mpi.engine.executor import Executor
 import torch
 
+from disagg_mpi.api import ExecutorConfig, GuidedDecodingParams, Request, SamplingConfig
+from disagg_mpi.engine.executor import Executor
 from disagg_mpi.engine.grammar import Grammars, apply_masks, fill_masks
 from disagg_mpi.model.tokenizer import load_tokenizer
 

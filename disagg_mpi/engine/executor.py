@@ -61,7 +61,7 @@ class Executor:
         tokenizer = None  # guided decoding needs the model's tokenizer: only known from a path
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             spec = model
-            tokenizer = lambda: load_tokenizer(spec)  # noqa: E731
+            tokenizer = lambda: load_tokenizer(spec)
             model = load_model(model, dtype=dtype, device=config.device)
         kv = config.kv_cache_config
         self.model = model

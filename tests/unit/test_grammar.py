@@ -11,7 +11,6 @@ import torch
 
 from disagg_mpi.api import ContextPhaseParams, GuidedDecodingParams, Request, RequestError, SamplingConfig
 from disagg_mpi.engine.grammar import (
-    GrammarState,
     Grammars,
     apply_masks,
     fill_masks,
