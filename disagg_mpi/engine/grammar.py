@@ -118,10 +118,14 @@ class Grammars:
             if self._load is None:
                 raise RequestError("guided decoding needs the model's tokenizer, and this executor was built "
                                    "from a model object: give it the model's path", "guided_decoding")
-            tok = self._load()
-            # The `tokenizers` JSON of our tokenizer; n_vocab: the model's logits width (may exceed it).
-            self._ll = llguidance.LLTokenizer(tok.tok.to_str(), n_vocab=self.vocab_size,
-                                              eos_token=list(tok.eos_token_ids))
+            try:  # (a failure here must fail the request, not the executor's loop)
+                tok = self._load()
+                # The `tokenizers` JSON of our tokenizer; n_vocab: the model's logits width (may exceed it).
+                self._ll = llguidance.LLTokenizer(tok.tok.to_str(), n_vocab=self.vocab_size,
+                                                  eos_token=list(tok.eos_token_ids))
+            except Exception as err:  # noqa: BLE001 - whatever the loader raises
+                raise RequestError(f"guided decoding: the model's tokenizer cannot be used: "
+                                   f"{type(err).__name__}: {err}", "guided_decoding") from None
         return self._ll
 
     def state(self, params: GuidedDecodingParams) -> GrammarState:
