@@ -121,6 +121,28 @@ class SamplingConfig:
         return cls(**d)
 
 
+@dataclass
+class GuidedDecodingParams:
+    """Constrained (structured) generation, TensorRT-LLM's name: every sampled token keeps the output a
+    prefix of the grammar's language (engine/grammar.py masks the others).
+
+    `guide_type`: "json" (any JSON object, OpenAI's json_object) or "json_schema" (`guide` is the schema,
+    a JSON string). The generation side of a disaggregated request rebuilds the grammar's state from the
+    tokens generated so far, so only this spec travels (inside the Request)."""
+
+    guide_type: str
+    guide: str | None = None
+
+    GUIDE_TYPES = ("json", "json_schema")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"guide_type": self.guide_type, "guide": self.guide}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> GuidedDecodingParams | None:
+        return None if d is None else cls(str(d["guide_type"]), d.get("guide"))
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -216,6 +238,7 @@ class Request:
     def logprobs_k(self) -> int | None:
         """Top alternatives per token when logprobs are asked, else None."""
         return self.num_logprobs if self.output_config.return_log_probs else None
+    guided_decoding: GuidedDecodingParams | None = None  # e.g. OpenAI's response_format (JSON)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,6 +246,7 @@ class Request:
         d["sampling_config"] = self.sampling_config.to_dict()
         d["context_phase_params"] = (
             self.context_phase_params.to_dict() if self.context_phase_params else None)
+        d["guided_decoding"] = self.guided_decoding.to_dict() if self.guided_decoding else None
         return d
 
     @classmethod
@@ -242,6 +266,7 @@ class Request:
             include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
             output_config=OutputConfig(**(d.get("output_config") or {})),
             num_logprobs=d.get("num_logprobs", 0),
+            guided_decoding=GuidedDecodingParams.from_dict(d.get("guided_decoding")),
         )
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..api import ExecutorConfig, Request, RequestError, Response
 from ..model.loader import load_model
+from ..model.tokenizer import load_tokenizer
 from ..transfer.cache_state import CacheState
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner, Sampled, StepPlan
@@ -57,7 +58,10 @@ class Executor:
         self.config = config = config or ExecutorConfig()
         config.cache_transceiver_config.check_available()
         dtype = _DTYPES[config.dtype]
+        tokenizer = None  # guided decoding needs the model's tokenizer: only known from a path
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            spec = model
+            tokenizer = lambda: load_tokenizer(spec)
             model = load_model(model, dtype=dtype, device=config.device)
         kv = config.kv_cache_config
         self.model = model
@@ -66,7 +70,7 @@ class Executor:
         self._runner.capture_decode_graphs(config.max_batch_size)
         cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv.block_size,
                                         config.dtype)
-        self._engine = LLMEngine(_LocalGroup(self._runner), mc, config, cache_state)
+        self._engine = LLMEngine(_LocalGroup(self._runner), mc, config, cache_state, load_tokenizer=tokenizer)
         self._ids = itertools.count(1)
         self._ready: deque[Response] = deque()
         self._shutdown = False

@@ -47,6 +47,7 @@ from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
+from .grammar import guide_digest
 from .handoff_check import check_handoff
 from .hold_cap import check_hold
 from .scheduler import RequestTooLargeError, Scheduler
@@ -183,10 +184,12 @@ class Handoff:
                                "context_phase_params")
         opaque = OpaqueState.decode(cpp.opaque_state, self.key)
         # Refusals leave the context's KV alone: the genuine request may still come (or its lease ends).
-        check_handoff(cpp, opaque, seq.prompt_ids)
+        check_handoff(cpp, opaque, seq.prompt_ids, guide_digest(seq.grammar.params if seq.grammar else None))
         self._check_generation(seq, opaque)
         seq.output_ids = [int(opaque.first_tokens[0])]
         seq.logprobs = _first_logprobs(seq, opaque)
+        if seq.grammar is not None:  # the matcher's state: replayed from the first token, nothing carried
+            seq.grammar.follow(seq.output_ids)
         seq.num_computed_tokens = len(seq.prompt_ids)
         if seq.check_stop(seq.output_ids[0]) is not None:
             seq.finish(seq.check_stop(seq.output_ids[0]))
@@ -332,7 +335,8 @@ class Handoff:
         self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
         opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                              tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
-                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids), tuple(seq.logprobs))
+                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids), tuple(seq.logprobs),
+                             guide_digest(seq.grammar.params if seq.grammar else None))
         return ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
 
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:

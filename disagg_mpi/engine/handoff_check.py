@@ -2,7 +2,8 @@
 
 The client sends back `ContextPhaseParams` next to its prompt; everything the
 generation side uses must equal what the context side signed (the prompt, by
-length and digest; the first token(s); the context's request id). A mismatch is
+length and digest; the first token(s); the context's request id; the grammar of guided
+decoding, by digest). A mismatch is
 refused here, before the request claims or pulls anything, so the context's KV
 is untouched and the genuine request still works. Pure: no engine state.
 """
@@ -15,7 +16,8 @@ from ..api import ContextPhaseParams, RequestError
 from ..transfer.opaque import OpaqueState, prompt_digest
 
 
-def check_handoff(cpp: ContextPhaseParams, opaque: OpaqueState, prompt_ids: Sequence[int]) -> None:
+def check_handoff(cpp: ContextPhaseParams, opaque: OpaqueState, prompt_ids: Sequence[int],
+                  guide_digest: bytes = b"") -> None:
     """Raise RequestError naming the field that differs from the signed state `opaque`."""
     if opaque.ctx_req_id != cpp.req_id:
         raise RequestError(f"context_phase_params.req_id={cpp.req_id} does not match its opaque state "
@@ -30,3 +32,6 @@ def check_handoff(cpp: ContextPhaseParams, opaque: OpaqueState, prompt_ids: Sequ
     if opaque.prompt_digest and prompt_digest(list(prompt_ids)) != opaque.prompt_digest:
         raise RequestError("the prompt differs from the one the context phase computed (same length, other "
                            "tokens); send the same input_token_ids", "input_token_ids")
+    if guide_digest != opaque.guide_digest:
+        raise RequestError("guided_decoding differs from the one the context phase sampled under (send the "
+                           "same response_format, or none if the context request had none)", "guided_decoding")

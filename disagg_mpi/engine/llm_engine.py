@@ -8,6 +8,7 @@ same code serves aggregated, context-only and generation-only requests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -39,6 +40,7 @@ from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
+from .grammar import Grammars, fill_masks
 from .handoff import Handoff
 from .logprobs import NOT_ASKED
 from .model_runner import StepPlan
@@ -118,7 +120,8 @@ class _Meta:
 class LLMEngine:
     def __init__(self, group: ExecutorGroup, model_config: Any, config: ExecutorConfig,
                  cache_state: CacheState, executor_id: int = 0, world_ranks: tuple[int, ...] = (0,),
-                 key: bytes = b"", send_peer: Callable[[int, dict], None] | None = None):
+                 key: bytes = b"", send_peer: Callable[[int, dict], None] | None = None,
+                 load_tokenizer: Callable[[], Any] | None = None):
         kv = config.kv_cache_config
         self.group = group
         self.model_config = model_config
@@ -137,6 +140,7 @@ class LLMEngine:
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
         self._chains = bool(getattr(group, "chains_decode", False))
         self._predicted: list[int] | None = None  # request ids of the step predicted last
+        self.grammars = Grammars(load_tokenizer, model_config.vocab_size)  # guided decoding (grammar.py)
 
     # ---- admission -------------------------------------------------------
 
@@ -198,8 +202,13 @@ class LLMEngine:
                                f"model's context of {limit} tokens", "max_tokens")
         seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
         max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
-        seq = Sequence(req_id, ids, max_tokens, self._sampling_params(sc, seed, stop_ids, full_max_tokens),
-                       set(stop_ids), self.eos, r.ignore_eos)
+        sampling = self._sampling_params(sc, seed, stop_ids, full_max_tokens)
+        guided = getattr(r, "guided_decoding", None)
+        if guided is not None:
+            sampling = dataclasses.replace(sampling, guided=True)
+        seq = Sequence(req_id, ids, max_tokens, sampling, set(stop_ids), self.eos, r.ignore_eos)
+        if guided is not None:
+            seq.grammar = self.grammars.state(guided)
         seq.num_logprobs = _logprobs_k(r)
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
@@ -274,6 +283,12 @@ class LLMEngine:
                                    for r in inputs.sample_req_ids],
                         logprobs=_logprobs_plan([by_id[r] for r in inputs.sample_req_ids]),
                         next_inputs=self._predict_next(step, inputs, sampling) if predict else None)
+        rows = [i for i, r in enumerate(inputs.sample_req_ids) if by_id[r].grammar is not None]
+        if rows:  # only the rows with a grammar cost a mask
+            seqs = [by_id[inputs.sample_req_ids[i]] for i in rows]
+            plan.mask_rows = rows
+            plan.masks = fill_masks([s.grammar for s in seqs], [s.output_ids for s in seqs],
+                                    self.model_config.vocab_size)
         if plan.next_inputs is not None:
             self._predicted = plan.next_inputs.sample_req_ids
         out = self.group.run_step(plan)

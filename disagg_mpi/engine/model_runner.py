@@ -46,18 +46,26 @@ class StepPlan:
     # Per sampled seq: how many top alternatives its logprobs list (logprobs.NOT_ASKED: none);
     # empty when no row asks, so a step without logprobs sends and computes nothing more.
     logprobs: list[int] = field(default_factory=list)
+    # Guided decoding: the grammar's bitmask [len(mask_rows), ceil(V / 32)] int32 of the sampled rows
+    # mask_rows (indices into `sampling`), filled by the leader (grammar.py); None without grammars
+    mask_rows: list[int] = field(default_factory=list)
+    masks: torch.Tensor | None = field(default=None, compare=False)
     # The predicted next decode step, to launch behind this one (overlap.py); leader only,
     # not sent to other ranks (overlap runs on one-rank executors).
     next_inputs: StepInputs | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": asdict(self.inputs), "sampling": [s.to_wire() for s in self.sampling],
-                "keys": self.keys, "histories": self.histories, "logprobs": self.logprobs}
+                "keys": self.keys, "histories": self.histories, "logprobs": self.logprobs,
+                "mask_rows": self.mask_rows, "masks": None if self.masks is None else self.masks.numpy().tobytes()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
+        rows, raw = list(d.get("mask_rows") or []), d.get("masks")
+        masks = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.int32).view(len(rows), -1)
         return cls(StepInputs(**d["inputs"]), [SamplingParams.from_wire(w) for w in d["sampling"]],
-                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []), list(d.get("logprobs") or []))
+                   [tuple(k) for k in d["keys"]], list(d.get("histories") or []),
+                   logprobs=list(d.get("logprobs") or []), mask_rows=rows, masks=masks)
 
 
 @dataclass
@@ -69,9 +77,9 @@ class Sampled:
 
 
 def sample_step(logits: torch.Tensor, plan: StepPlan) -> Sampled:
-    """Sample the plan's rows from the model's `logits`; logprobs (of these unadjusted logits) for the
-    rows that asked."""
-    tokens = sample(logits, plan.sampling, plan.keys, plan.histories)
+    """Sample the plan's rows from the model's `logits` (with the grammar masks of the rows that have
+    one); logprobs (of these unadjusted logits) for the rows that asked."""
+    tokens = sample(logits, plan.sampling, plan.keys, plan.histories, plan.mask_rows, plan.masks)
     lps = token_logprobs(logits, tokens, plan.logprobs) if plan.logprobs else None
     return Sampled(tokens, lps)
 

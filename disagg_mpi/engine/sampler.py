@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from disagg_mpi.engine.grammar import apply_masks
 from disagg_mpi.engine.penalties import adjust_logits
 from disagg_mpi.engine.sequence import SamplingParams
 
@@ -35,11 +36,13 @@ def key_uniform(key: tuple[int, int]) -> float:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]],
-           histories: list[list[int] | None] | None = None) -> list[int]:
+           histories: list[list[int] | None] | None = None, mask_rows: list[int] | None = None,
+           masks: torch.Tensor | None = None) -> list[int]:
     """One token per row of `logits` [B, V] (float32).
 
     `histories[i]`: prompt + output ids of row i, where its params have penalties; the output
-    position is keys[i][1].
+    position is keys[i][1]. `masks[k]`: the grammar's bitmask of row mask_rows[k] (grammar.py),
+    applied after the penalties so that no bias brings a forbidden token back.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(keys):
         raise ValueError(
@@ -49,6 +52,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
     if not params:
         return []
     logits = adjust_logits(logits, params, [k[1] for k in keys], histories or [None] * len(params))
+    logits = apply_masks(logits, mask_rows or [], masks)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:

@@ -63,6 +63,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # `min_tokens_mask` cannot be sampled before this many output tokens
     min_tokens_mask: tuple[int, ...] = ()  # EOS and stop tokens
+    guided: bool = False  # a grammar masks this row's tokens (StepPlan.masks; grammar.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,13 +84,13 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """The argmax of the model's logits as they are (what CUDA-graph decode computes in the graph)."""
-        return self.greedy and not self.adjusts_logits
+        return self.greedy and not self.adjusts_logits and not self.guided
 
     @functools.cached_property
     def _wire(self) -> tuple:
         return (self.temperature, self.top_k, self.top_p, self.seed, self.min_p, self.presence_penalty,
                 self.frequency_penalty, self.repetition_penalty, self.logit_bias, self.min_tokens,
-                self.min_tokens_mask)
+                self.min_tokens_mask, self.guided)
 
     def to_wire(self) -> tuple:
         """A hashable tuple (msgpack sends it as a list); computed once per instance."""
@@ -102,9 +103,9 @@ class SamplingParams:
         try:
             return _from_wire(w)
         except TypeError:  # lists, as msgpack gives them back: make it hashable
-            t, k, p, s, min_p, pres, freq, rep, bias, min_tokens, mask = w
+            t, k, p, s, min_p, pres, freq, rep, bias, min_tokens, mask, guided = w
             return _from_wire((t, k, p, s, min_p, pres, freq, rep, tuple((int(i), float(b)) for i, b in bias),
-                               min_tokens, tuple(mask)))
+                               min_tokens, tuple(mask), guided))
 
     def validate(self) -> None:
         if not self.temperature >= 0.0:  # `not >=` also rejects NaN
@@ -158,6 +159,8 @@ class Sequence:
     # `logprobs[i]` belongs to output_ids[i] (the generation side gets the first one in the hand-off).
     num_logprobs: int = -1
     logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs]
+    # Guided decoding: the matcher (grammar.GrammarState), on the leader only; it follows output_ids
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -22,6 +22,7 @@ from ..engine.model_runner import ModelRunner, ParallelInfo, Sampled, StepPlan
 from ..knobs import env_value
 from ..model.loader import load_model
 from ..model.parallel import ShardSpec
+from ..model.tokenizer import load_tokenizer
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState
 from ..transfer.transceiver import KvTransceiver
@@ -194,7 +195,8 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
     group = MpiGroup(comms, runner, transceiver, members, key,
                      generation_here=nodes is None or generation_on_node(topo, nodes, comms.rank))
     engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
-                       send_peer=lambda dest, msg: send(comms.ctl, msg, dest))
+                       send_peer=lambda dest, msg: send(comms.ctl, msg, dest),
+                       load_tokenizer=lambda: load_tokenizer(topo.model.path))  # guided decoding only
     send(comms.ctl, P.Ready(comms.executor_id, None, str(runner.device)), 0)
     _leader_loop(comms, engine, group, cfg)
     group.shutdown()

@@ -19,7 +19,7 @@ from typing import Any
 from ..api import ContextPhaseParams, OutputConfig, Request, RequestError, SamplingConfig
 from ..orchestrator.admission import ModelLimits, check_request
 from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
-from .sampling_fields import extras, logprob_fields, stop_fields
+from .sampling_fields import extras, logprob_fields, response_format, stop_fields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
@@ -36,7 +36,7 @@ CONTEXT_AND_GENERATION = "context_and_generation"
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
            "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
            "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output",
-           "repetition_penalty", "min_tokens", "min_p"}
+           "repetition_penalty", "min_tokens", "min_p", "response_format"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 
@@ -263,10 +263,12 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
     mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
     stop_words, include_stop = stop_fields(body)
     k = logprob_fields(body, kind)
+    guided = response_format(body)
     reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                     stop_words=list(stop_words), include_stop_str_in_output=include_stop,
-                    output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0)
+                    output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0,
+                    guided_decoding=guided)
             for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
@@ -355,6 +357,7 @@ _HTTP_PARAMS = {
     "context_phase_params.first_gen_tokens": "disaggregated_params.first_gen_tokens",
     "context_phase_params.opaque_state": "disaggregated_params.opaque_state",
     "num_logprobs": "logprobs", "output_config": "logprobs",
+    "guided_decoding": "response_format",
 }
 
 

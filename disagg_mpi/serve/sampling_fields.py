@@ -1,14 +1,17 @@
-"""The sampling extras of an OpenAI body: penalties, logit_bias, min_tokens, min_p, stop strings, logprobs.
+"""The sampling extras of an OpenAI body: penalties, logit_bias, min_tokens, min_p, stop strings,
+logprobs, response_format.
 
 Pure functions used by `protocol.py`; each refusal is a 400 naming its field.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-from ..api import MAX_LOGPROBS
+from ..api import MAX_LOGPROBS, GuidedDecodingParams, RequestError
+from ..engine.grammar import grammar_of
 from ..stops import check_stop_strings
 from .errors import bad, is_int, is_num
 
@@ -97,3 +100,36 @@ def logprob_fields(body: dict[str, Any], kind: str) -> int | None:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         return None
     return k or 0
+
+
+_FORMATS = ("text", "json_object", "json_schema")
+
+
+def response_format(body: dict[str, Any]) -> GuidedDecodingParams | None:
+    """OpenAI's response_format -> guided decoding: {"type": "json_object"} (any JSON object) or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; "text" (the default) is none.
+    The schema is compiled here (no tokenizer needed), so a bad one is a 400 before any rank works."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in _FORMATS:
+        shown = rf.get("type") if isinstance(rf, dict) else rf
+        raise bad(f"response_format type {shown!r} must be one of {', '.join(_FORMATS)}", "response_format")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        params = GuidedDecodingParams("json")
+    else:
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise bad("response_format.json_schema must be an object {name, schema, strict} whose schema is a "
+                      "JSON schema object", "response_format")
+        if not isinstance(js.get("name", ""), str) or not isinstance(js.get("strict", False), (bool, type(None))):
+            raise bad("response_format.json_schema: name must be a string and strict true or false",
+                      "response_format")
+        params = GuidedDecodingParams("json_schema", json.dumps(js["schema"]))
+    try:
+        grammar_of(params, "response_format")
+    except RequestError as err:
+        raise bad(str(err), "response_format") from None
+    return params

@@ -41,12 +41,15 @@ class OpaqueState:
     # first output carries them, so the disaggregated output equals the aggregated one. Signed like
     # the rest: a client cannot make the server report values the model did not give.
     first_logprobs: tuple[TokenLogprobs, ...] = ()
+    # The grammar the first token(s) obeyed (engine/grammar.py: guide_digest; b"": none): the generation
+    # side must continue under the same one, or its output silently stops matching the schema.
+    guide_digest: bytes = b""
 
     def _payload(self) -> bytes:
         return msgpack.packb([self.executor_id, list(self.world_ranks), self.ctx_req_id,
                               list(self.block_ids), self.num_tokens, self.cache_state.to_dict(),
                               self.keep_until, self.prompt_digest, list(self.first_tokens),
-                              [t.to_wire() for t in self.first_logprobs]])
+                              [t.to_wire() for t in self.first_logprobs], self.guide_digest])
 
     def encode(self, key: bytes) -> bytes:
         payload = self._payload()
@@ -64,9 +67,9 @@ class OpaqueState:
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "
                                    "(forged, altered, or from another job)")
-        ex, ranks, rid, blocks, ntok, cs, keep, digest, first, first_lps = msgpack.unpackb(payload)
+        ex, ranks, rid, blocks, ntok, cs, keep, digest, first, first_lps, guide = msgpack.unpackb(payload)
         return cls(ex, tuple(ranks), rid, tuple(blocks), ntok, CacheState.from_dict(cs), keep, digest,
-                   tuple(first), tuple(TokenLogprobs.from_wire(t) for t in first_lps))
+                   tuple(first), tuple(TokenLogprobs.from_wire(t) for t in first_lps), guide)
 
 
 def prompt_digest(token_ids: list[int]) -> bytes:
