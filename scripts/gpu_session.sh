@@ -3,7 +3,7 @@
 #
 # The machine has torch, mpi4py and Open MPI but not every dependency: wheels carried in
 # .whl/ (pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, gguf,
-# pytest-mpi, msgpack; `pip download --no-deps --only-binary=:all: --python-version 3.12
+# pytest-mpi, msgpack, llguidance (abi3); `pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl ...`) are installed to /tmp/site first. The stages'
 # output goes to $OUT/session_$TAG.log and their JSON beside it, in $OUT (or ./out): few files,
 # as the device tool brings back at most 8. A stage that overruns its limit is stopped without
