@@ -277,7 +277,12 @@ def _member_loop(comms: Comms, runner: ModelRunner, transceiver: KvTransceiver |
                 case P.Step(plan):
                     try:
                         runner.execute(plan)
-                    except Exception:  # the leader failed too: it retries each request alone (step_isolation.py)
+                    except Exception:
+                        # Tensor parallel: the leader failed at the same point and retries each request
+                        # alone (step_isolation.py). Pipeline parallel: a stage failing alone would leave
+                        # the others waiting for its activations for ever: end the job loudly instead.
+                        if runner.par.pp_size > 1:
+                            raise
                         log.exception("rank %d: step failed", comms.rank)
                 case P.Pull(req_id, opaque, blocks):
                     transceiver.start_pull(req_id, OpaqueState.decode(opaque, key), blocks)
