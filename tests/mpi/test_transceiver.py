@@ -27,7 +27,7 @@ from disagg_mpi.transfer.transceiver import KvTransceiver
 WORLD = MPI.COMM_WORLD
 pytestmark = [
     pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(WORLD.Get_size() != 2, reason="needs exactly 2 MPI ranks (mpiexec -n 2)"),
+    pytest.mark.world(2),  # run in the 2-rank job only (scripts/run_tests.py counts the others as filtered)
 ]
 
 LAYERS, HEADS, HEAD_DIM = 4, 2, 8
