@@ -243,10 +243,14 @@ class Topology(_Strict):
     def is_context(self, executor_id: int) -> bool:
         return executor_id < len(self.context_executors)
 
-    def dtype_for(self, ex: ExecutorSpec) -> str:
+    def dtype_for(self, ex: ExecutorSpec, checkpoint_dtype: str | None = None) -> str:
+        """`model.dtype`, or for `auto`: on a GPU the checkpoint's own 16-bit dtype (bfloat16 when it
+        has none, or is float32); on CPU float32, the exactness reference (CPU half precision is slow)."""
         if self.model.dtype != "auto":
             return self.model.dtype
-        return "bfloat16" if ex.on_gpu else "float32"
+        if not ex.on_gpu:
+            return "float32"
+        return checkpoint_dtype if checkpoint_dtype in ("bfloat16", "float16") else "bfloat16"
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

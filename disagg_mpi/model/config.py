@@ -48,6 +48,8 @@ class ModelConfig:
     norm_topk_prob: bool = False         # renormalize the top-k routing weights (Mixtral: always)
     dense_layers: list[int] = field(default_factory=list)   # layers of an MoE model with a dense MLP
     shared_expert_intermediate_size: int = 0   # Qwen2-MoE: an always-on expert (0: none)
+    # The checkpoint's own dtype (config.json), for `dtype: auto`: metadata, not part of the shape.
+    torch_dtype: str | None = field(default=None, compare=False)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -82,6 +84,7 @@ class ModelConfig:
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
             architecture=family, qk_norm=family in QK_NORM,
             sliding_window=sliding_window_of(d, family),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),   # (transformers 5 writes `dtype`)
             **moe_fields(d, family),
         )
         return cfg.checked()

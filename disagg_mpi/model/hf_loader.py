@@ -4,6 +4,7 @@ Tensors are opened lazily with safe_open and only this rank's slice is read.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,19 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a HF model folder)")
-    return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+    cfg = ModelConfig.from_hf_dict(json.loads(path.read_text()))
+    return with_generation_eos(cfg, Path(folder) / "generation_config.json")
+
+
+def with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
+    """`cfg` with the end-of-sequence ids of generation_config.json too: instruct checkpoints put
+    their turn-end tokens there (Llama 3.x: <|eot_id|>, <|eom_id|>), and transformers stops on them."""
+    if not path.is_file():
+        return cfg
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    merged = list(dict.fromkeys([*cfg.eos_token_ids, *(int(t) for t in extra)]))
+    return dataclasses.replace(cfg, eos_token_ids=merged)
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:

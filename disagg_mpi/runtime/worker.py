@@ -141,8 +141,8 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
 
     ex_id = comms.executor_id
     spec = topo.executors[ex_id]
-    cfg = spec.executor_config(topo.dtype_for(spec))
     mc = load_model_config(topo.model.path)
+    cfg = spec.executor_config(topo.dtype_for(spec, mc.torch_dtype))
     tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
     cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.kv_cache_config.block_size,
                                     cfg.dtype, tp, pp, spec.layer_split)
