@@ -20,6 +20,8 @@ from pydantic import (
 )
 
 from .api import MAX_LOGPROBS, OutputConfig, Request, Response, SamplingConfig
+from .serve.errors import ApiError
+from .serve.sampling_fields import response_format
 from .stops import check_stop_strings
 
 
@@ -54,6 +56,8 @@ class InputLine(BaseModel):
     include_stop_str_in_output: bool = False
     # top alternatives per output token: the output line gets `logprobs` (see output_line)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # as OpenAI's: {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}} (guided decoding)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -82,7 +86,8 @@ def _pydantic_message(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
                    "top_k, top_p, min_p, seed, presence_penalty, frequency_penalty, repetition_penalty, "
-                   "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream, logprobs")
+                   "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream, logprobs, "
+                   "response_format")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -116,13 +121,18 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
         raise LineError(line_id, f"the text cannot be tokenized ({err}); send valid UTF-8 text") from None
     if not ids:
         raise LineError(line_id, "the prompt is empty; send at least one token")
+    try:  # the HTTP server's reading of the field: one schema compiler, one set of messages
+        guided = response_format({"response_format": line.response_format})
+    except ApiError as err:
+        raise LineError(line_id, f"response_format: {err.message}") from None
     sc = SamplingConfig(1, line.temperature, line.top_k, line.top_p, line.seed, line.min_p, line.presence_penalty,
                         line.frequency_penalty, line.repetition_penalty, line.logit_bias, line.min_tokens)
     req = Request(ids, line.max_tokens, sc,
                   streaming=line.stream, stop_token_ids=line.stop_token_ids, ignore_eos=line.ignore_eos,
                   client_id=line.id, stop_words=list(line.stop or []),
                   include_stop_str_in_output=line.include_stop_str_in_output,
-                  output_config=OutputConfig(return_log_probs=line.logprobs is not None), num_logprobs=line.logprobs or 0)
+                  output_config=OutputConfig(return_log_probs=line.logprobs is not None), num_logprobs=line.logprobs or 0,
+                  guided_decoding=guided)
     return line.id, req
 
 

@@ -191,6 +191,9 @@ def tok():
     ('{"id": "a", "messages": "hi"}', "messages:"),
     ('{"id": "a", "prompt": ""}', "the prompt is empty"),
     ('{"id": "a", "input_ids": []}', "the prompt is empty"),
+    ('{"id": "a", "prompt": "x", "response_format": {"type": "yaml"}}', "response_format: response_format type"),
+    (('{"id": "a", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": '
+      '{"type": "object", "properties": {"n": {"type": "nonsense"}}}}}}'), "response_format:"),
 ])
 def test_parse_line_errors(tok, raw, needle):
     with pytest.raises(LineError) as ei:
@@ -322,3 +325,13 @@ def test_parse_line_property_raw_text(tok, raw):
 def test_parse_line_refuses_lenient_values(tok, raw, needle):
     with pytest.raises(LineError, match=needle):
         parse_line(raw, 1, tok)
+
+
+def test_parse_line_response_format(tok):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    _, req = parse_line(json.dumps({"id": "j", "prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}), 1, tok)
+    assert req.guided_decoding is not None and json.loads(req.guided_decoding.guide) == schema
+    _, plain = parse_line(json.dumps({"id": "t", "prompt": "x", "response_format": {"type": "text"}}), 2, tok)
+    assert plain.guided_decoding is None
+
