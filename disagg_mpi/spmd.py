@@ -25,22 +25,27 @@ from .runtime.worker import run_executor_rank
 log = logging.getLogger(__name__)
 
 
-def configure_threads(world) -> None:
-    """Share the node's cores between its ranks (torch would give each rank all of them).
+def threads_per_rank(cores: int, computing_ranks_on_node: int) -> int:
+    """Torch threads for an executor rank: the node's cores shared among the ranks that compute.
+    Rank 0 and waiting ranks sleep between polls (runtime/comms.py: Backoff), so they cost no core."""
+    return max(1, cores // max(1, computing_ranks_on_node))
 
-    Oversubscribed cores make every rank slower than running fewer threads (seen
-    under srun: 15x). OMP_NUM_THREADS, when set, wins.
-    """
+
+def configure_threads(world, topo: Topology) -> None:
+    """Share the node's cores between its executor ranks (torch would give each rank all of them).
+
+    Oversubscribed cores make every rank slower than running fewer threads (seen under srun: 15x).
+    OMP_NUM_THREADS, when set, wins (documented in the README)."""
     import os
 
     import torch
 
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    computing = sum(node.allgather(topo.executor_of_rank(world.Get_rank()) is not None))
+    node.Free()
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    per_rank = max(1, (os.cpu_count() or 1) // node.Get_size())
-    node.Free()
-    torch.set_num_threads(per_rank)
+    torch.set_num_threads(threads_per_rank(os.cpu_count() or 1, computing))
 
 
 def shared_gpus(placements: list[tuple[str, int | None, int | None]]) -> dict[tuple[str, int], list[int]]:
@@ -101,7 +106,7 @@ def launch(config: str | Path | Topology, world=None,
     rankmap.record(world.Get_rank(), rankmap.role_of(topo, world.Get_rank()))
     check_model(topo)  # the CLI ran it already; a script under mpiexec reaches it here
     comms = build_comms(topo, world)
-    configure_threads(world)
+    configure_threads(world, topo)
     # The key that signs context params: made on rank 0, known to every rank.
     key = world.bcast(secrets.token_bytes(32) if comms.rank == 0 else None, root=0)
     nodes = world.allgather(node_name())

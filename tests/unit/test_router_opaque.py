@@ -103,3 +103,11 @@ def test_nccl_only_when_every_tp_rank_has_its_own_gpu():
     assert gpus_are_distinct([("a", 0), ("b", 0)])  # same id, different nodes
     assert not gpus_are_distinct([("a", 0), ("a", 0)])  # two ranks on one GPU: NCCL cannot
     assert not gpus_are_distinct([("a", None), ("a", None)])  # CPU
+
+
+def test_executor_ranks_share_the_cores_rank_0_does_not_use():
+    from disagg_mpi.spmd import threads_per_rank
+
+    assert threads_per_rank(2, 1) == 2      # aggregated on a 2-core laptop: the one executor gets both
+    assert threads_per_rank(2, 2) == 1      # 1 context + 1 generation
+    assert threads_per_rank(16, 3) == 5 and threads_per_rank(2, 8) == 1
