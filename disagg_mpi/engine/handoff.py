@@ -40,7 +40,6 @@ from ..api import (
     Request,
     RequestError,
     RequestMetrics,
-    TokenLogprobs,
 )
 from ..protocol import Claim, Release
 from ..transfer.cache_state import CacheState
@@ -48,7 +47,7 @@ from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
 from .grammar import guide_digest
-from .handoff_check import check_handoff
+from .handoff_check import check_handoff, first_logprobs
 from .hold_cap import check_hold
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
@@ -187,7 +186,7 @@ class Handoff:
         check_handoff(cpp, opaque, seq.prompt_ids, guide_digest(seq.grammar.params if seq.grammar else None))
         self._check_generation(seq, opaque)
         seq.output_ids = [int(opaque.first_tokens[0])]
-        seq.logprobs = _first_logprobs(seq, opaque)
+        seq.logprobs = first_logprobs(seq.num_logprobs, opaque)
         if seq.grammar is not None:  # the matcher's state: replayed from the first token, nothing carried
             seq.grammar.follow(seq.output_ids)
         seq.num_computed_tokens = len(seq.prompt_ids)
@@ -383,19 +382,3 @@ class Handoff:
                 log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,
                             rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
                 self.release_context(rid)
-
-
-
-def _first_logprobs(seq: Sequence, opaque: OpaqueState) -> list[TokenLogprobs]:
-    """The first token's logprobs as the context phase computed them (signed), cut to the alternatives
-    this request asks for; refused if it asks for more than the context phase computed."""
-    k = seq.num_logprobs
-    if k < 0:
-        return []
-    if not opaque.first_logprobs or len(opaque.first_logprobs[0].top_ids) < k:
-        have = len(opaque.first_logprobs[0].top_ids) if opaque.first_logprobs else None
-        raise RequestError(f"num_logprobs={k}: the context phase computed "
-                           + ("no logprobs" if have is None else f"{have} alternatives") + " for the first token; "
-                           "send its context-only request with the same output_config and num_logprobs",
-                           "num_logprobs")
-    return [opaque.first_logprobs[0].top(k)]

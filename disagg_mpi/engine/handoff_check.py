@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..api import ContextPhaseParams, RequestError
+from ..api import ContextPhaseParams, RequestError, TokenLogprobs
 from ..transfer.opaque import OpaqueState, prompt_digest
 
 
@@ -35,3 +35,17 @@ def check_handoff(cpp: ContextPhaseParams, opaque: OpaqueState, prompt_ids: Sequ
     if guide_digest != opaque.guide_digest:
         raise RequestError("guided_decoding differs from the one the context phase sampled under (send the "
                            "same response_format, or none if the context request had none)", "guided_decoding")
+
+
+def first_logprobs(k: int, opaque: OpaqueState) -> list[TokenLogprobs]:
+    """The first token's logprobs as the context phase computed them (signed), cut to the alternatives
+    this request asks for; refused if it asks for more than the context phase computed."""
+    if k < 0:  # (logprobs.NOT_ASKED)
+        return []
+    if not opaque.first_logprobs or len(opaque.first_logprobs[0].top_ids) < k:
+        have = len(opaque.first_logprobs[0].top_ids) if opaque.first_logprobs else None
+        raise RequestError(f"num_logprobs={k}: the context phase computed "
+                           + ("no logprobs" if have is None else f"{have} alternatives") + " for the first token; "
+                           "send its context-only request with the same output_config and num_logprobs",
+                           "num_logprobs")
+    return [opaque.first_logprobs[0].top(k)]

@@ -129,8 +129,7 @@ def test_engine_refuses_too_many_logprobs(checkpoint):
 
 def test_first_logprobs_travel_signed_and_are_cut_to_the_request():
     from disagg_mpi.api import RequestError
-    from disagg_mpi.engine.handoff import _first_logprobs
-    from disagg_mpi.engine.sequence import Sequence
+    from disagg_mpi.engine.handoff_check import first_logprobs
     from disagg_mpi.transfer.cache_state import CacheState
     from disagg_mpi.transfer.opaque import OpaqueState, OpaqueStateError
 
@@ -140,14 +139,10 @@ def test_first_logprobs_travel_signed_and_are_cut_to_the_request():
                     first_logprobs=(first,))
     back = OpaqueState.decode(s.encode(key), key)
     assert back == s and back.first_logprobs == (first,)
-    seq = Sequence(1, [1, 2, 3, 4], 5)
-    seq.num_logprobs = 2
-    assert _first_logprobs(seq, back) == [first.top(2)]
-    seq.num_logprobs = NOT_ASKED
-    assert _first_logprobs(seq, back) == []
-    seq.num_logprobs = 5  # more than the context phase computed: refused, naming the field
-    with pytest.raises(RequestError, match="num_logprobs=5") as info:
-        _first_logprobs(seq, back)
+    assert first_logprobs(2, back) == [first.top(2)]
+    assert first_logprobs(NOT_ASKED, back) == []
+    with pytest.raises(RequestError, match="num_logprobs=5") as info:  # more than the context computed
+        first_logprobs(5, back)
     assert info.value.param == "num_logprobs"
     blob = bytearray(s.encode(key))  # the values are signed: altering one is refused
     at = bytes(blob).find(b"\xcb")  # (the first float64 in the payload)
