@@ -37,3 +37,21 @@ def tiny_topology(n_ctx: int, n_gen: int, router: str | dict = "round_robin", **
 def tiny_prompts(n: int, vocab: int = 1024) -> list[list[int]]:
     """Deterministic prompts of mixed lengths (1..40 tokens)."""
     return [[(7 * i + 13 * j + 1) % vocab for j in range(1 + (i * 11) % 40)] for i in range(n)]
+
+
+def pp2_disaggregated_vs_in_process(make_requests):
+    """`make_requests()` through a PP2 context -> PP2 generation job over the tiny model, then through
+    one aggregated executor in process. On rank 0: (the job's responses, the in-process responses,
+    that executor); None on the other ranks. Job size 5."""
+    from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig, launch
+    from tests.mpi.test_parallel import _disagg_topology
+
+    with launch(_disagg_topology("random:tiny", (1, 2), (1, 2))) as orch:
+        if orch is None:
+            return None
+        outs = orch.generate(make_requests(), timeout=600)
+        assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
+        orch.wait_pools_full()
+    ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=96,
+                                                kv_cache_config=KvCacheConfig(4, 512)))
+    return outs, ex.generate(make_requests()), ex

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from disagg_mpi import Request, launch
+from disagg_mpi import Request
 from disagg_mpi.api import OutputConfig, SamplingConfig
-from tests.mpi.helpers import tiny_prompts
-from tests.mpi.test_parallel import _disagg_topology
+from tests.mpi.helpers import pp2_disaggregated_vs_in_process, tiny_prompts
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -33,21 +32,13 @@ def _requests() -> list[Request]:
 
 @pytest.mark.world(5)
 def test_penalties_through_pp2_disaggregated_equal_aggregated_in_process():
-    with launch(_disagg_topology("random:tiny", (1, 2), (1, 2))) as orch:
-        if orch is None:
-            return
-        outs = orch.generate(_requests(), timeout=600)
-        assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
-        got = [o.result.output_token_ids for o in outs]
-        got_lps = [o.result.log_probs for o in outs]
-        orch.wait_pools_full()
-    from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig
-
-    ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=96,
-                                                kv_cache_config=KvCacheConfig(4, 512)))
-    wants = ex.generate(_requests())
-    want = [r.result.output_token_ids for r in wants]
-    assert got == want
+    run = pp2_disaggregated_vs_in_process(_requests)
+    if run is None:
+        return
+    outs, wants, ex = run
+    got = [o.result.output_token_ids for o in outs]
+    got_lps = [o.result.log_probs for o in outs]
+    assert got == [r.result.output_token_ids for r in wants]
     for g, w in zip(got_lps, [r.result.log_probs for r in wants]):  # the first token's came in the hand-off
         assert (g is None) == (w is None)
         if w is not None:
