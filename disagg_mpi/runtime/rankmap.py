@@ -137,9 +137,20 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
+        return _proc_stat(pid).split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        # Reaped since the signal's look (MPICH's proxy reaps a killed rank, then kills the
+        # others: counting it alive here named the next rank as the first to die) - or no /proc.
+        return not _HAVE_PROC
+    except (OSError, IndexError):
         return True
+
+
+_HAVE_PROC = os.path.isdir("/proc/self")
+
+
+def _proc_stat(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read()
