@@ -122,6 +122,9 @@ PROCESS: tuple[Knob, ...] = (
     Knob("last_words", str, "", "DISAGG_MPI_LAST_WORDS",
          "internal: the Unix socket where `disagg-mpi serve` keeps in-flight clients' connections, to end "
          "them if the job dies (set by the CLI)"),
+    Knob("step_log", str, "", "DISAGG_STEP_LOG",
+         "a folder where each executor's leader appends one JSON line per step (wall time, duration, "
+         "sequences, tokens, the longest prefill chunk): where a serving stall happened and on what shape"),
     Knob("fault_stall_pull", bool, False, "DISAGG_FAULT_STALL_PULL",
          "tests only: the generation side claims a context but never pulls (fault injection)"),
 )

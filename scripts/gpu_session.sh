@@ -28,6 +28,11 @@
 #   graphs-serve  the aggregated 8B server at 8 req/s, decode graphs captured lazily vs at start-up
 #              (serve-lazy, serve-startup, and their second runs serve-lazy2, serve-startup2: one each;
 #              COLD=1 gives each server an empty Triton cache)
+#   shapes     scripts/bench_engine.py (this engine, batch 1 and 64) on the Llama-family shapes besides
+#              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
+#   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
+#              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
+#              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -66,7 +71,7 @@ for s in "$@"; do
     case $s in
     env)
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-        python3 -c 'import torch, mpi4py; from mpi4py import MPI; print(torch.__version__, torch.cuda.get_device_name(), MPI.Get_library_version().splitlines()[0])'
+        python3 -c 'import torch, mpi4py; from mpi4py import MPI; print(torch.__version__, torch.cuda.get_device_name(), MPI.Get_library_version().splitlines()[0])'; python3 -c 'import matplotlib, aiohttp, triton; print("matplotlib", matplotlib.__version__, "triton", triton.__version__)'
         ;;
     tests)
         stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
@@ -104,6 +109,22 @@ for s in "$@"; do
     qwen3)
         stage qwen3 200 python3 scripts/bench_engine.py --device cuda --model random:qwen3-8b \
             --batches "${QWEN3_BATCHES:-1,64}" --skip-hf --repeats 3 --json "$OUT/engine_qwen3_$TAG.json" ;;
+    shapes)
+        for m in ${SHAPES:-llama-3.2-1b llama-3.2-3b llama-2-7b qwen2.5-7b}; do
+            stage "shape-$m" 200 python3 scripts/bench_engine.py --device cuda --model "random:$m" \
+                --batches 1,64 --skip-hf --repeats 2 --json "/tmp/shape_$m.json"
+        done
+        python3 -c 'import json, sys, glob; json.dump({p.split("shape_")[1][:-5]: json.load(open(p)) for p in sorted(glob.glob("/tmp/shape_*.json"))}, open(sys.argv[1], "w"), indent=1)' \
+            "$OUT/shapes_$TAG.json" ;;
+    serving)
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        rm -rf /tmp/serving && mkdir -p /tmp/serving
+        TRITON_CACHE_DIR=$(mktemp -d) DISAGG_STEP_LOG=/tmp/serving/steps \
+            stage serving 420 python3 -m disagg_mpi.cli bench --config configs/llama8b-1gpu-agg.yaml \
+            --config configs/llama8b-1gpu-1ctx-1gen.yaml --label agg --label disagg --num-requests 64 \
+            --input-len 1024 --output-len 128 --request-rate "${RATES:-8}" --warmup 4 --no-progress \
+            --slo-ttft-ms 500 --slo-tpot-ms 15 --no-plots --out /tmp/serving/bench
+        tar czf "$OUT/serving_$TAG.tgz" -C /tmp serving ;;
     control)
         stage control 120 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_control.py --json "$OUT/control_$TAG.json"
         stage codec 60 python3 scripts/bench_control.py --codec --json "$OUT/codec_$TAG.json" ;;

@@ -48,6 +48,7 @@ from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
 from .step_isolation import retry_alone
+from .step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class LLMEngine:
         self._responses: deque[Response] = deque()
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
+        self._step_log = StepLog.open(executor_id)
         self._chains = bool(getattr(group, "chains_decode", False))
         self._predicted: list[int] | None = None  # request ids of the step predicted last
         self.grammars = Grammars(load_tokenizer, model_config.vocab_size)  # guided decoding (grammar.py)
@@ -246,6 +248,7 @@ class LLMEngine:
         if step.is_empty:
             return
         by_id = {seq.req_id: seq for seq, _ in step.items}
+        t_start = time.time()
         try:
             sampled = self._run(step, predict=True)
         except Exception:
@@ -260,6 +263,8 @@ class LLMEngine:
                 return
         self.stats["iterations"] += 1
         self.stats["tokens"] += step.num_tokens
+        if self._step_log is not None:
+            self._step_log.write(t_start, time.time(), [n for _, n in step.items])
         finished = self.scheduler.update(step, sampled)
         now = time.perf_counter()
         for rid, token in sampled.items():

@@ -208,6 +208,31 @@ PRESETS: dict[str, ModelConfig] = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+    # Other Llama-family shapes for the decode kernels' tile choice (config.json of each model):
+    # head_dim 64 and 128, GQA ratios 1 (MHA), 3, 4 and 7, hidden sizes 2,048 to 4,096.
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+        num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+    "llama-3.2-3b": ModelConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
+    "llama-2-7b": ModelConfig(   # multi-head attention: as many KV heads as query heads
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_ids=[2]),
+    "qwen2.5-7b": ModelConfig(   # GQA 7, q/k/v biases
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
+        bos_token_id=151643, eos_token_ids=[151645, 151643], architecture="qwen2"),
     # Qwen3 shapes (config.json of Qwen/Qwen3-8B and Qwen/Qwen3-30B-A3B): q/k norm, head_dim 128.
     "qwen3-8b": ModelConfig(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
