@@ -122,6 +122,10 @@ PROCESS: tuple[Knob, ...] = (
     Knob("last_words", str, "", "DISAGG_MPI_LAST_WORDS",
          "internal: the Unix socket where `disagg-mpi serve` keeps in-flight clients' connections, to end "
          "them if the job dies (set by the CLI)"),
+    Knob("warm_up", str, "auto", "DISAGG_WARM_UP",
+         "run every kind of step (the largest prefill, mixed steps, a chunked prefill, decodes, the sampler's "
+         "paths) once before an executor reports ready, so that no compile, plan or allocator growth lands on "
+         "a client; auto: on GPU executors only", choices=("auto", "on", "off")),
     Knob("step_log", str, "", "DISAGG_STEP_LOG",
          "a folder where each executor's leader appends one JSON line per step (wall time, duration, "
          "sequences, tokens, the longest prefill chunk): where a serving stall happened and on what shape"),

@@ -22,6 +22,8 @@ from ..model.tokenizer import load_tokenizer
 from ..transfer.cache_state import CacheState
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner, Sampled, StepPlan
+from .warm_up import enabled as warm_up_enabled
+from .warm_up import warm_up
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +73,9 @@ class Executor:
         cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv.block_size,
                                         config.dtype)
         self._engine = LLMEngine(_LocalGroup(self._runner), mc, config, cache_state, load_tokenizer=tokenizer)
+        self.warm_up_report: dict | None = None   # what engine/warm_up.py ran (DISAGG_WARM_UP)
+        if warm_up_enabled(self._runner.device.type):
+            self.warm_up_report = warm_up(self._engine, mc.max_position_embeddings)
         self._ids = itertools.count(1)
         self._ready: deque[Response] = deque()
         self._shutdown = False

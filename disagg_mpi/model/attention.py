@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from disagg_mpi.model import triton_kernels
 from disagg_mpi.model.context import AttentionMetadata
 
 
@@ -141,9 +142,20 @@ class DecodeRows:
     tables: torch.Tensor    # [b, max_blocks] their block tables (device; -1 = none)
     ctx: torch.Tensor       # [b] their context lengths (device)
     nb: int                 # blocks of the longest context
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # Triton's tables
 
     def attend(self, q: torch.Tensor, pool: torch.Tensor, layer: int, block_size: int,
                window: int | None = None) -> torch.Tensor:
+        if window is None and triton_kernels.available(q.device) and _pow2(q.shape[-1]):
+            # The paged Triton kernel reads the blocks in place. The padded gather + masked SDPA
+            # below has a new shape (decodes x longest context) nearly every mixed step, and a
+            # shape-keyed SDPA backend (cuDNN) plans each one anew: 0.5 s steps were logged on
+            # an H100 while serving (DISAGG_STEP_LOG), none on decode-only or prefill-only steps.
+            if self._flat is None:
+                self._flat = (self.tables.contiguous().view(-1),
+                              torch.tensor([self.tables.shape[1]], device=q.device))
+            return triton_kernels.paged_decode_attention(q[self.rows].contiguous(), pool, layer,
+                                                         self._flat[0], self._flat[1], self.ctx)
         return _decode_over(q[self.rows], pool, layer, self.tables, self.ctx, self.nb, block_size, window)
 
 
@@ -218,6 +230,10 @@ def _group(seqs: list[int], qsl: list[int], lens: list[int], n_all: int,
         return FreshGroup(b, t, rows, None, rows)
     src = start[:, None] + torch.minimum(torch.arange(t)[None, :], n[:, None] - 1)
     return FreshGroup(b, t, src.flatten().to(device), (seq.to(device), pos.to(device)), rows)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
 
 
 def window_mask(qpos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:

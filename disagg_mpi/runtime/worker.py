@@ -19,6 +19,8 @@ from .. import protocol as P
 from ..config import Topology
 from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner, ParallelInfo, Sampled, StepPlan
+from ..engine.warm_up import enabled as warm_up_enabled
+from ..engine.warm_up import warm_up
 from ..knobs import env_value
 from ..model.loader import load_model
 from ..model.parallel import ShardSpec
@@ -197,6 +199,15 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
     engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
                        send_peer=lambda dest, msg: send(comms.ctl, msg, dest),
                        load_tokenizer=lambda: load_tokenizer(topo.model.path))  # guided decoding only
+    if warm_up_enabled(runner.device.type):  # before Ready: no compile or plan lands on a client
+        try:
+            done = warm_up(engine, mc.max_position_embeddings)
+            log.info("rank %d: warm-up ran %d steps in %.1f s", comms.rank, done["steps"], done["seconds"])
+        except Exception as err:
+            log.exception("rank %d: warm-up failed", comms.rank)
+            send(comms.ctl, P.Ready(comms.executor_id, f"rank {comms.rank}: warm-up: {type(err).__name__}: {err}"), 0)
+            group.shutdown()
+            return
     send(comms.ctl, P.Ready(comms.executor_id, None, str(runner.device)), 0)
     _leader_loop(comms, engine, group, cfg)
     group.shutdown()

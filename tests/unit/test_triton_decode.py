@@ -206,3 +206,22 @@ def test_model_fast_decode_matches_eager():
     got, pool = run(True)
     assert got == ref
     torch.testing.assert_close(pool, ref_pool, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_q,n_kv,d", [(8, 2, 64), (32, 8, 128)])
+def test_decodes_of_a_mixed_step_read_the_pool_in_place(n_q, n_kv, d):
+    """The decode rows of a prefill step take the paged kernel (no padded gather, no per-shape
+    SDPA plan): the same output as the gather + masked SDPA path, rows picked out of a wider step."""
+    from disagg_mpi.model.attention import DecodeRows, _decode_over
+
+    ctxs = [37, 5, 90]
+    c = _case(ctxs, n_q, n_kv, d, torch.float32, seed=3)
+    b, width = len(ctxs), int(c["table_stride"][0])
+    tables = c["tables"].view(b, width)
+    step_q = torch.randn(b + 4, n_q, d, device=DEVICE)            # a prefill's rows around them
+    rows = torch.tensor([4, 1, 6], device=DEVICE)
+    nb = -(-max(ctxs) // BS)
+    dr = DecodeRows(rows, tables[:, :nb], c["ctx"], nb)
+    got = dr.attend(step_q, c["pool"], 1, BS)
+    want = _decode_over(step_q[rows], c["pool"], 1, tables, c["ctx"], nb, BS)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
