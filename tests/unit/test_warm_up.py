@@ -6,7 +6,7 @@ from disagg_mpi.api import ExecutorConfig, KvCacheConfig, Request
 from disagg_mpi.engine.executor import Executor
 from disagg_mpi.engine.warm_up import NEW_TOKENS, warm_up_plan
 
-CFG = dict(max_batch_size=8, max_num_tokens=64, kv_cache_config=KvCacheConfig(num_blocks=64, block_size=16))
+CFG = {"max_batch_size": 8, "max_num_tokens": 64, "kv_cache_config": KvCacheConfig(num_blocks=64, block_size=16)}
 
 
 def test_plan_reaches_every_kind_of_step():
