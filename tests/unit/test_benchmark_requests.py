@@ -125,3 +125,20 @@ def test_executor_streams_the_first_token_and_ends_at_max_tokens_one(executor):
     refused = executor.generate([_bench(guided_decoding=GuidedDecodingParams("json"))])[0]
     assert refused.error_param == FIELD
     executor.check_blocks_free()
+
+
+def test_bench_modes_parse_and_mark_their_results():
+    from disagg_mpi.bench.report import column_name, load_label
+    from disagg_mpi.bench.runner import LoadPoint, parse_modes
+
+    assert parse_modes("full") == ["full"]
+    assert parse_modes("full, generation-only") == ["full", "generation-only"]
+    for bad in ("", "gen", "full,full"):
+        with pytest.raises(ValueError, match="--mode"):
+            parse_modes(bad)
+    assert LoadPoint(mode="generation-only").body == {"disagg_benchmark": "generation_only"}
+    assert LoadPoint().body == {}
+    gen = {"label": "a", "bench_mode": "generation-only", "request_rate": 1.0, "concurrency": 4}
+    assert load_label(gen) == "generation-only,rate=1,conc=4"
+    assert column_name(gen, many_loads=False) == "a (generation-only)"
+    assert column_name({**gen, "bench_mode": "full"}, many_loads=False) == "a"
