@@ -239,6 +239,13 @@ class Request:
         """Top alternatives per token when logprobs are asked, else None."""
         return self.num_logprobs if self.output_config.return_log_probs else None
     guided_decoding: GuidedDecodingParams | None = None  # e.g. OpenAI's response_format (JSON)
+    # Benchmarks only (TensorRT-LLM's generation-only benchmark requests): no context phase. The
+    # executor that decodes reserves the prompt's KV blocks without computing them (they hold whatever
+    # the pool held: the output is meaningless), takes the prompt's last token as the first output
+    # token and decodes the rest, so each decode step costs what it would after a real prompt of that
+    # length. Rank 0 sends it straight to a generation (or the aggregated) executor; see
+    # engine/benchmark.py and docs/benchmarks.md.
+    benchmark_generation_only: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -267,6 +274,7 @@ class Request:
             output_config=OutputConfig(**(d.get("output_config") or {})),
             num_logprobs=d.get("num_logprobs", 0),
             guided_decoding=GuidedDecodingParams.from_dict(d.get("guided_decoding")),
+            benchmark_generation_only=bool(d.get("benchmark_generation_only", False)),
         )
 
 

@@ -160,6 +160,9 @@ class ServerSpec(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Take generation-only benchmark requests (`disagg_benchmark`; serve --allow-benchmark-requests): they
+    # hold KV blocks without computing anything, so a server for the public keeps them off.
+    allow_benchmark_requests: bool = False
 
 
 class Topology(_Strict):

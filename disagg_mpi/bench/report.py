@@ -25,8 +25,14 @@ _DIST_TITLES = {"ttft_ms": "ttft (ms)", "tpot_ms": "tpot (ms)", "itl_ms": "itl (
                 "kv_transfer_ms": "kv_transfer (ms)", "kv_transfer_gbps": "kv_transfer (GB/s)"}
 
 
+def _mode(r: dict[str, Any]) -> str | None:
+    """A result's benchmark mode when it is not the default one (runner.MODES: generation-only)."""
+    m = r.get("bench_mode", "full")
+    return None if m == "full" else m
+
+
 def load_label(r: dict[str, Any]) -> str:
-    parts = []
+    parts = [_mode(r)] if _mode(r) else []
     rate = r.get("request_rate")
     if rate is not None:
         parts.append(f"rate={'inf' if math.isinf(rate) else f'{rate:g}'}")
@@ -36,7 +42,9 @@ def load_label(r: dict[str, Any]) -> str:
 
 
 def column_name(r: dict[str, Any], many_loads: bool) -> str:
-    return f"{r['label']} @{load_label(r)}" if many_loads else r["label"]
+    if many_loads:
+        return f"{r['label']} @{load_label(r)}"
+    return r["label"] + (f" ({_mode(r)})" if _mode(r) else "")
 
 
 def _fmt(v: Any) -> str:
@@ -97,7 +105,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-CSV_LEAD = ("label", "config", "url", "request_rate", "concurrency")
+CSV_LEAD = ("label", "config", "url", "bench_mode", "request_rate", "concurrency")
 
 
 def write_outputs(out_dir: str | Path, results: Sequence[dict[str, Any]], meta: dict[str, Any],
@@ -171,8 +179,8 @@ def plot_latency_cdfs(path: Path, results: Sequence[dict[str, Any]],
 def plot_throughput_vs_load(path: Path, results: Sequence[dict[str, Any]]) -> list[Path]:
     """Only when some configuration ran more than one load point (a sweep)."""
     by_label: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_label.setdefault(r["label"], []).append(r)
+    for r in results:   # a line per target and mode
+        by_label.setdefault(r["label"] + (f" {_mode(r)}" if _mode(r) else ""), []).append(r)
     if max((len(v) for v in by_label.values()), default=0) < 2:
         return []
     import matplotlib

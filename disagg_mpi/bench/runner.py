@@ -29,10 +29,35 @@ class Target:
     warmup: list[BenchRequest] | None = None
 
 
+# What a load point measures. "full": every request prefills and decodes (the serving benchmark).
+# "generation-only": no context phase (TensorRT-LLM's generation-only benchmark): each request carries
+# `disagg_benchmark: "generation_only"`, so the executor that decodes reserves the prompt's KV without
+# computing it and decodes from a fixed first token (meaningless text, real decode cost); TTFT is then
+# the wait for a place in the decode batch, TPOT/ITL the decode side alone. The server must allow it
+# (serve --allow-benchmark-requests, which `bench` passes to the servers it starts).
+MODES = ("full", "generation-only")
+_MODE_BODY = {"full": {}, "generation-only": {"disagg_benchmark": "generation_only"}}
+
+
+def parse_modes(value: str) -> list[str]:
+    """'full', 'generation-only' or both, comma-separated (each load point runs in each mode)."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise ValueError(f"--mode {value!r}: give {' or '.join(MODES)}, or both comma-separated, each once")
+    return modes
+
+
 @dataclass
 class LoadPoint:
     request_rate: float = math.inf
     concurrency: int | None = None
+    mode: str = "full"   # one of MODES
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """What this mode adds to every request body."""
+        return _MODE_BODY[self.mode]
 
 
 @dataclass
@@ -73,7 +98,7 @@ def run_point(url: str, s: BenchSettings, load: LoadPoint, desc: str) -> tuple[l
 
     try:
         return asyncio.run(run_load(url, s.requests, load.request_rate, load.concurrency, s.seed, s.temperature,
-                                    s.request_timeout, s.extra_body, s.headers, done))
+                                    s.request_timeout, {**s.extra_body, **load.body}, s.headers, done))
     finally:
         with contextlib.suppress(OSError):   # the terminal may have hung up (SIGHUP)
             bar.close()
@@ -84,7 +109,7 @@ def warm_up(url: str, s: BenchSettings, load: LoadPoint) -> None:
         return
     conc = load.concurrency or len(s.warmup)
     recs, _ = asyncio.run(run_load(url, s.warmup, math.inf, conc, s.seed, s.temperature, s.request_timeout,
-                                   s.extra_body, s.headers))
+                                   {**s.extra_body, **load.body}, s.headers))
     bad = [r for r in recs if not r.ok]
     if bad:
         log.warning("%d of %d warm-up requests failed: %s", len(bad), len(recs), bad[0].error)
@@ -100,14 +125,16 @@ def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], 
         s = replace(s, requests=target.requests, warmup=target.warmup or [])
     warm_up(url, s, s.loads[0])
     for load in s.loads:
-        desc = f"{target.label}"
+        desc = f"{target.label}" + (f" {load.mode}" if load.mode != "full" else "")
         if len(s.loads) > 1 or not math.isinf(load.request_rate) or load.concurrency:
             desc += f" rate={load.request_rate:g}" + (f" conc={load.concurrency}" if load.concurrency else "")
         records, duration = run_point(url, s, load, desc)
         summary = aggregate(records, duration, s.slo_ttft_ms, s.slo_tpot_ms)
-        run_id = f"{target.label}|{load.request_rate}|{load.concurrency}"
+        mode_tag = "" if load.mode == "full" else f"|{load.mode}"
+        run_id = f"{target.label}|{load.request_rate}|{load.concurrency}{mode_tag}"
         res = {"run": run_id, "label": target.label, "config": target.config, "url": url,
-               "request_rate": load.request_rate, "concurrency": load.concurrency, **summary}
+               "bench_mode": load.mode, "request_rate": load.request_rate, "concurrency": load.concurrency,
+               **summary}
         errors = [r.error for r in records if not r.ok]
         if errors:
             res["first_errors"] = errors[:5]
@@ -118,8 +145,8 @@ def bench_url(target: Target, url: str, s: BenchSettings, echo: Callable[[str], 
             echo(f"{target.label}: {mismatch} requests returned a different number of tokens than asked "
                  "(does the server honour ignore_eos?)")
         for r in records:
-            rows.append({"run": run_id, "label": target.label, "request_rate": load.request_rate,
-                         "concurrency": load.concurrency, **r.to_dict()})
+            rows.append({"run": run_id, "label": target.label, "bench_mode": load.mode,
+                         "request_rate": load.request_rate, "concurrency": load.concurrency, **r.to_dict()})
         results.append(res)
         echo(point_line(desc, res))
     return results, rows
@@ -151,7 +178,9 @@ def run_benchmark(targets: Sequence[Target], s: BenchSettings, echo: Callable[[s
             bench_url(t, t.url, s, echo, results, rows)
             continue
         log_path = (s.log_dir / f"serve-{_safe(t.label)}.log") if s.log_dir else None
-        srv = ServeProcess(t.config, log_path, host=s.host, startup_timeout=s.startup_timeout, grace=s.stop_grace)
+        allow = ("--allow-benchmark-requests",) if any(ld.mode != "full" for ld in s.loads) else ()
+        srv = ServeProcess(t.config, log_path, host=s.host, startup_timeout=s.startup_timeout, grace=s.stop_grace,
+                           extra_args=allow)
         echo(f"{t.label}: starting disagg-mpi serve --config {t.config}")
         try:
             with srv:

@@ -4,7 +4,8 @@ For each `--config` in turn it starts `disagg-mpi serve` on a free port, waits
 for `/health`, drives the workload through `POST /v1/completions` (streaming,
 `ignore_eos`), stops the server with SIGTERM, and finally prints the
 configurations side by side. `--url` benchmarks a server that is already
-running instead.
+running instead. `--mode generation-only` times the decode side alone (no
+context phase: bench/runner.py MODES).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _parse_kv_json(value: str | None, what: str) -> dict:
 @click.option("--request-rate", default=None,
               help="Poisson arrivals in req/s; 'inf' sends all at once; '1,2,4' sweeps. [default: inf]")
 @click.option("--concurrency", default=None, help="At most this many requests in flight; '1,4,8' sweeps.")
+@click.option("--mode", "mode", default="full", show_default=True,
+              help="full: every request prefills and decodes. generation-only: no context phase (TensorRT-LLM's "
+                   "generation-only benchmark): the decoding executor reserves each prompt's KV without computing "
+                   "it, so TTFT is the wait for the decode batch and TPOT/ITL the decode side alone (meaningless "
+                   "text); started servers get --allow-benchmark-requests, a --url server must allow it. "
+                   "'full,generation-only' runs both.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Uncounted requests sent first.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
@@ -82,7 +89,7 @@ def _parse_kv_json(value: str | None, what: str) -> dict:
                    "auto asks each server with one 1-token request (llama.cpp's server takes text only).")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, output_len, input_len_dist,
-          output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, request_rate, concurrency,
+          output_len_dist, shared_prefix_ratio, max_input_len, max_output_len, request_rate, concurrency, mode,
           warmup, seed, temperature, slo_ttft_ms, slo_tpot_ms, out_dir, no_plots, no_progress, host,
           startup_timeout, stop_grace, request_timeout, extra_body, api_key, log_level, prompt_format):
     """Benchmark serving: each --config served in turn (or --url), one workload, a side-by-side table."""
@@ -91,7 +98,7 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
     require_extra("bench", "aiohttp", "matplotlib")
     import logging
 
-    from ..bench.runner import BenchSettings, LoadPoint, Target
+    from ..bench.runner import BenchSettings, LoadPoint, Target, parse_modes
     from ..bench.workload import parse_int_list, parse_rates
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
@@ -107,12 +114,14 @@ def bench(configs, labels, urls, model_spec, dataset, num_requests, input_len, o
     try:
         rates = parse_rates(request_rate) if request_rate else [math.inf]
         concs = parse_int_list(concurrency, "--concurrency") if concurrency else [None]
+        modes = parse_modes(mode)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
-    loads = [LoadPoint(r, c) for r in rates for c in concs]
+    loads = [LoadPoint(r, c, m) for m in modes for r in rates for c in concs]
 
     targets = _targets(configs, urls, labels, Target)
-    workload_meta = {"num_requests": num_requests, "seed": seed, "warmup": warmup, "temperature": temperature}
+    workload_meta = {"num_requests": num_requests, "seed": seed, "warmup": warmup, "temperature": temperature,
+                     "modes": modes}
     workload_meta.update(_attach_workloads(
         targets, model_spec, lambda spec: _workload(spec, dataset, num_requests, warmup, input_len, output_len,
                                                     input_len_dist, output_len_dist, shared_prefix_ratio,
@@ -286,7 +295,8 @@ def _loadavg() -> list[float] | None:
 
 def _load_desc(ld) -> str:
     rate = "inf" if math.isinf(ld.request_rate) else f"{ld.request_rate:g}"
-    return f"rate {rate} req/s" + (f", concurrency {ld.concurrency}" if ld.concurrency else "")
+    mode = f"{ld.mode}, " if ld.mode != "full" else ""
+    return f"{mode}rate {rate} req/s" + (f", concurrency {ld.concurrency}" if ld.concurrency else "")
 
 
 def _workload(spec, dataset, num_requests, warmup, input_len, output_len, input_len_dist, output_len_dist,

@@ -33,9 +33,13 @@ def _say(msg: str) -> None:
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="Seconds to let in-flight requests finish after SIGINT/SIGTERM/SIGUSR2 before cancelling them.")
 @click.option("--served-model-name", default=None, help="The model name clients use (default: model.path).")
+@click.option("--allow-benchmark-requests", is_flag=True,
+              help="Take generation-only benchmark requests (the disagg_benchmark field; `disagg-mpi bench --mode "
+                   "generation-only`): they hold KV blocks without computing them, so leave this off for the public "
+                   "(default: server.allow_benchmark_requests of the config, false).")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(config: str, host: str | None, port: int | None, api_key: str | None, port_file: str | None,
-          grace: float, served_model_name: str | None, log_level: str) -> None:
+          grace: float, served_model_name: str | None, allow_benchmark_requests: bool, log_level: str) -> None:
     """Serve the topology over an OpenAI-compatible HTTP API until SIGINT/SIGTERM/SIGUSR2.
 
     Under a hand-started Open MPI `mpirun`, send SIGUSR2 to drain: its SIGTERM kills the job.
@@ -45,6 +49,8 @@ def serve(config: str, host: str | None, port: int | None, api_key: str | None, 
     """
     require_extra("serve", "aiohttp", "prometheus_client")
     topo = load_topology_or_exit(config)
+    if allow_benchmark_requests:
+        topo = topo.model_copy(update={"server": topo.server.model_copy(update={"allow_benchmark_requests": True})})
     if port is not None and not 0 <= port <= 65535:
         raise click.ClickException(f"--port {port} must be in 0..65535")
     if not inside_mpi_job():

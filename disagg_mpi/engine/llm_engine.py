@@ -38,6 +38,7 @@ from ..api import (
 from ..knobs import env_value
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
+from . import benchmark
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
 from .grammar import Grammars, fill_masks
@@ -155,6 +156,9 @@ class LLMEngine:
             seq = self._make_sequence(req_id, request)
             if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY:
                 self.handoff.admit(seq, request)
+            elif seq.fake_context and seq.check_stop(seq.output_ids[0]) is not None:  # ended by its first token
+                seq.finish(seq.check_stop(seq.output_ids[0]))
+                self._finish(seq)
             else:
                 if client_hold and seq.keep_blocks:
                     self.handoff.check_client_hold(seq)
@@ -178,6 +182,7 @@ class LLMEngine:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isinf(v):
                 raise RequestError(f"{name}={v!r} must be a finite number", f"sampling_config.{name}")
         sc.validate()
+        benchmark.check_request(r)
         ids = r.input_token_ids
         if ids is None or (isinstance(ids, (list, tuple)) and not ids):
             raise RequestError("the prompt is empty; send at least one token", "input_token_ids")
@@ -212,6 +217,8 @@ class LLMEngine:
         if guided is not None:
             seq.grammar = self.grammars.state(guided)
         seq.num_logprobs = _logprobs_k(r)
+        if r.benchmark_generation_only:  # no context phase: decoding starts from a fixed first token
+            seq.fake_context, seq.output_ids = True, [benchmark.fake_first_token(ids)]
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
@@ -248,6 +255,8 @@ class LLMEngine:
         if step.is_empty:
             return
         by_id = {seq.req_id: seq for seq, _ in step.items}
+        for seq in benchmark.first_steps(step.items, self._meta):  # streamed as they join the batch
+            self._emit(seq, list(seq.output_ids), final=False)
         t_start = time.time()
         try:
             sampled = self._run(step, predict=True)

@@ -242,7 +242,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted between schedule() and update()
             seq.num_computed_tokens += n
-            if bm.enable_prefix_reuse:
+            if bm.enable_prefix_reuse and not seq.fake_context:  # (fake KV must never be shared)
                 bm.commit_full_blocks(seq.req_id, seq.all_ids[: seq.num_computed_tokens])
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # partial prefill chunk: nothing sampled
@@ -289,11 +289,12 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence) -> bool:
         bm = self.block_manager
-        prompt = seq.prompt_ids if bm.enable_prefix_reuse else None
+        prompt = seq.prompt_ids if bm.enable_prefix_reuse and not seq.fake_context else None
         if not bm.can_allocate(seq.max_total_tokens, prompt):
             return False
         bm.allocate(seq.req_id, seq.max_total_tokens, prompt)
-        seq.num_computed_tokens = bm.num_cached_tokens(seq.req_id)
+        # A benchmark request's prompt counts as in the cache (engine/benchmark.py): it starts decoding.
+        seq.num_computed_tokens = seq.num_prompt_tokens if seq.fake_context else bm.num_cached_tokens(seq.req_id)
         return True
 
     def _start(self, seq: Sequence) -> None:

@@ -161,6 +161,9 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs]
     # Guided decoding: the matcher (grammar.GrammarState), on the leader only; it follows output_ids
     grammar: Any = None
+    # A generation-only benchmark request (engine/benchmark.py): the prompt's KV is reserved, never
+    # computed, and its blocks never enter the prefix cache.
+    fake_context: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

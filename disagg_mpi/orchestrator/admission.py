@@ -28,6 +28,7 @@ from ..api import (
     SamplingConfig,
     as_int,
 )
+from ..engine import benchmark
 from ..engine.grammar import grammar_of
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
@@ -138,6 +139,7 @@ def check_request(r: Any, limits: ModelLimits, generation_only: bool | None = No
     if r.client_id is not None and (not isinstance(r.client_id, str) or not _utf8(r.client_id)):
         raise RequestError(f"client_id={_shown(r.client_id)} must be a string of valid UTF-8 or None", "client_id")
     check_logprobs(r)
+    benchmark.check_request(r)  # a generation-only benchmark request: nothing of a context phase
     if r.guided_decoding is not None:
         grammar_of(r.guided_decoding)  # a schema that cannot compile is refused here, not on an executor
     if generation_only is None:

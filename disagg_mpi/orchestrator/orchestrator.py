@@ -84,7 +84,8 @@ class DisaggOrchestrator:
         self._send(Enqueue([(exec_req_id, request)], client_hold), executor)
         self.tracks.assign(gid, executor, phase, exec_req_id)
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
-        self.prefix[executor].insert(request.input_token_ids)
+        if not request.benchmark_generation_only:  # (its blocks never enter the executor's prefix cache)
+            self.prefix[executor].insert(request.input_token_ids)
 
     def _dispatch_new(self, gid: int, request: Request, executor: int, phase: str) -> None:
         try:
@@ -165,6 +166,9 @@ class DisaggOrchestrator:
         limit = self.topo.router.local_prefill_max_tokens
         gids = []
         for r in requests:  # conditional disaggregation, request by request
+            if r.benchmark_generation_only:  # no context to compute: straight to where it decodes
+                gids.append(self._start_one_phase(r, aggregated, None))
+                continue
             gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 else -1
             if limit > 0 and run_locally(len(r.input_token_ids), self.prefix[gen].cached_tokens(r.input_token_ids),
                                          limit):

@@ -33,6 +33,7 @@ from .protocol import (
     CONTEXT_ONLY,
     ApiError,
     ParsedRequest,
+    check_benchmark_allowed,
     check_limits,
     error_body,
     http_param,
@@ -150,6 +151,7 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     try:
         raw = await request.read()
         p = parse(parse_json_body(raw), state.tok, state.model_names, state.vocab)
+        check_benchmark_allowed(p, state.topo.server.allow_benchmark_requests)
         check_limits(p, state.limits)
     except (ApiError, web.HTTPException) as err:
         state.metrics.outcome("refused" if err.status < 500 else "error")

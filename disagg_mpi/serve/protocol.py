@@ -29,6 +29,9 @@ MAX_CHOICES = 64  # prompts x n in one request
 CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
 CONTEXT_AND_GENERATION = "context_and_generation"
+# Our extension field: "generation_only" asks for a generation-only benchmark request (no context phase,
+# meaningless output: engine/benchmark.py); refused unless the server allows it (check_benchmark_allowed).
+BENCHMARK_FIELD = "disagg_benchmark"
 
 
 # Fields of each endpoint. Engine fields are used; the "OpenAI fields we accept"
@@ -36,7 +39,7 @@ CONTEXT_AND_GENERATION = "context_and_generation"
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
            "stream", "stream_options", "disaggregated_params", "n", "user", "logprobs", "stop",
            "presence_penalty", "frequency_penalty", "logit_bias", "include_stop_str_in_output",
-           "repetition_penalty", "min_tokens", "min_p", "response_format"}
+           "repetition_penalty", "min_tokens", "min_p", "response_format", BENCHMARK_FIELD}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 
@@ -215,6 +218,26 @@ def _disagg(body: dict[str, Any], stream: bool) -> tuple[str, ContextPhaseParams
     return rt, ContextPhaseParams(ctx_id, list(first), state)
 
 
+def _benchmark(body: dict[str, Any], mode: str) -> bool:
+    v = body.get(BENCHMARK_FIELD)
+    if v is None:
+        return False
+    if v != "generation_only":
+        raise bad(f"{BENCHMARK_FIELD}={v!r} must be \"generation_only\" (or left out)", BENCHMARK_FIELD)
+    if mode != CONTEXT_AND_GENERATION:
+        raise bad(f"{BENCHMARK_FIELD} skips the context phase: it takes no disaggregated_params", BENCHMARK_FIELD)
+    return True
+
+
+def check_benchmark_allowed(p: ParsedRequest, allowed: bool) -> None:
+    """A benchmark request reserves KV blocks without computing anything: a client could hold a pool
+    cheaply, so only a server started for benchmarks takes one."""
+    if not allowed and any(r.benchmark_generation_only for r in p.requests):
+        raise bad(f"{BENCHMARK_FIELD} (generation-only benchmark requests) is not enabled on this server; start "
+                  "it with `disagg-mpi serve --allow-benchmark-requests` (or server.allow_benchmark_requests: "
+                  "true in its config) to allow it", BENCHMARK_FIELD, "benchmark_requests_disabled")
+
+
 def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
     model = body.get("model")
     if model is None:
@@ -257,6 +280,7 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
                 raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
     stream, include_usage = _stream(body)
     mode, cpp = _disagg(body, stream)
+    fake_context = _benchmark(body, mode)
     n = _n(body, len(prompts))
     if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
         raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
@@ -268,7 +292,7 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                     stop_words=list(stop_words), include_stop_str_in_output=include_stop,
                     output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0,
-                    guided_decoding=guided)
+                    guided_decoding=guided, benchmark_generation_only=fake_context)
             for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
@@ -357,7 +381,7 @@ _HTTP_PARAMS = {
     "context_phase_params.first_gen_tokens": "disaggregated_params.first_gen_tokens",
     "context_phase_params.opaque_state": "disaggregated_params.opaque_state",
     "num_logprobs": "logprobs", "output_config": "logprobs",
-    "guided_decoding": "response_format",
+    "guided_decoding": "response_format", "benchmark_generation_only": BENCHMARK_FIELD,
 }
 
 

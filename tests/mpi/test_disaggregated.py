@@ -80,6 +80,37 @@ def test_seed_flow_context_then_generation():
         orch.wait_pools_full()
 
 
+@pytest.mark.world(3)
+def test_generation_only_benchmark_request_skips_the_context_executor():
+    """A generation-only benchmark request (engine/benchmark.py) goes straight to the generation executor,
+    which reserves the prompt's blocks without computing them and decodes exactly max_tokens tokens."""
+    topo = tiny_topology(1, 1)
+    block_size = topo.executors[1].kv_cache.block_size
+    with launch(topo) as orch:
+        if orch is None:
+            return
+        [ctx], [gen] = orch.context_ids, orch.generation_ids
+        prompt, max_tokens = tiny_prompts(8)[7], 300   # 38 tokens; long enough to look at it mid-decode
+        [gid] = orch.submit([Request(prompt, max_tokens, streaming=True, ignore_eos=True,
+                                     benchmark_generation_only=True)])
+        first = orch.await_responses(timeout=60)   # the first token is streamed as it joins the batch
+        assert first and first[0][1].result.output_token_ids == [prompt[-1]], first
+        stats = orch.executor_stats()
+        assert stats[gen]["running"] == 1, stats     # still decoding: its blocks are those of its prompt
+        need = -(-(len(prompt) + max_tokens) // block_size)
+        assert stats[gen]["num_blocks"] - stats[gen]["free_blocks"] == need, stats
+        got = first
+        while not (final := next((r for g, r in got if g == gid and r.is_final), None)):
+            got = orch.await_responses(timeout=60)
+        assert final.error_msg is None and len(final.result.output_token_ids) == max_tokens   # all, streamed too
+        assert final.result.output_token_ids[0] == prompt[-1]
+        m = final.result.metrics
+        assert m.context_executor is None and m.generation_executor == gen and m.kv_transfer_bytes is None
+        stats = orch.wait_pools_full()
+        assert stats[ctx]["iterations"] == 0 and stats[ctx]["tokens"] == 0, stats[ctx]   # never reached it
+        assert stats[gen]["tokens"] == max_tokens - 1   # one token a decode step: no prefill computed
+
+
 @pytest.mark.world(2)
 def test_disaggregated_request_without_transceiver_is_refused():
     with launch(tiny_topology(0, 1)) as orch:

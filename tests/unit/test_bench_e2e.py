@@ -1,6 +1,6 @@
 """`disagg-mpi bench` end to end: it starts `disagg-mpi serve` on a tiny disaggregated topology (random
-weights, 1 context + 1 generation executor, 3 MPI ranks), streams 16 requests through it, stops it, and
-writes the table, JSON, CSV and plots."""
+weights, 1 context + 1 generation executor, 3 MPI ranks), streams 16 requests through it in each mode
+(full, then generation-only: no context phase), stops it, and writes the table, JSON, CSV and plots."""
 
 from __future__ import annotations
 
@@ -41,15 +41,15 @@ def test_bench_end_to_end(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "disagg_mpi.cli", "bench", "--config", str(cfg), "--label", "tiny-disagg",
            "--num-requests", "16", "--input-len", "24", "--output-len", "6", "--request-rate", "inf",
-           "--concurrency", "4", "--warmup", "2", "--slo-ttft-ms", "60000", "--out", str(out),
+           "--concurrency", "4", "--mode", "full,generation-only", "--warmup", "2", "--slo-ttft-ms", "60000", "--out", str(out),
            "--startup-timeout", "600", "--stop-grace", "30"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840, check=False)
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in out.glob("serve-*.log")) if out.exists() else ""
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}\nserver log:\n{logs}"
 
     data = json.loads((out / "results.json").read_text())
-    (res,) = data["results"]
-    assert res["label"] == "tiny-disagg"
+    res, gen_only = data["results"]
+    assert res["label"] == "tiny-disagg" and res["bench_mode"] == "full"
     assert res["num_samples"] == 16 and res["num_errors"] == 0
     assert res["total_output_tokens"] == 16 * 6          # ignore_eos: exact output lengths
     assert res["total_input_tokens"] == 16 * 24
@@ -61,11 +61,22 @@ def test_bench_end_to_end(tmp_path):
     assert res["ttft_ms"]["p50"] <= res["e2e_ms"]["p50"]
     assert data["servers"][0]["exit_code"] is not None
 
+    # Generation-only: the same server (started with --allow-benchmark-requests), no context phase.
+    assert gen_only["bench_mode"] == "generation-only" and data["workload"]["modes"] == ["full", "generation-only"]
+    assert gen_only["num_samples"] == 16 and gen_only["num_errors"] == 0
+    assert gen_only["total_output_tokens"] == 16 * 6 and gen_only["tpot_ms"]["p50"] > 0
+    assert gen_only["kv_transfer_ms"] is None     # nothing moved: no context executor took part
+
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and rows[0]["num_samples"] == "16" and rows[0]["num_errors"] == "0"
-    lines = (out / "requests.jsonl").read_text().splitlines()
-    assert len(lines) == 16
+    assert [r["bench_mode"] for r in rows] == ["full", "generation-only"]
+    assert all(r["num_samples"] == "16" and r["num_errors"] == "0" for r in rows)
+    lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(lines) == 32
+    for row in lines:   # where each request ran, by the server's own metrics
+        sm = row["server_metrics"]
+        assert sm.get("context_executor") == (0 if row["bench_mode"] == "full" else None), row
+        assert sm["generation_executor"] == 1
     png = out / "latency_cdf.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tiny-disagg" in proc.stdout and "ttft (ms) p99" in proc.stdout
+    assert "tiny-disagg" in proc.stdout and "ttft (ms) p99" in proc.stdout and "generation-only" in proc.stdout

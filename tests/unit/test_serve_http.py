@@ -170,6 +170,21 @@ def test_bad_bodies_are_400(server, raw, body, param):
         assert err["param"] == param and param in err["message"]
 
 
+def test_benchmark_requests_are_refused_unless_allowed(server):
+    """`disagg_benchmark` reserves KV without computing it: a server started without
+    --allow-benchmark-requests (this one) refuses it by name, on both endpoints."""
+    for path, body in (("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        async def go(path=path, body=body):
+            async with aiohttp.ClientSession() as s:
+                return await _post(s, server.url + path, {**body, "disagg_benchmark": "generation_only"})
+        status, out = run(go())
+        assert status == 400, out
+        err = out["error"]
+        assert err["param"] == "disagg_benchmark" and err["code"] == "benchmark_requests_disabled", err
+        assert "disagg_benchmark" in err["message"] and "--allow-benchmark-requests" in err["message"]
+
+
 def test_other_errors(server):
     async def go():
         async with aiohttp.ClientSession() as s:
