@@ -288,7 +288,8 @@ class DisaggOrchestrator:
         and the request's metrics: ttft_ms, e2e_ms, context_executor,
         generation_executor, kv_transfer_ms (claim to landed), kv_claim_ms (of it, waiting for
         the context executor to grant the claim; kv_claim_answer_ms, of that, until the context
-        leader answered, by the two ranks' wall clocks), kv_transfer_bytes. Once
+        leader answered, by the two ranks' wall clocks), kv_transfer_bytes, and hops (when it passed
+        each place on every rank: hops.py). Once
         `cancel_when()` returns True the unfinished requests are cancelled (they
         end `cancelled`, keeping the tokens they have).
         """
