@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from .api import MAX_LOGPROBS, OutputConfig, Request, Response, SamplingConfig
+from .hops import durations_ms
 from .serve.errors import ApiError
 from .serve.sampling_fields import response_format
 from .stops import check_stop_strings
@@ -146,6 +147,8 @@ def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str 
             text = tokenizer.decode(r.output_token_ids)
         out = {"id": line_id, "output_ids": r.output_token_ids, "text": text,
                "finish_reason": reason, "error": None, "metrics": _round(r.metrics.to_dict())}
+        if r.metrics.hops:  # where the time went, between consecutive hops (stamps in metrics.hops)
+            out["hops_ms"] = _round(durations_ms(r.metrics.hops))
         if r.log_probs is not None:  # per output token: its logprob and the top [id, logprob] pairs
             out["logprobs"] = [{"logprob": lp.logprob, "top": [[i, v] for i, v in zip(lp.top_ids, lp.top_logprobs)]}
                                for lp in r.log_probs]

@@ -13,6 +13,10 @@ Definitions (all times in ms, taken on the client):
   meets the tpot SLO). None when no SLO is given.
 - kv_transfer_gbps: per request, kv_transfer_bytes / kv_transfer_ms, in GB/s
   (10^9 bytes/s, as in scripts/bench_transfer.py).
+- hops (taken on the server, when it reports `metrics.hops`; disagg_mpi/hops.py): per segment
+  between consecutive hops ("ctx_answer_sent->ctx_answer_received"), and per kind of time
+  (message, queue, compute, copy, rank0) summed over a request's segments, the mean and
+  percentiles over the requests that passed it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any
+
+from ..hops import by_kind, durations_ms, segment_key
 
 PERCENTILES = (50, 90, 99)
 
@@ -59,10 +65,18 @@ class RequestRecord:
     def itl_ms(self) -> list[float]:
         return itl_ms(self.chunk_times) if self.ok else []
 
+    @property
+    def hops(self) -> dict[str, float]:
+        """The server's hop timestamps of this request (empty when it reports none)."""
+        h = self.server_metrics.get("hops")
+        return h if isinstance(h, dict) else {}
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("chunk_times")
         d.update(ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms, e2e_ms=self.e2e_ms, itl_ms=self.itl_ms)
+        if self.hops:  # where the server spent its time (the raw stamps are in server_metrics.hops)
+            d["hops_ms"] = durations_ms(self.hops)
         return d
 
 
@@ -120,6 +134,27 @@ def goodput(records: Sequence[RequestRecord], duration_s: float, slo_ttft_ms: fl
     return good / duration_s
 
 
+def hop_summary(records: Sequence[RequestRecord]) -> dict[str, Any] | None:
+    """Where the server's time went over the requests that report hops: each segment between
+    consecutive hops (in chain order) and each kind of time, summarized with its count `n`
+    (a segment only some requests pass, e.g. the hand-off's, counts only those); None when no
+    request reports hops (another server)."""
+    per = [r.hops for r in records if r.ok and r.hops]
+    if not per:
+        return None
+    segments: dict[str, list[float]] = {}
+    kinds: dict[str, list[float]] = {}
+    for h in per:
+        for name, ms in durations_ms(h).items():
+            segments.setdefault(name, []).append(ms)
+        for kind, ms in by_kind(h).items():
+            kinds.setdefault(kind, []).append(ms)
+
+    return {"num_requests": len(per),
+            "segments_ms": {k: {**summarize(segments[k]), "n": len(segments[k])} for k in sorted(segments, key=segment_key)},
+            "kinds_ms": {k: {**summarize(v), "n": len(v)} for k, v in sorted(kinds.items())}}
+
+
 def kv_gbps(nbytes: float | None, ms: float | None) -> float | None:
     if nbytes is None or ms is None or ms <= 0:
         return None
@@ -167,6 +202,7 @@ def aggregate(records: Sequence[RequestRecord], duration_s: float | None = None,
         "kv_transfer_ms": summarize(kv_ms) if have_kv else None,
         "kv_transfer_gbps": summarize(kv_rates) if have_kv else None,
         "kv_transfer_bytes_total": sum(b for b in kv_bytes if b is not None) if have_kv else None,
+        "hops": hop_summary(ok),
     }
 
 
@@ -182,6 +218,9 @@ def flatten(summary: dict[str, Any]) -> dict[str, Any]:
         if k in DIST_METRICS:
             for stat in ("mean", *(f"p{q}" for q in PERCENTILES)):
                 row[f"{k}_{stat}"] = None if v is None else v.get(stat)
+        elif k == "hops" and v:  # the p50 of each segment and kind of time
+            row.update({f"hop_{seg}_p50": x["p50"] for seg, x in v["segments_ms"].items()})
+            row.update({f"hop_kind_{kind}_p50": x["p50"] for kind, x in v["kinds_ms"].items()})
         elif not isinstance(v, (dict, list)):
             row[k] = v
     return row

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..hops import segment_key
 from .metrics import DIST_METRICS, PERCENTILES, flatten
 
 STATS = ("mean", *(f"p{q}" for q in PERCENTILES))
@@ -78,7 +79,21 @@ def table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
         for stat in STATS:
             rows.append([f"{_DIST_TITLES[key]} {stat}",
                          *(_fmt(None if r.get(key) is None else r[key].get(stat)) for r in results)])
-    return header, rows
+    return header, rows + hop_rows(results)
+
+
+def hop_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Where the server's time went (metrics.hop_summary): the p50 of each kind of time, then of each
+    segment between hops, for what any result reports (none for servers that report no hops)."""
+    hops = [r.get("hops") or {} for r in results]
+    kinds = sorted({k for h in hops for k in h.get("kinds_ms", {})})
+    segments = sorted({k for h in hops for k in h.get("segments_ms", {})}, key=segment_key)
+
+    def p50(h: dict, part: str, name: str) -> str:
+        return _fmt(h.get(part, {}).get(name, {}).get("p50"))
+
+    return ([[f"server time: {k} p50 (ms)", *(p50(h, "kinds_ms", k) for h in hops)] for k in kinds]
+            + [[f"hop {s} p50 (ms)", *(p50(h, "segments_ms", s) for h in hops)] for s in segments])
 
 
 def format_table(results: Sequence[dict[str, Any]], markdown: bool = False) -> str:

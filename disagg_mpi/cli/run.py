@@ -147,3 +147,5 @@ def _print_line(ln: dict, topo) -> None:
         where = f"both phases on executor {gen} (ranks {topo.executors[gen].participant_ids})"
     click.echo(f"[{ln['id']}] {where}; ttft {m.get('ttft_ms', 0):.0f} ms, {ln['finish_reason']}")
     click.echo(f"    {ln['text']!r}")
+    if ln.get("hops_ms"):  # where the time went (docs/architecture.md, "Lifecycle of a request")
+        click.echo("    hops (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ln["hops_ms"].items()))

@@ -41,6 +41,7 @@ from ..api import (
     RequestError,
     RequestMetrics,
 )
+from ..hops import Hop
 from ..protocol import Claim, Release
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, prompt_digest
@@ -84,6 +85,7 @@ class _GenPending:
     # Wall clocks (comparable between ranks of one node): the claim sent here, answered there.
     wall_claim: float = 0.0
     wall_answer: float | None = None
+    wall_granted: float | None = None  # the grant arrived here
     # A one-sided pull (CUDA IPC from a mapped pool) starts with the claim, not after its answer;
     # the blocks are used only once the claim is granted (early_pull), and `landed` records a
     # pull that finished first, with its byte count.
@@ -263,6 +265,10 @@ class Handoff:
             self.host.finish(p.seq)
             return
         m = self.host.metrics(req_id)
+        m.stamp(Hop.CLAIM_SENT, p.wall_claim)
+        if p.wall_granted is not None:  # (none: used on the context's keep_until promise, see above)
+            m.stamp(Hop.CLAIM_GRANTED, p.wall_granted)
+        m.stamp(Hop.KV_LANDED)
         m.kv_transfer_ms = (time.perf_counter() - p.t0) * 1e3
         if p.t_claimed:  # (no answer yet: used on the context's keep_until promise)
             m.kv_claim_ms = (p.t_claimed - p.t0) * 1e3   # the part spent waiting for the claim's answer
@@ -312,7 +318,7 @@ class Handoff:
         if error:  # (an early pull may still write into the blocks)
             self._drop_pending(p, error, p.pull_unfinished, "context_phase_params")  # (a replay, most likely)
             return
-        p.t_claimed = time.perf_counter()
+        p.t_claimed, p.wall_granted = time.perf_counter(), time.time()
         if p.landed is not None:  # the early pull is already in
             del self.pending[gen_req_id]
             self._pulled(p, p.landed)

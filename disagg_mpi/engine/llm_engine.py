@@ -35,6 +35,7 @@ from ..api import (
     SamplingConfig,
     as_int,
 )
+from ..hops import Hop
 from ..knobs import env_value
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, OpaqueStateError
@@ -151,6 +152,8 @@ class LLMEngine:
         """Admit a request; a bad one is answered with an error at once. `client_hold`: a context-only
         request whose generation phase a client sends itself; its hold is capped (hold_cap.py)."""
         meta = _Meta(request.request_type, request.streaming, request.client_id)
+        meta.metrics.stamp(Hop.GEN_ADMITTED if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
+                           else Hop.ADMITTED)
         self._meta[req_id] = meta
         try:
             seq = self._make_sequence(req_id, request)
@@ -257,6 +260,9 @@ class LLMEngine:
         by_id = {seq.req_id: seq for seq, _ in step.items}
         for seq in benchmark.first_steps(step.items, self._meta):  # streamed as they join the batch
             self._emit(seq, list(seq.output_ids), final=False)
+        for seq in (s for s, _ in step.items if not s.is_prefill_done):  # (decode rows cost nothing here)
+            if (meta := self._meta.get(seq.req_id)) and not meta.metrics.passed(Hop.FIRST_CHUNK):
+                meta.metrics.stamp(Hop.FIRST_CHUNK)
         t_start = time.time()
         try:
             sampled = self._run(step, predict=True)
@@ -280,6 +286,8 @@ class LLMEngine:
             meta = self._meta.get(rid)
             if meta and meta.first_token_time is None:
                 meta.first_token_time = now
+                if meta.request_type != RequestType.REQUEST_TYPE_CONTEXT_ONLY:  # (a context's: ctx_answer_sent)
+                    meta.metrics.stamp(Hop.FIRST_TOKEN)
             seq = by_id[rid]
             if meta and meta.streaming and not seq.status.is_finished:
                 self._emit(seq, [token], final=False)

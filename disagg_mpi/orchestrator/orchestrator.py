@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
+from ..hops import Hop
 from ..protocol import (
     Cancel,
     Enqueue,
@@ -83,6 +84,8 @@ class DisaggOrchestrator:
         # Sent before any bookkeeping: a request that cannot be sent leaves none behind.
         self._send(Enqueue([(exec_req_id, request)], client_hold), executor)
         self.tracks.assign(gid, executor, phase, exec_req_id)
+        m = self.tracks.get(gid).metrics
+        m.stamp(Hop.GEN_ENQUEUED if m.passed(Hop.DISPATCH) else Hop.DISPATCH)
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         if not request.benchmark_generation_only:  # (its blocks never enter the executor's prefix cache)
             self.prefix[executor].insert(request.input_token_ids)
@@ -202,7 +205,7 @@ class DisaggOrchestrator:
         return got_any
 
     def _on_responses(self, ex: int, responses: list[Response]) -> None:
-        now = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
         for resp in responses:
             gid = self.tracks.of_response(ex, resp, now)
             if gid is None:
@@ -211,6 +214,9 @@ class DisaggOrchestrator:
             t = self.tracks.get(gid)
             if t.phase == CONTEXT:
                 t.metrics.context_executor = t.executor
+                if resp.result is not None and resp.is_final:  # the context executor's hops, and ours
+                    t.metrics.merge(resp.result.metrics, skip=("executor",))
+                    t.metrics.stamp(Hop.CTX_ANSWER_RECEIVED, wall)
                 self._on_context_answer(gid, t, resp)
                 continue
             if t.metrics.generation_executor is None:
@@ -286,7 +292,8 @@ class DisaggOrchestrator:
         and the request's metrics: ttft_ms, e2e_ms, context_executor,
         generation_executor, kv_transfer_ms (claim to landed), kv_claim_ms (of it, waiting for
         the context executor to grant the claim; kv_claim_answer_ms, of that, until the context
-        leader answered, by the two ranks' wall clocks), kv_transfer_bytes. Once
+        leader answered, by the two ranks' wall clocks), kv_transfer_bytes, and hops (when it passed
+        each place on every rank: hops.py). Once
         `cancel_when()` returns True the unfinished requests are cancelled (they
         end `cancelled`, keeping the tokens they have).
         """

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import Request, RequestMetrics, Response, Result, TokenLogprobs
+from ..hops import Hop
 
 CONTEXT, GENERATION = "context", "generation"
 
@@ -57,7 +58,8 @@ class Tracks:
 
     def new(self, request: Request, flow: Flow) -> int:
         gid = next(self._gids)
-        self._tracks[gid] = Track(request, flow)
+        self._tracks[gid] = t = Track(request, flow)
+        t.metrics.stamp(Hop.ARRIVAL)
         return gid
 
     def next_exec_id(self) -> int:
@@ -95,6 +97,7 @@ class Tracks:
         t = self._tracks.pop(gid)
         now = time.perf_counter()
         m = t.metrics
+        m.stamp(Hop.FINAL)
         if resp.result is not None:
             r = resp.result
             tokens = t.streamed + list(r.output_token_ids) if t.request.streaming else list(r.output_token_ids)

@@ -21,6 +21,7 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner, ParallelInfo, Sampled, StepPlan
 from ..engine.warm_up import enabled as warm_up_enabled
 from ..engine.warm_up import warm_up
+from ..hops import Hop
 from ..knobs import env_value
 from ..model.loader import load_model
 from ..model.parallel import ShardSpec
@@ -274,6 +275,10 @@ def _on_peer(comms: Comms, engine: LLMEngine, msg: P.Message, src: int) -> None:
 def _send_responses(comms: Comms, engine: LLMEngine) -> None:
     responses = engine.take_responses()
     if responses:
+        now = time.time()
+        for r in responses:  # a context's answer leaves now (hops.py: ctx_answer_sent)
+            if r.result is not None and r.result.context_phase_params is not None:
+                r.result.metrics.stamp(Hop.CTX_ANSWER_SENT, now)
         send(comms.ctl, P.Responses(comms.executor_id, responses, engine.load(), engine.blocks.num_free), 0)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from ..api import Response
+from ..hops import stamp_http_body
 from ..orchestrator.admission import ModelLimits, model_limits
 from ..runtime.last_words import Teller
 from ..runtime.signals import STOP_SIGNALS
@@ -42,7 +43,7 @@ from .protocol import (
     parse_json_body,
 )
 from .responses import full_body, logprobs_body
-from .streaming import stream_choices
+from .streaming import HTTP_IN, stream_choices
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
     state = request.app[STATE]
+    request[HTTP_IN] = time.time()  # the request's first hop (hops.py)
     try:
         raw = await request.read()
         p = parse(parse_json_body(raw), state.tok, state.model_names, state.vocab)
@@ -180,7 +182,7 @@ async def _generate(request: web.Request, parse: Any) -> web.StreamResponse:
         outs = [ChoiceOutput(state.tok, r) for r in p.requests]
         finals = await asyncio.gather(*(collect(o, q, functools.partial(state.dispatcher.cancel, gid))
                                         for o, (gid, q) in zip(outs, subs)))
-        return _finish_full(state, p, finals, outs)
+        return _finish_full(state, p, finals, outs, request.get(HTTP_IN))
     except asyncio.CancelledError:  # the client went away
         cancel_all()
         state.metrics.outcome("cancelled")
@@ -217,8 +219,8 @@ def _shut_down(state: ServerState) -> web.Response:
                 "grace period; send it again to another server", "server_error", code="shutting_down")
 
 
-def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], outs: list[ChoiceOutput]
-                 ) -> web.Response:
+def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], outs: list[ChoiceOutput],
+                 http_in: float | None = None) -> web.Response:
     failed = next((r for r in finals if r.has_error() or r.result is None), None)
     if failed is not None:
         return _engine_error(state, p, failed)
@@ -230,6 +232,8 @@ def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], o
         else:
             state.metrics.outcome("ok")
             state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
+    for r in finals:
+        stamp_http_body(r.result.metrics, http_in)
     lps = [logprobs_body(p.kind, state.tok, r.result.output_token_ids, r.result.log_probs,
                          o.tracker.pieces[:len(r.result.output_token_ids)], req.num_logprobs)
            if r.result.log_probs is not None else None for r, o, req in zip(finals, outs, p.requests)]

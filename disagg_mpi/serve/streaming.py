@@ -16,11 +16,13 @@ from typing import Any
 from aiohttp import web
 
 from ..api import RequestMetrics, Response
+from ..hops import SseWrites
 from ..stops import ChoiceOutput
 from .protocol import ParsedRequest, error_body
 from .responses import chunk, finish_reason, logprobs_body, usage_chunk
 
 log = logging.getLogger(__name__)
+HTTP_IN = "http_in"  # the request's key for the time its handler started (app.py)
 
 
 def sse(obj: Any) -> bytes:
@@ -30,8 +32,10 @@ def sse(obj: Any) -> bytes:
 class _Choices:
     """The stream's per-choice state."""
 
-    def __init__(self, state: Any, p: ParsedRequest, subs: list[tuple[int, asyncio.Queue]]):
+    def __init__(self, state: Any, p: ParsedRequest, subs: list[tuple[int, asyncio.Queue]],
+                 http_in: float | None = None):
         self.state, self.p, self.subs = state, p, subs
+        self.http_in, self.sse = http_in, [SseWrites() for _ in subs]  # the HTTP hops (hops.py)
         self.outs = [ChoiceOutput(state.tok, r) for r in p.requests]
         self.first = [True] * len(subs)
         self.cancelled = [False] * len(subs)
@@ -59,6 +63,7 @@ class _Choices:
             self.state.dispatcher.cancel(self.subs[i][0])  # a stop string ended the text: nothing past it goes out
         if not resp.is_final:
             if new or text:
+                self.sse[i].wrote()
                 await out.write(sse(chunk(self.p, text, new, None, self.first[i], i,
                                           self.logprobs(i, new, lps, pieces))))
                 self.first[i] = False
@@ -66,6 +71,9 @@ class _Choices:
         resp = o.final_response(resp)
         reason = resp.result.finish_reason if resp.result else "error"
         last = chunk(self.p, text, new, finish_reason(reason), self.first[i], i, self.logprobs(i, new, lps, pieces))
+        self.sse[i].wrote()
+        if resp.result:
+            self.sse[i].stamp_into(resp.result.metrics, self.http_in)
         last["metrics"] = resp.result.metrics.to_dict() if resp.result else {}  # extension
         await out.write(sse(last))
         if reason == "cancelled":
@@ -89,7 +97,7 @@ async def stream_choices(request: web.Request, state: Any, p: ParsedRequest,
                 return
 
     tasks = [asyncio.create_task(forward(i, q)) for i, (_, q) in enumerate(subs)]
-    c = _Choices(state, p, subs)
+    c = _Choices(state, p, subs, request.get(HTTP_IN))
     try:
         i, resp = await merged.get()
         if resp.has_error():  # refused before anything was sent: a plain error body

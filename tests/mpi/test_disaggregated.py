@@ -154,7 +154,21 @@ def _many_in_flight(n_ctx: int, n_gen: int) -> None:
             assert ctx_seq[:8] == [orch.context_ids[i % n_ctx] for i in range(8)], ctx_seq[:8]
         assert set(ctx_seq) == set(orch.context_ids)
         assert set(gen_seq) == set(orch.generation_ids)
+        for o in outs:
+            _check_hops_in_causal_order(o.result.metrics.hops)
         orch.wait_pools_full()
+
+
+# Every hop of a disaggregated request through the Python API (no HTTP), in causal order
+# (hops.py); one node, so the ranks' wall clocks agree.
+_DISAGG_HOPS = ("arrival", "dispatch", "admitted", "first_chunk", "ctx_answer_sent", "ctx_answer_received",
+                "gen_enqueued", "gen_admitted", "claim_sent", "claim_granted", "kv_landed", "first_token", "final")
+
+
+def _check_hops_in_causal_order(hops):
+    assert hops is not None and set(hops) == set(_DISAGG_HOPS), hops
+    times = [hops[h] for h in _DISAGG_HOPS]
+    assert times == sorted(times), [(h, round((hops[h] - hops["arrival"]) * 1e3, 3)) for h in _DISAGG_HOPS]
 
 
 @pytest.mark.world(3)

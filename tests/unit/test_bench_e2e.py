@@ -59,6 +59,12 @@ def test_bench_end_to_end(tmp_path):
         s = res[key]
         assert 0 < s["p50"] <= s["p90"] <= s["p99"], (key, s)
     assert res["ttft_ms"]["p50"] <= res["e2e_ms"]["p50"]
+    # Where the server's time went (its hops): the hand-off's segments, for every request
+    segs = res["hops"]["segments_ms"]
+    assert res["hops"]["num_requests"] == 16
+    for seg in ("ctx_answer_sent->ctx_answer_received", "claim_sent->claim_granted", "claim_granted->kv_landed"):
+        assert segs[seg]["n"] == 16 and segs[seg]["p50"] >= 0, (seg, segs[seg])
+    assert {"message", "queue", "compute", "copy", "rank0"} <= set(res["hops"]["kinds_ms"])
     assert data["servers"][0]["exit_code"] is not None
 
     # Generation-only: the same server (started with --allow-benchmark-requests), no context phase.
@@ -80,3 +86,6 @@ def test_bench_end_to_end(tmp_path):
     png = out / "latency_cdf.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiny-disagg" in proc.stdout and "ttft (ms) p99" in proc.stdout and "generation-only" in proc.stdout
+    full_row = next(r for r in lines if r["bench_mode"] == "full")
+    assert "kv_landed" in full_row["server_metrics"]["hops"] and full_row["hops_ms"]
+    assert "hop claim_granted->kv_landed p50 (ms)" in (out / "table.md").read_text()

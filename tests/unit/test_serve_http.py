@@ -308,6 +308,9 @@ def test_greedy_http_equals_batch_run(server, batch_run, workdir):
         assert body["choices"][0]["token_ids"] == exp["output_ids"], line_id
         assert body["choices"][0]["text"] == exp["text"], line_id
         assert body["choices"][0]["finish_reason"] == exp["finish_reason"], line_id
+        # run's lines say where the time went (hops.py): rank 0's and both executors' hops
+        assert {"arrival", "ctx_answer_sent", "kv_landed", "final"} <= set(exp["metrics"]["hops"]), line_id
+        assert "ctx_answer_received->gen_enqueued" in exp["hops_ms"], line_id
 
 
 def test_final_chunk_carries_per_request_metrics(server):
@@ -322,18 +325,32 @@ def test_final_chunk_carries_per_request_metrics(server):
             body = {"prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 4, "ignore_eos": True}
             async with s.post(f"{server.url}/v1/completions", json=body, headers=AUTH) as r:
                 full = await r.json()
-            last = None
-            async with s.post(f"{server.url}/v1/completions", json={**body, "stream": True},
+            events = []
+            async with s.post(f"{server.url}/v1/completions", json={**body, "stream": True,
+                                                                    "stream_options": {"include_usage": True}},
                               headers=AUTH) as r:
                 async for raw in r.content:
                     line = raw.decode().strip()
                     if line.startswith("data: {"):
-                        last = _json.loads(line[6:])
-            return full, last
+                        events.append(_json.loads(line[6:]))
+            return full, events
 
-    full, last = asyncio.run(go())
+    full, events = asyncio.run(go())
+    content = [e for e in events if e["choices"]]  # (not the usage chunk)
+    last = content[-1]
     for m in (full["metrics"], last["metrics"]):
         assert m["kv_transfer_bytes"] > 0 and "context_executor" in m and "generation_executor" in m
+    # Where the time went (hops.py): every hop of the chain, in causal order, HTTP in and out included.
+    chain = ["http_in", "arrival", "dispatch", "admitted", "first_chunk", "ctx_answer_sent", "ctx_answer_received",
+             "gen_enqueued", "gen_admitted", "claim_sent", "claim_granted", "kv_landed", "first_token", "final",
+             "http_out"]
+    for m in (full["metrics"], last["metrics"]):
+        times = [m["hops"][h] for h in chain]
+        assert times == sorted(times), m["hops"]
+    sm = last["metrics"]
+    assert sm["sse_events"] == len(content) >= 2 and sm["sse_max_gap_ms"] >= 0
+    assert sm["hops"]["kv_landed"] <= sm["hops"]["sse_first"] <= sm["hops"]["http_out"]
+    assert "sse_events" not in full["metrics"] and "sse_first" not in full["metrics"]["hops"]
 
 
 def test_sigterm_drains_and_exits_zero(server):
