@@ -50,7 +50,7 @@ from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
 from .step_isolation import retry_alone
-from .step_log import StepLog
+from .step_log import StepLog, mark_first_chunks, mark_first_tokens
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _Meta:
     streaming: bool
     client_id: str | None
     arrival: float = field(default_factory=time.perf_counter)
-    first_token_time: float | None = None
+    first_token_time: float | None = None  # (perf_counter; set by step_log.mark_first_tokens)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     num_streamed: int = 0  # output tokens already sent in non-final streaming responses
 
@@ -260,9 +260,7 @@ class LLMEngine:
         by_id = {seq.req_id: seq for seq, _ in step.items}
         for seq in benchmark.first_steps(step.items, self._meta):  # streamed as they join the batch
             self._emit(seq, list(seq.output_ids), final=False)
-        for seq in (s for s, _ in step.items if not s.is_prefill_done):  # (decode rows cost nothing here)
-            if (meta := self._meta.get(seq.req_id)) and not meta.metrics.passed(Hop.FIRST_CHUNK):
-                meta.metrics.stamp(Hop.FIRST_CHUNK)
+        mark_first_chunks(step.items, self._meta)
         t_start = time.time()
         try:
             sampled = self._run(step, predict=True)
@@ -281,13 +279,9 @@ class LLMEngine:
         if self._step_log is not None:
             self._step_log.write(t_start, time.time(), [n for _, n in step.items])
         finished = self.scheduler.update(step, sampled)
-        now = time.perf_counter()
+        mark_first_tokens(sampled, self._meta)
         for rid, token in sampled.items():
             meta = self._meta.get(rid)
-            if meta and meta.first_token_time is None:
-                meta.first_token_time = now
-                if meta.request_type != RequestType.REQUEST_TYPE_CONTEXT_ONLY:  # (a context's: ctx_answer_sent)
-                    meta.metrics.stamp(Hop.FIRST_TOKEN)
             seq = by_id[rid]
             if meta and meta.streaming and not seq.status.is_finished:
                 self._emit(seq, [token], final=False)

@@ -1,4 +1,5 @@
-"""One JSON line per engine step, to locate a stall (`DISAGG_STEP_LOG=<folder>`).
+"""What a step leaves behind for whoever locates a stall: one JSON line per engine step
+(`DISAGG_STEP_LOG=<folder>`), and each request's first-chunk and first-token hops (hops.py).
 
 A serving stall is one step that took much longer than its neighbours; which one and on which
 shape (how many sequences, how many tokens, the longest prefill chunk) tells a compile or a
@@ -8,9 +9,12 @@ written. Each executor's leader writes `<folder>/executor<id>.jsonl`.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import IO
 
+from ..api import RequestType
+from ..hops import Hop
 from ..knobs import env_value
 
 
@@ -37,3 +41,22 @@ class StepLog:
 
     def write(self, t_start: float, t_end: float, chunks: list[int]) -> None:
         self._out.write(json.dumps(step_record(t_start, t_end - t_start, chunks)) + "\n")
+
+
+def mark_first_chunks(items, metas: dict) -> None:
+    """Stamp FIRST_CHUNK on the step's sequences that start their prefill (`items`: (seq, n))."""
+    for seq in (s for s, _ in items if not s.is_prefill_done):  # (decode rows cost nothing here)
+        if (meta := metas.get(seq.req_id)) and not meta.metrics.passed(Hop.FIRST_CHUNK):
+            meta.metrics.stamp(Hop.FIRST_CHUNK)
+
+
+def mark_first_tokens(sampled: dict[int, int], metas: dict) -> None:
+    """Stamp FIRST_TOKEN on the requests whose first token this step sampled (a context-only
+    request's first token is its answer: ctx_answer_sent marks it)."""
+    now = time.perf_counter()
+    for rid in sampled:
+        meta = metas.get(rid)
+        if meta and meta.first_token_time is None:
+            meta.first_token_time = now
+            if meta.request_type != RequestType.REQUEST_TYPE_CONTEXT_ONLY:
+                meta.metrics.stamp(Hop.FIRST_TOKEN)
