@@ -123,7 +123,7 @@ for s in "$@"; do
             stage serving 420 python3 -m disagg_mpi.cli bench --config configs/llama8b-1gpu-agg.yaml \
             --config configs/llama8b-1gpu-1ctx-1gen.yaml --label agg --label disagg --num-requests 64 \
             --input-len 1024 --output-len 128 --request-rate "${RATES:-8}" --warmup 4 --no-progress \
-            --slo-ttft-ms 500 --slo-tpot-ms 15 --no-plots --out /tmp/serving/bench
+            --slo-ttft-ms 500 --slo-tpot-ms 15 --out /tmp/serving/bench
         tar czf "$OUT/serving_$TAG.tgz" -C /tmp serving ;;
     control)
         stage control 120 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_control.py --json "$OUT/control_$TAG.json"
