@@ -71,6 +71,36 @@ def _logprobs_k(r: Request) -> int:
     return k
 
 
+def _prompt_logprobs_k(r: Request) -> int:
+    """Request.num_prompt_logprobs as a k, or NOT_ASKED; RequestError unless None or in [0, MAX_LOGPROBS]."""
+    pk = getattr(r, "num_prompt_logprobs", None)
+    if pk is None:
+        return NOT_ASKED
+    k = _as_int(pk)
+    if k is None or not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(f"num_prompt_logprobs={pk!r} must be None (not asked) or an integer in "
+                           f"[0, {MAX_LOGPROBS}]", "num_prompt_logprobs")
+    return k
+
+
+def prompt_rows(items: list[tuple[Sequence, int]], query_start_loc: list[int]
+                ) -> tuple[list[int], list[int], list[int], list[Sequence]]:
+    """StepPlan.prompt_rows / prompt_targets / prompt_ks for the step's prefill chunks that ask, and the
+    sequence of each row. The logits at prompt position p score prompt token p + 1, so a chunk
+    [start, start + n) contributes its positions below the prompt's last (whose logits sample)."""
+    rows, targets, ks, owners = [], [], [], []
+    for (seq, n), base in zip(items, query_start_loc):
+        if seq.num_prompt_logprobs == NOT_ASKED:
+            continue
+        start = seq.num_computed_tokens
+        for p in range(start, min(start + n, len(seq.prompt_ids) - 1)):
+            rows.append(base + p - start)
+            targets.append(seq.prompt_ids[p + 1])
+            ks.append(seq.num_prompt_logprobs)
+            owners.append(seq)
+    return rows, targets, ks, owners
+
+
 def _logprobs_plan(seqs: list[Sequence]) -> list[int]:
     """StepPlan.logprobs: each row's k, or [] when no row asks (nothing is computed then)."""
     ks = [s.num_logprobs for s in seqs]
@@ -212,6 +242,9 @@ class LLMEngine:
         if guided is not None:
             seq.grammar = self.grammars.state(guided)
         seq.num_logprobs = _logprobs_k(r)
+        if rt != RequestType.REQUEST_TYPE_GENERATION_ONLY:  # (the generation side computes no prompt)
+            seq.num_prompt_logprobs = _prompt_logprobs_k(r)
+            seq.prompt_logprobs = [None] if seq.num_prompt_logprobs != NOT_ASKED else []
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
@@ -294,6 +327,8 @@ class LLMEngine:
             plan.mask_rows = rows
             plan.masks = fill_masks([s.grammar for s in seqs], [s.output_ids for s in seqs],
                                     self.model_config.vocab_size)
+        plan.prompt_rows, plan.prompt_targets, plan.prompt_ks, owners = prompt_rows(step.items,
+                                                                                  inputs.query_start_loc)
         if plan.next_inputs is not None:
             self._predicted = plan.next_inputs.sample_req_ids
         out = self.group.run_step(plan)
@@ -301,6 +336,8 @@ class LLMEngine:
             for rid, lp in zip(inputs.sample_req_ids, out.logprobs, strict=True):
                 if lp is not None:
                     by_id[rid].logprobs.append(lp)
+        for seq, lp in zip(owners, out.prompt_logprobs or [], strict=True):
+            seq.prompt_logprobs.append(lp)
         return dict(zip(inputs.sample_req_ids, out.tokens, strict=True))
 
     def _predict_next(self, step, inputs, sampling) -> Any:
@@ -353,6 +390,8 @@ class LLMEngine:
         if meta.streaming:
             meta.num_streamed += len(tokens)
         result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics(), lps)
+        if seq.num_prompt_logprobs != NOT_ASKED and not seq.prompt_logprobs_sent:  # on the first response
+            result.prompt_log_probs, seq.prompt_logprobs_sent = list(seq.prompt_logprobs), True
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
     def _error(self, req_id: int, message: str, param: str | None = None, retry_after: float | None = None) -> None:

@@ -11,7 +11,7 @@ the largest k asked, one host copy); rows that did not ask are not touched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,4 +43,26 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int
     for j, i in enumerate(rows):
         k = ks[i]
         out[i] = TokenLogprobs(host[j][0], tuple(ids[j][:k]), tuple(host[j][1:1 + k]))
+    return out
+
+
+# Prompt rows per logits slice: [256, 128k] fp32 is 128 MB, where a whole 8k prompt's would be 4 GB.
+PROMPT_SLICE_ROWS = 256
+
+
+def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                    rows: Sequence[int], targets: Sequence[int], ks: Sequence[int],
+                    slice_rows: int = PROMPT_SLICE_ROWS) -> list[TokenLogprobs]:
+    """Request.num_prompt_logprobs: for each flat row of `hidden` [N, H] in `rows`, the logprob of
+    `targets[i]` (the prompt token that follows that position) and its `ks[i]` best alternatives.
+    The logits are made and reduced `slice_rows` rows at a time, so memory stays
+    [slice_rows, vocab] however long the prompt."""
+    if not len(rows) == len(targets) == len(ks):
+        raise ValueError(f"prompt_logprobs: {len(rows)} rows, {len(targets)} targets and {len(ks)} k values "
+                         "must agree")
+    out: list[TokenLogprobs] = []
+    for a in range(0, len(rows), slice_rows):
+        index = torch.tensor(rows[a:a + slice_rows], dtype=torch.long, device=hidden.device)
+        logits = compute_logits(hidden.index_select(0, index))
+        out.extend(token_logprobs(logits, targets[a:a + slice_rows], ks[a:a + slice_rows]))
     return out
