@@ -42,7 +42,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
 from .grammar import Grammars, fill_masks
 from .handoff import Handoff
-from .logprobs import NOT_ASKED
+from .logprobs import NOT_ASKED, prompt_logprobs_k, prompt_rows
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
@@ -69,36 +69,6 @@ def _logprobs_k(r: Request) -> int:
         raise RequestError(f"num_logprobs={r.num_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]",
                            "num_logprobs")
     return k
-
-
-def _prompt_logprobs_k(r: Request) -> int:
-    """Request.num_prompt_logprobs as a k, or NOT_ASKED; RequestError unless None or in [0, MAX_LOGPROBS]."""
-    pk = getattr(r, "num_prompt_logprobs", None)
-    if pk is None:
-        return NOT_ASKED
-    k = _as_int(pk)
-    if k is None or not 0 <= k <= MAX_LOGPROBS:
-        raise RequestError(f"num_prompt_logprobs={pk!r} must be None (not asked) or an integer in "
-                           f"[0, {MAX_LOGPROBS}]", "num_prompt_logprobs")
-    return k
-
-
-def prompt_rows(items: list[tuple[Sequence, int]], query_start_loc: list[int]
-                ) -> tuple[list[int], list[int], list[int], list[Sequence]]:
-    """StepPlan.prompt_rows / prompt_targets / prompt_ks for the step's prefill chunks that ask, and the
-    sequence of each row. The logits at prompt position p score prompt token p + 1, so a chunk
-    [start, start + n) contributes its positions below the prompt's last (whose logits sample)."""
-    rows, targets, ks, owners = [], [], [], []
-    for (seq, n), base in zip(items, query_start_loc):
-        if seq.num_prompt_logprobs == NOT_ASKED:
-            continue
-        start = seq.num_computed_tokens
-        for p in range(start, min(start + n, len(seq.prompt_ids) - 1)):
-            rows.append(base + p - start)
-            targets.append(seq.prompt_ids[p + 1])
-            ks.append(seq.num_prompt_logprobs)
-            owners.append(seq)
-    return rows, targets, ks, owners
 
 
 def _logprobs_plan(seqs: list[Sequence]) -> list[int]:
@@ -243,7 +213,7 @@ class LLMEngine:
             seq.grammar = self.grammars.state(guided)
         seq.num_logprobs = _logprobs_k(r)
         if rt != RequestType.REQUEST_TYPE_GENERATION_ONLY:  # (the generation side computes no prompt)
-            seq.num_prompt_logprobs = _prompt_logprobs_k(r)
+            seq.num_prompt_logprobs = prompt_logprobs_k(r)
             seq.prompt_logprobs = [None] if seq.num_prompt_logprobs != NOT_ASKED else []
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.

@@ -170,7 +170,7 @@ def test_prompt_logprobs_in_slices_equal_one_pass():
 
 
 def test_prompt_rows_of_chunks_score_the_next_prompt_token():
-    from disagg_mpi.engine.llm_engine import prompt_rows
+    from disagg_mpi.engine.logprobs import prompt_rows
     from disagg_mpi.engine.sequence import Sequence
 
     a, b, c = Sequence(1, [10, 11, 12, 13, 14], 4), Sequence(2, [20, 21, 22], 4), Sequence(3, [30, 31], 4)
