@@ -195,6 +195,15 @@ def logprobs_from_wire(w: Any) -> list[TokenLogprobs] | None:
     return None if w is None else [TokenLogprobs.from_wire(t) for t in w]
 
 
+def prompt_logprobs_to_wire(lps: list[TokenLogprobs | None] | None) -> list | None:
+    """Result.prompt_log_probs on the wire (its first entry is None: nothing precedes the first token)."""
+    return None if lps is None else [None if t is None else t.to_wire() for t in lps]
+
+
+def prompt_logprobs_from_wire(w: Any) -> list[TokenLogprobs | None] | None:
+    return None if w is None else [None if t is None else TokenLogprobs.from_wire(t) for t in w]
+
+
 @dataclass
 class ContextPhaseParams:
     """What a context-only request hands to its generation-only twin.
@@ -235,6 +244,11 @@ class Request:
     # With output_config.return_log_probs: how many top alternatives each token's logprobs list
     # (0 to MAX_LOGPROBS; 0 = the sampled token's logprob alone).
     num_logprobs: int = 0
+    # The prompt's logprobs (vLLM's `prompt_logprobs`; OpenAI's echo with logprobs): None = not asked,
+    # k = each prompt token's logprob (the model's raw log-softmax, as return_log_probs) and its k best
+    # alternatives (0 to MAX_LOGPROBS), in `Result.prompt_log_probs`. Such a prompt is computed in full
+    # (no prefix reuse), and costs a [prompt, vocab] logits pass in slices on the context executor.
+    num_prompt_logprobs: int | None = None
 
     @property
     def logprobs_k(self) -> int | None:
@@ -275,6 +289,7 @@ class Request:
             include_stop_str_in_output=bool(d.get("include_stop_str_in_output", False)),
             output_config=OutputConfig(**(d.get("output_config") or {})),
             num_logprobs=d.get("num_logprobs", 0),
+            num_prompt_logprobs=d.get("num_prompt_logprobs"),
             guided_decoding=GuidedDecodingParams.from_dict(d.get("guided_decoding")),
             benchmark_generation_only=bool(d.get("benchmark_generation_only", False)),
         )
@@ -340,6 +355,9 @@ class Result:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     # One per output token (same order) when the request asked (OutputConfig.return_log_probs), else None.
     log_probs: list[TokenLogprobs] | None = None
+    # One per prompt token when the request asked (Request.num_prompt_logprobs), the first None; on the
+    # first response of a request (and again on the final one rank 0 sums up), else None.
+    prompt_log_probs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -370,6 +388,8 @@ class Response:
                  "finish_reason": res.finish_reason}
             if res.log_probs is not None:  # (absent when not asked: responses stay as small as before)
                 r["log_probs"] = logprobs_to_wire(res.log_probs)
+            if res.prompt_log_probs is not None:
+                r["prompt_log_probs"] = prompt_logprobs_to_wire(res.prompt_log_probs)
             r["context_phase_params"] = (self.result.context_phase_params.to_dict()
                                          if self.result.context_phase_params else None)
             r["metrics"] = self.result.metrics.to_dict()
@@ -387,6 +407,7 @@ class Response:
             cpp = r.get("context_phase_params")
             result = Result(list(r["output_token_ids"]), r["is_final"], r.get("finish_reason"),
                             ContextPhaseParams.from_dict(cpp) if cpp else None,
-                            RequestMetrics.from_dict(r.get("metrics")), logprobs_from_wire(r.get("log_probs")))
+                            RequestMetrics.from_dict(r.get("metrics")), logprobs_from_wire(r.get("log_probs")),
+                            prompt_logprobs_from_wire(r.get("prompt_log_probs")))
         return cls(d["request_id"], result, d.get("error_msg"), d.get("client_id"), d.get("error_param"),
                    d.get("retry_after"))

@@ -171,6 +171,8 @@ class ChoiceOutput:
         self.text = ""
         # the kept tokens' logprobs (those past a stop string are dropped with their tokens), if asked
         self.logprobs: list[TokenLogprobs] | None = None
+        # the prompt's (Request.num_prompt_logprobs), from the first response that brings them
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -185,6 +187,8 @@ class ChoiceOutput:
         """The new text, tokens, logprobs and token texts of `resp`, stop strings applied."""
         tokens = list(resp.result.output_token_ids) if resp.result is not None else []
         lps = resp.result.log_probs if resp.result is not None else None
+        if self.prompt_logprobs is None and resp.result is not None:
+            self.prompt_logprobs = resp.result.prompt_log_probs
         start = self.seen if resp.is_final else 0
         new = tokens[start:]
         if not resp.is_final:

@@ -37,6 +37,8 @@ def check_request(r: Request) -> None:
                            "sampled, so no grammar can follow it", FIELD)
     if r.output_config.return_log_probs:
         raise RequestError(f"{FIELD} takes no logprobs: its first token is not sampled and has none", FIELD)
+    if getattr(r, "num_prompt_logprobs", None) is not None:
+        raise RequestError(f"{FIELD} takes no prompt logprobs: its prompt is never computed", FIELD)
 
 
 def fake_first_token(prompt_ids: list[int]) -> int:

@@ -143,6 +143,7 @@ class Executor:
         ids = self.enqueue_requests(requests)
         tokens: dict[int, list[int]] = {i: [] for i in ids}
         lps: dict[int, list] = {i: [] for i in ids}  # and their logprobs, where asked
+        prompt_lps: dict[int, list] = {}  # the prompt's logprobs come on the first response, where asked
         final: dict[int, Response] = {}
         while len(final) < len(ids):
             for r in self.await_responses():
@@ -156,6 +157,9 @@ class Executor:
                     r.result.output_token_ids = list(tokens[r.request_id])
                     if r.result.log_probs is not None:
                         r.result.log_probs = list(lps[r.request_id])
+                    if r.result.prompt_log_probs is not None:
+                        prompt_lps[r.request_id] = r.result.prompt_log_probs
+                    r.result.prompt_log_probs = prompt_lps.get(r.request_id)
                 if r.is_final:
                     final[r.request_id] = r
         return [final[i] for i in ids]

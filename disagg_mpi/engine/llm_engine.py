@@ -44,7 +44,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
 from .grammar import Grammars, fill_masks
 from .handoff import Handoff
-from .logprobs import NOT_ASKED
+from .logprobs import NOT_ASKED, prompt_logprobs_k, prompt_rows
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
 from .scheduler import RequestTooLargeError, Scheduler
@@ -222,6 +222,9 @@ class LLMEngine:
         seq.num_logprobs = _logprobs_k(r)
         if r.benchmark_generation_only:  # no context phase: decoding starts from a fixed first token
             seq.fake_context, seq.output_ids = True, [benchmark.fake_first_token(ids)]
+        if rt != RequestType.REQUEST_TYPE_GENERATION_ONLY and not r.benchmark_generation_only:  # (the generation side computes no prompt)
+            seq.num_prompt_logprobs = prompt_logprobs_k(r)
+            seq.prompt_logprobs = [None] if seq.num_prompt_logprobs != NOT_ASKED else []
         if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             # The generation side decodes the rest; the context keeps its blocks.
             seq.keep_blocks = True
@@ -305,6 +308,8 @@ class LLMEngine:
             plan.mask_rows = rows
             plan.masks = fill_masks([s.grammar for s in seqs], [s.output_ids for s in seqs],
                                     self.model_config.vocab_size)
+        plan.prompt_rows, plan.prompt_targets, plan.prompt_ks, owners = prompt_rows(step.items,
+                                                                                  inputs.query_start_loc)
         if plan.next_inputs is not None:
             self._predicted = plan.next_inputs.sample_req_ids
         out = self.group.run_step(plan)
@@ -312,6 +317,8 @@ class LLMEngine:
             for rid, lp in zip(inputs.sample_req_ids, out.logprobs, strict=True):
                 if lp is not None:
                     by_id[rid].logprobs.append(lp)
+        for seq, lp in zip(owners, out.prompt_logprobs or [], strict=True):
+            seq.prompt_logprobs.append(lp)
         return dict(zip(inputs.sample_req_ids, out.tokens, strict=True))
 
     def _predict_next(self, step, inputs, sampling) -> Any:
@@ -364,6 +371,8 @@ class LLMEngine:
         if meta.streaming:
             meta.num_streamed += len(tokens)
         result = Result(tokens, final, reason, cpp, meta.metrics if final else RequestMetrics(), lps)
+        if seq.num_prompt_logprobs != NOT_ASKED and not seq.prompt_logprobs_sent:  # on the first response
+            result.prompt_log_probs, seq.prompt_logprobs_sent = list(seq.prompt_logprobs), True
         self._responses.append(Response(seq.req_id, result, None, meta.client_id))
 
     def _error(self, req_id: int, message: str, param: str | None = None, retry_after: float | None = None) -> None:

@@ -11,11 +11,12 @@ the largest k asked, one host copy); rows that did not ask are not touched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ..api import TokenLogprobs
+from ..api import MAX_LOGPROBS, Request, RequestError, TokenLogprobs, as_int
+from .sequence import Sequence as Seq
 
 NOT_ASKED = -1  # StepPlan.logprobs value of a row that wants no logprobs
 
@@ -44,3 +45,55 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int
         k = ks[i]
         out[i] = TokenLogprobs(host[j][0], tuple(ids[j][:k]), tuple(host[j][1:1 + k]))
     return out
+
+
+# Prompt rows per logits slice: [256, 128k] fp32 is 128 MB, where a whole 8k prompt's would be 4 GB.
+PROMPT_SLICE_ROWS = 256
+
+
+def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                    rows: Sequence[int], targets: Sequence[int], ks: Sequence[int],
+                    slice_rows: int = PROMPT_SLICE_ROWS) -> list[TokenLogprobs]:
+    """Request.num_prompt_logprobs: for each flat row of `hidden` [N, H] in `rows`, the logprob of
+    `targets[i]` (the prompt token that follows that position) and its `ks[i]` best alternatives.
+    The logits are made and reduced `slice_rows` rows at a time, so memory stays
+    [slice_rows, vocab] however long the prompt."""
+    if not len(rows) == len(targets) == len(ks):
+        raise ValueError(f"prompt_logprobs: {len(rows)} rows, {len(targets)} targets and {len(ks)} k values "
+                         "must agree")
+    out: list[TokenLogprobs] = []
+    for a in range(0, len(rows), slice_rows):
+        index = torch.tensor(rows[a:a + slice_rows], dtype=torch.long, device=hidden.device)
+        logits = compute_logits(hidden.index_select(0, index))
+        out.extend(token_logprobs(logits, targets[a:a + slice_rows], ks[a:a + slice_rows]))
+    return out
+
+
+def prompt_logprobs_k(r: Request) -> int:
+    """Request.num_prompt_logprobs as a k, or NOT_ASKED; RequestError unless None or in [0, MAX_LOGPROBS]."""
+    pk = getattr(r, "num_prompt_logprobs", None)
+    if pk is None:
+        return NOT_ASKED
+    k = as_int(pk)
+    if k is None or not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(f"num_prompt_logprobs={pk!r} must be None (not asked) or an integer in "
+                           f"[0, {MAX_LOGPROBS}]", "num_prompt_logprobs")
+    return k
+
+
+def prompt_rows(items: list[tuple[Seq, int]], query_start_loc: list[int]
+                ) -> tuple[list[int], list[int], list[int], list[Seq]]:
+    """StepPlan.prompt_rows / prompt_targets / prompt_ks for the step's prefill chunks that ask, and the
+    sequence of each row. The logits at prompt position p score prompt token p + 1, so a chunk
+    [start, start + n) contributes its positions below the prompt's last (whose logits sample)."""
+    rows, targets, ks, owners = [], [], [], []
+    for (seq, n), base in zip(items, query_start_loc):
+        if seq.num_prompt_logprobs == NOT_ASKED:
+            continue
+        start = seq.num_computed_tokens
+        for p in range(start, min(start + n, len(seq.prompt_ids) - 1)):
+            rows.append(base + p - start)
+            targets.append(seq.prompt_ids[p + 1])
+            ks.append(seq.num_prompt_logprobs)
+            owners.append(seq)
+    return rows, targets, ks, owners

@@ -27,7 +27,7 @@ from .cuda_graphs import (
     packed_len,
     unpack_views,
 )
-from .logprobs import token_logprobs
+from .logprobs import prompt_logprobs, token_logprobs
 from .overlap import is_predicted, overlap_enabled
 from .sampler import sample
 from .scheduler import StepInputs
@@ -46,6 +46,11 @@ class StepPlan:
     # Per sampled seq: how many top alternatives its logprobs list (logprobs.NOT_ASKED: none);
     # empty when no row asks, so a step without logprobs sends and computes nothing more.
     logprobs: list[int] = field(default_factory=list)
+    # Request.num_prompt_logprobs: the flat rows of this step whose logits score the next prompt token
+    # (`prompt_targets`), with each row's k; empty unless a prefill chunk of the step asked.
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_ks: list[int] = field(default_factory=list)
     # Guided decoding: the grammar's bitmask [len(mask_rows), ceil(V / 32)] int32 of the sampled rows
     # mask_rows (indices into `sampling`), filled by the leader (grammar.py); None without grammars
     mask_rows: list[int] = field(default_factory=list)
@@ -57,15 +62,18 @@ class StepPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": asdict(self.inputs), "sampling": [s.to_wire() for s in self.sampling],
                 "keys": self.keys, "histories": self.histories, "logprobs": self.logprobs,
-                "mask_rows": self.mask_rows, "masks": None if self.masks is None else self.masks.numpy().tobytes()}
+                "mask_rows": self.mask_rows, "masks": None if self.masks is None else self.masks.numpy().tobytes(),
+                "prompt": [self.prompt_rows, self.prompt_targets, self.prompt_ks] if self.prompt_rows else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
         rows, raw = list(d.get("mask_rows") or []), d.get("masks")
         masks = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.int32).view(len(rows), -1)
+        prompt_rows, targets, ks = d.get("prompt") or ([], [], [])
         return cls(StepInputs(**d["inputs"]), [SamplingParams.from_wire(w) for w in d["sampling"]],
                    [tuple(k) for k in d["keys"]], list(d.get("histories") or []),
-                   logprobs=list(d.get("logprobs") or []), mask_rows=rows, masks=masks)
+                   logprobs=list(d.get("logprobs") or []), mask_rows=rows, masks=masks,
+                   prompt_rows=list(prompt_rows), prompt_targets=list(targets), prompt_ks=list(ks))
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Sampled:
 
     tokens: list[int]
     logprobs: list[TokenLogprobs | None] | None = None  # None: no row asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # per StepPlan.prompt_rows, where any
 
 
 def sample_step(logits: torch.Tensor, plan: StepPlan) -> Sampled:
@@ -248,7 +257,7 @@ class ModelRunner:
         n = len(inp.input_ids)
         decode = self.fast_decode and is_decode_only(inp)
         chained = self._take_chained(inp)
-        if decode and self.graphs is not None and (chained is not None or self.graphs.can_run(inp)):
+        if decode and self.graphs is not None and not plan.prompt_rows and (chained is not None or self.graphs.can_run(inp)):
             return self._execute_graph(plan, chained)
         if decode:
             ids, positions, meta = self._decode_metadata(inp)
@@ -267,20 +276,30 @@ class ModelRunner:
         if not par.is_last_stage:
             _send_tensor(par.comm, hidden.contiguous(), par.rank_of(par.pp_stage + 1, par.tp_rank))
             tokens = None
-        elif par.is_sampler and inp.sample_indices:
-            if list(inp.sample_indices) == list(range(n)):
-                logits = self.model.compute_logits(hidden)
-            else:
-                logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
-            tokens = sample_step(logits, plan)
         else:
-            tokens = Sampled([]) if par.is_sampler else None
+            tokens = self._sample(hidden, plan) if par.is_sampler else None
         if par.pp_size > 1:  # the last stage hands the tokens back to the leader
             if par.is_sampler and not par.is_leader:
                 par.comm.send(tokens, dest=0, tag=_TOKENS_TAG)
             elif par.is_leader:
                 tokens = par.comm.recv(source=par.rank_of(par.pp_size - 1, 0), tag=_TOKENS_TAG)
         return tokens if par.is_leader else None
+
+    def _sample(self, hidden: torch.Tensor, plan: StepPlan) -> Sampled:
+        """The sampler rank's share of a step: the sampled rows' tokens, and the prompt rows' logprobs
+        where asked (their logits only: a step without prompt rows makes none)."""
+        inp = plan.inputs
+        out = Sampled([])
+        if inp.sample_indices:
+            if list(inp.sample_indices) == list(range(len(inp.input_ids))):
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden[self._tensor(inp.sample_indices)])
+            out = sample_step(logits, plan)
+        if plan.prompt_rows:
+            out.prompt_logprobs = prompt_logprobs(self.model.compute_logits, hidden, plan.prompt_rows,
+                                                  plan.prompt_targets, plan.prompt_ks)
+        return out
 
 
 def _send_tensor(comm: Any, t: torch.Tensor, dest: int) -> None:

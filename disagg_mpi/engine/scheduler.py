@@ -289,7 +289,9 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence) -> bool:
         bm = self.block_manager
-        prompt = seq.prompt_ids if bm.enable_prefix_reuse and not seq.fake_context else None
+        # A prompt whose logprobs are asked is computed in full: a reused prefix would have no logits.
+        prompt = (seq.prompt_ids if bm.enable_prefix_reuse and not seq.fake_context and seq.num_prompt_logprobs < 0
+                  else None)
         if not bm.can_allocate(seq.max_total_tokens, prompt):
             return False
         bm.allocate(seq.req_id, seq.max_total_tokens, prompt)

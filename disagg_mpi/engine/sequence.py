@@ -159,6 +159,11 @@ class Sequence:
     # `logprobs[i]` belongs to output_ids[i] (the generation side gets the first one in the hand-off).
     num_logprobs: int = -1
     logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs]
+    # Prompt logprobs (Request.num_prompt_logprobs): k, or NOT_ASKED; `prompt_logprobs[i]` belongs to
+    # prompt_ids[i] (the first is None), filled chunk by chunk as the prompt is prefilled, sent once.
+    num_prompt_logprobs: int = -1
+    prompt_logprobs: list[Any] = field(default_factory=list)  # [api.TokenLogprobs | None]
+    prompt_logprobs_sent: bool = False
     # Guided decoding: the matcher (grammar.GrammarState), on the leader only; it follows output_ids
     grammar: Any = None
     # A generation-only benchmark request (engine/benchmark.py): the prompt's KV is reserved, never

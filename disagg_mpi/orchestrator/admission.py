@@ -169,7 +169,8 @@ def admitted(r: Request, limits: ModelLimits, generation_only: bool | None = Non
 
 
 def check_logprobs(r: Request) -> None:
-    """OutputConfig.return_log_probs a bool; num_logprobs an integer in [0, MAX_LOGPROBS]."""
+    """OutputConfig.return_log_probs a bool; num_logprobs an integer in [0, MAX_LOGPROBS];
+    num_prompt_logprobs None or such an integer."""
     oc = r.output_config
     if not isinstance(oc, OutputConfig) or not isinstance(oc.return_log_probs, bool):
         raise RequestError(f"output_config={_shown(oc)} must be an OutputConfig with return_log_probs true or "
@@ -177,3 +178,7 @@ def check_logprobs(r: Request) -> None:
     k = r.num_logprobs
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
         raise RequestError(f"num_logprobs={_shown(k)} must be an integer in [0, {MAX_LOGPROBS}]", "num_logprobs")
+    pk = getattr(r, "num_prompt_logprobs", None)
+    if pk is not None and (isinstance(pk, bool) or not isinstance(pk, int) or not 0 <= pk <= MAX_LOGPROBS):
+        raise RequestError(f"num_prompt_logprobs={_shown(pk)} must be None (not asked) or an integer in "
+                           f"[0, {MAX_LOGPROBS}]", "num_prompt_logprobs")

@@ -212,6 +212,7 @@ class DisaggOrchestrator:
                 continue
             resp.request_id = gid
             t = self.tracks.get(gid)
+            t.carry_prompt_logprobs(resp.result)
             if t.phase == CONTEXT:
                 t.metrics.context_executor = t.executor
                 if resp.result is not None and resp.is_final:  # the context executor's hops, and ours
@@ -227,6 +228,7 @@ class DisaggOrchestrator:
                 t.streamed.extend(resp.result.output_token_ids)
                 if resp.result.log_probs:
                     t.streamed_logprobs.extend(resp.result.log_probs)
+                t.prompt_logprobs_out = True
                 self._out.append((gid, resp))
 
     def _on_context_answer(self, gid: int, t: Track, resp: Response) -> None:

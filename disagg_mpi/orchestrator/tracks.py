@@ -38,6 +38,19 @@ class Track:
     streamed: list[int] = field(default_factory=list)  # tokens already passed on to a streaming caller
     streamed_logprobs: list[TokenLogprobs] = field(default_factory=list)  # theirs, when asked
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # The prompt's logprobs (Request.num_prompt_logprobs), from the phase that prefilled; whether a
+    # response to the caller carried them already (the first one does, and the final one).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs_out: bool = False
+
+    def carry_prompt_logprobs(self, r: Result | None) -> None:
+        """Keep the prompt logprobs a response brings; put them on the first one that goes out."""
+        if r is None:
+            return
+        if r.prompt_log_probs is not None:
+            self.prompt_logprobs = r.prompt_log_probs
+        elif not self.prompt_logprobs_out:
+            r.prompt_log_probs = self.prompt_logprobs
 
 
 class Tracks:
@@ -105,7 +118,8 @@ class Tracks:
             if lps is not None and t.request.streaming:
                 lps = t.streamed_logprobs + list(lps)
             m.merge(r.metrics, skip=("executor",))
-            resp = Response(gid, Result(tokens, True, r.finish_reason, None, m, lps), None, resp.client_id)
+            resp = Response(gid, Result(tokens, True, r.finish_reason, None, m, lps,
+                                        r.prompt_log_probs or t.prompt_logprobs), None, resp.client_id)
         else:
             resp = Response(gid, None, resp.error_msg, resp.client_id, resp.error_param, resp.retry_after)
         first = t.t_first if t.t_first is not None else now

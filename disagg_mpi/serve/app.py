@@ -42,7 +42,7 @@ from .protocol import (
     parse_completion,
     parse_json_body,
 )
-from .responses import full_body, logprobs_body
+from .responses import choice_logprobs, full_body, prompt_only
 from .streaming import HTTP_IN, stream_choices
 
 log = logging.getLogger(__name__)
@@ -234,10 +234,12 @@ def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], o
             state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
     for r in finals:
         stamp_http_body(r.result.metrics, http_in)
-    lps = [logprobs_body(p.kind, state.tok, r.result.output_token_ids, r.result.log_probs,
-                         o.tracker.pieces[:len(r.result.output_token_ids)], req.num_logprobs)
-           if r.result.log_probs is not None else None for r, o, req in zip(finals, outs, p.requests)]
-    return _json(full_body(p, [(r, o.text) for r, o in zip(finals, outs)], lps))
+    if p.score_only:  # max_tokens 0 with echo: the prompt alone
+        finals = [prompt_only(r) for r in finals]
+    lps = [choice_logprobs(p.kind, state.tok, req, r.result, o.tracker.pieces, o.prompt_logprobs,
+                           len(p.echo[i]) if i < len(p.echo) else 0)
+           for i, (r, o, req) in enumerate(zip(finals, outs, p.requests))]
+    return _json(full_body(p, [(r, "" if p.score_only else o.text) for r, o in zip(finals, outs)], lps))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -59,6 +59,9 @@ class ParsedRequest:
     requests: list[Request] = field(default_factory=list)  # choice i is requests[i]: prompt i // n
     n: int = 1
     echo: list[str] = field(default_factory=list)  # per choice, the prompt text `echo` puts first
+    # max_tokens 0 with echo (vLLM's way to score a prompt): the executors compute one token, which the
+    # client never sees; the answer is the prompt (and its logprobs), finish_reason "length".
+    score_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.requests:
@@ -131,14 +134,15 @@ def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
 
 
 def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens",
-              vocab: int | None = None) -> tuple[int, SamplingConfig, list[int], bool]:
+              vocab: int | None = None, echo: bool = False) -> tuple[int, SamplingConfig, list[int], bool]:
     mt = body.get(max_tokens_field)
     if mt is None and max_tokens_field != "max_tokens":
         mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
     if mt is None:
         mt = default_max_tokens
-    if not is_int(mt) or mt < 1:
-        raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1", max_tokens_field)
+    if not is_int(mt) or mt < (0 if echo else 1):
+        raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1 (0 only with echo: the prompt scored, "
+                  "nothing generated)", max_tokens_field)
     temperature = body.get("temperature")
     temperature = 0.0 if temperature is None else temperature  # greedy unless asked (like `run`)
     if not is_num(temperature) or temperature < 0:
@@ -284,20 +288,25 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
     n = _n(body, len(prompts))
     if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
         raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
-    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab)
+    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab, echo is not None)
     stop_words, include_stop = stop_fields(body)
     k = logprob_fields(body, kind)
+    # echo with logprobs: the prompt's too (the context phase computes them)
+    prompt_k = k if echo is not None and k is not None else None
+    if prompt_k is not None and mode == GENERATION_ONLY:
+        raise bad("echo with logprobs needs the prompt's logprobs, which the context_only request computes; "
+                  "a generation_only request cannot return them: leave echo out", "echo")
     guided = response_format(body)
-    reqs = [Request(list(ids), mt, dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
+    reqs = [Request(list(ids), max(mt, 1), dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                     stop_words=list(stop_words), include_stop_str_in_output=include_stop,
                     output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0,
-                    guided_decoding=guided, benchmark_generation_only=fake_context)
+                    num_prompt_logprobs=prompt_k, guided_decoding=guided, benchmark_generation_only=fake_context)
             for ids in prompts for j in range(n)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
     return ParsedRequest(kind, reqs[0], stream, include_usage, mode, model, prefix + uuid.uuid4().hex,
-                         requests=reqs, n=n, echo=echoes)
+                         requests=reqs, n=n, echo=echoes, score_only=mt == 0)
 
 
 def _prompts(prompt: Any, tokenizer: Any, vocab: int | None) -> tuple[list[list[int]], list[str]]:

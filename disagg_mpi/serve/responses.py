@@ -7,10 +7,12 @@ request side is `protocol.py`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..api import Response, TokenLogprobs
+from ..api import Request, Response, Result, TokenLogprobs
+from ..stops import StopTracker
 from .protocol import CONTEXT_ONLY, ParsedRequest
 
 
@@ -63,6 +65,54 @@ def logprobs_body(kind: str, tokenizer: Any, tokens: Sequence[int], lps: Sequenc
     return {"content": [{**entry(pieces[i], lp.logprob),
                          "top_logprobs": [entry(name(t, i), v) for t, v in zip(lp.top_ids, lp.top_logprobs)]}
                         for i, lp in enumerate(lps)], "refusal": None}
+
+
+def prompt_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each prompt token adds (incremental detokenization, as for the output's tokens)."""
+    tracker = StopTracker(tokenizer)
+    tracker.add(ids)
+    return tracker.pieces
+
+
+def echo_logprobs(tokenizer: Any, prompt: Sequence[int], lps: Sequence[TokenLogprobs | None], k: int,
+                  output: dict[str, Any] | None) -> dict[str, Any]:
+    """Completions' `logprobs` with echo: the prompt's tokens first (the first one's logprob and
+    alternatives null: nothing precedes it, as OpenAI and vLLM answer), then the output's (`output`,
+    logprobs_body's, whose text_offset already counts the echoed prompt), or none."""
+    pieces = prompt_pieces(tokenizer, prompt)
+    rest = logprobs_body("completion", tokenizer, prompt[1:], lps[1:], pieces[1:], k, len(pieces[0]))
+    body = {"tokens": [pieces[0], *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]] if k else None, "text_offset": [0, *rest["text_offset"]]}
+    if output is not None:
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            body[key] += output[key]
+        if k:
+            body["top_logprobs"] += output["top_logprobs"]
+    return body
+
+
+def choice_logprobs(kind: str, tokenizer: Any, request: Request, result: Result, pieces: Sequence[str],
+                    prompt_lps: Sequence[TokenLogprobs | None] | None, offset: int = 0) -> dict[str, Any] | None:
+    """A choice's `logprobs` (None when not asked): its output tokens' (`pieces`: their texts,
+    `offset`: where the first starts in the choice's text), after the prompt's with echo."""
+    tokens = result.output_token_ids
+    out = None
+    if result.log_probs is not None:
+        out = logprobs_body(kind, tokenizer, tokens, result.log_probs, pieces[:len(tokens)], request.num_logprobs,
+                            offset)
+    if prompt_lps is not None and kind == "completion":
+        return echo_logprobs(tokenizer, request.input_token_ids, prompt_lps, request.num_logprobs, out)
+    return out
+
+
+def prompt_only(resp: Response) -> Response:
+    """max_tokens 0 with echo (ParsedRequest.score_only): the final response without the one token
+    the executors computed, finished by length."""
+    r = resp.result
+    if r is None:
+        return resp
+    return dataclasses.replace(resp, result=dataclasses.replace(
+        r, output_token_ids=[], log_probs=None if r.log_probs is None else [], finish_reason="length"))
 
 
 def _choice(p: ParsedRequest, index: int, resp: Response, text: str, logprobs: dict | None = None) -> dict[str, Any]:

@@ -86,9 +86,6 @@ def logprob_fields(body: dict[str, Any], kind: str) -> int | None:
         if not is_int(k) or not 0 <= k <= MAX_LOGPROBS:
             raise bad(f"logprobs={k!r} must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token)",
                       "logprobs")
-        if body.get("echo"):
-            raise bad("echo with logprobs would need the prompt's logprobs, which this server does not compute; "
-                      "send one of them", "echo")
         return k
     on, k = body.get("logprobs"), body.get("top_logprobs")
     if on not in (None, True, False):

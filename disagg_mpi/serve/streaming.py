@@ -19,7 +19,7 @@ from ..api import RequestMetrics, Response
 from ..hops import SseWrites
 from ..stops import ChoiceOutput
 from .protocol import ParsedRequest, error_body
-from .responses import chunk, finish_reason, logprobs_body, usage_chunk
+from .responses import chunk, echo_logprobs, finish_reason, logprobs_body, prompt_only, usage_chunk
 
 log = logging.getLogger(__name__)
 HTTP_IN = "http_in"  # the request's key for the time its handler started (app.py)
@@ -39,15 +39,21 @@ class _Choices:
         self.outs = [ChoiceOutput(state.tok, r) for r in p.requests]
         self.first = [True] * len(subs)
         self.cancelled = [False] * len(subs)
-        self.offsets = [0] * len(subs)  # text_offset of each choice's next token (completions)
+        # text_offset of each choice's next token (completions; after the echoed prompt)
+        self.offsets = [len(p.echo[i]) if i < len(p.echo) else 0 for i in range(len(subs))]
 
     def logprobs(self, i: int, tokens: list[int], lps: Any, pieces: list[str]) -> dict[str, Any] | None:
-        """The chunk's `logprobs` for choice i's new tokens (None when not asked)."""
-        if lps is None:
-            return None
-        k = self.p.requests[i].num_logprobs
-        body = logprobs_body(self.p.kind, self.state.tok, tokens, lps, pieces, k, self.offsets[i])
-        self.offsets[i] += sum(len(s) for s in pieces)
+        """The chunk's `logprobs` for choice i's new tokens (None when not asked); the first chunk's
+        start with the prompt's, with echo."""
+        body = None
+        if lps is not None:
+            k = self.p.requests[i].num_logprobs
+            body = logprobs_body(self.p.kind, self.state.tok, tokens, lps, pieces, k, self.offsets[i])
+            self.offsets[i] += sum(len(s) for s in pieces)
+        prompt = self.outs[i].prompt_logprobs
+        if self.first[i] and prompt is not None and self.p.kind == "completion":
+            r = self.p.requests[i]
+            body = echo_logprobs(self.state.tok, r.input_token_ids, prompt, r.num_logprobs, body)
         return body
 
     def cancel_all(self) -> None:
@@ -58,6 +64,8 @@ class _Choices:
         """Write what `resp` brings for choice i; True once the choice is over."""
         o, m = self.outs[i], self.state.metrics
         text, new, lps, pieces = o.take(resp)
+        if self.p.score_only:  # max_tokens 0 with echo: the prompt alone, the one token computed is dropped
+            text, new, lps, pieces = "", [], None if lps is None else [], []
         if o.stopped and not resp.is_final and not self.cancelled[i]:
             self.cancelled[i] = True
             self.state.dispatcher.cancel(self.subs[i][0])  # a stop string ended the text: nothing past it goes out
@@ -68,7 +76,7 @@ class _Choices:
                                           self.logprobs(i, new, lps, pieces))))
                 self.first[i] = False
             return False
-        resp = o.final_response(resp)
+        resp = prompt_only(o.final_response(resp)) if self.p.score_only else o.final_response(resp)
         reason = resp.result.finish_reason if resp.result else "error"
         last = chunk(self.p, text, new, finish_reason(reason), self.first[i], i, self.logprobs(i, new, lps, pieces))
         self.sse[i].wrote()
@@ -136,7 +144,8 @@ async def _pump(out: web.StreamResponse, c: _Choices, merged: asyncio.Queue, i: 
             left -= 1
             if not left:
                 if c.p.include_usage:
-                    await out.write(sse(usage_chunk(c.p, sum(len(o.tokens) for o in c.outs))))
+                    used = 0 if c.p.score_only else sum(len(o.tokens) for o in c.outs)
+                    await out.write(sse(usage_chunk(c.p, used)))
                 break
         i, resp = await merged.get()
     await out.write(b"data: [DONE]\n\n")

@@ -55,7 +55,9 @@ def test_seed_flow_context_then_generation():
         if orch is None:
             return
         prompts = tiny_prompts(6)
-        gids = orch.enqueue_context(_greedy(prompts, 8))
+        reqs = _greedy(prompts, 8)
+        reqs[3].num_prompt_logprobs = 2  # the context answer carries the prompt's logprobs
+        gids = orch.enqueue_context(reqs)
         ctx = {}
         while len(ctx) < len(gids):
             for gid, resp in orch.await_context_responses(timeout=60):
@@ -63,6 +65,10 @@ def test_seed_flow_context_then_generation():
                 assert resp.result.is_final
                 cpp = resp.result.context_phase_params
                 assert cpp is not None and len(cpp.first_gen_tokens) == 1 and cpp.opaque_state
+                plps = resp.result.prompt_log_probs
+                assert (plps is not None) == (gid == gids[3])
+                assert plps is None or (len(plps) == len(prompts[3]) and plps[0] is None
+                                        and all(len(t.top_ids) == 2 for t in plps[1:]))
                 ctx[gid] = cpp
         gen_reqs = []
         for gid, p in zip(gids, prompts):
@@ -129,13 +135,26 @@ def test_disaggregated_request_without_transceiver_is_refused():
         orch.wait_pools_full()
 
 
+def _requests_64(prompts, max_tokens):
+    """Greedy; every third asks the prompt's logprobs (k 0..3), every fifth streams."""
+    return [Request(p, max_tokens=max_tokens, ignore_eos=True, streaming=i % 5 == 0,
+                    num_prompt_logprobs=i % 4 if i % 3 == 0 else None) for i, p in enumerate(prompts)]
+
+
 def _reference_outputs(prompts, max_tokens):
-    """The same requests through one in-process executor (aggregated)."""
+    """The same requests through one in-process executor (aggregated): their final responses."""
     from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig
 
     ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=256,
                                                 kv_cache_config=KvCacheConfig(4, 512)))
-    return [r.result.output_token_ids for r in ex.generate(_greedy(prompts, max_tokens))]
+    return ex.generate(_requests_64(prompts, max_tokens))
+
+
+def _same_prompt_logprobs(got, want) -> bool:
+    if got is None or want is None:
+        return got is None and want is None
+    return len(got) == len(want) and got[0] is None and want[0] is None and all(
+        a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(got[1:], want[1:]))
 
 
 def _many_in_flight(n_ctx: int, n_gen: int) -> None:
@@ -143,10 +162,23 @@ def _many_in_flight(n_ctx: int, n_gen: int) -> None:
         if orch is None:
             return
         prompts = tiny_prompts(64)
-        outs = orch.generate(_greedy(prompts, 12), timeout=300)
+        first_out = set()  # streamed requests whose first response carried the prompt's logprobs
+
+        def on_response(gid, resp):
+            if not resp.is_final and resp.result.prompt_log_probs is not None:
+                assert gid not in first_out, "the prompt's logprobs go out once before the final response"
+                first_out.add(gid)
+
+        outs = orch.generate(_requests_64(prompts, 12), timeout=300, on_response=on_response)
         assert len(outs) == 64 and len({o.request_id for o in outs}) == 64
         assert all(o.error_msg is None and o.result.is_final for o in outs)
-        assert [o.result.output_token_ids for o in outs] == _reference_outputs(prompts, 12)
+        wants = _reference_outputs(prompts, 12)
+        assert [o.result.output_token_ids for o in outs] == [w.result.output_token_ids for w in wants]
+        # the prompt's logprobs: computed by the context executors, kept by rank 0, equal to in process
+        assert all(_same_prompt_logprobs(o.result.prompt_log_probs, w.result.prompt_log_probs)
+                   for o, w in zip(outs, wants))
+        assert sum(o.result.prompt_log_probs is not None for o in outs) == 22
+        assert first_out == {o.request_id for i, o in enumerate(outs) if i % 15 == 0}
         ctx_seq = [o.result.metrics.context_executor for o in outs]
         gen_seq = [o.result.metrics.generation_executor for o in outs]
         # Round robin: consecutive requests alternate over the executors of each phase.

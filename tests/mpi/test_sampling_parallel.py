@@ -1,4 +1,4 @@
-"""Penalties, logit_bias, min_tokens, seeded sampling and logprobs through pipeline-parallel executors, disaggregated
+"""Penalties, logit_bias, min_tokens, seeded sampling and logprobs (the prompt's too) through pipeline-parallel executors, disaggregated
 (the last PP stage samples, so the token histories cross ranks in the step plan): equal to one
 aggregated executor in process.
 
@@ -24,9 +24,11 @@ CONFIGS = [SamplingConfig(frequency_penalty=1.5, presence_penalty=0.5),
 
 def _requests() -> list[Request]:
     prompts = tiny_prompts(4)
-    # logprobs on the first and third configs: computed on the last stage, sent to the leader with the tokens
+    # logprobs on the first and third configs, the prompt's on the second and third: computed on the last
+    # stage, sent to the leader with the tokens
     return [Request(p, max_tokens=9, sampling_config=c, ignore_eos=(c.min_tokens == 0), stop_token_ids=[2],
-                    output_config=OutputConfig(return_log_probs=j % 2 == 0), num_logprobs=j + 1)
+                    output_config=OutputConfig(return_log_probs=j % 2 == 0), num_logprobs=j + 1,
+                    num_prompt_logprobs=j if j in (1, 2) else None)
             for p in prompts for j, c in enumerate(CONFIGS)]
 
 
@@ -44,6 +46,13 @@ def test_penalties_through_pp2_disaggregated_equal_aggregated_in_process():
         if w is not None:
             assert len(g) == len(w) and all(a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5
                                             for a, b in zip(g, w))
+    for o, w in zip(outs, wants):  # the prompt's: the context executor's last stage computed them
+        g, want = o.result.prompt_log_probs, w.result.prompt_log_probs
+        assert (g is None) == (want is None)
+        if want is not None:
+            assert len(g) == len(want) and g[0] is None and all(
+                a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(g[1:], want[1:]))
+    assert sum(o.result.prompt_log_probs is not None for o in outs) == 8
     forced = got[3::4]  # logit_bias forces token 2 (a stop token), held back by min_tokens=4
     assert all(g == g[:4] + [2] and 2 not in g[:4] for g in forced), forced
     plain = [r.result.output_token_ids for r in ex.generate(

@@ -149,3 +149,112 @@ def test_first_logprobs_travel_signed_and_are_cut_to_the_request():
     blob[at + 3] ^= 1
     with pytest.raises(OpaqueStateError):
         OpaqueState.decode(bytes(blob), key)
+
+
+# ---- the prompt's logprobs (Request.num_prompt_logprobs) ----------------------------------------------
+
+
+def test_prompt_logprobs_in_slices_equal_one_pass():
+    from disagg_mpi.engine.logprobs import prompt_logprobs
+
+    torch.manual_seed(2)
+    hidden, head = torch.randn(9, 6), torch.randn(6, 30)
+    rows, targets, ks = [0, 2, 3, 4, 7], [5, 1, 29, 0, 3], [2, 2, 0, 4, 1]
+    whole = prompt_logprobs(lambda h: h @ head, hidden, rows, targets, ks, slice_rows=100)
+    sliced = prompt_logprobs(lambda h: h @ head, hidden, rows, targets, ks, slice_rows=2)
+    assert [x.top_ids for x in sliced] == [x.top_ids for x in whole]  # (a matmul's rounding depends on its rows)
+    assert [x.logprob for x in sliced] == pytest.approx([x.logprob for x in whole], abs=1e-5)
+    ref = torch.log_softmax(hidden @ head, -1)
+    for lp, r, t, k in zip(whole, rows, targets, ks):
+        assert lp.logprob == pytest.approx(ref[r, t].item(), abs=1e-5) and len(lp.top_ids) == k
+
+
+def test_prompt_rows_of_chunks_score_the_next_prompt_token():
+    from disagg_mpi.engine.logprobs import prompt_rows
+    from disagg_mpi.engine.sequence import Sequence
+
+    a, b, c = Sequence(1, [10, 11, 12, 13, 14], 4), Sequence(2, [20, 21, 22], 4), Sequence(3, [30, 31], 4)
+    a.num_prompt_logprobs, c.num_prompt_logprobs = 2, 0
+    a.num_computed_tokens = 3  # a's second chunk: positions 3, 4 (4 is the last: its logits sample)
+    rows, targets, ks, owners = prompt_rows([(a, 2), (b, 3), (c, 1)], [0, 2, 5])
+    assert (rows, targets, ks) == ([0, 5], [14, 31], [2, 0]) and owners == [a, c]
+    c.num_computed_tokens = 1  # c's last position: nothing more to score
+    assert prompt_rows([(c, 1)], [0]) == ([], [], [], [])
+
+
+def hf_prompt_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every prompt position but the last [len(prompt) - 1, V]."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = hf(ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1)
+
+
+def check_prompt_logprobs(hf, prompt: list[int], got, k: int) -> None:
+    ref = hf_prompt_logprobs(hf, prompt)
+    assert len(got) == len(prompt) and got[0] is None
+    for p in range(1, len(prompt)):
+        lp, best = got[p], ref[p - 1].topk(k)
+        assert abs(lp.logprob - ref[p - 1, prompt[p]].item()) < 2e-3, p
+        assert len(lp.top_ids) == k and set(lp.top_ids) == set(best.indices.tolist())
+        assert all(abs(a - b) < 2e-3 for a, b in zip(lp.top_logprobs, best.values.tolist()))
+
+
+PROMPT_40 = [(7 * i + 3) % 500 for i in range(40)]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_engine_prompt_logprobs_match_transformers_chunked(checkpoint, reuse):
+    """A 40-token prompt prefilled in chunks (max_num_tokens 16) beside requests that do not ask and a
+    one-token prompt; with prefix reuse on, a prompt whose prefix is cached is still scored in full."""
+    from disagg_mpi.api import ExecutorConfig, KvCacheConfig
+    from disagg_mpi.engine.executor import Executor
+
+    folder, hf = checkpoint
+    ex = Executor(str(folder), ExecutorConfig(max_batch_size=4, max_num_tokens=16,
+                                              kv_cache_config=KvCacheConfig(enable_prefix_reuse=reuse)))
+    if reuse:
+        ex.generate([Request(PROMPT_40, 2, ignore_eos=True)])  # caches its full blocks
+    reqs = [Request(PROMPT_40, 4, ignore_eos=True, num_prompt_logprobs=3, **asks(2)),
+            Request(PROMPT_40[:9], 4, ignore_eos=True),
+            Request([17], 3, ignore_eos=True, num_prompt_logprobs=2),
+            Request(PROMPT_40, 4, ignore_eos=True)]
+    out = [r.result for r in ex.generate(reqs)]
+    check_prompt_logprobs(hf, PROMPT_40, out[0].prompt_log_probs, 3)
+    assert out[1].prompt_log_probs is None and out[3].prompt_log_probs is None
+    assert out[2].prompt_log_probs == [None]
+    assert out[0].output_token_ids == out[3].output_token_ids  # asking changes nothing else
+    # the first output token's logprob continues the prompt's (the same logits pass, the last position)
+    ref = hf_logprobs(hf, PROMPT_40, out[0].output_token_ids)
+    assert abs(out[0].log_probs[0].logprob - ref[0, out[0].output_token_ids[0]].item()) < 2e-3
+    # streamed: the first response carries them, once
+    s = Request(PROMPT_40[:20], 5, ignore_eos=True, streaming=True, num_prompt_logprobs=1)
+    rid = ex.enqueue_request(s)
+    got = []
+    while not got or not got[-1].is_final:
+        got += ex.await_responses(rid)
+    assert [r.result.prompt_log_probs is not None for r in got] == [True] + [False] * (len(got) - 1)
+    check_prompt_logprobs(hf, PROMPT_40[:20], got[0].result.prompt_log_probs, 1)
+    ex.shutdown()
+
+
+def test_engine_refuses_bad_prompt_logprobs(checkpoint):
+    from disagg_mpi.api import ExecutorConfig
+    from disagg_mpi.engine.executor import Executor
+
+    ex = Executor(str(checkpoint[0]), ExecutorConfig())
+    [resp] = ex.generate([Request([5, 9], 3, num_prompt_logprobs=21)])
+    assert resp.has_error() and "num_prompt_logprobs=21" in resp.error_msg
+    assert resp.error_param == "num_prompt_logprobs"
+    ex.shutdown()
+
+
+def test_prompt_logprobs_wire_round_trip():
+    from disagg_mpi.api import Response, Result
+
+    r = Response(3, Result([4], True, "length", prompt_log_probs=[None, TokenLogprobs(-1.5, (2,), (-0.5,))]))
+    back = Response.from_dict(r.to_dict())
+    assert back.result.prompt_log_probs == r.result.prompt_log_probs
+    req = Request([1, 2], 3, num_prompt_logprobs=4)
+    assert Request.from_dict(req.to_dict()).num_prompt_logprobs == 4
+    assert "prompt_log_probs" not in Response(3, Result([4], True)).to_dict()["result"]  # not asked: nothing

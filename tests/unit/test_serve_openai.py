@@ -362,9 +362,56 @@ def test_a_stop_string_cuts_the_logprobs_too(clients, reference):
         assert sum(len(x.logprobs.tokens) for x in chunks if x.logprobs) == n
 
 
+def test_echo_logprobs_score_the_prompt_as_transformers_does(clients, folder):
+    """lm-evaluation-harness's loglikelihood call: echo, logprobs=1, max_tokens 1 (or 0): the prompt's
+    logprobs first (the first null), computed by the context executor in the disaggregated server."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt, n = PROMPTS[3], len(PROMPTS[3])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+    want = [ref[i - 1, prompt[i]].item() for i in range(1, n)]
+    for mode, client in clients.items():
+        c = complete(client, prompt, echo=True, logprobs=1, max_tokens=1).choices[0]
+        lp = c.logprobs
+        assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == n + 1, mode
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(math.isfinite(v) and v <= 0 for v in lp.token_logprobs[1:])
+        assert close(lp.token_logprobs[1:n], want, 2e-3), mode
+        assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+        check_offsets(c)
+        plain = complete(client, prompt, logprobs=1, max_tokens=1).choices[0]
+        assert close(lp.token_logprobs[n:], plain.logprobs.token_logprobs) and ids_of(c) == ids_of(plain)
+        # max_tokens 0: the prompt alone, nothing generated
+        r = complete(client, prompt, echo=True, logprobs=1, max_tokens=0)
+        zero = r.choices[0]
+        assert ids_of(zero) == [] and zero.finish_reason == "length" and r.usage.completion_tokens == 0, mode
+        assert zero.text == c.text[: zero.logprobs.text_offset[-1] + len(zero.logprobs.tokens[-1])]
+        assert close(zero.logprobs.token_logprobs[1:], lp.token_logprobs[1:n]) and len(zero.logprobs.tokens) == n
+        # streamed: the first chunk carries the prompt's, then one entry per token
+        chunks = [x.choices[0] for x in complete(client, prompt, echo=True, logprobs=1, max_tokens=3, stream=True)
+                  if x.choices]
+        firsts = [x.logprobs for x in chunks if x.logprobs is not None]
+        assert firsts[0].token_logprobs[0] is None and close(firsts[0].token_logprobs[1:n], want, 2e-3), mode
+        assert sum(len(x.tokens) for x in firsts) == n + 3
+        assert "".join(x.text for x in chunks) == "".join(t for x in firsts for t in x.tokens)
+        streamed0 = [x for x in complete(client, prompt, echo=True, logprobs=1, max_tokens=0, stream=True) if x.choices]
+        assert len(streamed0) == 1 and streamed0[0].choices[0].finish_reason == "length"
+        assert close(streamed0[0].choices[0].logprobs.token_logprobs[1:], want, 2e-3)
+    # a string prompt: its words are the tokens, at their offsets in the echoed text
+    c = complete(clients["disagg"], "w5 w9 w44", echo=True, logprobs=2, max_tokens=0).choices[0]
+    assert c.text == "w5 w9 w44" and c.logprobs.tokens == ["w5", " w9", " w44"] and c.logprobs.text_offset == [0, 2, 5]
+    assert all(len(t) == 2 for t in c.logprobs.top_logprobs[1:])
+
+
 def test_bad_logprobs_are_400_naming_the_field(agg):
     for call, param in [(lambda: complete(agg, PROMPTS[0], logprobs=21), "logprobs"),
-                        (lambda: complete(agg, "w1 w2", logprobs=1, echo=True), "echo"),
+                        (lambda: complete(agg, "w1 w2", max_tokens=0), "max_tokens"),
                         (lambda: agg.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                                              logprobs=True, top_logprobs=21), "top_logprobs")]:
         with pytest.raises(openai.BadRequestError) as info:

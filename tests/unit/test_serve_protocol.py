@@ -79,7 +79,11 @@ def test_completion_text_ids_and_params():
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
-    ({"prompt": "x", "logprobs": 2, "echo": True}, "echo"),
+    ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens"),
+    ({"prompt": "x", "logprobs": 2, "echo": True, "disaggregated_params": {
+        "request_type": "generation_only", "first_gen_tokens": [1], "ctx_request_id": 1, "opaque_state": "AA=="}},
+     "echo"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "stop": 3}, "stop"),
     ({"prompt": "x", "stop": "a", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
@@ -253,6 +257,30 @@ def test_batched_prompts_n_and_echo():
 
 
 CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+def test_echo_with_logprobs_asks_the_prompt_logprobs_and_max_tokens_0_scores_only():
+    p = comp(prompt=[5, 6, 7], logprobs=2, echo=True, max_tokens=0)
+    r = p.request
+    assert r.num_prompt_logprobs == 2 and r.num_logprobs == 2 and r.output_config.return_log_probs
+    assert p.score_only and r.max_tokens == 1  # the executors compute one token; the client sees none
+    assert comp(prompt=[5], logprobs=2).request.num_prompt_logprobs is None  # without echo: not asked
+    assert comp(prompt=[5], echo=True).request.num_prompt_logprobs is None  # without logprobs: not asked
+    assert not comp(prompt=[5], echo=True, max_tokens=3).score_only
+
+
+def test_echo_logprobs_body_puts_the_prompt_first():
+    from disagg_mpi.api import TokenLogprobs
+    from disagg_mpi.serve.responses import echo_logprobs, logprobs_body
+
+    prompt, out = TOK.encode("abc"), TOK.encode("d")
+    plps = [None, TokenLogprobs(-1.0, (out[0],), (-0.5,)), TokenLogprobs(-2.0, (prompt[0],), (-0.25,))]
+    gen = logprobs_body("completion", TOK, out, [TokenLogprobs(-3.0, (out[0],), (-3.0,))], ["d"], 1, 3)
+    body = echo_logprobs(TOK, prompt, plps, 1, gen)
+    assert body["tokens"] == ["a", "b", "c", "d"] and body["text_offset"] == [0, 1, 2, 3]
+    assert body["token_logprobs"] == [None, -1.0, -2.0, -3.0]
+    assert body["top_logprobs"] == [None, {"d": -0.5}, {"a": -0.25}, {"d": -3.0}]
+    assert echo_logprobs(TOK, prompt, plps, 0, None)["top_logprobs"] is None  # k = 0: no alternatives
 
 
 def test_logprobs_fields_become_the_request_output_config():
