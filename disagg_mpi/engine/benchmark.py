@@ -37,7 +37,7 @@ def check_request(r: Request) -> None:
                            "sampled, so no grammar can follow it", FIELD)
     if r.output_config.return_log_probs:
         raise RequestError(f"{FIELD} takes no logprobs: its first token is not sampled and has none", FIELD)
-    if getattr(r, "num_prompt_logprobs", None) is not None:
+    if r.num_prompt_logprobs is not None:
         raise RequestError(f"{FIELD} takes no prompt logprobs: its prompt is never computed", FIELD)
 
 
