@@ -8,6 +8,7 @@ GET /metrics. Errors are OpenAI-shaped: {"error": {message, type, param, code}}.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -26,6 +27,7 @@ from ..orchestrator.admission import ModelLimits, model_limits
 from ..runtime.last_words import Teller
 from ..runtime.signals import STOP_SIGNALS
 from ..stops import ChoiceOutput
+from .best_of import best_candidates, without_logprobs
 from .dispatcher import SHUT_DOWN, Dispatcher
 from .last_words import LastWords
 from .metrics import ServerMetrics
@@ -234,12 +236,19 @@ def _finish_full(state: ServerState, p: ParsedRequest, finals: list[Response], o
             state.metrics.finished(r.result.metrics, len(req.input_token_ids), len(r.result.output_token_ids))
     for r in finals:
         stamp_http_body(r.result.metrics, http_in)
+    billed = None
+    if p.best_of > p.n:  # the n best candidates of each prompt (best_of.py)
+        keep, billed = best_candidates(finals, p.best_of, p.n)
+        finals = [finals[i] if p.show_logprobs else without_logprobs(finals[i]) for i in keep]
+        outs = [outs[i] for i in keep]
+        p = dataclasses.replace(p, requests=[p.requests[i] for i in keep], best_of=1,
+                                echo=[p.echo[i] for i in keep] if p.echo else [])
     if p.score_only:  # max_tokens 0 with echo: the prompt alone
         finals = [prompt_only(r) for r in finals]
     lps = [choice_logprobs(p.kind, state.tok, req, r.result, o.tracker.pieces, o.prompt_logprobs,
                            len(p.echo[i]) if i < len(p.echo) else 0)
            for i, (r, o, req) in enumerate(zip(finals, outs, p.requests))]
-    return _json(full_body(p, [(r, "" if p.score_only else o.text) for r, o in zip(finals, outs)], lps))
+    return _json(full_body(p, [(r, "" if p.score_only else o.text) for r, o in zip(finals, outs)], lps, billed))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request
+MAX_BEST_OF = 16  # candidates per prompt (best_of)
 
 CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
@@ -58,6 +59,9 @@ class ParsedRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     requests: list[Request] = field(default_factory=list)  # choice i is requests[i]: prompt i // n
     n: int = 1
+    # best_of > n: requests holds best_of candidates per prompt, the n best are returned (best_of.py)
+    best_of: int = 1
+    show_logprobs: bool = False  # the client asked for logprobs (best_of computes them to rank anyway)
     echo: list[str] = field(default_factory=list)  # per choice, the prompt text `echo` puts first
     # max_tokens 0 with echo (vLLM's way to score a prompt): the executors compute one token, which the
     # client never sees; the answer is the prompt (and its logprobs), finish_reason "length".
@@ -68,8 +72,13 @@ class ParsedRequest:
             self.requests = [self.request]
 
     @property
+    def per_prompt(self) -> int:
+        """Engine requests per prompt: the candidates when best_of > n, else the n choices."""
+        return max(self.n, self.best_of)
+
+    @property
     def prompt_tokens(self) -> int:
-        return sum(len(r.input_token_ids) for r in self.requests[:: self.n])
+        return sum(len(r.input_token_ids) for r in self.requests[:: self.per_prompt])
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -106,9 +115,6 @@ def _check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> Non
 
 def _check_defaults(body: dict[str, Any]) -> None:
     """OpenAI fields we accept only at their default value."""
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != 1 and best_of != body.get("n"):
-        raise bad(f"best_of={best_of!r} is not supported: leave it out (or equal to n)", "best_of")
     if body.get("echo") not in (None, False, True):
         raise bad(f"echo={body.get('echo')!r} must be true or false", "echo")
     if body.get("suffix") not in (None, ""):
@@ -264,6 +270,26 @@ def _n(body: dict[str, Any], prompts: int) -> int:
     return n
 
 
+def _best_of(body: dict[str, Any], n: int, prompts: int, stream: bool, mode: str) -> int:
+    """Candidates per prompt (best_of.py); 1 when best_of is absent or not above n."""
+    best_of = body.get("best_of")
+    if best_of is None or best_of == 1:
+        return 1
+    if not is_int(best_of) or not n <= best_of <= MAX_BEST_OF:
+        raise bad(f"best_of={best_of!r} must be an integer in [n={n}, {MAX_BEST_OF}]", "best_of")
+    if best_of == n:
+        return 1
+    if stream:
+        raise bad(f"best_of={best_of} > n={n} cannot be streamed: the best candidates are known only at the end; "
+                  "send stream=false or best_of=n", "best_of")
+    if mode != CONTEXT_AND_GENERATION:
+        raise bad("best_of > n takes no disaggregated_params", "best_of")
+    if prompts * best_of > MAX_CHOICES:
+        raise bad(f"{prompts} prompts x best_of={best_of} is {prompts * best_of} candidates; at most {MAX_CHOICES} "
+                  "per request", "best_of")
+    return best_of
+
+
 def _choice_seed(seed: int | None, j: int) -> int | None:
     """Choice j's seed: the request's seed for choice 0, a distinct well-mixed one for the others,
     so seeded choices differ from each other and repeat with the same seed."""
@@ -297,16 +323,19 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
         raise bad("echo with logprobs needs the prompt's logprobs, which the context_only request computes; "
                   "a generation_only request cannot return them: leave echo out", "echo")
     guided = response_format(body)
+    best_of = _best_of(body, n, len(prompts), stream, mode) if kind == "completion" else 1
+    per = max(n, best_of)
     reqs = [Request(list(ids), max(mt, 1), dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                     stop_words=list(stop_words), include_stop_str_in_output=include_stop,
-                    output_config=OutputConfig(return_log_probs=k is not None), num_logprobs=k or 0,
+                    output_config=OutputConfig(return_log_probs=k is not None or best_of > 1), num_logprobs=k or 0,
                     num_prompt_logprobs=prompt_k, guided_decoding=guided, benchmark_generation_only=fake_context)
-            for ids in prompts for j in range(n)]
+            for ids in prompts for j in range(per)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
-    echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(n)]
+    echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(per)]
     return ParsedRequest(kind, reqs[0], stream, include_usage, mode, model, prefix + uuid.uuid4().hex,
-                         requests=reqs, n=n, echo=echoes, score_only=mt == 0)
+                         requests=reqs, n=n, echo=echoes, score_only=mt == 0, best_of=best_of,
+                         show_logprobs=k is not None)
 
 
 def _prompts(prompt: Any, tokenizer: Any, vocab: int | None) -> tuple[list[list[int]], list[str]]:

@@ -128,12 +128,14 @@ def _choice(p: ParsedRequest, index: int, resp: Response, text: str, logprobs: d
 
 
 def full_body(p: ParsedRequest, finals: list[tuple[Response, str]],
-              logprobs: Sequence[dict | None] | None = None) -> dict[str, Any]:
+              logprobs: Sequence[dict | None] | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
     """The non-streaming body of a finished request: (final response, text) of each choice, in order;
-    `logprobs`: each choice's (logprobs_body), where asked."""
+    `logprobs`: each choice's (logprobs_body), where asked; `completion_tokens`: what usage bills
+    (default: the choices' tokens; best_of bills every candidate's)."""
     logprobs = logprobs or [None] * len(finals)
     choices = [_choice(p, i, resp, text, lp) for i, ((resp, text), lp) in enumerate(zip(finals, logprobs))]
-    completion_tokens = sum(len(resp.result.output_token_ids) for resp, _ in finals)
+    if completion_tokens is None:
+        completion_tokens = sum(len(resp.result.output_token_ids) for resp, _ in finals)
     metrics = finals[0][0].result.metrics
     body: dict[str, Any] = {"id": p.id, "object": "text_completion" if p.kind == "completion" else "chat.completion",
                             "created": p.created, "model": p.model, "choices": choices,

@@ -438,3 +438,34 @@ def test_context_only_then_generation_only_carries_the_first_logprobs(clients):
                  extra_body={"ignore_eos": True, "disaggregated_params": gen}).choices[0]
     assert ids_of(c) == ids_of(whole) and close(c.logprobs.token_logprobs, whole.logprobs.token_logprobs)
     assert [list(t) for t in c.logprobs.top_logprobs] == [list(t) for t in whole.logprobs.top_logprobs]
+
+
+# ---- best_of -------------------------------------------------------------------------------------------
+
+
+def _total_logprob(choice) -> float:
+    return sum(choice.logprobs.token_logprobs)
+
+
+def test_best_of_returns_the_n_most_likely_candidates(agg):
+    """best_of=4, n=2 samples the same four candidates as n=4 (same seed), returns the two with the
+    highest cumulative logprob, best first, and bills all four."""
+    kw = {"max_tokens": 6, "temperature": 1.5, "seed": 11, "extra_body": {"ignore_eos": True}}
+    four = complete(agg, PROMPTS[0], n=4, logprobs=0, **kw).choices
+    totals = [_total_logprob(c) for c in four]
+    assert len(set(totals)) == 4, totals     # four different candidates
+    best = complete(agg, PROMPTS[0], n=2, best_of=4, logprobs=0, **kw)
+    want = sorted(range(4), key=lambda i: -totals[i])[:2]
+    assert [ids_of(c) for c in best.choices] == [ids_of(four[i]) for i in want]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == 4 * 6
+    plain = complete(agg, PROMPTS[0], n=1, best_of=4, **kw).choices   # logprobs not asked: not shown
+    assert len(plain) == 1 and plain[0].logprobs is None and ids_of(plain[0]) == ids_of(four[want[0]])
+
+
+def test_best_of_is_refused_where_it_cannot_hold(agg):
+    for kw, words in (({"n": 3, "best_of": 2}, "integer in [n=3"),
+                      ({"best_of": 4, "stream": True}, "cannot be streamed")):
+        with pytest.raises(openai.BadRequestError) as e:
+            complete(agg, PROMPTS[0], **kw)
+        assert e.value.body["param"] == "best_of" and words in e.value.body["message"]
