@@ -349,15 +349,18 @@ def test_sampling_params_validation():
     max_batch_size=st.integers(1, 4),
     extra_budget=st.integers(0, 12),
     reuse=st.booleans(),
+    chunk=st.one_of(st.none(), st.integers(1, 8)),
 )
-def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size, extra_budget, reuse):
-    """Random prompts / arrivals / budgets: limits hold, positions are contiguous, all finish."""
+def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size, extra_budget, reuse, chunk):
+    """Random prompts / arrivals / budgets / prefill chunks: limits hold, positions are contiguous,
+    all finish."""
     sched = make_sched(
         num_blocks=16,
         block_size=4,
         max_batch_size=max_batch_size,
         max_num_tokens=max_batch_size + extra_budget,
         reuse=reuse,
+        prefill_chunk_tokens=chunk,
     )
     arrivals: dict[int, list[Sequence]] = {}
     for r, (plen, max_tokens, at) in enumerate(prompts):
@@ -370,9 +373,13 @@ def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size,
             sched.add(seq)
         if t > 5 and not sched.has_work():
             break
+        decoding = {s.req_id for s in sched.running if s.is_prefill_done}
         step = sched.schedule()
         inp = sched.make_step_inputs(step)
         assert step.num_tokens <= sched.max_num_tokens and len(step) <= max_batch_size
+        assert decoding <= {s.req_id for s, _ in step.items}  # every running decode, every step
+        if chunk is not None and decoding:
+            assert sum(n for s, n in step.items if s.req_id not in decoding) <= chunk  # prompt tokens
         for (seq, n), lo in zip(step.items, inp.query_start_loc):
             assert inp.positions[lo : lo + n] == list(
                 range(seq.num_computed_tokens, seq.num_computed_tokens + n)
