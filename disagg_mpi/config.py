@@ -95,6 +95,7 @@ class ExecutorSpec(_Strict):
     layer_split: list[int] | None = None
     max_batch_size: int = Field(8, ge=1)
     max_num_tokens: int = Field(2048, ge=1)
+    prefill_chunk_tokens: int | None = Field(None, ge=1)
     kv_cache: KvCacheSpec = KvCacheSpec()
     cache_transceiver_config: TransceiverSpec | None = None
 
@@ -129,6 +130,7 @@ class ExecutorSpec(_Strict):
         return ExecutorConfig(
             max_batch_size=self.max_batch_size,
             max_num_tokens=self.max_num_tokens,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
             kv_cache_config=KvCacheConfig(**self.kv_cache.model_dump()),
             cache_transceiver_config=tc.to_api() if tc else CacheTransceiverConfig(),
             dtype=dtype,

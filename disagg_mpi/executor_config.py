@@ -106,6 +106,7 @@ class KvCacheConfig:
 class ExecutorConfig:
     max_batch_size: int = 8
     max_num_tokens: int = 2048
+    prefill_chunk_tokens: int | None = None  # prompt tokens in a step that decodes (None: max_num_tokens)
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     dtype: str = "float32"

@@ -132,8 +132,8 @@ class LLMEngine:
         self.executor_id = executor_id
         self.transceiver_enabled = config.cache_transceiver_config.enable_cache_transceiver
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, kv.enable_prefix_reuse)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens,
-                                   env_value("DISAGG_MAX_BYPASS"), env_value("DISAGG_MAX_BYPASS_SECONDS"))
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_num_tokens, env_value(
+            "DISAGG_MAX_BYPASS"), env_value("DISAGG_MAX_BYPASS_SECONDS"), config.prefill_chunk_tokens)
         self.eos = set(model_config.eos_token_ids)
         self._meta: dict[int, _Meta] = {}
         self.handoff = Handoff(self, self.blocks, self.scheduler, group, config.cache_transceiver_config,

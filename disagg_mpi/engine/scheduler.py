@@ -9,6 +9,13 @@ Blocks for prompt + max_tokens are reserved at admission, so a running
 sequence never waits for memory: no preemption and no deadlock, at the price
 of admitting fewer requests than an optimistic allocator would.
 
+A step that decodes computes at most `prefill_chunk_tokens` prompt tokens (when set; else up to
+`max_num_tokens`): a running decode waits on at most one such chunk of someone else's prefill per
+token. (Issue 23: under the 8B configs' 8,192-token budget one step may take eight 1,024-token
+prompts beside the decodes, and every stream waits for them; docs/benchmarks-log.md saw ITL p99
+~0.2 s from such steps.) A step with nothing to decode takes the whole budget, so an idle executor
+prefills as fast as before.
+
 A waiting request whose blocks do not fit does not hold back the ones behind it
 that do (`may_pass`), but only a bounded number of times or for a bounded time:
 then the queue stops behind it, so the blocks running requests free go to it.
@@ -87,9 +94,13 @@ class StepInputs:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
-                 max_bypass: int = MAX_BYPASS, max_bypass_s: float = MAX_BYPASS_SECONDS):
+                 max_bypass: int = MAX_BYPASS, max_bypass_s: float = MAX_BYPASS_SECONDS,
+                 prefill_chunk_tokens: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1 (or unset: up to max_num_tokens), "
+                             f"got {prefill_chunk_tokens}")
         # Every running sequence must be able to decode in every step; otherwise
         # some would starve behind the budget.
         if max_num_tokens < max_batch_size:
@@ -100,6 +111,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_bypass, self.max_bypass_s = max_bypass, max_bypass_s
         self.waiting: deque[Sequence] = deque()  # need blocks; FCFS, but see may_pass
         self.ready: deque[Sequence] = deque()  # KV already present, need a batch slot only
@@ -187,12 +199,15 @@ class Scheduler:
             if seq.is_prefill_done:
                 step.items.append((seq, 1))
                 budget -= 1
+        # Prompt tokens beside decodes: one chunk, so that the decodes are not held up for long.
+        decoding = bool(step.items) or (admit and bool(self.ready))
+        prefill = self.prefill_chunk_tokens if decoding and self.prefill_chunk_tokens is not None else budget
         # Then prefills already under way, in admission order.
         for seq in self.running:
-            if not seq.is_prefill_done and budget > 0:
-                n = min(seq.remaining_prefill, budget)
+            if not seq.is_prefill_done and min(budget, prefill) > 0:
+                n = min(seq.remaining_prefill, budget, prefill)
                 step.items.append((seq, n))
-                budget -= n
+                budget, prefill = budget - n, prefill - n
         if not admit:
             return step
         # Then new sequences: those with KV already present (no blocks needed) ...
@@ -203,8 +218,8 @@ class Scheduler:
             budget -= 1
         # ... and waiting ones, in arrival order; one whose blocks do not fit lets those behind it
         # pass, within bounds (may_pass).
-        if self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            self._admit_waiting(step, budget)
+        if self.waiting and len(self.running) < self.max_batch_size and min(budget, prefill) > 0:
+            self._admit_waiting(step, min(budget, prefill))
         return step
 
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:

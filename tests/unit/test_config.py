@@ -122,3 +122,12 @@ def test_any_yaml_gives_a_topology_or_a_clear_config_error(data):
         assert str(err).startswith("invalid topology")
     else:
         assert topo.world_size >= 2
+
+
+def test_prefill_chunk_tokens_reaches_the_executor_config_and_is_checked():
+    topo = parse_topology({"generation_executors": [_ex(1, max_num_tokens=4096, prefill_chunk_tokens=512)]})
+    assert topo.executors[0].executor_config("float32").prefill_chunk_tokens == 512
+    assert parse_topology({"generation_executors": [_ex(1)]}).executors[0].executor_config(
+        "float32").prefill_chunk_tokens is None  # unset: up to max_num_tokens, as before
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens"):
+        parse_topology({"generation_executors": [_ex(1, prefill_chunk_tokens=0)]})

@@ -349,15 +349,18 @@ def test_sampling_params_validation():
     max_batch_size=st.integers(1, 4),
     extra_budget=st.integers(0, 12),
     reuse=st.booleans(),
+    chunk=st.one_of(st.none(), st.integers(1, 8)),
 )
-def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size, extra_budget, reuse):
-    """Random prompts / arrivals / budgets: limits hold, positions are contiguous, all finish."""
+def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size, extra_budget, reuse, chunk):
+    """Random prompts / arrivals / budgets / prefill chunks: limits hold, positions are contiguous,
+    all finish."""
     sched = make_sched(
         num_blocks=16,
         block_size=4,
         max_batch_size=max_batch_size,
         max_num_tokens=max_batch_size + extra_budget,
         reuse=reuse,
+        prefill_chunk_tokens=chunk,
     )
     arrivals: dict[int, list[Sequence]] = {}
     for r, (plen, max_tokens, at) in enumerate(prompts):
@@ -370,9 +373,13 @@ def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size,
             sched.add(seq)
         if t > 5 and not sched.has_work():
             break
+        decoding = {s.req_id for s in sched.running if s.is_prefill_done}
         step = sched.schedule()
         inp = sched.make_step_inputs(step)
         assert step.num_tokens <= sched.max_num_tokens and len(step) <= max_batch_size
+        assert decoding <= {s.req_id for s, _ in step.items}  # every running decode, every step
+        if chunk is not None and decoding:
+            assert sum(n for s, n in step.items if s.req_id not in decoding) <= chunk  # prompt tokens
         for (seq, n), lo in zip(step.items, inp.query_start_loc):
             assert inp.positions[lo : lo + n] == list(
                 range(seq.num_computed_tokens, seq.num_computed_tokens + n)
@@ -381,3 +388,56 @@ def test_random_workloads_finish_and_return_every_block(prompts, max_batch_size,
     assert len(finished) == len(prompts)
     assert all(len(s.output_ids) == s.max_tokens for s in finished)
     sched.block_manager.check_full()
+
+
+def test_a_long_prompt_is_chunked_while_every_running_decode_gets_a_token_each_step():
+    """Issue 23: a long prompt arriving among running decodes is prefilled one budget-sized chunk a
+    step, and every running decode gets its token in every step, the chunks' steps included."""
+    budget, decoders = 32, 3
+    sched = make_sched(num_blocks=128, block_size=4, max_batch_size=8, max_num_tokens=budget)
+    running = [make_seq(r, prompt_len=5, max_tokens=40) for r in range(decoders)]
+    for seq in running:
+        sched.add(seq)
+    run_step(sched)  # the short prompts prefill together and sample their first tokens
+    long = make_seq(9, prompt_len=100, max_tokens=2)
+    sched.add(long)
+    chunks = []
+    while not long.output_ids:
+        before = [len(s.output_ids) for s in running]
+        step, _ = run_step(sched)
+        n = {s.req_id: k for s, k in step.items}
+        assert all(n[s.req_id] == 1 for s in running), step.items  # every decode, every step
+        assert [len(s.output_ids) for s in running] == [b + 1 for b in before]
+        assert step.num_tokens <= budget
+        chunks.append(n[long.req_id])
+        assert len(chunks) < 10
+    assert chunks == [budget - decoders] * 3 + [100 - 3 * (budget - decoders)], chunks
+
+
+def test_prefill_chunk_tokens_bounds_the_prompt_tokens_beside_decodes():
+    """With a large budget the scheduler would put whole prompts beside the decodes (the 8B configs:
+    8,192 tokens, eight 1,024-token prompts a step); `prefill_chunk_tokens` caps the prompt tokens of
+    a step that decodes, and a step with nothing to decode still takes the whole budget."""
+    sched = make_sched(num_blocks=256, block_size=4, max_batch_size=8, max_num_tokens=128)
+    capped = make_sched(num_blocks=256, block_size=4, max_batch_size=8, max_num_tokens=128, prefill_chunk_tokens=16)
+    for s in (sched, capped):
+        s.add(make_seq(0, prompt_len=50, max_tokens=6))
+        first, _ = run_step(s)
+        assert [(q.req_id, n) for q, n in first.items] == [(0, 50)]  # alone: the whole prompt at once
+        s.add(make_seq(1, prompt_len=40, max_tokens=2))
+        s.add(make_seq(2, prompt_len=30, max_tokens=2))
+    step, _ = run_step(sched)
+    assert [(q.req_id, n) for q, n in step.items] == [(0, 1), (1, 40), (2, 30)]  # 70 prompt tokens
+    prompt_tokens = []
+    while any(q.req_id == 0 for q in capped.running):
+        decoding = {q.req_id for q in capped.running if q.is_prefill_done}
+        step, _ = run_step(capped)
+        assert all(n == 1 for q, n in step.items if q.req_id in decoding)  # every decode, every step
+        assert decoding <= {q.req_id for q, _ in step.items}
+        prompt_tokens.append(sum(n for q, n in step.items if q.req_id not in decoding))
+    assert prompt_tokens == [16, 16, 16, 16, 6], prompt_tokens  # 70 prompt tokens, 16 a step
+
+
+def test_prefill_chunk_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="prefill_chunk_tokens must be >= 1"):
+        make_sched(prefill_chunk_tokens=0)

@@ -469,3 +469,23 @@ def test_best_of_is_refused_where_it_cannot_hold(agg):
         with pytest.raises(openai.BadRequestError) as e:
             complete(agg, PROMPTS[0], **kw)
         assert e.value.body["param"] == "best_of" and words in e.value.body["message"]
+
+
+# ---- streaming: one event per token (issue 23) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["agg", "disagg"])
+def test_stream_sends_each_token_as_its_own_event(clients, mode):
+    """Each generated token is its own SSE event, carrying exactly that token's text (the word model's
+    tokens are words: every token decodes to whole characters, so no event waits for the next one),
+    in the order of the non-streamed output, and the usage counts as many tokens as events."""
+    n = 48
+    whole = complete(clients[mode], PROMPTS[2], max_tokens=n)
+    chunks = list(complete(clients[mode], PROMPTS[2], max_tokens=n, stream=True,
+                           stream_options={"include_usage": True}))
+    content = [c.choices[0] for c in chunks if c.choices]
+    assert [c.usage.completion_tokens for c in chunks if c.usage] == [n]
+    assert [len(ids_of(c)) for c in content] == [1] * n  # one token an event, none without one
+    for c in content:
+        assert c.text.split() == [f"w{ids_of(c)[0]}"], (ids_of(c), c.text)
+    assert [ids_of(c)[0] for c in content] == ids_of(whole.choices[0])
