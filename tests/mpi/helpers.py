@@ -39,14 +39,15 @@ def tiny_prompts(n: int, vocab: int = 1024) -> list[list[int]]:
     return [[(7 * i + 13 * j + 1) % vocab for j in range(1 + (i * 11) % 40)] for i in range(n)]
 
 
-def pp2_disaggregated_vs_in_process(make_requests):
-    """`make_requests()` through a PP2 context -> PP2 generation job over the tiny model, then through
-    one aggregated executor in process. On rank 0: (the job's responses, the in-process responses,
-    that executor); None on the other ranks. Job size 5."""
+def disaggregated_vs_in_process(make_requests, ctx: tuple[int, int] = (1, 2), gen: tuple[int, int] = (1, 2)):
+    """`make_requests()` through a context -> generation job over the tiny model, each executor of
+    (TP, PP) `ctx` / `gen` (default PP2 -> PP2: job size 5), then through one aggregated executor
+    in process. On rank 0: (the job's responses, the in-process responses, that executor); None on
+    the other ranks."""
     from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig, launch
     from tests.mpi.test_parallel import _disagg_topology
 
-    with launch(_disagg_topology("random:tiny", (1, 2), (1, 2))) as orch:
+    with launch(_disagg_topology("random:tiny", ctx, gen)) as orch:
         if orch is None:
             return None
         outs = orch.generate(make_requests(), timeout=600)

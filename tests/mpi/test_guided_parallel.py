@@ -14,7 +14,7 @@ import pytest
 
 from disagg_mpi import Request
 from disagg_mpi.api import GuidedDecodingParams, SamplingConfig
-from tests.mpi.helpers import pp2_disaggregated_vs_in_process, tiny_prompts
+from tests.mpi.helpers import disaggregated_vs_in_process, tiny_prompts
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -30,7 +30,7 @@ def _requests() -> list[Request]:
 
 @pytest.mark.world(5)
 def test_guided_through_pp2_disaggregated_equal_aggregated_in_process():
-    run = pp2_disaggregated_vs_in_process(_requests)
+    run = disaggregated_vs_in_process(_requests)
     if run is None:
         return
     outs, wants, ex = run

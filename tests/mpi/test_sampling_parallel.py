@@ -1,8 +1,9 @@
-"""Penalties, logit_bias, min_tokens, seeded sampling and logprobs (the prompt's too) through pipeline-parallel executors, disaggregated
-(the last PP stage samples, so the token histories cross ranks in the step plan): equal to one
+"""Penalties, logit_bias, min_tokens, seeded sampling and logprobs (the prompt's too) through
+pipeline-parallel executors, disaggregated (the last PP stage samples, so the token histories cross
+ranks in the step plan), and from a TP2 context to a TP1 generation executor: equal to one
 aggregated executor in process.
 
-Job sizes used here: world(5)
+Job sizes used here: world(4), world(5)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 from disagg_mpi import Request
 from disagg_mpi.api import OutputConfig, SamplingConfig
-from tests.mpi.helpers import pp2_disaggregated_vs_in_process, tiny_prompts
+from tests.mpi.helpers import disaggregated_vs_in_process, tiny_prompts
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -34,7 +35,17 @@ def _requests() -> list[Request]:
 
 @pytest.mark.world(5)
 def test_penalties_through_pp2_disaggregated_equal_aggregated_in_process():
-    run = pp2_disaggregated_vs_in_process(_requests)
+    _check(disaggregated_vs_in_process(_requests))
+
+
+@pytest.mark.world(4)
+def test_penalties_from_a_tp2_context_to_a_tp1_generation_equal_aggregated_in_process():
+    """Hetero TP: the context's two ranks each hold half the KV heads; the generation rank all of
+    them (the KV is re-sharded on the way); the first TP rank samples on both sides."""
+    _check(disaggregated_vs_in_process(_requests, ctx=(2, 1), gen=(1, 1)))
+
+
+def _check(run) -> None:
     if run is None:
         return
     outs, wants, ex = run
