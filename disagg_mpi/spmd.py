@@ -20,7 +20,6 @@ from .config import Topology, check_model, load_topology
 from .orchestrator.orchestrator import DisaggOrchestrator
 from .runtime.comms import build_comms
 from .runtime.devices import node_name
-from .runtime.worker import run_executor_rank
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +37,14 @@ def configure_threads(world, topo: Topology) -> None:
     OMP_NUM_THREADS, when set, wins (documented in the README)."""
     import os
 
-    import torch
-
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    computing = sum(node.allgather(topo.executor_of_rank(world.Get_rank()) is not None))
+    computes = topo.executor_of_rank(world.Get_rank()) is not None
+    computing = sum(node.allgather(computes))
     node.Free()
-    if os.environ.get("OMP_NUM_THREADS"):
+    if os.environ.get("OMP_NUM_THREADS") or not computes:
         return
+    import torch  # (executor ranks only: rank 0 runs no model and never loads torch)
+
     torch.set_num_threads(threads_per_rank(os.cpu_count() or 1, computing))
 
 
@@ -123,6 +123,8 @@ def launch(config: str | Path | Topology, world=None,
             finally:
                 orch.shutdown()
         else:
+            from .runtime.worker import run_executor_rank  # (torch: executor ranks only)
+
             run_executor_rank(topo, comms, key, nodes)
             yield None
     finally:

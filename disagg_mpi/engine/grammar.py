@@ -10,7 +10,8 @@ computes a mask lazily, per step, for the rows that have a grammar; rows without
 Where the state lives: on the executor's leader, next to the sequence (`Sequence.grammar`). Before
 each step the leader brings the matcher up to the sequence's output (`GrammarState.follow`) and fills
 the row's bitmask; the plan carries the masks to the rank that samples (`StepPlan.masks`), which sets
-the other tokens to -inf (`apply_masks`). So the first token obeys the grammar on the context
+the other tokens to -inf (`grammar_masks.apply_masks`; this module needs no torch, so rank 0 checks
+schemas with it). So the first token obeys the grammar on the context
 executor, and the generation executor rebuilds the matcher by replaying the output it receives (the
 first token): only the grammar's spec crosses the hand-off, inside the request.
 """
@@ -20,16 +21,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import msgpack
-import numpy as np
-import torch
 
 from ..api import GuidedDecodingParams, RequestError
+
+if TYPE_CHECKING:
+    import torch
 
 # Compact JSON with the separators of Python's json.dumps: flexible whitespace (JSON's default)
 # lets a small model emit blank lines until max_tokens (SmolLM2-135M did, on "any JSON object").
@@ -135,36 +136,3 @@ class Grammars:
         if matcher.is_error():
             raise RequestError(f"guided_decoding: {matcher.get_error()}", "guided_decoding")
         return GrammarState(matcher, params)
-
-
-def fill_masks(states: Sequence[GrammarState], outputs: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
-    """[len(states), mask_width(vocab)] int32: each state brought up to its output, then its mask."""
-    masks = torch.zeros(len(states), mask_width(vocab), dtype=torch.int32)
-    for k, (state, out) in enumerate(zip(states, outputs, strict=True)):
-        state.follow(out)
-        state.fill(masks[k])
-    return masks
-
-
-def unpack(masks: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Bitmasks [R, W] int32 -> allowed [R, vocab] bool (bit t % 32 of word t // 32)."""
-    if masks.device.type == "cpu" and sys.byteorder == "little":
-        # The words' bytes in memory order, bits least significant first, are token order: numpy's
-        # unpackbits does it in C, 30x faster than the shift-and-mask below (0.3 vs 9 ms, 8 x 49152).
-        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
-        return torch.from_numpy(bits[:, :vocab].view(np.bool_))
-    shifts = torch.arange(32, dtype=torch.int32, device=masks.device)
-    bits = (masks[:, :, None] >> shifts) & 1  # (an arithmetic shift of the sign bit is fine: & 1)
-    return bits.reshape(masks.shape[0], -1)[:, :vocab].bool()
-
-
-def apply_masks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tensor | None) -> torch.Tensor:
-    """`logits` [B, V] with the tokens that row rows[k]'s mask forbids set to -inf (a new tensor; the
-    input may be a CUDA graph's output buffer). Unchanged when no row has a mask."""
-    if masks is None or not rows:
-        return logits
-    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-    allowed = unpack(masks, logits.shape[1]).to(logits.device)
-    out = logits.float().clone()
-    out.index_copy_(0, index, out.index_select(0, index).masked_fill_(allowed.logical_not_(), float("-inf")))
-    return out

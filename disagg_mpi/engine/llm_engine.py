@@ -42,7 +42,8 @@ from ..transfer.opaque import OpaqueState, OpaqueStateError
 from . import benchmark
 from .block_manager import BlockManager
 from .cuda_graphs import is_decode_only
-from .grammar import Grammars, fill_masks
+from .grammar import Grammars
+from .grammar_masks import fill_masks
 from .handoff import Handoff
 from .logprobs import NOT_ASKED, prompt_logprobs_k, prompt_rows
 from .model_runner import StepPlan

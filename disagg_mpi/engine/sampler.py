@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from disagg_mpi.engine.grammar import apply_masks
+from disagg_mpi.engine.grammar_masks import apply_masks
 from disagg_mpi.engine.penalties import adjust_logits
 from disagg_mpi.engine.sequence import SamplingParams
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from disagg_mpi.model.families import (
     HF_ARCHITECTURES,
@@ -19,6 +17,9 @@ from disagg_mpi.model.families import (
     qkv_bias,
     sliding_window_of,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ModelConfig:
 
     def checked(self) -> ModelConfig:
         """Refuse what the forward pass does not implement; the config itself otherwise."""
-        rope_inv_freq(self)   # raises on an unsupported rope_scaling type
+        rope_kind(self)   # raises on an unsupported rope_scaling type
         w = self.sliding_window
         if w is not None and w < 1:
             raise ValueError(f"sliding_window={w} must be >= 1 (or null for full attention)")
@@ -167,18 +168,29 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse RoPE frequencies [head_dim/2] in float32, as transformers computes them."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+def rope_kind(cfg: ModelConfig) -> str:
+    """The rope_scaling type: default, linear or llama3 (ValueError for any other)."""
     sc = cfg.rope_scaling
     kind = (sc or {}).get("rope_type", (sc or {}).get("type"))
     if kind in (None, "default"):
+        return "default"
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    return kind
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2] in float32, as transformers computes them."""
+    import torch  # (here, not above: reading a config needs no torch)
+
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    sc = cfg.rope_scaling
+    kind = rope_kind(cfg)
+    if kind == "default":
         return inv
     if kind == "linear":
         return inv / float(sc["factor"])
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
     # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
     factor = float(sc["factor"])
     low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))

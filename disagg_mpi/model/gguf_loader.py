@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from disagg_mpi.model.config import ModelConfig
 from disagg_mpi.model.families import check_names, checkpoint_names
-from disagg_mpi.model.weights import Fetch
+
+if TYPE_CHECKING:   # (reading the config needs no torch: rank 0 and the launcher never load it)
+    import torch
+
+    from disagg_mpi.model.weights import Fetch
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -77,6 +81,8 @@ class GGUFCheckpoint:
         check_names(self.tensors, [gguf_name(n) for n in checkpoint_names(self.config)], str(path))
 
     def fetch(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        import torch
+
         gname = gguf_name(name)
         if gname not in self.tensors:
             raise KeyError(f"{self.path}: tensor {gname!r} (for {name}) missing")
@@ -94,3 +100,10 @@ class GGUFCheckpoint:
 
     def fetcher(self) -> Fetch:
         return self.fetch
+
+    def drop_metadata(self) -> None:
+        """Free the parsed metadata (the tokenizer's vocabulary and merges: ~100 MiB of small arrays for
+        SmolLM2) before the weights load: the tensors need none of it. The shared reader goes out of
+        the cache, so a tokenizer loaded later in this process parses the file again."""
+        open_gguf.cache_clear()
+        self.reader.fields.clear()

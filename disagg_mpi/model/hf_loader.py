@@ -7,13 +7,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from disagg_mpi.model.config import ModelConfig
 from disagg_mpi.model.families import check_names, checkpoint_names
-from disagg_mpi.model.weights import Fetch
+
+if TYPE_CHECKING:   # (reading the config needs no torch: rank 0 and the launcher never load it)
+    import torch
+
+    from disagg_mpi.model.weights import Fetch
 
 
 def read_hf_config(folder: str | Path) -> ModelConfig:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from disagg_mpi.model.config import PRESETS, ModelConfig, preset
-from disagg_mpi.model.llama import LlamaModel
-from disagg_mpi.model.parallel import ShardSpec
-from disagg_mpi.model.weights import load_weights
+
+if TYPE_CHECKING:   # (torch and the model load with load_model: reading a config needs neither)
+    import torch
+
+    from disagg_mpi.model.llama import LlamaModel
+    from disagg_mpi.model.parallel import ShardSpec
 
 ACCEPTED = ("'smollm2' (default), a HF folder (config.json + safetensors), a .gguf file, "
             f"or random:<preset> with preset in {sorted(PRESETS)}")
@@ -56,12 +58,20 @@ def load_model_config(spec: str | os.PathLike) -> ModelConfig:
     return GGUFCheckpoint(arg).config
 
 
-def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32,
+def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", shard: ShardSpec | None = None,
                seed: int = 0) -> LlamaModel:
-    """Build this rank's shard of the model and fill it; eval mode, no grads."""
+    """Build this rank's shard of the model and fill it (dtype None: float32); eval mode, no grads."""
+    import torch
+
+    from disagg_mpi.model.llama import LlamaModel
+    from disagg_mpi.model.parallel import ShardSpec
+    from disagg_mpi.model.weights import load_weights
+
+    dtype = torch.float32 if dtype is None else dtype
     shard = shard or ShardSpec()
     kind, arg = _resolve(spec)
+    ckpt = None
     if kind == "random":
         from disagg_mpi.model.random_init import random_fetch
         cfg = preset(arg)
@@ -74,8 +84,25 @@ def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.f
         from disagg_mpi.model.gguf_loader import GGUFCheckpoint
         ckpt = GGUFCheckpoint(arg)
         cfg, fetch = ckpt.config, ckpt.fetcher()
+        ckpt.drop_metadata()
     model = LlamaModel.empty(cfg, shard, dtype=dtype, device=device)
     load_weights(model, fetch)
+    del fetch, ckpt
+    give_back_memory()
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def give_back_memory() -> None:
+    """Return the loaders' freed memory (dequantization buffers, a checkpoint's parsed metadata) to
+    the system: an executor's resident memory is then its weights, its KV pool and little else."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps it for reuse

@@ -7,15 +7,19 @@
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..knobs import env_value
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def select_device(device_ids: list[int] | None, executor_local_rank: int) -> torch.device:
+    import torch  # (executor ranks only: rank 0 and the launcher never load torch)
+
     if device_ids is None:
         return torch.device("cpu")
     if not torch.cuda.is_available():

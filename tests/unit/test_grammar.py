@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from disagg_mpi.api import ContextPhaseParams, GuidedDecodingParams, Request, RequestError, SamplingConfig
-from disagg_mpi.engine.grammar import (
-    Grammars,
-    apply_masks,
-    fill_masks,
-    grammar_of,
-    guide_digest,
-    mask_width,
-    unpack,
-)
+from disagg_mpi.engine.grammar import Grammars, grammar_of, guide_digest, mask_width
+from disagg_mpi.engine.grammar_masks import apply_masks, fill_masks, unpack
 from disagg_mpi.engine.handoff_check import check_handoff
 from disagg_mpi.engine.model_runner import StepPlan
 from disagg_mpi.engine.sampler import sample

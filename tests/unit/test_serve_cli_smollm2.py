@@ -61,6 +61,7 @@ def test_smollm2_chat_through_the_self_launching_cli(tmp_path):
         chunks = [e for _, e in events if e != "[DONE]"]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
         _one_event_a_step(run(_stream_completion(int(port_file.read_text()))))
+        _memory_within_targets(proc.pid, root / "configs" / "smollm2-1ctx-1gen.yaml")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
     finally:
@@ -94,6 +95,52 @@ def _one_event_a_step(events: list) -> None:
     short = [g for g in gaps if g < 0.1 * per_token_s]
     assert len(short) <= len(gaps) // 5, (f"{per_token_s * 1e3:.1f} ms a token at rank 0; gaps (ms):",
                                           [round(g * 1e3, 2) for g in gaps])
+
+
+MiB = 1 << 20
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) * 1024
+
+
+def _model_bytes(cfg) -> int:
+    """fp32 weights of a dense Llama-family config (tied embeddings counted once)."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    layer = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * h * f + 2 * h
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return 4 * (embed + cfg.num_layers * layer + h)
+
+
+def _memory_within_targets(launcher: int, config: Path) -> None:
+    """Issue 24: the launcher and rank 0 run no model (no torch either): at most 300 MiB each; an
+    executor rank holds its weights and its KV pool, and at most 400 MiB besides (peak RSS)."""
+    from disagg_mpi.config import load_topology
+    from disagg_mpi.model.loader import load_model_config
+
+    topo = load_topology(config)
+    cfg = load_model_config(topo.model.path)
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        folder = next((v.split(b"=", 1)[1] for v in env if v.startswith(b"DISAGG_MPI_RANKMAP=")), None)
+        if folder is not None and b"mpi4py" in (proc / "cmdline").read_bytes():
+            for f in Path(folder.decode()).glob("[0-9]*"):
+                rank, pids = f.read_text().split()[:2]
+                if int(pids.split(",")[0]) == int(proc.name):
+                    ranks[int(rank)] = int(proc.name)
+    assert sorted(ranks) == list(range(topo.world_size)), ranks
+    peaks = {"launcher": _peak_rss(launcher), **{f"rank {r}": _peak_rss(pid) for r, pid in ranks.items()}}
+    limits = {"launcher": 300 * MiB, "rank 0": 300 * MiB}
+    for ex in topo.executors:
+        kv = ex.kv_cache.num_blocks * ex.kv_cache.block_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+        limits[f"rank {ex.participant_ids[0]}"] = _model_bytes(cfg) + kv + 400 * MiB
+    over = {k: (peaks[k] // MiB, limits[k] // MiB) for k in limits if peaks[k] > limits[k]}
+    assert not over, f"peak RSS over its target (MiB, limit): {over}; all: { {k: v // MiB for k, v in peaks.items()} }"
 
 
 def _says_what_it_does_while_it_starts(log: Path, port: int) -> None:

@@ -1,0 +1,45 @@
+"""The tensor side of guided decoding (grammar.py): a step's bitmasks, filled on the leader and
+applied where the step is sampled."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .grammar import GrammarState, mask_width
+
+
+def fill_masks(states: Sequence[GrammarState], outputs: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
+    """[len(states), mask_width(vocab)] int32: each state brought up to its output, then its mask."""
+    masks = torch.zeros(len(states), mask_width(vocab), dtype=torch.int32)
+    for k, (state, out) in enumerate(zip(states, outputs, strict=True)):
+        state.follow(out)
+        state.fill(masks[k])
+    return masks
+
+
+def unpack(masks: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bitmasks [R, W] int32 -> allowed [R, vocab] bool (bit t % 32 of word t // 32)."""
+    if masks.device.type == "cpu" and sys.byteorder == "little":
+        # The words' bytes in memory order, bits least significant first, are token order: numpy's
+        # unpackbits does it in C, 30x faster than the shift-and-mask below (0.3 vs 9 ms, 8 x 49152).
+        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab].view(np.bool_))
+    shifts = torch.arange(32, dtype=torch.int32, device=masks.device)
+    bits = (masks[:, :, None] >> shifts) & 1  # (an arithmetic shift of the sign bit is fine: & 1)
+    return bits.reshape(masks.shape[0], -1)[:, :vocab].bool()
+
+
+def apply_masks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tensor | None) -> torch.Tensor:
+    """`logits` [B, V] with the tokens that row rows[k]'s mask forbids set to -inf (a new tensor; the
+    input may be a CUDA graph's output buffer). Unchanged when no row has a mask."""
+    if masks is None or not rows:
+        return logits
+    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    allowed = unpack(masks, logits.shape[1]).to(logits.device)
+    out = logits.float().clone()
+    out.index_copy_(0, index, out.index_select(0, index).masked_fill_(allowed.logical_not_(), float("-inf")))
+    return out
