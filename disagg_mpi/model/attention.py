@@ -300,9 +300,12 @@ def _decode_over(q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.
     `nb` blocks of each table, `ctx` tokens valid) into a padded [B, H, T, D] and attend at once."""
     b = tables.shape[0]
     tables = tables[:, :nb].clamp(min=0)          # -1 pads read block 0; masked out below
-    kv = pool[tables, layer]                      # [B, nb, 2, H, bs, D]
-    h, d = kv.shape[3], kv.shape[5]
-    kv = kv.permute(2, 0, 3, 1, 4, 5).reshape(2, b, h, nb * bs, d).to(q.dtype)
+    h, d = pool.shape[3], pool.shape[5]
+    # One copy, straight into [2, H, B * nb, bs, D] order (the layer's blocks picked from a view),
+    # then a free view as [2, B, H, T, D]: a gather [B, nb, 2, H, bs, D] then a permuted copy took
+    # 2-3x as long on a CPU (SmolLM2, batch 8: 28 vs 12 ms a step for the 30 layers' gathers).
+    kv = torch.index_select(pool[:, layer].permute(1, 2, 0, 3, 4), 2, tables.reshape(-1))
+    kv = kv.view(2, h, b, nb * bs, d).transpose(1, 2).to(q.dtype)
     kpos = torch.arange(nb * bs, device=pool.device)[None, :]
     keep = kpos < ctx[:, None]
     if window is not None:    # the query sits at position ctx - 1
