@@ -84,9 +84,10 @@ def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, i
 
 def _gather_seq(pool: torch.Tensor, layer: int, blocks: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V [kv_heads, ctx, head_dim] of one sequence from its block table row."""
-    kv = pool[blocks, layer]                       # [nb, 2, H, bs, D]
-    nb, _, h, bs, d = kv.shape
-    kv = kv.permute(1, 2, 0, 3, 4).reshape(2, h, nb * bs, d)[:, :, :ctx]
+    # One copy straight into [2, H, nb, bs, D] order (see _decode_over), then a free view.
+    kv = torch.index_select(pool[:, layer].permute(1, 2, 0, 3, 4), 2, blocks)
+    _, h, nb, bs, d = kv.shape
+    kv = kv.view(2, h, nb * bs, d)[:, :, :ctx]
     return kv[0], kv[1]
 
 
