@@ -58,8 +58,12 @@ def load_model_config(spec: str | os.PathLike) -> ModelConfig:
 
 def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", shard: ShardSpec | None = None,
-               seed: int = 0) -> LlamaModel:
-    """Build this rank's shard of the model and fill it; eval mode, no grads."""
+               seed: int = 0, quantization: str = "none") -> LlamaModel:
+    """Build this rank's shard of the model and fill it; eval mode, no grads. `quantization`
+    'int8'/'int4' (CPU only, see quant.py) quantizes the decoder's projections after the load."""
+    from disagg_mpi.model.quant import check_quantization, quantize_model
+
+    check_quantization(quantization, device)   # before the weights load, not after
     shard = shard or ShardSpec()
     kind, arg = _resolve(spec)
     if kind == "random":
@@ -78,4 +82,4 @@ def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.f
     load_weights(model, fetch)
     model.eval()
     model.requires_grad_(False)
-    return model
+    return quantize_model(model, quantization)
