@@ -58,9 +58,10 @@ def load_model_config(spec: str | os.PathLike) -> ModelConfig:
 
 def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", shard: ShardSpec | None = None,
-               seed: int = 0, quantization: str = "none") -> LlamaModel:
+               seed: int = 0, quantization: str = "none", quantize_lm_head: bool = True) -> LlamaModel:
     """Build this rank's shard of the model and fill it; eval mode, no grads. `quantization`
-    'int8'/'int4' (CPU only, see quant.py) quantizes the decoder's projections after the load."""
+    'int8'/'int4' (CPU only, see quant.py) quantizes the decoder's projections after the load, and
+    the lm_head in int8 unless `quantize_lm_head` is false."""
     from disagg_mpi.model.quant import check_quantization, quantize_model
 
     check_quantization(quantization, device)   # before the weights load, not after
@@ -82,4 +83,4 @@ def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.f
     load_weights(model, fetch)
     model.eval()
     model.requires_grad_(False)
-    return quantize_model(model, quantization)
+    return quantize_model(model, quantization, lm_head=quantize_lm_head)

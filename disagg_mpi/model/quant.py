@@ -25,7 +25,9 @@ from torch import nn
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
 # The layers quantized: every projection of attention and of a dense MLP (the bulk of the weights).
-# Embeddings, norms and MoE experts/routers stay in full precision; lm_head only when asked.
+# Embeddings, norms and MoE experts/routers stay in full precision. lm_head is int8 in both modes
+# by default: it is a fifth of SmolLM2's weights (49152 x 576), the default GGUF stores it (tied to the
+# embeddings) as Q8_0, and on 1 thread it took a decode step from 37 to 30 ms in int8 mode.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")   # TP splits their input columns (see parallel.py)
 
@@ -116,7 +118,7 @@ def _full_row_absmax(w: torch.Tensor, tp_rank: int, tp_size: int, all_reduce: Al
     return all_reduce(slots).amax(dim=0)
 
 
-def quantize_model(model: nn.Module, mode: str, lm_head: bool = False,
+def quantize_model(model: nn.Module, mode: str, lm_head: bool = True,
                    group_size: int = INT4_GROUP_SIZE) -> nn.Module:
     """Swap the projections of every decoder layer for int8/int4 modules, in place (`mode` 'none': no-op).
 
@@ -124,7 +126,8 @@ def quantize_model(model: nn.Module, mode: str, lm_head: bool = False,
     the slices of the unsharded ones. Row-parallel weights (o, down) hold part of each row: int8 takes
     the whole row's max (one collective per layer) for the same reason; int4 groups lie inside a shard
     when the group size divides its columns (Int4Linear checks the shape).
-    `lm_head=True` also quantizes the output projection in int8 (not the tied embedding lookup)."""
+    `lm_head` also quantizes the output projection, in int8 for both modes (the tied embedding lookup
+    keeps its full-precision table)."""
     check_quantization(mode, model.device)
     if mode == "none":
         return model

@@ -84,7 +84,7 @@ def test_quantized_tiny_model_tracks_fp32(tiny_ref, mode):
     m = load_model("random:tiny", seed=1, quantization=mode)
     layer = m.model.layers["0"]
     assert type(layer.self_attn.q_proj).__name__ == f"Int{mode[-1]}Linear"
-    assert isinstance(m.lm_head, nn.Linear) and isinstance(m.model.embed_tokens, nn.Embedding)
+    assert isinstance(m.lm_head, Int8Linear) and isinstance(m.model.embed_tokens, nn.Embedding)
     fn, tokens = _run(m)
     lp = torch.log_softmax(_first_logits(fn), -1)
     ref_lp = torch.log_softmax(_first_logits(ref_fn), -1)
@@ -164,3 +164,15 @@ def test_yaml_refuses_quantization_on_gpu_executors():
     with pytest.raises(ConfigError, match=r"model.quantization='int4' runs on CPU executors only.*"
                                           r"generation_executors\[0\]"):
         parse_topology(gpu)
+
+
+def test_executor_config_quantization_loads_quantized_and_refuses_a_built_model():
+    from disagg_mpi import Executor, ExecutorConfig, KvCacheConfig, Request
+
+    cfg = ExecutorConfig(max_batch_size=2, kv_cache_config=KvCacheConfig(4, 64), quantization="int4")
+    ex = Executor("random:tiny", cfg)
+    assert isinstance(ex.model.model.layers["0"].mlp.down_proj, Int4Linear)
+    out = ex.generate([Request(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS])
+    assert all(len(r.result.output_token_ids) == NEW for r in out)
+    with pytest.raises(ValueError, match="ExecutorConfig.quantization='int4'"):
+        Executor(load_model("random:tiny"), cfg)
