@@ -82,8 +82,10 @@ def _run(model):
 def test_quantized_tiny_model_tracks_fp32(tiny_ref, mode):
     ref_fn, ref_tokens = tiny_ref
     m = load_model("random:tiny", seed=1, quantization=mode)
-    layer = m.model.layers["0"]
-    assert type(layer.self_attn.q_proj).__name__ == f"Int{mode[-1]}Linear"
+    attn, mlp = m.model.layers["0"].self_attn, m.model.layers["0"].mlp
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    assert all(isinstance(x, cls) for x in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")   # fused, not kept twice
     assert isinstance(m.lm_head, Int8Linear) and isinstance(m.model.embed_tokens, nn.Embedding)
     fn, tokens = _run(m)
     lp = torch.log_softmax(_first_logits(fn), -1)
@@ -118,14 +120,16 @@ def test_tp2_quantized_equals_tp1_quantized(mode):
     # The shards' quantized weights are exact slices of the unsharded ones (rows for q/k/v/gate/up,
     # columns for o/down: int8 uses the whole row's scale, int4's groups lie inside a shard).
     for r, m in enumerate(grid[0]):
-        for name in ("q_proj", "o_proj"):
-            a, b = getattr(m.model.layers["2"].self_attn, name), getattr(one.model.layers["2"].self_attn, name)
-            if mode == "int8":
-                n, k = a.qweight.shape
-                rows = slice(r * n, (r + 1) * n) if name == "q_proj" else slice(None)
-                cols = slice(r * k, (r + 1) * k) if name == "o_proj" else slice(None)
-                assert torch.equal(a.qweight, b.qweight[rows, cols])
-                assert torch.equal(a.scales, b.scales[rows])
+        a, b = m.model.layers["2"].self_attn, one.model.layers["2"].self_attn
+        if mode == "int8":
+            k = a.o_proj.qweight.shape[1]
+            assert torch.equal(a.o_proj.qweight, b.o_proj.qweight[:, r * k:(r + 1) * k])
+            assert torch.equal(a.o_proj.scales, b.o_proj.scales)
+            # fused [q; k; v] rows: each part's rank-r rows
+            sizes = [a.n_q * a.d, a.n_kv * a.d, a.n_kv * a.d]
+            parts = b.qkv_proj.qweight.split([2 * n for n in sizes])
+            want = torch.cat([p[r * n:(r + 1) * n] for p, n in zip(parts, sizes)])
+            assert torch.equal(a.qkv_proj.qweight, want)
     ref_fn, ref_tokens = _run(one)
     fn = grid_forward_fn(grid)
     # Each shard's partial sums are rounded to bf16 before the all-reduce: close, not bit-equal.
