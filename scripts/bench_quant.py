@@ -151,12 +151,15 @@ def main(argv=None):
         ex = executor(models[v], len(PROMPTS), 32, args.eval_tokens)
         acc[v] = accuracy(models[v], ref, eval_prompts, ref_tokens, generate(ex, eval_prompts, args.eval_tokens)[1])
         print(f"{v:15s} " + "  ".join(f"{k} {x:.4f}" for k, x in acc[v].items()), flush=True)
+    weight_mb = {v: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 2**20
+                 for v, m in models.items()}   # tied tensors counted once (parameters() dedups)
+    print("weights MiB: " + ", ".join(f"{v} {mb:.0f}" for v, mb in weight_mb.items()), flush=True)
     rows = speed(models, args, ref.config.vocab_size)
     out = {"model": args.model, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "eval_prompts": PROMPTS, "eval_tokens": args.eval_tokens,
            "note": "shared, loaded 2-core machine: quote the speedup_vs_fp32 ratios, not absolute tokens/s",
-           "accuracy_vs_fp32": acc, "speed": rows}
+           "weights_MiB": weight_mb, "accuracy_vs_fp32": acc, "speed": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
