@@ -68,7 +68,7 @@ class Executor:
         elif config.quantization != "none":
             raise ValueError(f"ExecutorConfig.quantization={config.quantization!r} applies when the executor "
                              "loads the model from a path or name; for a built model call "
-                             "model.quant.quantize_model(model, mode) first and leave it 'none'")
+                             "disagg_mpi.model.quant.quantize_model(model, mode) first and leave it 'none'")
         kv = config.kv_cache_config
         self.model = model
         mc = model.config
