@@ -40,6 +40,8 @@ class ModelSpec(_Strict):
     path: str = "smollm2"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0  # for random:<preset> weights
+    # Weight-only int8/int4 projections on CPU executors (model/quant.py); none: full precision.
+    quantization: Literal["none", "int8", "int4"] = "none"
 
 
 class KvCacheSpec(_Strict):
@@ -125,7 +127,7 @@ class ExecutorSpec(_Strict):
     def on_gpu(self) -> bool:
         return self.device_ids is not None
 
-    def executor_config(self, dtype: str) -> ExecutorConfig:
+    def executor_config(self, dtype: str, quantization: str = "none") -> ExecutorConfig:
         tc = self.cache_transceiver_config
         return ExecutorConfig(
             max_batch_size=self.max_batch_size,
@@ -135,6 +137,7 @@ class ExecutorSpec(_Strict):
             cache_transceiver_config=tc.to_api() if tc else CacheTransceiverConfig(),
             dtype=dtype,
             device="cuda" if self.on_gpu else "cpu",
+            quantization=quantization,
         )
 
 
@@ -217,6 +220,13 @@ class Topology(_Strict):
                         f"{name}.cache_transceiver_config.enable_cache_transceiver is false, but in a "
                         "disaggregated topology (one with context_executors) every executor moves KV; "
                         "allowed: true, or leave it out (true is the default there)")
+        if self.model.quantization != "none":
+            for name, ex in self._named():
+                if ex.on_gpu:
+                    raise ValueError(
+                        f"model.quantization={self.model.quantization!r} runs on CPU executors only (torch's "
+                        f"weight-only CPU kernels), but {name} has device_ids {ex.device_ids}; allowed there: "
+                        "none (or leave out device_ids to run that executor on CPU)")
         return self
 
     def _named(self) -> list[tuple[str, ExecutorSpec]]:

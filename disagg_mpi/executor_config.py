@@ -111,3 +111,6 @@ class ExecutorConfig:
     cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     dtype: str = "float32"
     device: str = "cpu"
+    # Weight-only quantization of the decoder's projections and lm_head when the executor loads a model by name:
+    # "none" (default, the exactness reference), "int8" or "int4"; CPU only (model/quant.py).
+    quantization: str = "none"

@@ -64,7 +64,11 @@ class Executor:
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             spec = model
             tokenizer = lambda: load_tokenizer(spec)
-            model = load_model(model, dtype=dtype, device=config.device)
+            model = load_model(model, dtype=dtype, device=config.device, quantization=config.quantization)
+        elif config.quantization != "none":
+            raise ValueError(f"ExecutorConfig.quantization={config.quantization!r} applies when the executor "
+                             "loads the model from a path or name; for a built model call "
+                             "disagg_mpi.model.quant.quantize_model(model, mode) first and leave it 'none'")
         kv = config.kv_cache_config
         self.model = model
         mc = model.config

@@ -81,6 +81,9 @@ class Attention(nn.Module):
         self._qkv_b = _fuse_rows(bs) if bs[0] is not None else None
 
     def _qkv(self, x):
+        qkv = getattr(self, "qkv_proj", None)   # quant.py's fused int8/int4 projection (CPU)
+        if qkv is not None:
+            return qkv(x).split([self.n_q * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
         w = getattr(self, "_qkv_w", None)
         if w is not None and self.q_proj.weight.data_ptr() == w.data_ptr():
             y = F.linear(x, w, self._qkv_b)
@@ -118,7 +121,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_local, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = getattr(self, "gate_up_proj", None)   # quant.py's fused int8/int4 projection (CPU)
+        if gate_up is not None:
+            g, u = gate_up(x).chunk(2, dim=-1)
+            y = self.down_proj(F.silu(g) * u)
+        else:
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.shard.tp_size > 1:
             y = self.shard.all_reduce(y)
         return y

@@ -60,15 +60,19 @@ def load_model_config(spec: str | os.PathLike) -> ModelConfig:
 
 def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", shard: ShardSpec | None = None,
-               seed: int = 0) -> LlamaModel:
-    """Build this rank's shard of the model and fill it (dtype None: float32); eval mode, no grads."""
+               seed: int = 0, quantization: str = "none", quantize_lm_head: bool = True) -> LlamaModel:
+    """Build this rank's shard of the model and fill it (dtype None: float32); eval mode, no grads.
+    `quantization` 'int8'/'int4' (CPU only, see quant.py) quantizes the decoder's projections after
+    the load, and the lm_head in int8 unless `quantize_lm_head` is false."""
     import torch
 
     from disagg_mpi.model.llama import LlamaModel
     from disagg_mpi.model.parallel import ShardSpec
+    from disagg_mpi.model.quant import check_quantization, quantize_model
     from disagg_mpi.model.weights import load_weights
 
     dtype = torch.float32 if dtype is None else dtype
+    check_quantization(quantization, device)   # before the weights load, not after
     shard = shard or ShardSpec()
     kind, arg = _resolve(spec)
     ckpt = None
@@ -91,6 +95,8 @@ def load_model(spec: str | os.PathLike = "smollm2", dtype: torch.dtype | None = 
     give_back_memory()
     model.eval()
     model.requires_grad_(False)
+    model = quantize_model(model, quantization, lm_head=quantize_lm_head)
+    give_back_memory()   # (the full-precision projections a quantization replaced, too)
     return model
 
 

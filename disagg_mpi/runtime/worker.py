@@ -145,7 +145,7 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
     ex_id = comms.executor_id
     spec = topo.executors[ex_id]
     mc = load_model_config(topo.model.path)
-    cfg = spec.executor_config(topo.dtype_for(spec, mc.torch_dtype))
+    cfg = spec.executor_config(topo.dtype_for(spec, mc.torch_dtype), topo.model.quantization)
     tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
     cache_state = CacheState.create(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.kv_cache_config.block_size,
                                     cfg.dtype, tp, pp, spec.layer_split)
@@ -157,7 +157,8 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
         gpu = spec.device_ids[comms.local_rank] if spec.device_ids is not None else None
         all_reduce = tp_all_reduce(comms.tp, device, node_name(), gpu)
     shard = ShardSpec(par.tp_rank, tp, l0, l1, all_reduce)
-    model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed)
+    model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed,
+                       quantization=cfg.quantization)
     runner = ModelRunner(model, cfg.kv_cache_config.num_blocks, cfg.kv_cache_config.block_size, device, par)
     if not topo.is_context(ex_id):  # it decodes: no graph capture in the middle of serving
         t0 = time.perf_counter()
