@@ -85,7 +85,7 @@ class CacheTransceiverConfig:
         env="DISAGG_SHARED_STAGING", where="GPU only")
 
     direct_handoff: bool = knob(
-        False, "requests rank 0 moves from their context to their generation phase (`submit`, `generate`, "
+        True, "requests rank 0 moves from their context to their generation phase (`submit`, `generate`, "
         "HTTP without `disaggregated_params`): rank 0 picks the generation executor at dispatch and parks the "
         "generation phase there; the context leader sends the signed params straight to it (`ContextReady`, "
         "the claim granted with it) instead of through rank 0, whose context answer then only records metrics. "
