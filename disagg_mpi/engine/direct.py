@@ -12,15 +12,23 @@ parked request left (cancelled by rank 0, or refused at admission: `gone`), when
 released at once instead of waiting out its lease. Neither list grows without bound: entries older
 than `keep_s` are dropped (an early notice is then released: its request never came).
 
-Pure bookkeeping (no MPI, no engine): `Handoff` (handoff.py) acts on what it returns.
+`Parking` is the bookkeeping (pure); `ParkedGeneration` acts on it for `Handoff` (handoff.py), which
+owns one: it admits a parked request when its notice comes (`Handoff.admit` with the grant), and
+releases a context nobody here will use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..api import ContextPhaseParams, Request
+from ..api import ContextPhaseParams, Request, RequestError
+from ..hops import Hop
+from ..protocol import Release
+from ..transfer.opaque import OpaqueStateError
 from .sequence import Sequence
 
 
@@ -85,3 +93,61 @@ class Parking:
         for rid in [rid for rid, t in self.gone.items() if now - t > self.keep_s]:
             del self.gone[rid]
         return [(rid, self.early.pop(rid)) for rid in old]
+
+
+class ParkedGeneration:
+    """The generation side of the direct hand-off, for one engine's `Handoff`.
+
+    `admit(seq, request, granted_by)` is `Handoff.admit`; `host` the engine (`HandoffHost`: finish,
+    fail, metrics); `send_peer(rank, record)` sends to another leader."""
+
+    def __init__(self, keep_s: float, admit: Callable[[Sequence, Request, int], None], host: Any,
+                 send_peer: Callable[[int, object], None] | None):
+        self.parking = Parking(keep_s)
+        self.admit, self.host, self.send_peer = admit, host, send_peer
+
+    def park(self, seq: Sequence, r: Request) -> None:
+        """A generation-only request rank 0 sent ahead of its context: wait for its ContextReady."""
+        notice = self.parking.park(seq.req_id, Parked(seq, r))
+        if notice is not None:  # the notice came first
+            self._admit(Parked(seq, r), notice)
+
+    def leave(self, req_id: int) -> None:
+        """A parked request was refused: its ContextReady, if it comes, is released at once."""
+        self.parking.leave(req_id)
+
+    def cancel(self, req_id: int) -> bool:
+        """Cancel a parked request (it ends cancelled); False if none is parked under `req_id`."""
+        if req_id not in self.parking.parked:
+            return False
+        parked = self.parking.leave(req_id)  # (its ContextReady, when it comes, is released at once)
+        parked.seq.finish("abort")
+        self.host.finish(parked.seq)
+        return True
+
+    def on_context_ready(self, gen_req_id: int, cpp: ContextPhaseParams, src: int) -> None:
+        notice = Notice(cpp, src)
+        parked, release = self.parking.on_notice(gen_req_id, notice)
+        if release:
+            self.send_peer(src, Release(cpp.req_id, gen_req_id))
+        elif parked is not None:
+            self._admit(parked, notice)
+
+    def _admit(self, parked: Parked, notice: Notice) -> None:
+        """The same checks as a generation-only request's (`Handoff.admit`), with the claim granted;
+        a refusal (RequestError; a ValueError: forged state, too large for the pool) fails the request
+        and releases the context it was granted."""
+        seq = parked.seq
+        self.host.metrics(seq.req_id).stamp(Hop.GEN_ADMITTED)
+        try:
+            self.admit(seq, dataclasses.replace(parked.request, context_phase_params=notice.cpp), notice.src)
+        except (RequestError, ValueError) as err:
+            self.send_peer(notice.src, Release(notice.cpp.req_id, seq.req_id))
+            param = ("context_phase_params.opaque_state" if isinstance(err, OpaqueStateError)
+                     else getattr(err, "param", None))
+            self.host.fail(seq.req_id, str(err), param)
+
+    def housekeeping(self) -> None:
+        if self.parking.has_timers:
+            for gen_req_id, n in self.parking.expire():  # a notice whose request never came: let go
+                self.send_peer(n.src, Release(n.cpp.req_id, gen_req_id))

@@ -51,10 +51,10 @@ from ..api import (
 from ..hops import Hop
 from ..protocol import Claim, ContextReady, Release
 from ..transfer.cache_state import CacheState
-from ..transfer.opaque import OpaqueState, OpaqueStateError, prompt_digest
+from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
-from .direct import Notice, Parked, Parking
+from .direct import ParkedGeneration
 from .grammar import guide_digest
 from .handoff_check import check_handoff, first_logprobs
 from .hold_cap import check_hold
@@ -131,7 +131,7 @@ class Handoff:
         self.held: dict[int, _Held] = {}  # context side: answered contexts, by request id
         self.pending: dict[int, _GenPending] = {}  # generation side: admitted, KV not in yet
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
-        self.parking = Parking(config.lease_seconds)  # direct hand-off, generation side (direct.py)
+        self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
         self.notify: dict[int, tuple[int, int]] = {}  # direct, context side: req -> (gen leader, its req id)
 
     @property
@@ -168,10 +168,7 @@ class Handoff:
 
     def cancel(self, req_id: int) -> bool:
         """Cancel a request the hand-off holds (parked, pending or held); False if it holds none such."""
-        parked = self.parking.leave(req_id) if req_id in self.parking.parked else None
-        if parked is not None:  # (its ContextReady, when it comes, is released at once)
-            parked.seq.finish("abort")
-            self.host.finish(parked.seq)
+        if self.direct.cancel(req_id):
             return True
         p = self.pending.get(req_id)
         if p is not None:
@@ -390,39 +387,6 @@ class Handoff:
         """A context-only request ends without being held: nobody is notified."""
         self.notify.pop(req_id, None)
 
-    # ---- the direct hand-off, generation side (direct.py) ----------------------
-
-    def park(self, seq: Sequence, r: Request) -> None:
-        """A generation-only request rank 0 sent ahead of its context: wait for its ContextReady."""
-        notice = self.parking.park(seq.req_id, Parked(seq, r))
-        if notice is not None:  # the notice came first
-            self._admit_parked(Parked(seq, r), notice)
-
-    def leave_parked(self, req_id: int) -> None:
-        """A parked request was refused: its ContextReady, if it comes, is released at once."""
-        self.parking.leave(req_id)
-
-    def on_context_ready(self, gen_req_id: int, cpp: ContextPhaseParams, src: int) -> None:
-        notice = Notice(cpp, src)
-        parked, release = self.parking.on_notice(gen_req_id, notice)
-        if release:
-            self.send_peer(src, Release(cpp.req_id, gen_req_id))
-        elif parked is not None:
-            self._admit_parked(parked, notice)
-
-    def _admit_parked(self, parked: Parked, notice: Notice) -> None:
-        """The same checks as a generation-only request's (`admit`), with the claim granted; a refusal
-        fails the request and releases the context it was granted."""
-        seq = parked.seq
-        self.host.metrics(seq.req_id).stamp(Hop.GEN_ADMITTED)
-        try:
-            self.admit(seq, dataclasses.replace(parked.request, context_phase_params=notice.cpp), notice.src)
-        except (RequestError, RequestTooLargeError, ValueError) as err:
-            self.send_peer(notice.src, Release(notice.cpp.req_id, seq.req_id))
-            param = "context_phase_params.opaque_state" if isinstance(err, OpaqueStateError) else getattr(
-                err, "param", None)
-            self.host.fail(seq.req_id, str(err), param)
-
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
         """A generation executor asks for a context's blocks; None means granted."""
         h = self.held.get(ctx_req_id)
@@ -456,9 +420,7 @@ class Handoff:
             self._expire_transfers()
         if self.held:
             self.expire_leases()
-        if self.parking.has_timers:
-            for gen_req_id, n in self.parking.expire():  # a notice whose request never came: let go
-                self.send_peer(n.src, Release(n.cpp.req_id, gen_req_id))
+        self.direct.housekeeping()
 
     def expire_leases(self) -> None:
         now = time.monotonic()

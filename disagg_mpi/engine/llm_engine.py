@@ -162,7 +162,7 @@ class LLMEngine:
         try:
             seq = self._make_sequence(req_id, request)
             if generation and await_context:
-                self.handoff.park(seq, request)
+                self.handoff.direct.park(seq, request)
             elif generation:
                 self.handoff.admit(seq, request)
             elif seq.fake_context and seq.check_stop(seq.output_ids[0]) is not None:  # ended by its first token
@@ -177,7 +177,7 @@ class LLMEngine:
                     self.handoff.notify[req_id] = (int(notify[0]), int(notify[1]))
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
             if await_context:
-                self.handoff.leave_parked(req_id)
+                self.handoff.direct.leave(req_id)
             self._error(req_id, str(err), _param_of(err), getattr(err, "retry_after", None))
         except TypeError as err:  # a field of the wrong type that the checks above missed
             self._error(req_id, f"malformed request: {err}")

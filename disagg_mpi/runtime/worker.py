@@ -268,7 +268,7 @@ def _on_peer(comms: Comms, engine: LLMEngine, msg: P.Message, src: int) -> None:
         case P.ClaimReply(gen_req_id, error, at, node):  # (its wall clock means something on our node only)
             engine.handoff.on_claim_reply(gen_req_id, error, at if node == node_name() else None)
         case P.ContextReady(gen_req_id, ctx_req_id, first_tokens, opaque):  # the direct hand-off
-            engine.handoff.on_context_ready(gen_req_id, ContextPhaseParams(ctx_req_id, first_tokens, opaque), src)
+            engine.handoff.direct.on_context_ready(gen_req_id, ContextPhaseParams(ctx_req_id, first_tokens, opaque), src)
         case P.Release(ctx_req_id, gen_req_id):
             engine.handoff.release_context(ctx_req_id, by=(src, gen_req_id))
         case _:

@@ -37,7 +37,7 @@ def test_a_notice_is_a_granted_claim_the_pull_starts_at_once(model_config):
     req, cpp = _parked_request(cs)
     eng.add_request(1, req, await_context=True)
     assert eng.take_responses() == [] and group.pulls == [] and not eng._meta[1].metrics.hops
-    eng.handoff.on_context_ready(1, cpp, CTX_RANK)
+    eng.handoff.direct.on_context_ready(1, cpp, CTX_RANK)
     assert group.pulls == [1] and _ops(sent) == []   # no Claim: the grant came with the notice
     group.land(1)
     eng.housekeeping()
@@ -50,7 +50,7 @@ def test_a_notice_is_a_granted_claim_the_pull_starts_at_once(model_config):
 def test_a_notice_that_comes_before_its_request_waits_for_it(model_config):
     eng, group, sent, cs = _engine(model_config, early=False)
     req, cpp = _parked_request(cs)
-    eng.handoff.on_context_ready(1, cpp, CTX_RANK)
+    eng.handoff.direct.on_context_ready(1, cpp, CTX_RANK)
     assert group.pulls == [] and sent == []
     eng.add_request(1, req, await_context=True)
     assert group.pulls == [1]
@@ -65,12 +65,12 @@ def test_a_request_that_left_releases_its_notice_at_once(model_config):
     eng.cancel(1)
     [resp] = eng.take_responses()
     assert resp.result.is_final and resp.result.finish_reason == "cancelled"
-    eng.handoff.on_context_ready(1, cpp, CTX_RANK)
+    eng.handoff.direct.on_context_ready(1, cpp, CTX_RANK)
     assert sent == [(CTX_RANK, Release(11, 1))] and group.pulls == []
     too_long = Request(req.input_token_ids, max_tokens=10_000, request_type=req.request_type)
     eng.add_request(2, too_long, await_context=True)   # refused at admission
     assert eng.take_responses()[0].error_msg
-    eng.handoff.on_context_ready(2, cpp, CTX_RANK)
+    eng.handoff.direct.on_context_ready(2, cpp, CTX_RANK)
     assert sent[-1] == (CTX_RANK, Release(11, 2)) and eng.blocks.num_free == eng.blocks.num_blocks
 
 
@@ -84,7 +84,7 @@ def test_a_refused_notice_fails_the_request_and_releases_the_context(model_confi
     req, cpp = _parked_request(cs)
     eng.add_request(1, req, await_context=True)
     bad = cpp_of(cpp)
-    eng.handoff.on_context_ready(1, bad, src)
+    eng.handoff.direct.on_context_ready(1, bad, src)
     [resp] = eng.take_responses()
     assert words in resp.error_msg and group.pulls == []
     assert sent == [(src, Release(bad.req_id, 1))] and eng.blocks.num_free == eng.blocks.num_blocks
@@ -96,7 +96,7 @@ def test_without_free_blocks_it_claims_when_it_has_them(model_config):
     req, cpp = _parked_request(cs)
     eng.add_request(1, req, await_context=True)
     eng.blocks.allocate(99, eng.blocks.num_blocks * eng.blocks.block_size)   # the pool is full
-    eng.handoff.on_context_ready(1, cpp, CTX_RANK)
+    eng.handoff.direct.on_context_ready(1, cpp, CTX_RANK)
     assert group.pulls == [] and sent == []
     eng.blocks.free(99)
     eng.housekeeping()
