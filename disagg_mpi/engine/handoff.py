@@ -144,8 +144,10 @@ class Handoff:
 
     @property
     def pending_tokens(self) -> int:
-        """Tokens the pending generation requests will still need (they count as load)."""
-        return sum(p.seq.remaining_tokens for p in self.pending.values())
+        """Tokens the pending generation requests will still need (they count as load), parked ones
+        included (their decode: rank 0 routed them here already, and its router reads this load)."""
+        return (sum(p.seq.remaining_tokens for p in self.pending.values())
+                + sum(p.seq.max_tokens for p in self.direct.parking.parked.values()))
 
     def check_client_hold(self, seq: Sequence) -> None:
         """Refuse a context-only request held for a client (HTTP context_only) that would take client holds

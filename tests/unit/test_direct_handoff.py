@@ -37,6 +37,7 @@ def test_a_notice_is_a_granted_claim_the_pull_starts_at_once(model_config):
     req, cpp = _parked_request(cs)
     eng.add_request(1, req, await_context=True)
     assert eng.take_responses() == [] and group.pulls == [] and not eng._meta[1].metrics.hops
+    assert eng.load() == 5 and not eng.busy   # its decode counts as load; nothing to step yet
     eng.handoff.direct.on_context_ready(1, cpp, CTX_RANK)
     assert group.pulls == [1] and _ops(sent) == []   # no Claim: the grant came with the notice
     group.land(1)
