@@ -408,6 +408,7 @@ class LLMEngine:
         """Counters rank 0 can ask for (tests read the block accounting here)."""
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "held_contexts": self.handoff.num_held, "pending_transfers": self.handoff.num_pending,
+                "parked": len(self.handoff.direct.parking),  # generation phases awaiting their context
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "inflight_tokens": self.load(), **self.handoff.hold_stats(), **self.stats}
 

@@ -61,8 +61,8 @@ def test_direct_hand_off_equals_in_process_and_skips_rank_0(monkeypatch):
         first = outs[1].result.output_token_ids[0]
         [stopped] = orch.generate([Request(prompts[1], max_tokens=10, stop_token_ids=[first],
                                            sampling_config=_sampling(1))], timeout=120)
-        orch.wait_pools_full(timeout=10)
-        assert orch.num_tracked == 0
+        stats = orch.wait_pools_full(timeout=10)
+        assert orch.num_tracked == 0 and stats[1]["parked"] == 0 and stats[0]["held_contexts"] == 0
     want = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=256,
                                                   kv_cache_config=KvCacheConfig(4, 512))).generate(_requests(prompts))
     assert all(o.error_msg is None for o in outs), [o.error_msg for o in outs]
