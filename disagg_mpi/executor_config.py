@@ -84,6 +84,15 @@ class CacheTransceiverConfig:
         "synchronise on; off, or when /dev/shm cannot hold a ring: the bytes go through MPI",
         env="DISAGG_SHARED_STAGING", where="GPU only")
 
+    direct_handoff: bool = knob(
+        True, "requests rank 0 moves from their context to their generation phase (`submit`, `generate`, "
+        "HTTP without `disaggregated_params`): rank 0 picks the generation executor at dispatch and parks the "
+        "generation phase there; the context leader sends the signed params straight to it (`ContextReady`, "
+        "the claim granted with it) instead of through rank 0, whose context answer then only records metrics. "
+        "Off: rank 0 routes the generation phase when the context answers, and the generation side claims. "
+        "Rank 0 uses it only when every context and generation executor has it on; the seed's manual flow "
+        "and client-driven context_only / generation_only requests never use it", env="DISAGG_DIRECT_HANDOFF")
+
     def with_env_overrides(self) -> CacheTransceiverConfig:
         """This config with every knob whose environment variable is set replaced by its value."""
         return dataclasses.replace(self, **env_overrides(field_knobs(CacheTransceiverConfig)))

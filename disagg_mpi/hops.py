@@ -27,6 +27,19 @@ between the previous hop of the chain and this one (what `by_kind` sums):
 | final | rank 0 | the final response arrived (all tokens, metrics) | compute |
 | http_out | HTTP server | the response's last write started (the JSON body, or the final SSE event) | rank0 |
 
+The direct hand-off (`cache_transceiver_config.direct_handoff`) takes another chain, `DIRECT_CHAIN`
+(`chain_of` picks it when `ctx_ready_sent` is stamped): rank 0 sends the parked generation phase first
+(`gen_enqueued`, then `dispatch`), and the context leader's `ContextReady` goes straight to the
+generation leader, so no rank-0 hop lies between the context and the generation side:
+arrival -> gen_enqueued -> dispatch -> admitted -> first_chunk -> ctx_ready_sent -> gen_admitted ->
+claim_sent -> claim_granted -> kv_landed -> first_token -> final -> http_out, where `ctx_ready_sent`
+(context executor: its `ContextReady` went to the generation leader; compute before it) is stamped
+only on this path, `gen_admitted` is when the generation leader checked the params it brought, and
+`claim_sent` = `claim_granted` = when its blocks were allocated and the pull started (the grant came
+with the notice; a generation side that had to wait for blocks claims as usual, and they differ).
+`ctx_answer_sent` and `ctx_answer_received` are still stamped (rank 0 records the context's metrics)
+but lie off that chain: they run beside the hand-off.
+
 Outside the chain: `sse_first` (HTTP server: the first SSE event's write started), and two plain
 fields of `RequestMetrics`, `sse_events` (SSE events written for the choice, its final one included)
 and `sse_max_gap_ms` (the longest time between two of them), a summary of constant size however long
@@ -51,6 +64,7 @@ class Hop(str, enum.Enum):
     DISPATCH = "dispatch"
     ADMITTED = "admitted"
     FIRST_CHUNK = "first_chunk"
+    CTX_READY_SENT = "ctx_ready_sent"  # the direct hand-off's chain only (DIRECT_CHAIN)
     CTX_ANSWER_SENT = "ctx_answer_sent"
     CTX_ANSWER_RECEIVED = "ctx_answer_received"
     GEN_ENQUEUED = "gen_enqueued"
@@ -92,8 +106,38 @@ CHAIN: tuple[tuple[Hop, Kind | None], ...] = (
     (Hop.FINAL, Kind.COMPUTE),
     (Hop.HTTP_OUT, Kind.RANK0),
 )
-_KIND = dict(CHAIN)
+# The direct hand-off's chain (see above): rank 0's context-answer hops run beside it.
+DIRECT_CHAIN: tuple[tuple[Hop, Kind | None], ...] = (
+    (Hop.HTTP_IN, None),
+    (Hop.ARRIVAL, Kind.RANK0),
+    (Hop.GEN_ENQUEUED, Kind.RANK0),
+    (Hop.DISPATCH, Kind.RANK0),
+    (Hop.ADMITTED, Kind.MESSAGE),
+    (Hop.FIRST_CHUNK, Kind.QUEUE),
+    (Hop.CTX_READY_SENT, Kind.COMPUTE),
+    (Hop.GEN_ADMITTED, Kind.MESSAGE),
+    (Hop.CLAIM_SENT, Kind.QUEUE),
+    (Hop.CLAIM_GRANTED, Kind.MESSAGE),
+    (Hop.KV_LANDED, Kind.COPY),
+    (Hop.FIRST_TOKEN, Kind.COMPUTE),
+    (Hop.FINAL, Kind.COMPUTE),
+    (Hop.HTTP_OUT, Kind.RANK0),
+)
 HOP_NAMES = frozenset(h.value for h in Hop)
+
+
+def chain_of(hops: Mapping[str, float]) -> tuple[tuple[Hop, Kind | None], ...]:
+    """The chain a request's hops follow: DIRECT_CHAIN if it took the direct hand-off, else CHAIN."""
+    return DIRECT_CHAIN if Hop.CTX_READY_SENT.value in hops else CHAIN
+
+
+def handoff_ms(hops: Mapping[str, float]) -> float | None:
+    """The KV hand-off, from the context leader's first message about the held context (its
+    ContextReady on the direct path, else its answer to rank 0) to the KV landed on the generation
+    side; None for a request without one."""
+    start = hops.get(Hop.CTX_READY_SENT.value, hops.get(Hop.CTX_ANSWER_SENT.value))
+    end = hops.get(Hop.KV_LANDED.value)
+    return None if start is None or end is None else (end - start) * 1e3
 
 
 def check_hops(hops: Mapping[str, float]) -> dict[str, float]:
@@ -108,11 +152,13 @@ def durations(hops: Mapping[str, float]) -> list[tuple[str, str, float]]:
     """Where the time went: (from hop, to hop, ms) between consecutive hops of the chain that are
     present (a hop the request did not pass is skipped: an aggregated request goes first_chunk ->
     first_token). A negative duration is kept: it shows clocks that disagree (ranks on two hosts)."""
-    present = [h.value for h, _ in CHAIN if h.value in hops]
+    present = [h.value for h, _ in chain_of(hops) if h.value in hops]
     return [(a, b, (hops[b] - hops[a]) * 1e3) for a, b in pairwise(present)]
 
 
-_POS = {h.value: i for i, (h, _) in enumerate(CHAIN)}
+# Table order of segments: the classic chain, ctx_ready_sent where the context's answer would be.
+_POS = {h.value: i for i, h in enumerate([h for h, _ in CHAIN[:5]] + [Hop.CTX_READY_SENT]
+                                         + [h for h, _ in CHAIN[5:]])}
 
 
 def segment_name(a: str, b: str) -> str:
@@ -134,8 +180,9 @@ def by_kind(hops: Mapping[str, float]) -> dict[str, float]:
     """The request's time between its first and last chain hop, summed per `Kind` (ms): e.g. how much
     of a hand-off was control messages, waiting, or the copy."""
     out: dict[str, float] = {}
+    kinds = dict(chain_of(hops))
     for _, b, ms in durations(hops):
-        kind = _KIND[Hop(b)].value
+        kind = kinds[Hop(b)].value
         out[kind] = out.get(kind, 0.0) + ms
     return out
 

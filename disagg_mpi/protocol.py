@@ -6,7 +6,7 @@ Who sends what, on which tag (all on the control communicator but the last group
 | --- | --- | --- |
 | TO_EXECUTOR | rank 0 -> an executor's leader | Enqueue, Cancel, StatsRequest, Shutdown |
 | TO_ORCHESTRATOR | a leader -> rank 0 | Ready, Responses, ExecutorStats |
-| PEER | a generation leader <-> a context leader | Claim, ClaimReply, Release |
+| PEER | a generation leader <-> a context leader | Claim, ClaimReply, Release, ContextReady |
 | MEMBER | a leader -> the other ranks of its executor | Step, Pull, StopMember |
 | MEMBER_DONE | a member -> its leader | Pulled |
 | KV_PULL (KV communicator) | a generation rank -> a context rank | PullAsk |
@@ -128,20 +128,33 @@ def _record(kind: int, tag: int | None):
 class Enqueue(Message):
     """Requests for this executor, each under the executor-local id rank 0 gave it. `client_holds`:
     context-only requests whose generation phase a client sends itself (HTTP context_only), so
-    their held blocks count against `max_held_fraction` (engine/hold_cap.py)."""
+    their held blocks count against `max_held_fraction` (engine/hold_cap.py).
+
+    The direct hand-off (`direct_handoff`; engine/direct.py), one request per Enqueue: `notify` on a
+    context-only request is [generation leader's world rank, its request id there], to which the
+    context leader sends `ContextReady` once the context is held; `await_context` marks a
+    generation-only request sent without params, parked until that `ContextReady` comes."""
 
     items: list  # [(exec_req_id, Request)]
     client_holds: bool = False
+    notify: list | None = None
+    await_context: bool = False
 
     def _wire(self) -> list:
-        return [[[rid, r.to_dict()] for rid, r in self.items], self.client_holds]
+        return [[[rid, r.to_dict()] for rid, r in self.items], self.client_holds, self.notify, self.await_context]
 
     @classmethod
     def _from_wire(cls, values: list) -> Enqueue:
         items, *rest = values
-        if rest and not isinstance(rest[0], bool):
-            raise ProtocolError(f"Enqueue.client_holds is a {type(rest[0]).__name__}, not bool")
-        return cls([(int(rid), Request.from_dict(d)) for rid, d in items], bool(rest and rest[0]))
+        holds, notify, awaits = (*rest, *(False, None, False)[len(rest):])  # (older senders send fewer)
+        for name, v, ok in (("client_holds", holds, isinstance(holds, bool)),
+                            ("await_context", awaits, isinstance(awaits, bool)),
+                            ("notify", notify, notify is None or (isinstance(notify, list) and len(notify) == 2
+                                                                  and all(type(x) is int for x in notify)))):
+            if not ok:
+                raise ProtocolError(f"Enqueue.{name}={v!r:.60} is not allowed; "
+                                    + ("a [rank, request id] pair of ints or None" if name == "notify" else "a bool"))
+        return cls([(int(rid), Request.from_dict(d)) for rid, d in items], holds, notify, awaits)
 
 
 @_record(2, Tag.TO_EXECUTOR)
@@ -224,6 +237,17 @@ class Release(Message):
 
     ctx_req_id: int
     gen_req_id: int | None
+
+
+@_record(23, Tag.PEER)
+class ContextReady(Message):
+    """The direct hand-off: a context leader tells the generation leader rank 0 named (`Enqueue.notify`)
+    that the context is held, with its signed params; the claim is granted with it (no Claim)."""
+
+    gen_req_id: int
+    ctx_req_id: int
+    first_gen_tokens: list
+    opaque_state: bytes
 
 
 # ---- a leader -> its members, and back ------------------------------------------------------

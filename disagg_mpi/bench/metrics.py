@@ -13,6 +13,8 @@ Definitions (all times in ms, taken on the client):
   meets the tpot SLO). None when no SLO is given.
 - kv_transfer_gbps: per request, kv_transfer_bytes / kv_transfer_ms, in GB/s
   (10^9 bytes/s, as in scripts/bench_transfer.py).
+- hops.handoff_ms: the KV hand-off per request, context leader's first message about the held context
+  (ContextReady on the direct path, else its answer to rank 0) -> KV landed (hops.handoff_ms)
 - hops (taken on the server, when it reports `metrics.hops`; disagg_mpi/hops.py): per segment
   between consecutive hops ("ctx_answer_sent->ctx_answer_received"), and per kind of time
   (message, queue, compute, copy, rank0) summed over a request's segments, the mean and
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from ..hops import by_kind, durations_ms, segment_key
+from ..hops import by_kind, durations_ms, handoff_ms, segment_key
 
 PERCENTILES = (50, 90, 99)
 
@@ -144,6 +146,7 @@ def hop_summary(records: Sequence[RequestRecord]) -> dict[str, Any] | None:
         return None
     segments: dict[str, list[float]] = {}
     kinds: dict[str, list[float]] = {}
+    handoffs = [ms for h in per if (ms := handoff_ms(h)) is not None]
     for h in per:
         for name, ms in durations_ms(h).items():
             segments.setdefault(name, []).append(ms)
@@ -152,7 +155,8 @@ def hop_summary(records: Sequence[RequestRecord]) -> dict[str, Any] | None:
 
     return {"num_requests": len(per),
             "segments_ms": {k: {**summarize(segments[k]), "n": len(segments[k])} for k in sorted(segments, key=segment_key)},
-            "kinds_ms": {k: {**summarize(v), "n": len(v)} for k, v in sorted(kinds.items())}}
+            "kinds_ms": {k: {**summarize(v), "n": len(v)} for k, v in sorted(kinds.items())},
+            "handoff_ms": {**summarize(handoffs), "n": len(handoffs)} if handoffs else None}
 
 
 def kv_gbps(nbytes: float | None, ms: float | None) -> float | None:
@@ -221,6 +225,8 @@ def flatten(summary: dict[str, Any]) -> dict[str, Any]:
         elif k == "hops" and v:  # the p50 of each segment and kind of time
             row.update({f"hop_{seg}_p50": x["p50"] for seg, x in v["segments_ms"].items()})
             row.update({f"hop_kind_{kind}_p50": x["p50"] for kind, x in v["kinds_ms"].items()})
+            if v.get("handoff_ms"):
+                row["hop_handoff_p50"] = v["handoff_ms"]["p50"]
         elif not isinstance(v, (dict, list)):
             row[k] = v
     return row

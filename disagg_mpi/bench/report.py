@@ -92,7 +92,9 @@ def hop_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
     def p50(h: dict, part: str, name: str) -> str:
         return _fmt(h.get(part, {}).get(name, {}).get("p50"))
 
-    return ([[f"server time: {k} p50 (ms)", *(p50(h, "kinds_ms", k) for h in hops)] for k in kinds]
+    handoff = ([["KV hand-off p50 (ms)", *(_fmt((h.get("handoff_ms") or {}).get("p50")) for h in hops)]]
+               if any(h.get("handoff_ms") for h in hops) else [])
+    return (handoff + [[f"server time: {k} p50 (ms)", *(p50(h, "kinds_ms", k) for h in hops)] for k in kinds]
             + [[f"hop {s} p50 (ms)", *(p50(h, "segments_ms", s) for h in hops)] for s in segments])
 
 

@@ -20,6 +20,13 @@ so the request joins the batch at once; the claim and the release still go
 out, in that order, and a late refusal (a replay) changes nothing. A pull seen
 landed later waits for the answer as before.
 
+The direct hand-off (`direct_handoff`, direct.py): a context-only request rank 0 enqueued with a
+generation request to notify is held already claimed by it, and its params go straight to that
+generation leader (`ContextReady`); there the parked request is admitted with the same checks (and
+the notice must come from the context leader the params name), allocates and pulls at once. If it
+must wait for blocks it claims when it has them, as above (the context grants its own claimant
+again), so a grant is never used long after it was given.
+
 `Handoff` is a component the engine owns: it is given the engine's block manager, scheduler,
 group and `send_peer`, keeps the hand-off's own state (`held`, `pending`, `quarantine`), and
 answers the engine through `HandoffHost` (finish, fail, stream a token, a request's metrics).
@@ -42,11 +49,12 @@ from ..api import (
     RequestMetrics,
 )
 from ..hops import Hop
-from ..protocol import Claim, Release
+from ..protocol import Claim, ContextReady, Release
 from ..transfer.cache_state import CacheState
 from ..transfer.opaque import OpaqueState, prompt_digest
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
+from .direct import ParkedGeneration
 from .grammar import guide_digest
 from .handoff_check import check_handoff, first_logprobs
 from .hold_cap import check_hold
@@ -68,6 +76,7 @@ class _Held:
     claimed_by: tuple[int, int] | None = None  # (generation leader's rank, its request id)
     keep_until: float = 0.0  # the blocks are not reused before this (time.monotonic()): see above
     released: bool = False  # released before keep_until: freed once it passes
+    direct: bool = False  # claimed at hold by the generation request rank 0 named (direct hand-off)
 
 
 @dataclass
@@ -91,6 +100,7 @@ class _GenPending:
     # pull that finished first, with its byte count.
     early_pull: bool = False
     landed: int | None = None
+    granted: bool = False  # direct hand-off: the claim came granted with the params (no Claim to send)
 
     @property
     def pull_unfinished(self) -> bool:
@@ -121,6 +131,8 @@ class Handoff:
         self.held: dict[int, _Held] = {}  # context side: answered contexts, by request id
         self.pending: dict[int, _GenPending] = {}  # generation side: admitted, KV not in yet
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
+        self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
+        self.notify: dict[int, tuple[int, int]] = {}  # direct, context side: req -> (gen leader, its req id)
 
     @property
     def num_held(self) -> int:
@@ -132,8 +144,10 @@ class Handoff:
 
     @property
     def pending_tokens(self) -> int:
-        """Tokens the pending generation requests will still need (they count as load)."""
-        return sum(p.seq.remaining_tokens for p in self.pending.values())
+        """Tokens the pending generation requests will still need (they count as load), parked ones
+        included (their decode: rank 0 routed them here already, and its router reads this load)."""
+        return (sum(p.seq.remaining_tokens for p in self.pending.values())
+                + sum(p.seq.max_tokens for p in self.direct.parking.parked.values()))
 
     def check_client_hold(self, seq: Sequence) -> None:
         """Refuse a context-only request held for a client (HTTP context_only) that would take client holds
@@ -155,7 +169,9 @@ class Handoff:
                 "oldest_hold_s": max((now - h.since for h in live), default=0.0)}
 
     def cancel(self, req_id: int) -> bool:
-        """Cancel a request the hand-off holds (pending or held); False if it holds none such."""
+        """Cancel a request the hand-off holds (parked, pending or held); False if it holds none such."""
+        if self.direct.cancel(req_id):
+            return True
         p = self.pending.get(req_id)
         if p is not None:
             if p.pull_unfinished:
@@ -171,19 +187,24 @@ class Handoff:
             self.host.finish(p.seq)
             return True
         if req_id in self.held:  # a context-only request already answered
-            self.release_context(req_id)
+            if not self.held[req_id].direct:  # (direct: its generation request may be pulling; rank 0
+                self.release_context(req_id)  # cancels that too, and it releases the context)
             return True
         return False
 
     # ---- generation side ----------------------------------------------------
 
-    def admit(self, seq: Sequence, r: Request) -> None:
-        """A generation-only request: check its params and wait for blocks (see _advance_pending)."""
+    def admit(self, seq: Sequence, r: Request, granted_by: int | None = None) -> None:
+        """A generation-only request: check its params and wait for blocks (see _advance_pending).
+        `granted_by`: the context leader that sent them granted (direct hand-off)."""
         cpp = r.context_phase_params
         if cpp is None or not cpp.first_gen_tokens:
             raise RequestError("a generation-only request needs context_phase_params with first_gen_tokens",
                                "context_phase_params")
         opaque = OpaqueState.decode(cpp.opaque_state, self.key)
+        if granted_by is not None and granted_by != opaque.world_ranks[0]:
+            raise RequestError(f"rank {granted_by} sent params of context executor {opaque.executor_id}, whose "
+                               f"leader is rank {opaque.world_ranks[0]}", "context_phase_params")
         # Refusals leave the context's KV alone: the genuine request may still come (or its lease ends).
         check_handoff(cpp, opaque, seq.prompt_ids, guide_digest(seq.grammar.params if seq.grammar else None))
         self._check_generation(seq, opaque)
@@ -197,7 +218,9 @@ class Handoff:
             self._release_context(opaque, seq.req_id)
             self.host.finish(seq)
             return
-        self.pending[seq.req_id] = _GenPending(seq, opaque, r.streaming)
+        self.pending[seq.req_id] = p = _GenPending(seq, opaque, r.streaming, granted=granted_by is not None)
+        if p.granted:  # use the grant now, or claim as usual once blocks are free (see above)
+            p.granted = self._allocate(p)
 
     def _check_generation(self, seq: Sequence, opaque: OpaqueState) -> None:
         try:
@@ -211,15 +234,7 @@ class Handoff:
 
     def _advance_pending(self) -> None:
         for p in list(self.pending.values()):
-            # Prefix reuse: blocks this executor already caches need no transfer
-            # (only when block sizes match, so a shared block is never rewritten).
-            prompt = (p.seq.prompt_ids if self.blocks.enable_prefix_reuse
-                      and p.opaque.cache_state.block_size == self.blocks.block_size else None)
-            if p.state == "alloc" and self.blocks.can_allocate(p.seq.max_total_tokens, prompt):
-                self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens, prompt)
-                p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
-                p.state = "claiming"
-                p.t0, p.wall_claim = time.perf_counter(), time.time()
+            if p.state == "alloc" and self._allocate(p):
                 self.send_peer(p.opaque.world_ranks[0], Claim(p.opaque.ctx_req_id, p.seq.req_id,
                                                               list(p.opaque.block_ids), self.executor_id))
                 # A pull that needs nothing from the context ranks overlaps the claim's round trip
@@ -246,6 +261,23 @@ class Handoff:
                 continue
             del self.pending[req_id]
             self._pulled(p, nbytes)
+
+    def _allocate(self, p: _GenPending) -> bool:
+        """Allocate a pending request's blocks if they are free (False: not yet); a granted one starts
+        pulling at once, the others go on to claim. Prefix reuse: blocks this executor already caches
+        need no transfer (only when block sizes match, so a shared block is never rewritten)."""
+        prompt = (p.seq.prompt_ids if self.blocks.enable_prefix_reuse
+                  and p.opaque.cache_state.block_size == self.blocks.block_size else None)
+        if not self.blocks.can_allocate(p.seq.max_total_tokens, prompt):
+            return False
+        self.blocks.allocate(p.seq.req_id, p.seq.max_total_tokens, prompt)
+        p.skip_blocks = self.blocks.num_cached_tokens(p.seq.req_id) // self.blocks.block_size
+        p.t0, p.wall_claim = time.perf_counter(), time.time()
+        p.state = "claiming"
+        if p.granted:  # (hops: claim_sent = claim_granted, the pull's start; kv_claim_ms 0)
+            p.state, p.t_claimed, p.wall_granted, p.wall_answer = "pulling", p.t0, p.wall_claim, p.wall_claim
+            self._start_pull(p)
+        return True
 
     def _start_pull(self, p: _GenPending) -> None:
         opaque, table, k = p.opaque, self.blocks.block_table(p.seq.req_id), p.skip_blocks
@@ -337,12 +369,25 @@ class Handoff:
         returns the signed params that let a generation executor claim them."""
         tc, now = self.config, time.monotonic()
         keep = now + tc.keep_seconds if tc.keep_seconds and getattr(self.group, "exports_ipc", False) else 0.0
-        self.held[seq.req_id] = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
+        self.held[seq.req_id] = h = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
         opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
                              tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
                              keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids), tuple(seq.logprobs),
                              guide_digest(seq.grammar.params if seq.grammar else None))
-        return ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
+        cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
+        target = self.notify.pop(seq.req_id, None)
+        if target is not None:  # direct: claimed by the request rank 0 named, which gets the params now
+            # (lease + timeout: it pulls at once, or claims again, renewing this, if it waits for blocks)
+            h.claimed_by, h.direct = target, True
+            h.deadline = max(now + tc.lease_seconds + tc.timeout_seconds, keep)
+            self.host.metrics(seq.req_id).stamp(Hop.CTX_READY_SENT)
+            self.send_peer(target[0], ContextReady(target[1], seq.req_id, list(cpp.first_gen_tokens),
+                                                   cpp.opaque_state))
+        return cpp
+
+    def forget(self, req_id: int) -> None:
+        """A context-only request ends without being held: nobody is notified."""
+        self.notify.pop(req_id, None)
 
     def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
         """A generation executor asks for a context's blocks; None means granted."""
@@ -350,7 +395,7 @@ class Handoff:
         if h is None or h.released:
             return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
                     "its KV cannot be transferred")
-        if h.claimed_by is not None:
+        if h.claimed_by not in (None, by):  # (its own claimant may claim again: the direct hand-off's wait)
             return f"context request {ctx_req_id} was already claimed (replayed context_phase_params)"
         if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
             return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
@@ -377,6 +422,7 @@ class Handoff:
             self._expire_transfers()
         if self.held:
             self.expire_leases()
+        self.direct.housekeeping()
 
     def expire_leases(self) -> None:
         now = time.monotonic()

@@ -149,16 +149,22 @@ class LLMEngine:
 
     # ---- admission -------------------------------------------------------
 
-    def add_request(self, req_id: int, request: Request, client_hold: bool = False) -> None:
+    def add_request(self, req_id: int, request: Request, client_hold: bool = False,
+                    notify: tuple[int, int] | None = None, await_context: bool = False) -> None:
         """Admit a request; a bad one is answered with an error at once. `client_hold`: a context-only
-        request whose generation phase a client sends itself; its hold is capped (hold_cap.py)."""
+        request whose generation phase a client sends itself; its hold is capped (hold_cap.py).
+        The direct hand-off (direct.py): `notify`, a context-only request's generation (leader rank,
+        request id) to send its params to; `await_context`, a generation-only request parked for them."""
         meta = _Meta(request.request_type, request.streaming, request.client_id)
-        meta.metrics.stamp(Hop.GEN_ADMITTED if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
-                           else Hop.ADMITTED)
+        generation = request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
+        if not await_context:  # (a parked one is admitted when its params come)
+            meta.metrics.stamp(Hop.GEN_ADMITTED if generation else Hop.ADMITTED)
         self._meta[req_id] = meta
         try:
             seq = self._make_sequence(req_id, request)
-            if request.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY:
+            if generation and await_context:
+                self.handoff.direct.park(seq, request)
+            elif generation:
                 self.handoff.admit(seq, request)
             elif seq.fake_context and seq.check_stop(seq.output_ids[0]) is not None:  # ended by its first token
                 seq.finish(seq.check_stop(seq.output_ids[0]))
@@ -168,7 +174,11 @@ class LLMEngine:
                     self.handoff.check_client_hold(seq)
                     seq.held_for_client = True
                 self.scheduler.add(seq)
+                if notify is not None:
+                    self.handoff.notify[req_id] = (int(notify[0]), int(notify[1]))
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
+            if await_context:
+                self.handoff.direct.leave(req_id)
             self._error(req_id, str(err), _param_of(err), getattr(err, "retry_after", None))
         except TypeError as err:  # a field of the wrong type that the checks above missed
             self._error(req_id, f"malformed request: {err}")
@@ -350,6 +360,7 @@ class LLMEngine:
                 cpp = self.handoff.hold(seq)
             else:
                 self.blocks.free(seq.req_id)  # the first token ended it: nothing to hand off
+                self.handoff.forget(seq.req_id)
         # Streaming: the final response carries only what was not streamed yet (the last
         # token; nothing for a cancelled request, whose tokens all went out already).
         tokens = list(seq.output_ids) if not meta.streaming else seq.output_ids[meta.num_streamed:]
@@ -378,6 +389,7 @@ class LLMEngine:
 
     def _error(self, req_id: int, message: str, param: str | None = None, retry_after: float | None = None) -> None:
         meta = self._meta.pop(req_id, None)
+        self.handoff.forget(req_id)
         self._responses.append(Response(req_id, None, message, meta.client_id if meta else None, param,
                                         retry_after))
 
@@ -397,6 +409,7 @@ class LLMEngine:
         """Counters rank 0 can ask for (tests read the block accounting here)."""
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "held_contexts": self.handoff.num_held, "pending_transfers": self.handoff.num_pending,
+                "parked": len(self.handoff.direct.parking),  # generation phases awaiting their context
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "inflight_tokens": self.load(), **self.handoff.hold_stats(), **self.stats}
 

@@ -9,6 +9,12 @@ A request started with `submit` (or `generate`, or by the HTTP server) is moved 
 phase to its generation phase by rank 0 itself, as soon as the context executor answers (inside
 `poll`); callers only consume client-visible responses (`await_responses`). `enqueue_context`
 keeps the seed's manual flow: the caller awaits the context answer and enqueues the generation.
+
+The direct hand-off (`cache_transceiver_config.direct_handoff` on every executor): `submit` routes
+both phases at once and parks the generation phase on its executor (`_start_direct`); the context
+leader sends the params straight there (engine/direct.py), and its answer here only records the
+context's metrics and moves the track on (`_on_direct_answer`). Rank 0 stays the orchestrator of
+record: it routes, maps ids, streams, cancels and finalizes as before.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ..api import ContextPhaseParams, Request, RequestType, Response, Result
+from ..api import CacheTransceiverConfig, ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
 from ..hops import Hop
 from ..protocol import (
@@ -37,7 +43,7 @@ from ..protocol import (
 from ..runtime.comms import Backoff, Comms, recv_ready, send
 from .admission import admitted, model_limits
 from .prefix_index import PrefixIndex
-from .router import Router, run_locally
+from .router import Router, direct_handoff, run_locally
 from .tracks import CONTEXT, GENERATION, Flow, Track, Tracks
 
 
@@ -61,6 +67,9 @@ class DisaggOrchestrator:
         self.prefix = {i: PrefixIndex(e.kv_cache.block_size, e.kv_cache.num_blocks)
                        for i, e in enumerate(topo.executors)}
         self._stats: dict[int, dict] = {}
+        flags = [(e.cache_transceiver_config.to_api() if e.cache_transceiver_config else CacheTransceiverConfig()
+                  .with_env_overrides()).direct_handoff for e in topo.executors]
+        self.direct = direct_handoff(flags[:n_ctx], flags[n_ctx:])
 
     def _send(self, msg: Message, executor: int) -> None:
         send(self.comms.ctl, msg, self.leaders[executor])
@@ -77,15 +86,19 @@ class DisaggOrchestrator:
             raise ValueError(f"select_{what}_id={select} is not a {what} executor; allowed: {candidates}")
         return select
 
-    def _dispatch(self, gid: int, request: Request, executor: int, phase: str) -> None:
+    def _dispatch(self, gid: int, request: Request, executor: int, phase: str, notify: list | None = None) -> None:
         exec_req_id = self.tracks.next_exec_id()
         # An HTTP client's context_only: its hold is capped on the executor (engine/hold_cap.py).
         client_hold = phase == CONTEXT and self.tracks.get(gid).flow is Flow.CONTEXT_ONLY
         # Sent before any bookkeeping: a request that cannot be sent leaves none behind.
-        self._send(Enqueue([(exec_req_id, request)], client_hold), executor)
+        self._send(Enqueue([(exec_req_id, request)], client_hold, notify), executor)
         self.tracks.assign(gid, executor, phase, exec_req_id)
         m = self.tracks.get(gid).metrics
         m.stamp(Hop.GEN_ENQUEUED if m.passed(Hop.DISPATCH) else Hop.DISPATCH)
+        self._count(executor, request)
+
+    def _count(self, executor: int, request: Request) -> None:
+        """The load and prefix cache rank 0 expects on `executor` once it runs `request`."""
         self.load[executor] += len(request.input_token_ids) + request.max_tokens
         if not request.benchmark_generation_only:  # (its blocks never enter the executor's prefix cache)
             self.prefix[executor].insert(request.input_token_ids)
@@ -122,6 +135,29 @@ class DisaggOrchestrator:
         r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
         gid = self._new(r, flow)
         self._dispatch_new(gid, r, ex, CONTEXT)
+        return gid
+
+    def _start_direct(self, r: Request, gen: int) -> int:
+        """Flow.AUTO with the direct hand-off: the generation phase is parked on `gen` first (so its
+        context's notice rarely comes before it), then the context phase names it."""
+        ctx = self._route(self.context_ids, None, "context", r.input_token_ids)
+        r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
+        gid = self._new(r, Flow.AUTO)
+        gen_req = dataclasses.replace(r, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY)
+        gen_id = self.tracks.next_exec_id()
+        try:
+            self._send(Enqueue([(gen_id, gen_req)], await_context=True), gen)
+            self.tracks.get(gid).metrics.stamp(Hop.GEN_ENQUEUED)
+            try:
+                self._dispatch(gid, r, ctx, CONTEXT, notify=[self.leaders[gen], gen_id])
+            except BaseException:
+                self._send(Cancel(gen_id), gen)  # (its answer finds no track, and is dropped)
+                raise
+        except BaseException:
+            self.tracks.drop(gid)
+            raise
+        self.tracks.park(gid, gen, gen_id)
+        self._count(gen, gen_req)
         return gid
 
     def _start_generation(self, gid: int, r: Request, select_id: int | None) -> None:
@@ -172,10 +208,12 @@ class DisaggOrchestrator:
             if r.benchmark_generation_only:  # no context to compute: straight to where it decodes
                 gids.append(self._start_one_phase(r, aggregated, None))
                 continue
-            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 else -1
+            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 or self.direct else -1
             if limit > 0 and run_locally(len(r.input_token_ids), self.prefix[gen].cached_tokens(r.input_token_ids),
                                          limit):
                 gids.append(self._start_one_phase(r, aggregated, gen))
+            elif self.direct:
+                gids.append(self._start_direct(r, gen))
             else:
                 gids.append(self._start_context(r, None, Flow.AUTO))
         return gids
@@ -186,6 +224,8 @@ class DisaggOrchestrator:
             return
         t.cancelled = True
         self._send(Cancel(t.exec_req_id), t.executor)
+        if t.parked is not None:  # both sides drop it (a held context is released by its generation side)
+            self._send(Cancel(t.parked[1]), t.parked[0])
 
     # ---- responses: the two-phase flow ---------------------------------------
 
@@ -207,31 +247,60 @@ class DisaggOrchestrator:
     def _on_responses(self, ex: int, responses: list[Response]) -> None:
         now, wall = time.perf_counter(), time.time()
         for resp in responses:
+            exec_req_id = resp.request_id
             gid = self.tracks.of_response(ex, resp, now)
             if gid is None:
                 continue
             resp.request_id = gid
             t = self.tracks.get(gid)
-            t.carry_prompt_logprobs(resp.result)
-            if t.phase == CONTEXT:
-                t.metrics.context_executor = t.executor
-                if resp.result is not None and resp.is_final:  # the context executor's hops, and ours
-                    t.metrics.merge(resp.result.metrics, skip=("executor",))
-                    t.metrics.stamp(Hop.CTX_ANSWER_RECEIVED, wall)
-                self._on_context_answer(gid, t, resp)
+            if t.parked == (ex, exec_req_id):  # the generation side answered before its context did
+                t.early.append(resp)
                 continue
-            if t.metrics.generation_executor is None:
-                t.metrics.generation_executor = t.executor
-            if resp.is_final:
-                self._out.append((gid, self.tracks.finalize(gid, resp)))
-            else:
-                t.streamed.extend(resp.result.output_token_ids)
-                if resp.result.log_probs:
-                    t.streamed_logprobs.extend(resp.result.log_probs)
-                t.prompt_logprobs_out = True
-                self._out.append((gid, resp))
+            self._on_response(gid, t, resp, wall)
+
+    def _on_response(self, gid: int, t: Track, resp: Response, wall: float) -> None:
+        """One response of a tracked request, under its global id."""
+        t.carry_prompt_logprobs(resp.result)
+        if t.phase == CONTEXT:
+            t.metrics.context_executor = t.executor
+            if resp.result is not None and resp.is_final:  # the context executor's hops, and ours
+                t.metrics.merge(resp.result.metrics, skip=("executor",))
+                t.metrics.stamp(Hop.CTX_ANSWER_RECEIVED, wall)
+            self._on_context_answer(gid, t, resp)
+            return
+        if t.metrics.generation_executor is None:
+            t.metrics.generation_executor = t.executor
+        if resp.is_final:
+            self._out.append((gid, self.tracks.finalize(gid, resp)))
+        else:
+            t.streamed.extend(resp.result.output_token_ids)
+            if resp.result.log_probs:
+                t.streamed_logprobs.extend(resp.result.log_probs)
+            t.prompt_logprobs_out = True
+            self._out.append((gid, resp))
+
+    def _on_direct_answer(self, gid: int, t: Track, resp: Response) -> None:
+        """The context answer of a request whose generation phase is parked (direct hand-off): the
+        params went to it already; the answer moves the track there, or ends the request."""
+        if not resp.is_final:
+            return
+        gen, gen_id = t.parked
+        if resp.has_error() or resp.result is None or resp.result.context_phase_params is None:
+            self._send(Cancel(gen_id), gen)  # (an error, or finished by its first token: the parked one ends)
+            self._out.append((gid, self.tracks.finalize(gid, resp)))
+            return
+        # Cancelled or not, the generation side has the context now and answers for it (it was sent
+        # the cancel too, and releases the context once no pull reads it).
+        early = t.early
+        self.tracks.unpark(gid)
+        t.early = []
+        for r in early:
+            self._on_response(gid, t, r, time.time())
 
     def _on_context_answer(self, gid: int, t: Track, resp: Response) -> None:
+        if t.parked is not None:
+            self._on_direct_answer(gid, t, resp)
+            return
         if t.flow is Flow.MANUAL:
             self._context_answers.append((gid, resp))
             return

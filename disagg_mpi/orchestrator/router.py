@@ -35,6 +35,13 @@ def run_locally(prompt_len: int, cached: int, max_local_tokens: int) -> bool:
     return max_local_tokens > 0 and prompt_len - cached <= max_local_tokens
 
 
+def direct_handoff(context_flags: Sequence[bool], generation_flags: Sequence[bool]) -> bool:
+    """Whether rank 0 parks generation phases ahead (the direct hand-off): only in a disaggregated
+    topology whose every context and generation executor has `direct_handoff` on (each side must
+    take part: the context leader sends the params, the generation leader waits for them)."""
+    return bool(context_flags) and bool(generation_flags) and all(context_flags) and all(generation_flags)
+
+
 class Router:
     """Stateful wrapper: one turn counter per executor pool."""
 

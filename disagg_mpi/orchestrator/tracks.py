@@ -42,6 +42,11 @@ class Track:
     # response to the caller carried them already (the first one does, and the final one).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt_logprobs_out: bool = False
+    # The direct hand-off: (executor, its request id) of the generation phase parked while the context
+    # runs, and what that executor answered before the context's answer reached rank 0 (kept in order
+    # and taken once the context's answer is in, so the caller sees what it sees without it).
+    parked: tuple[int, int] | None = None
+    early: list[Response] = field(default_factory=list)
 
     def carry_prompt_logprobs(self, r: Result | None) -> None:
         """Keep the prompt logprobs a response brings; put them on the first one that goes out."""
@@ -89,6 +94,20 @@ class Tracks:
         t = self._tracks.pop(gid, None)
         if t is not None:
             self._by_exec.pop((t.executor, t.exec_req_id), None)
+            if t.parked is not None:
+                self._by_exec.pop(t.parked, None)
+
+    def park(self, gid: int, executor: int, exec_req_id: int) -> None:
+        """The request's generation phase waits on `executor` under `exec_req_id` (sent already; the
+        direct hand-off): its responses map to the request from now on."""
+        self._tracks[gid].parked = (executor, exec_req_id)
+        self._by_exec[(executor, exec_req_id)] = gid
+
+    def unpark(self, gid: int) -> Track:
+        """The context answered: the request is in its parked generation phase."""
+        t = self._tracks[gid]
+        (t.executor, t.exec_req_id), t.phase, t.parked = t.parked, GENERATION, None
+        return t
 
     def of_response(self, executor: int, resp: Response, now: float) -> int | None:
         """The global id of an executor's response (None: already finished here), noting its
@@ -99,7 +118,9 @@ class Tracks:
             return None
         if resp.is_final:
             del self._by_exec[key]
-        t = self._tracks[gid]
+        t = self._tracks.get(gid)
+        if t is None:  # a parked generation phase's answer to its cancel, after the request ended
+            return None
         if resp.result is not None and resp.result.output_token_ids and t.t_first is None:
             t.t_first = now
         return gid

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import protocol as P
+from ..api import ContextPhaseParams
 from ..config import Topology
 from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner, ParallelInfo, Sampled, StepPlan
@@ -245,9 +246,9 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
 def _on_orchestrator(comms: Comms, engine: LLMEngine, msg: P.Message) -> bool:
     """One record from rank 0; False once it says shutdown."""
     match msg:
-        case P.Enqueue(items, client_holds):
+        case P.Enqueue(items, client_holds, notify, await_context):
             for req_id, request in items:
-                engine.add_request(req_id, request, client_holds)
+                engine.add_request(req_id, request, client_holds, notify, await_context)
         case P.Cancel(req_id):
             engine.cancel(req_id)
         case P.StatsRequest():
@@ -267,6 +268,8 @@ def _on_peer(comms: Comms, engine: LLMEngine, msg: P.Message, src: int) -> None:
             send(comms.ctl, P.ClaimReply(gen_req_id, err, time.time(), node_name()), src)
         case P.ClaimReply(gen_req_id, error, at, node):  # (its wall clock means something on our node only)
             engine.handoff.on_claim_reply(gen_req_id, error, at if node == node_name() else None)
+        case P.ContextReady(gen_req_id, ctx_req_id, first_tokens, opaque):  # the direct hand-off
+            engine.handoff.direct.on_context_ready(gen_req_id, ContextPhaseParams(ctx_req_id, first_tokens, opaque), src)
         case P.Release(ctx_req_id, gen_req_id):
             engine.handoff.release_context(ctx_req_id, by=(src, gen_req_id))
         case _:

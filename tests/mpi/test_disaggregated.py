@@ -197,10 +197,21 @@ _DISAGG_HOPS = ("arrival", "dispatch", "admitted", "first_chunk", "ctx_answer_se
                 "gen_enqueued", "gen_admitted", "claim_sent", "claim_granted", "kv_landed", "first_token", "final")
 
 
+# The direct hand-off's (direct_handoff on): rank 0 parks the generation phase first, and the
+# context's params go straight to it; rank 0's context-answer hops run beside the hand-off.
+_DIRECT_HOPS = ("arrival", "gen_enqueued", "dispatch", "admitted", "first_chunk", "ctx_ready_sent", "gen_admitted",
+                "claim_sent", "claim_granted", "kv_landed", "first_token", "final")
+
+
 def _check_hops_in_causal_order(hops):
-    assert hops is not None and set(hops) == set(_DISAGG_HOPS), hops
-    times = [hops[h] for h in _DISAGG_HOPS]
-    assert times == sorted(times), [(h, round((hops[h] - hops["arrival"]) * 1e3, 3)) for h in _DISAGG_HOPS]
+    direct = hops is not None and "ctx_ready_sent" in hops
+    want = _DIRECT_HOPS if direct else _DISAGG_HOPS
+    assert hops is not None and set(hops) == set(want) | ({"ctx_answer_sent", "ctx_answer_received"} if direct
+                                                          else set()), hops
+    times = [hops[h] for h in want]
+    assert times == sorted(times), [(h, round((hops[h] - hops["arrival"]) * 1e3, 3)) for h in want]
+    if direct:  # its answer to rank 0 leaves after the notice, and reaches rank 0 before the final one
+        assert hops["ctx_ready_sent"] <= hops["ctx_answer_sent"] <= hops["ctx_answer_received"] <= hops["final"]
 
 
 @pytest.mark.world(3)

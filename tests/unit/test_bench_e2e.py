@@ -62,8 +62,10 @@ def test_bench_end_to_end(tmp_path):
     # Where the server's time went (its hops): the hand-off's segments, for every request
     segs = res["hops"]["segments_ms"]
     assert res["hops"]["num_requests"] == 16
-    for seg in ("ctx_answer_sent->ctx_answer_received", "claim_sent->claim_granted", "claim_granted->kv_landed"):
+    # (the direct hand-off, the default: the context's notice goes straight to the generation side)
+    for seg in ("ctx_ready_sent->gen_admitted", "claim_sent->claim_granted", "claim_granted->kv_landed"):
         assert segs[seg]["n"] == 16 and segs[seg]["p50"] >= 0, (seg, segs[seg])
+    assert res["hops"]["handoff_ms"]["n"] == 16 and res["hops"]["handoff_ms"]["p50"] > 0
     assert {"message", "queue", "compute", "copy", "rank0"} <= set(res["hops"]["kinds_ms"])
     assert data["servers"][0]["exit_code"] is not None
 

@@ -6,6 +6,7 @@ tests/unit/test_serve_http.py."""
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import pytest
 
@@ -13,7 +14,7 @@ from disagg_mpi import hops
 from disagg_mpi.api import Request, RequestMetrics, Response, Result
 from disagg_mpi.bench.metrics import RequestRecord, aggregate, flatten, hop_summary
 from disagg_mpi.bench.report import format_table
-from disagg_mpi.hops import CHAIN, Hop, Kind, SseWrites, by_kind, durations, durations_ms
+from disagg_mpi.hops import CHAIN, DIRECT_CHAIN, Hop, Kind, SseWrites, by_kind, durations, durations_ms
 from disagg_mpi.protocol import ProtocolError, Responses, decode, encode
 
 T0 = 1000.0  # (a real time.time() keeps 0.2 us: these tests compare ms exactly)
@@ -67,8 +68,39 @@ def test_the_docstring_table_is_the_chain():
     """One table of hops: the module's docstring lists the chain's hops and kinds in its order."""
     rows = re.findall(r"^\| (\w+) \| [^|]+ \| [^|]+ \| (\S+) \|$", hops.__doc__, re.MULTILINE)
     assert rows == [(h.value, k.value if k else "-") for h, k in CHAIN]
-    assert {h for h, _ in CHAIN} | {Hop.SSE_FIRST} == set(Hop)
+    assert {h for h, _ in CHAIN} | {Hop.SSE_FIRST, Hop.CTX_READY_SENT} == set(Hop)
     assert Hop.SSE_FIRST.value in hops.__doc__
+    # The direct hand-off's chain, as the docstring spells it out.
+    direct = " -> ".join(h.value for h, _ in DIRECT_CHAIN[1:])
+    assert direct in " ".join(hops.__doc__.split())
+    assert {h for h, _ in DIRECT_CHAIN} | {Hop.SSE_FIRST, Hop.CTX_ANSWER_SENT, Hop.CTX_ANSWER_RECEIVED} == set(Hop)
+
+
+def _direct(answer_at: float) -> dict[str, float]:
+    """A direct hand-off's stamps, 1 ms apart along DIRECT_CHAIN; rank 0's context-answer hops beside it."""
+    h = {x.value: T0 + i * 1e-3 for i, (x, _) in enumerate(DIRECT_CHAIN)}
+    h[Hop.CTX_ANSWER_SENT.value] = h[Hop.CTX_READY_SENT.value] + 1e-4
+    h[Hop.CTX_ANSWER_RECEIVED.value] = answer_at
+    return h
+
+
+def test_a_direct_hand_off_walks_its_own_chain():
+    """No rank-0 hop between the context's notice and the generation side: the segments say so, and
+    rank 0's context-answer stamps (here arriving late) neither break nor lengthen the chain."""
+    h = _direct(answer_at=T0 + 0.5)
+    assert hops.chain_of(h) is DIRECT_CHAIN and hops.chain_of(_disagg()) is CHAIN
+    got = durations_ms(h)
+    assert list(got) == [f"{a.value}->{b.value}" for (a, _), (b, _) in pairwise(DIRECT_CHAIN)]
+    assert "ctx_ready_sent->gen_admitted" in got and not any("ctx_answer" in k for k in got)
+    assert all(ms == pytest.approx(1.0) for ms in got.values())
+    kinds = by_kind(h)
+    assert sum(kinds.values()) == pytest.approx(len(DIRECT_CHAIN) - 1.0) and kinds["rank0"] == pytest.approx(4.0)
+
+
+def test_handoff_ms_starts_at_the_first_message_about_the_held_context():
+    assert hops.handoff_ms(_direct(T0 + 0.5)) == pytest.approx(4.0)  # ctx_ready_sent -> kv_landed
+    assert hops.handoff_ms(_disagg()) == pytest.approx(6.0)  # ctx_answer_sent -> kv_landed
+    assert hops.handoff_ms({Hop.FIRST_TOKEN.value: T0}) is None
 
 
 def test_unknown_hops_are_refused_by_name():
@@ -165,6 +197,11 @@ def test_bench_rows_and_report_show_where_the_time_went():
     line = next(ln for ln in table.splitlines() if "hop claim_granted->kv_landed p50 (ms)" in ln)
     assert line.split("|")[2:4] == [" 1.00 ", " - "]
     assert "server time: copy p50 (ms)" in table
+    # The hand-off (context's first message -> KV landed), classic and direct side by side.
+    assert s["handoff_ms"]["n"] == 2 and row["hop_handoff_p50"] == pytest.approx(s["handoff_ms"]["p50"])
+    both = hop_summary([_record(0, _disagg()), _record(1, _direct(T0 + 0.5))])
+    assert both["handoff_ms"]["p50"] == pytest.approx(5.0)  # (6 ms classic, 4 ms direct)
+    assert any("KV hand-off p50 (ms)" in ln for ln in table.splitlines())
 
 
 def test_run_output_lines_carry_the_hops():

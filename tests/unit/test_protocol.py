@@ -36,7 +36,9 @@ def _examples() -> list[P.Message]:
         P.Ready(1, None, "cpu"), P.Ready(2, "rank 3: boom"),
         P.Responses(1, [resp, Response(5, None, "bad"), with_lps, Response(6, None, "full", retry_after=7.0)], 12,
                     30), P.ExecutorStats(0, {"free_blocks": 3}),
+        P.Enqueue([(9, req)], notify=[2, 10]), P.Enqueue([(10, req)], await_context=True),
         P.Claim(4, 9, [1, 2, 3], 1), P.ClaimReply(9, None, 12.5, "node-a"), P.Release(4, None),
+        P.ContextReady(10, 4, [11], b"\x00signed"),
         P.Step(plan), P.Pull(9, b"opaque", [4, 5]), P.StopMember(), P.Pulled(9, 4096),
         P.PullAsk(101, [1, 2], [0, 6], [0, 2], True, 4, {"num_layers": 6}, None, "node-a", None),
         P.PullAnswer(P.PullPath.COPY, "different nodes"), P.PullAnswer(P.PullPath.IPC, ipc={"handle": b"h"}),
@@ -63,6 +65,7 @@ def test_round_trip(msg):
     assert type(got) is type(msg)
     if isinstance(msg, P.Enqueue):
         assert got.items == msg.items and got.client_holds is msg.client_holds
+        assert got.notify == msg.notify and got.await_context is msg.await_context
     elif isinstance(msg, P.Responses):
         assert [r.to_dict() for r in got.responses] == [r.to_dict() for r in msg.responses]
         assert got.responses[2].result.log_probs == msg.responses[2].result.log_probs
@@ -103,6 +106,25 @@ def test_a_record_on_the_wrong_tag_is_refused():
 
 def test_optional_trailing_fields_may_be_left_out():
     assert P.decode(msgpack.packb([P.Ready.KIND, 1, None])) == P.Ready(1, None, None)
+
+
+def test_an_enqueue_without_the_direct_fields_is_an_ordinary_one():
+    """A sender that knows no direct hand-off (two fields) still speaks the protocol."""
+    req = Request([1, 2], max_tokens=2)
+    got = P.decode(msgpack.packb([P.Enqueue.KIND, [[3, req.to_dict()]], True]), P.Tag.TO_EXECUTOR)
+    assert got.client_holds is True and got.notify is None and got.await_context is False
+
+
+@pytest.mark.parametrize("fields, words", [
+    ([False, [1], False], "Enqueue.notify=[1] is not allowed; a [rank, request id] pair of ints or None"),
+    ([False, ["1", 2], False], "Enqueue.notify=['1', 2] is not allowed"),
+    ([False, None, 1], "Enqueue.await_context=1 is not allowed; a bool"),
+    ([0, None, False], "Enqueue.client_holds=0 is not allowed; a bool"),
+])
+def test_bad_direct_fields_of_an_enqueue_are_refused_by_name(fields, words):
+    payload = msgpack.packb([P.Enqueue.KIND, [[3, Request([1], max_tokens=2).to_dict()]], *fields])
+    with pytest.raises(P.ProtocolError, match=re.escape(words)):
+        P.decode(payload, P.Tag.TO_EXECUTOR)
 
 
 def test_kinds_are_unique():
