@@ -30,8 +30,8 @@
 #              COLD=1 gives each server an empty Triton cache)
 #   shapes     scripts/bench_engine.py (this engine, batch 1 and 64) on the Llama-family shapes besides
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
-#   issue23    what issue 23 still has to show, in one call: tests/gpu on this code, the fresh
-#              8 req/s pair (serving), then the sweep (RATES=4,8,16,24) and the shapes
+#   (issue 23 still has to show, in one call: `scripts/gpu_session.sh tests serving shapes; RATES=4,8,16,24
+#    TAG=sweep scripts/gpu_session.sh serving`)
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
@@ -111,11 +111,6 @@ for s in "$@"; do
     qwen3)
         stage qwen3 200 python3 scripts/bench_engine.py --device cuda --model random:qwen3-8b \
             --batches "${QWEN3_BATCHES:-1,64}" --skip-hf --repeats 3 --json "$OUT/engine_qwen3_$TAG.json" ;;
-    issue23)
-        "$0" tests
-        "$0" serving
-        RATES=4,8,16,24 TAG="${TAG}-sweep" "$0" serving
-        "$0" shapes ;;
     shapes)
         for m in ${SHAPES:-llama-3.2-1b llama-3.2-3b llama-2-7b qwen2.5-7b}; do
             stage "shape-$m" 200 python3 scripts/bench_engine.py --device cuda --model "random:$m" \
