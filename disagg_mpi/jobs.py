@@ -57,6 +57,9 @@ class InputLine(BaseModel):
     include_stop_str_in_output: bool = False
     # top alternatives per output token: the output line gets `logprobs` (see output_line)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # top alternatives per prompt token (vLLM's `prompt_logprobs`): the output line gets `prompt_logprobs`,
+    # one entry per prompt token, the first null (nothing precedes it)
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # as OpenAI's: {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}} (guided decoding)
     response_format: dict[str, Any] | None = None
 
@@ -88,7 +91,7 @@ def _pydantic_message(err: ValidationError) -> str:
             msg = ("unknown field; allowed: id, prompt | messages | input_ids, max_tokens, temperature, "
                    "top_k, top_p, min_p, seed, presence_penalty, frequency_penalty, repetition_penalty, "
                    "logit_bias, min_tokens, stop_token_ids, stop, include_stop_str_in_output, ignore_eos, stream, logprobs, "
-                   "response_format")
+                   "prompt_logprobs, response_format")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -133,7 +136,7 @@ def parse_line(raw: str, lineno: int, tokenizer: Any) -> tuple[str, Request]:
                   client_id=line.id, stop_words=list(line.stop or []),
                   include_stop_str_in_output=line.include_stop_str_in_output,
                   output_config=OutputConfig(return_log_probs=line.logprobs is not None), num_logprobs=line.logprobs or 0,
-                  guided_decoding=guided)
+                  num_prompt_logprobs=line.prompt_logprobs, guided_decoding=guided)
     return line.id, req
 
 
@@ -150,13 +153,18 @@ def output_line(line_id: str, resp: Response | None, tokenizer: Any, error: str 
         if r.metrics.hops:  # where the time went, between consecutive hops (stamps in metrics.hops)
             out["hops_ms"] = _round(durations_ms(r.metrics.hops))
         if r.log_probs is not None:  # per output token: its logprob and the top [id, logprob] pairs
-            out["logprobs"] = [{"logprob": lp.logprob, "top": [[i, v] for i, v in zip(lp.top_ids, lp.top_logprobs)]}
-                               for lp in r.log_probs]
+            out["logprobs"] = [_logprob_entry(lp) for lp in r.log_probs]
+        if r.prompt_log_probs is not None:  # per prompt token, the same (the first: null)
+            out["prompt_logprobs"] = [None if lp is None else _logprob_entry(lp) for lp in r.prompt_log_probs]
         return out
     msg = error if error is not None else (resp.error_msg if resp is not None else "unknown error")
     metrics = _round(resp.result.metrics.to_dict()) if resp is not None and resp.result is not None else {}
     return {"id": line_id, "output_ids": [], "text": "", "finish_reason": "error", "error": msg,
             "metrics": metrics}
+
+
+def _logprob_entry(lp: Any) -> dict[str, Any]:
+    return {"logprob": lp.logprob, "top": [[i, v] for i, v in zip(lp.top_ids, lp.top_logprobs)]}
 
 
 def _round(m: dict[str, Any]) -> dict[str, Any]:

@@ -157,7 +157,8 @@ def test_run_jsonl_stop_lines(workdir, folder, reference, clients):
               "include_stop_str_in_output": True, "stream": True},
              {"id": "c", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True},
              {"id": "d", "input_ids": PROMPTS[i], "stop": ["a"] * 5},
-             {"id": "e", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True, "stop": stop, "logprobs": 2}]
+             {"id": "e", "input_ids": PROMPTS[i], "max_tokens": 30, "ignore_eos": True, "stop": stop, "logprobs": 2},
+             {"id": "f", "input_ids": PROMPTS[i], "max_tokens": 2, "prompt_logprobs": 1}]
     (workdir / "stop.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     proc = subprocess.run([sys.executable, "-m", "disagg_mpi.cli", "run", "--config", str(workdir / "disagg.yaml"),
                            "--input", str(workdir / "stop.jsonl"), "--output", str(workdir / "stop.out")],
@@ -175,6 +176,11 @@ def test_run_jsonl_stop_lines(workdir, folder, reference, clients):
     assert out[4]["output_ids"] == out[0]["output_ids"] and len(out[4]["logprobs"]) == len(out[0]["output_ids"])
     assert close([x["logprob"] for x in out[4]["logprobs"]], want.token_logprobs[: len(out[4]["logprobs"])])
     assert all(len(x["top"]) == 2 for x in out[4]["logprobs"])
+    # prompt logprobs (vLLM's name; the context executor computes them): the aggregated server's echo
+    scored = complete(clients["agg"], PROMPTS[i], echo=True, logprobs=1, max_tokens=1).choices[0].logprobs
+    got = out[5]["prompt_logprobs"]
+    assert len(got) == len(PROMPTS[i]) and got[0] is None and all(len(x["top"]) == 1 for x in got[1:])
+    assert close([x["logprob"] for x in got[1:]], scored.token_logprobs[1: len(PROMPTS[i])])
 
 
 # ---- penalties, logit_bias, min_tokens, top_k, min_p ----------------------------------------------------
