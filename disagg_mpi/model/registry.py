@@ -79,9 +79,23 @@ _PIP_STEPS = ("Collecting", "Downloading", "Processing", "Saved")  # pip's lines
 
 
 def _pip_download(package: str, folder: Path, timeout_s: float = 1800) -> tuple[int, list[str]]:
-    """`pip download` with its progress relayed as log lines; (exit code, its last lines)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw", package,
-           "-d", str(folder)]
+    """`pip download` with its progress relayed as log lines; (exit code, its last lines). A pip
+    older than 24.1 (a fresh venv's, e.g. Python 3.11's 23.2) has no `--progress-bar raw`: then
+    without the percentages."""
+    rc, tail = _pip_run(package, folder, timeout_s, raw_progress=True)
+    if rc != 0 and refuses_raw_progress(tail):
+        rc, tail = _pip_run(package, folder, timeout_s, raw_progress=False)
+    return rc, tail
+
+
+def refuses_raw_progress(lines: list[str]) -> bool:
+    """pip's usage error for an unknown `--progress-bar` choice."""
+    return any("--progress-bar" in ln and "invalid choice: 'raw'" in ln for ln in lines)
+
+
+def _pip_run(package: str, folder: Path, timeout_s: float, raw_progress: bool) -> tuple[int, list[str]]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+           *(["--progress-bar", "raw"] if raw_progress else []), package, "-d", str(folder)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
     timer = threading.Timer(timeout_s, proc.kill)

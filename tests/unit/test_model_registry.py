@@ -61,3 +61,14 @@ def test_pip_progress_becomes_a_line_every_ten_percent():
     assert lines == ["downloading: 0% (0.0 of 1.0 MB)", None, "downloading: 10% (0.1 of 1.0 MB)", None,
                      "downloading: 90% (1.0 of 1.0 MB)", "downloading: 100% (1.0 of 1.0 MB)"]
     assert p.step("Saved ./x.whl") is None and registry._Percent().step("Progress 5 of 0") is None
+
+
+def test_a_pip_without_raw_progress_is_asked_again_without_it():
+    """pip < 24.1 (Python 3.11's venv ships 23.2) rejects `--progress-bar raw` with a usage error;
+    the fetch then runs without it instead of failing on a fresh machine."""
+    from disagg_mpi.model.registry import refuses_raw_progress
+
+    said_by_pip_23 = ["Usage:", "  python -m pip download [options] <requirement specifier> ...", "",
+                      "option --progress-bar: invalid choice: 'raw' (choose from 'on', 'off')"]
+    assert refuses_raw_progress(said_by_pip_23)
+    assert not refuses_raw_progress(["ERROR: No matching distribution found for tinymodel==0.1"])
