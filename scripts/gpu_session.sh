@@ -92,6 +92,7 @@ for s in "$@"; do
             --json "$OUT/probe_ipc_$TAG.json" ;;
     limits)
         stage limits 300 python3 scripts/probe_limits.py --parts ${PARTS:-staged attn gemm profile} \
+            --profile-model "${PROFILE_MODEL:-random:llama-3.1-8b}" --profile-batches "${PROFILE_BATCHES:-64}" \
             --json "$OUT/limits_$TAG.json" ;;
     cross)
         stage cross 120 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_limits.py --parts cross \

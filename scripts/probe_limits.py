@@ -255,7 +255,7 @@ def cross(sizes: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def profile(prompt_len: int, new_tokens: int, batch: int) -> list[dict]:
+def profile(prompt_len: int, new_tokens: int, batch: int, spec: str = "random:llama-3.1-8b") -> list[dict]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -263,7 +263,7 @@ def profile(prompt_len: int, new_tokens: int, batch: int) -> list[dict]:
     from disagg_mpi.engine.executor import Executor
     from disagg_mpi.model import load_model
 
-    model = load_model("random:llama-3.1-8b", dtype=torch.bfloat16, device="cuda")
+    model = load_model(spec, dtype=torch.bfloat16, device="cuda")
     bs = 16
     per_seq = -(-(prompt_len + new_tokens) // bs)
     ex = Executor(model, ExecutorConfig(max_batch_size=batch, max_num_tokens=batch * prompt_len,
@@ -287,6 +287,7 @@ def profile(prompt_len: int, new_tokens: int, batch: int) -> list[dict]:
             rows.append({"name": e.key[:90], "calls": e.count, "us_total": t})
     rows.sort(key=lambda r: -r["us_total"])
     total = sum(r["us_total"] for r in rows)
+    print(f"profile {spec} batch {batch}: {total / 1e3:.1f} ms of kernels in {new_tokens} tokens", flush=True)
     for r in rows[:25]:
         print(f"profile {r['us_total'] / 1e3:8.1f} ms {100 * r['us_total'] / total:5.1f}% {r['calls']:6d}x  {r['name']}",
               flush=True)
@@ -300,6 +301,8 @@ def main(argv=None) -> int:
                    help="cross: alone, under mpiexec -n 2 (both ranks on this GPU)")
     p.add_argument("--json", default=None)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--profile-model", default="random:llama-3.1-8b", help="the model the profile part runs")
+    p.add_argument("--profile-batches", default="64", help="comma-separated batch sizes of the profile part")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_limits.py needs a CUDA GPU", file=sys.stderr)
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
         res["attn"] = attn({(64, 576): many, (64, 160): many, (64, 1024): many, (32, 576): many,
                             (8, 576): few + many, (1, 576): few, (1, 2048): few}, bw, a.repeats)
     if "profile" in a.parts:
-        res["profile"] = profile(512, 32, 64)
+        res["profile"] = {b: profile(512, 32, int(b), a.profile_model) for b in a.profile_batches.split(",")}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
