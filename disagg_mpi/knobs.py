@@ -122,6 +122,10 @@ PROCESS: tuple[Knob, ...] = (
     Knob("last_words", str, "", "DISAGG_MPI_LAST_WORDS",
          "internal: the Unix socket where `disagg-mpi serve` keeps in-flight clients' connections, to end "
          "them if the job dies (set by the CLI)"),
+    Knob("decode_splits", str, "auto", "DISAGG_DECODE_SPLITS",
+         "split each context of a small decode batch over several programs of the fused decode kernel "
+         "(flash-decoding: `model/decode_tiles.py: decode_splits`); off: one program per sequence and KV head",
+         "GPU only", choices=("auto", "off")),
     Knob("warm_up", str, "auto", "DISAGG_WARM_UP",
          "run every kind of step (the largest prefill, mixed steps, a chunked prefill, decodes, the sampler's "
          "paths) once before an executor reports ready, so that no compile, plan or allocator growth lands on "

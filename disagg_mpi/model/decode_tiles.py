@@ -5,6 +5,8 @@ tested without Triton or a GPU (tests/unit/test_decode_tile.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _SMS: dict[int, int] = {}
@@ -29,9 +31,7 @@ def decode_tile(b: int, n_kv: int, d: int, device: torch.device, itemsize: int =
       within 0.1 us. head_dim <= 64 (SmolLM2) keeps what the H100 chose (128 tokens, 4 warps
       gave 4.8 / 9.1 us against 5.8 / 13.8 with 64 tokens) and three stages: not swept.
     """
-    sms = _SMS.get(device.index or 0) if device.type == "cuda" else 132
-    if sms is None:
-        sms = _SMS[device.index or 0] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     programs = b * n_kv
     if d <= 64:
         if programs < sms:
@@ -49,3 +49,47 @@ def decode_tile(b: int, n_kv: int, d: int, device: torch.device, itemsize: int =
     while block_n * d * itemsize > 64 << 10:
         block_n //= 2
     return block_n, warps, stages
+
+
+MAX_SPLITS = 16
+
+
+def decode_splits(b: int, n_kv: int, device: torch.device) -> int:
+    """How many parts the fused decode kernel splits each context into (flash-decoding).
+
+    One program per (sequence, KV head) leaves most SMs idle at small batches: a batch of one
+    on an 8-KV-head model runs 8 programs on 132 SMs, and each walks its whole context alone,
+    so attention took ~13 us a layer where its bytes need ~1 (the 1B and 3B Llama shapes lost
+    up to a fifth of their decode step to it). Splitting the context over more programs, then
+    combining their partial softmaxes, fills the part; with at least half the SMs busy
+    without it, the combine's extra launch is not worth it. Fixed per batch size (not per
+    context), so a captured CUDA graph holds for every context length.
+    """
+    programs = b * n_kv
+    if _splits_off() or 2 * programs > _sm_count(device):
+        return 1
+    return max(1, min(MAX_SPLITS, _sm_count(device) // programs))
+
+
+def split_tile(d: int, itemsize: int = 2) -> tuple[int, int, int]:
+    """(tokens per tile, warps, stages) of a split decode program: short tiles, as each split
+    walks only a part of the context (a 640-token context in 16 splits: 40 tokens each)."""
+    block_n = 64 if d <= 128 else 32
+    while block_n * d * itemsize > 64 << 10:
+        block_n //= 2
+    return block_n, 4, 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132   # the interpreter (CPU) is taken as an H100-sized part
+    sms = _SMS.get(device.index or 0)
+    if sms is None:
+        sms = _SMS[device.index or 0] = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms
+
+
+@functools.cache
+def _splits_off() -> bool:
+    from disagg_mpi.knobs import env_value  # read once: this runs per layer of an eager step
+    return env_value("DISAGG_DECODE_SPLITS") == "off"

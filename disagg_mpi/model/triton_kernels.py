@@ -25,39 +25,18 @@ runs them on CPU tensors (tests only).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .decode_tiles import decode_tile
-
-try:  # pragma: no cover - depends on the install
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except ImportError:
-    triton = None
-    tl = None
-    HAVE_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(device: torch.device | str) -> bool:
-    """Kernels usable for tensors on `device` (CUDA, or CPU under the Triton interpreter)."""
-    if not HAVE_TRITON:
-        return False
-    dev = torch.device(device)
-    return dev.type == "cuda" or (dev.type == "cpu" and interpreting())
-
-
-def _p2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
+from .decode_tiles import decode_splits, decode_tile
+from .triton_attn import HAVE_TRITON, available, interpreting, p2, pool_strides  # noqa: F401
+from .triton_split_decode import split_rope_write_decode_attention
 
 if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_attn import attend_cached, fold_new_token, rope_new_token
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, res_ptr, y_ptr, x_stride, d_stride, eps,
@@ -125,56 +104,6 @@ if HAVE_TRITON:
         tl.store(pool_ptr + base + s_kv + hk * s_h + d[None, :], v.to(PT), mask=wm)
 
     @triton.jit
-    def _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, ctx, scale, layer_off,
-                    s_blk, s_kv, s_h, kvh, d, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr, INTERP: tl.constexpr):
-        t = start + tl.arange(0, BLOCK_N)
-        tm = t < ctx
-        blk = tl.load(tab_ptr + seq * tstride + t // BS, mask=tm, other=0).to(tl.int64)
-        base = blk * s_blk + layer_off + kvh * s_h + (t % BS) * D
-        k = tl.load(pool_ptr + base[:, None] + d[None, :], mask=tm[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        elif INTERP:  # the interpreter's dot multiplies bf16 bit patterns: widen (exact products)
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(tm[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(pool_ptr + base[:, None] + s_kv + d[None, :], mask=tm[:, None], other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        elif INTERP:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _attend_cached(q, n, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv, s_h, kvh, d,
-                       G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IEEE: tl.constexpr, INTERP: tl.constexpr):
-        """Online softmax of a query group over the first n cached tokens: (running max, sum, acc)."""
-        m_i = tl.full([G_P], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_P], tl.float32)
-        acc = tl.zeros([G_P, D], tl.float32)
-        if INTERP:  # the interpreter cannot take a loaded bound in range()
-            start = 0
-            while start < n:
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
-                start += BLOCK_N
-        else:
-            for start in range(0, n, BLOCK_N):
-                m_i, l_i, acc = _attn_block(start, q, m_i, l_i, acc, pool_ptr, tab_ptr, seq, tstride, n,
-                                            scale, layer_off, s_blk, s_kv, s_h, kvh, d, D, BS, BLOCK_N, IEEE, INTERP)
-        return m_i, l_i, acc
-
-    @triton.jit
     def _paged_decode_kernel(q_ptr, pool_ptr, tab_ptr, tab_stride_ptr, ctx_ptr, o_ptr, scale,
                              layer_off, s_blk, s_kv, s_h,
                              NQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
@@ -189,7 +118,7 @@ if HAVE_TRITON:
         gm = (g < G)[:, None]
         qoff = seq * (NQ * D) + (kvh * G + g)[:, None] * D + d[None, :]
         q = tl.load(q_ptr + qoff, mask=gm, other=0.0)
-        _m_i, l_i, acc = _attend_cached(q, ctx, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv,
+        _m_i, l_i, acc = attend_cached(q, 0, ctx, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk, s_kv,
                                        s_h, kvh, d, G_P, D, BS, BLOCK_N, IEEE, INTERP)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
         out = acc / l_i[:, None]
@@ -205,54 +134,23 @@ if HAVE_TRITON:
         # _rope_write_kernel + _paged_decode_kernel for one (sequence, KV head), same roundings.
         seq = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
-        DT = o_ptr.dtype.element_ty
-        PT = pool_ptr.dtype.element_ty
         ctx = tl.load(ctx_ptr + seq).to(tl.int32)
         tstride = tl.load(tab_stride_ptr).to(tl.int64)
         d = tl.arange(0, D)
-        HALF: tl.constexpr = D // 2
-        rd = (d + HALF) % D
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        c = tl.load(cos_ptr + seq * cs_stride + d).to(tl.float32)
-        s = tl.load(sin_ptr + seq * cs_stride + d).to(tl.float32)
-        # this head's query group, roped and rounded to the model dtype
         g = tl.arange(0, G_P)
-        gm = (g < G)[:, None]
-        qh = (kvh * G + g)[:, None] * D
-        qa = tl.load(q_ptr + seq * q_stride + qh + d[None, :], mask=gm, other=0.0).to(tl.float32)
-        qb = tl.load(q_ptr + seq * q_stride + qh + rd[None, :], mask=gm, other=0.0).to(tl.float32)
-        q = ((qa * c[None, :]).to(DT).to(tl.float32)
-             + (qb * sign[None, :] * s[None, :]).to(DT).to(tl.float32)).to(DT)
-        # this head's new k (roped) and v, stored at the token's slot (slot < 0: padding, no store)
-        ka = tl.load(k_ptr + seq * k_stride + kvh * D + d).to(tl.float32)
-        kb = tl.load(k_ptr + seq * k_stride + kvh * D + rd).to(tl.float32)
-        k_new = ((ka * c).to(DT).to(tl.float32) + (kb * sign * s).to(DT).to(tl.float32)).to(DT).to(PT)
-        v_new = tl.load(v_ptr + seq * v_stride + kvh * D + d).to(PT)
-        slot = tl.load(slot_ptr + seq).to(tl.int64)
-        ok = slot >= 0
-        slot = tl.maximum(slot, 0)
-        base = (slot // BS) * s_blk + layer_off + kvh * s_h + (slot % BS) * D
-        wm = d < tl.where(ok, D, 0)         # all of d, or none for a padding row
-        tl.store(pool_ptr + base + d, k_new, mask=wm)
-        tl.store(pool_ptr + base + s_kv + d, v_new, mask=wm)
+        q, k_new, v_new = rope_new_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pool_ptr, seq, kvh,
+                                          q_stride, k_stride, v_stride, cs_stride, layer_off, s_blk, s_kv,
+                                          s_h, D, G, G_P, D, BS)
         # attention over the first ctx - 1 tokens from the pool (the same BLOCK_N tiles as
         # _paged_decode_kernel), then the new token (position ctx - 1) from registers: the
         # program never reads what it (or another program) stores in this step.
-        m_i, l_i, acc = _attend_cached(q, ctx - 1, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk,
+        m_i, l_i, acc = attend_cached(q, 0, ctx - 1, pool_ptr, tab_ptr, seq, tstride, scale, layer_off, s_blk,
                                        s_kv, s_h, kvh, d, G_P, D, BS, BLOCK_N, IEEE, INTERP)
-        # one more online-softmax step for the new token (none when ctx == 0: padding row)
-        s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
-        s_n = tl.where(ctx > 0, s_n, float("-inf"))
-        m_new = tl.maximum(m_i, s_n)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s_n - m_new)
-        l_i = l_i * alpha + p
-        # p rounded to the cache dtype before the product, as in _attn_block's p @ v
-        acc = acc * alpha[:, None] + p.to(PT).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+        m_i, l_i, acc = fold_new_token(q, k_new, v_new, m_i, l_i, acc, ctx > 0, scale)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)     # ctx == 0 (padding row): zeros, not NaN
         out = acc / l_i[:, None]
-        tl.store(o_ptr + seq * (NQ * D) + qh + d[None, :], out.to(DT), mask=gm)
+        qh = (kvh * G + g)[:, None] * D
+        tl.store(o_ptr + seq * (NQ * D) + qh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
 def _warps(block: int) -> int:
@@ -266,7 +164,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     y = torch.empty_like(x)
     res = torch.empty_like(x) if delta is not None else x
     if n:
-        block = _p2(h)
+        block = p2(h)
         _rmsnorm_kernel[(n,)](x, delta if delta is not None else x, weight, res, y,
                               x.stride(0), (delta if delta is not None else x).stride(0), eps,
                               H=h, BLOCK=block, HAS_D=delta is not None, num_warps=_warps(block))
@@ -278,17 +176,10 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n, f = g.shape
     out = torch.empty(n, f, dtype=g.dtype, device=g.device)
     if n:
-        block = min(1024, _p2(f))
+        block = min(1024, p2(f))
         _silu_mul_kernel[(n, triton.cdiv(f, block))](g, u, out, g.stride(0), u.stride(0), f,
                                                      BLOCK=block, num_warps=4)
     return out
-
-
-def _pool_strides(pool: torch.Tensor, layer: int) -> tuple[int, int, int, int]:
-    if not pool.is_contiguous():
-        raise ValueError("the KV pool must be contiguous")
-    s = pool.stride()
-    return layer * s[1], s[0], s[2], s[3]
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -301,11 +192,11 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     n = q.shape[0]
     qo = torch.empty(n, n_q, d, dtype=q.dtype, device=q.device)
     if n:
-        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        layer_off, s_blk, s_kv, s_h = pool_strides(pool, layer)
         _rope_write_kernel[(n,)](q, k, v, cos, sin, slots, qo, pool,
                                  q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                  layer_off, s_blk, s_kv, s_h,
-                                 NQ=n_q, NKV=n_kv, NQ_P=_p2(n_q), NKV_P=_p2(n_kv), D=d,
+                                 NQ=n_q, NKV=n_kv, NQ_P=p2(n_q), NKV_P=p2(n_kv), D=d,
                                  BS=pool.shape[4], num_warps=4)
     return qo
 
@@ -321,11 +212,11 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, layer: int, tabl
     n_kv = pool.shape[3]
     out = torch.empty_like(q)
     if b:
-        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        layer_off, s_blk, s_kv, s_h = pool_strides(pool, layer)
         g = n_q // n_kv
         _paged_decode_kernel[(b, n_kv)](q, pool, tables, table_stride, ctx, out, 1.0 / math.sqrt(d),
                                         layer_off, s_blk, s_kv, s_h,
-                                        NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
+                                        NQ=n_q, G=g, G_P=max(16, p2(g)), D=d, BS=pool.shape[4],
                                         BLOCK_N=64, IEEE=q.dtype == torch.float32,
                                         INTERP=interpreting(), num_warps=4)
     return out
@@ -335,7 +226,7 @@ def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 sin: torch.Tensor, pool: torch.Tensor, layer: int, slots: torch.Tensor,
                                 tables: torch.Tensor, table_stride: torch.Tensor, ctx: torch.Tensor,
                                 n_q: int, n_kv: int, d: int,
-                                tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                                tile: tuple[int, int, int] | None = None, splits: int | None = None) -> torch.Tensor:
     """`rope_write_kv` then `paged_decode_attention` in one kernel (one token per sequence).
 
     q, k, v [B, heads*d] (row-strided views, e.g. of one qkv GEMM); cos, sin [B, 1, d] or
@@ -344,21 +235,29 @@ def rope_write_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     i.e. at `slots`). The new k, v are stored in the pool and used from registers, never
     read back. Returns the attention output [B, n_q, d] in q's dtype. `tile` (tokens per
     tile, warps, pipeline stages) overrides `decode_tile` (scripts/probe_limits.py sweeps it).
+    `splits`: parts each context is split over (flash-decoding, `triton_split_decode`); None:
+    `decode_splits` picks by batch size (1 whenever `tile` is given), 1: one program per head.
     """
     b = q.shape[0]
-    out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
     if b:
         if n_kv != pool.shape[3] or n_q % n_kv:
             raise ValueError(f"{n_q} q heads / {n_kv} kv heads do not fit a pool of {pool.shape[3]} kv heads")
         if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or sin.stride(0) != cos.stride(0):
             raise ValueError("q, k, v, cos, sin must be contiguous in their last dim (cos, sin alike)")
-        layer_off, s_blk, s_kv, s_h = _pool_strides(pool, layer)
+        if splits is None:
+            splits = 1 if tile is not None else decode_splits(b, n_kv, q.device)
+        if splits > 1:
+            return split_rope_write_decode_attention(q, k, v, cos, sin, pool, layer, slots, tables, table_stride,
+                                                     ctx, n_q, n_kv, d, splits)
+    out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
+    if b:
+        layer_off, s_blk, s_kv, s_h = pool_strides(pool, layer)
         g = n_q // n_kv
         block_n, warps, stages = tile or decode_tile(b, n_kv, d, q.device, pool.element_size())
         _rope_decode_kernel[(b, n_kv)](q, k, v, cos, sin, slots, pool, tables, table_stride, ctx, out,
                                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                        1.0 / math.sqrt(d), layer_off, s_blk, s_kv, s_h,
-                                       NQ=n_q, G=g, G_P=max(16, _p2(g)), D=d, BS=pool.shape[4],
+                                       NQ=n_q, G=g, G_P=max(16, p2(g)), D=d, BS=pool.shape[4],
                                        BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
                                        INTERP=interpreting(), num_warps=warps, num_stages=stages)
     return out

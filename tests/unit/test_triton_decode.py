@@ -130,6 +130,26 @@ def test_fused_matches_two_kernels(monkeypatch, n_q, n_kv, d, ctxs, dtype, tile)
     torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_context_matches_one_program_per_head(splits, dtype):
+    """Flash-decoding (each context over `splits` programs, then a combine) against the kernel
+    with one program per (sequence, KV head): splits with no token (short contexts), the new
+    token alone, several tiles per split, padding rows; the pool written once, the same."""
+    n_q, n_kv, d = 8, 2, 64
+    ctxs = [1, 0, 17, 64, 65, 200, 333]
+    c = _case(ctxs, n_q, n_kv, d, dtype)
+    args = (c["q"], c["k"], c["v"], c["cos"], c["sin"])
+    idx = (c["slots"], c["tables"], c["table_stride"], c["ctx"], n_q, n_kv, d)
+    ref_pool, pool = c["pool"].clone(), c["pool"].clone()
+    ref = tk.rope_write_decode_attention(*args, ref_pool, 1, *idx, splits=1)
+    out = tk.rope_write_decode_attention(*args, pool, 1, *idx, splits=splits)
+    assert torch.equal(pool, ref_pool)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
 def test_fused_writes_only_the_slots():
     n_q, n_kv, d = 9, 3, 64
     ctxs = [0, 7, 0, 40]
