@@ -84,7 +84,7 @@ def describe_layout(tp: int, ep: int, num_experts: int, moe_ffn: int,
     for g in range(ep):
         e0, e1 = expert_range(g * ways, tp, ep, num_experts)
         ranks = [stage[r] for stage in stage_ranks for r in range(g * ways, (g + 1) * ways)]
-        parts.append(f"experts {e0}-{e1 - 1} on rank{'s' if len(ranks) > 1 else ''} "
-                     f"{','.join(map(str, ranks))}")
+        which = f"expert {e0}" if e1 - e0 == 1 else f"experts {e0}-{e1 - 1}"
+        parts.append(f"{which} on rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}")
     how = "each expert whole" if ways == 1 else f"each expert's FFN ({moe_ffn}) split {ways} ways"
     return f"EP={ep} over TP={tp}: " + "; ".join(parts) + f" ({how})"

@@ -157,3 +157,59 @@ def test_expert_parallel_has_teeth():
                     p.zero_()
     prompts = [[5, 17, 300, 42, 7, 99, 100, 3, 250], [11, 12, 13]]
     assert greedy_generate(grid_forward_fn(grid), prompts, 8, 4) != hf_greedy(prompts, 8, folder, None)
+
+
+# ---- the YAML field and `disagg-mpi validate` ------------------------------------------------------
+
+def _validate(tmp_path, model: str, ep: int, tp: int = 2, pp: int = 1):
+    import yaml
+    from click.testing import CliRunner
+
+    from disagg_mpi.cli.slurm import validate
+
+    n = tp * pp
+    topo = {"model": {"path": model},
+            "context_executors": [{"participant_ids": list(range(1, 1 + n)), "tensor_parallel_size": tp,
+                                   "pipeline_parallel_size": pp, "expert_parallel_size": ep}],
+            "generation_executors": [{"participant_ids": [1 + n]}]}
+    path = tmp_path / "topo.yaml"
+    path.write_text(yaml.safe_dump(topo))
+    return CliRunner().invoke(validate, ["--config", str(path)])
+
+
+def test_validate_reports_the_expert_layout(tmp_path):
+    res = _validate(tmp_path, str(family_checkpoint("qwen3-moe")), ep=2, tp=2, pp=2)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert "context[0] TP=2 EP=2 PP=2 ranks 1,2,3,4" in lines[0] and "generation[0] TP=1 PP=1" in lines[0]
+    assert lines[1:] == [("  context[0] EP=2 over TP=2: experts 0-3 on ranks 1,3; experts 4-7 on ranks 2,4 "
+                         "(each expert whole)")]
+
+
+def _six_heads(tmp_path) -> str:
+    """The qwen3-moe checkpoint's config with 6 heads (3 KV), so TP 3 fits the attention but EP 3
+    cannot split its 8 experts (names unchanged: it is checked, never loaded)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "six"
+    shutil.copytree(family_checkpoint("qwen3-moe"), folder)
+    d = json.loads((folder / "config.json").read_text())
+    d.update(num_attention_heads=6, num_key_value_heads=3, intermediate_size=96, moe_intermediate_size=48)
+    (folder / "config.json").write_text(json.dumps(d))
+    return str(folder)
+
+
+@pytest.mark.parametrize("model,ep,tp,needle", [
+    ("qwen3-moe", 3, 2, ("context_executors.0: expert_parallel_size=3 does not divide tensor_parallel_size=2: "
+                        "EP splits the experts over the executor's TP ranks")),
+    ("random:tiny", 2, 2, ("context_executors[0].expert_parallel_size=2 needs a mixture-of-experts model, "
+                          "but this model is dense (no experts); allowed: 1")),
+    ("six-heads", 3, 3, ("context_executors[0].expert_parallel_size=3 does not divide the model's 8 experts "
+                        "(every rank group holds as many); allowed: [1]")),
+])
+def test_validate_refuses_bad_expert_parallel_size(tmp_path, model, ep, tp, needle):
+    path = (model if model.startswith("random:") else _six_heads(tmp_path) if model == "six-heads"
+            else str(family_checkpoint(model)))
+    res = _validate(tmp_path, path, ep=ep, tp=tp)
+    assert res.exit_code == 2 and needle in res.output, res.output
