@@ -213,3 +213,20 @@ def test_validate_refuses_bad_expert_parallel_size(tmp_path, model, ep, tp, need
             else str(family_checkpoint(model)))
     res = _validate(tmp_path, path, ep=ep, tp=tp)
     assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_the_documented_example_validates():
+    """configs/README.md's expert-parallel example is a topology that passes the model checks."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from disagg_mpi.config import check_model, parse_topology
+
+    text = (Path(__file__).resolve().parents[2] / "configs" / "README.md").read_text()
+    section = text[text.index("## Expert parallelism"):]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.DOTALL).group(1)
+    topo = parse_topology({"model": {"path": str(family_checkpoint("qwen3-moe"))}, **yaml.safe_load(block)})
+    assert [e.expert_parallel_size for e in topo.executors] == [2, 1]
+    assert check_model(topo).num_experts == 8
