@@ -111,6 +111,23 @@ def test_each_rank_reads_only_its_experts(tp, ep):
     assert seen == set(checkpoint_names(ckpt.config))
 
 
+def test_a_tensor_no_rank_consumes_is_still_refused_under_ep(tmp_path):
+    """The names check stays whole-checkpoint under EP: an expert beyond the model's count (which no
+    rank's range holds) is refused by name, on every rank, before any weight loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(family_checkpoint("qwen3-moe"), folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.layers.0.mlp.experts.8.gate_proj.weight"] = sd["model.layers.0.mlp.experts.7.gate_proj.weight"].clone()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for r in range(2):
+        with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['model.layers.0.mlp.experts.8.gate_proj"):
+            load_model(str(folder), shard=ShardSpec(r, 2, all_reduce=lambda x: x, ep_size=2))
+
+
 # ---- EP shards decode as transformers does -----------------------------------------------------
 
 def _grid(folder, tp: int, ep: int, stages=((0, 2), (2, 4))):
