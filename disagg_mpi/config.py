@@ -94,6 +94,9 @@ class ExecutorSpec(_Strict):
     device_ids: list[int] | None = None  # node-local GPU ids; absent means CPU
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    # Mixture-of-experts models: split the experts over the TP ranks instead of every expert's FFN
+    # (model/expert_parallel.py); must divide tensor_parallel_size. 1: experts TP-split like a dense MLP.
+    expert_parallel_size: int = Field(1, ge=1)
     layer_split: list[int] | None = None
     max_batch_size: int = Field(8, ge=1)
     max_num_tokens: int = Field(2048, ge=1)
@@ -112,6 +115,12 @@ class ExecutorSpec(_Strict):
                 f"participant_ids {self.participant_ids} has {len(self.participant_ids)} ranks but "
                 f"tensor_parallel_size x pipeline_parallel_size = {self.tensor_parallel_size} x "
                 f"{self.pipeline_parallel_size} = {self.size}; list exactly {self.size} ranks")
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp % ep:
+            raise ValueError(
+                f"expert_parallel_size={ep} does not divide tensor_parallel_size={tp}: EP splits the experts "
+                f"over the executor's TP ranks (attention stays TP over all of them); allowed: a divisor of "
+                f"{tp}: {[d for d in range(1, tp + 1) if tp % d == 0]}")
         if len(set(self.participant_ids)) != len(self.participant_ids):
             raise ValueError(f"participant_ids {self.participant_ids} lists a rank twice")
         if self.device_ids is not None and len(self.device_ids) != self.size:
@@ -331,6 +340,7 @@ def check_model(topo: Topology) -> ModelConfig:
 
     `disagg-mpi validate`, `run`, `serve` and launch/mpirun.sh call it before any rank starts, so a
     topology that cannot run fails with one line instead of a traceback per rank."""
+    from .model.expert_parallel import check_ep
     from .model.loader import load_model_config
     from .model.parallel import validate_split
 
@@ -341,7 +351,13 @@ def check_model(topo: Topology) -> ModelConfig:
     validate_against_model(topo, mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.intermediate_size)
     for name, ex in topo._named():  # the model layer's own checks (MoE widths, GQA groups) as well
         try:
-            validate_split(mc, ex.tensor_parallel_size, ex.pipeline_parallel_size, ex.layer_split)
+            check_ep(ex.tensor_parallel_size, ex.expert_parallel_size, mc.num_experts, mc.moe_intermediate_size)
+        except ValueError as err:
+            raise ConfigError(f"{name}.{err} (model {topo.model.path!r}, tensor_parallel_size="
+                              f"{ex.tensor_parallel_size})") from None
+        try:
+            validate_split(mc, ex.tensor_parallel_size, ex.pipeline_parallel_size, ex.layer_split,
+                           ex.expert_parallel_size)
         except ValueError as err:
             raise ConfigError(f"{name} (tensor_parallel_size={ex.tensor_parallel_size}, "
                               f"pipeline_parallel_size={ex.pipeline_parallel_size}) does not fit "

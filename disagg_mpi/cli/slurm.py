@@ -24,10 +24,25 @@ def summary_line(topology: Topology) -> str:
         name = f"context[{i}]" if i < n_ctx else f"generation[{i - n_ctx}]"
         where = f" gpus {ex.device_ids}" if ex.device_ids is not None else ""
         ranks = ",".join(str(r) for r in ex.participant_ids)
-        parts.append(f"{name} TP={ex.tensor_parallel_size} PP={ex.pipeline_parallel_size} "
+        ep = f" EP={ex.expert_parallel_size}" if ex.expert_parallel_size > 1 else ""
+        parts.append(f"{name} TP={ex.tensor_parallel_size}{ep} PP={ex.pipeline_parallel_size} "
                      f"ranks {ranks}{where}")
     mode = "disaggregated" if topology.disaggregated else "aggregated"
     return f"ok: world size {topology.world_size} ({mode}; rank 0 orchestrator; " + "; ".join(parts) + ")"
+
+
+def expert_lines(topology: Topology, num_experts: int, moe_ffn: int) -> list[str]:
+    """One line per executor with expert parallelism: which ranks hold which experts."""
+    from ..model.expert_parallel import describe_layout
+
+    n_ctx, out = len(topology.context_executors), []
+    for i, ex in enumerate(topology.executors):
+        tp, ep = ex.tensor_parallel_size, ex.expert_parallel_size
+        if ep > 1:
+            name = f"context[{i}]" if i < n_ctx else f"generation[{i - n_ctx}]"
+            stages = [ex.participant_ids[s:s + tp] for s in range(0, len(ex.participant_ids), tp)]
+            out.append(f"  {name} {describe_layout(tp, ep, num_experts, moe_ffn, stages)}")
+    return out
 
 
 def _fail(message: str) -> None:
@@ -50,16 +65,18 @@ def _load(config: str) -> Topology:
 def validate(config: str, world_size: int | None) -> None:
     """Check a topology without starting anything.
 
-    Prints a one-line summary (world size, every executor's TP/PP and ranks).
+    Prints a one-line summary (world size, every executor's TP/PP and ranks), then for each
+    executor with expert_parallel_size > 1 which ranks hold which experts.
     Exits 2 with the reason on a bad config; on a model that is missing or that we do
     not support (its architecture, options or checkpoint tensor names, read without
     loading weights); on a TP, PP or layer_split the model cannot take (TP must divide
-    its heads, layer_split must add up to its layers); or when --world-size differs
+    its heads, layer_split must add up to its layers; expert_parallel_size must divide TP and
+    the expert count, and is refused on a dense model); or when --world-size differs
     from the world size the topology needs. `run` and `serve` make the same checks.
     """
     topology = _load(config)
     try:
-        check_model(topology)
+        mc = check_model(topology)
     except ConfigError as err:
         _fail(str(err))
     if world_size is not None and world_size != topology.world_size:
@@ -68,6 +85,8 @@ def validate(config: str, world_size: int | None) -> None:
               f"launch {topology.world_size} tasks (sbatch --ntasks={topology.world_size}) "
               "or fix participant_ids")
     click.echo(summary_line(topology))
+    for line in expert_lines(topology, mc.num_experts, mc.moe_intermediate_size):
+        click.echo(line)
 
 
 @click.command("slurm", context_settings={"help_option_names": ["-h", "--help"]})

@@ -181,7 +181,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         shard = shard or ShardSpec()
         cfg, tp = config, shard.tp_size
-        validate_split(cfg, tp, 1)
+        validate_split(cfg, tp, 1, ep=shard.ep_size)
         check_gqa_consistent(shard.tp_rank, tp, cfg.num_heads, cfg.num_kv_heads)
         if tp > 1 and shard.all_reduce is None:
             raise ValueError("ShardSpec.all_reduce is required when tp_size > 1")
@@ -197,8 +197,9 @@ class LlamaModel(nn.Module):
         self.kv_heads = kv_head_range(shard.tp_rank, tp, cfg.num_kv_heads)
         ffn = cfg.intermediate_size // tp
         self.ffn_range = (shard.tp_rank * ffn, (shard.tp_rank + 1) * ffn)
-        eff = cfg.moe_intermediate_size // tp
-        self.expert_ffn_range = (shard.tp_rank * eff, (shard.tp_rank + 1) * eff)
+        self.expert_range = shard.expert_range(cfg.num_experts)   # all of them unless EP
+        self.expert_ffn_range = shard.expert_ffn_range(cfg.moe_intermediate_size)
+        eff = self.expert_ffn_range[1] - self.expert_ffn_range[0]
         sff = cfg.shared_expert_intermediate_size // tp
         self.shared_ffn_range = (shard.tp_rank * sff, (shard.tp_rank + 1) * sff)
         n_q = self.q_heads[1] - self.q_heads[0]

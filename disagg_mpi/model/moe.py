@@ -5,6 +5,9 @@ Router: logits = gate(x); softmax in fp32; top-k; renormalized over the k when
 a shared expert, weighted by sigmoid(shared_expert_gate(x)). Tensor
 parallelism shards every expert's FFN columns like a dense MLP (the router is
 replicated), so one all-reduce after the expert loop sums the ranks' partials.
+Expert parallelism (expert_parallel.py) gives a rank only the experts of its
+range (`shard.expert_range`), whole or split tp/ep ways; the loop skips the
+others, and the same all-reduce sums the ranks' contributions.
 
 The loop visits only the experts some token picked, in ascending order (as
 transformers does, so fp32 sums add up in the same order). It reads the chosen
@@ -47,7 +50,9 @@ class SparseMoE(nn.Module):
         # Qwen3-MoE rounds the routing weights to the model dtype; Mixtral keeps them in fp32.
         self.round_weights = cfg.architecture != "mixtral"
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(cfg.hidden_size, ffn_local) for _ in range(cfg.num_experts))
+        # Only this rank's experts: experts[i] is global expert expert_range[0] + i.
+        self.expert_range = e0, e1 = shard.expert_range(cfg.num_experts)
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, ffn_local) for _ in range(e0, e1))
         if cfg.shared_expert_intermediate_size:   # Qwen2-MoE; TP splits it like the others
             self.shared_expert = Expert(cfg.hidden_size, cfg.shared_expert_intermediate_size // shard.tp_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)   # replicated
@@ -57,9 +62,12 @@ class SparseMoE(nn.Module):
         if self.round_weights:
             weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
+        e0, e1 = self.expert_range
         for e in torch.unique(ids).tolist():
+            if not e0 <= e < e1:   # another EP rank's expert
+                continue
             tok, slot = torch.where(ids == e)
-            y = self.experts[e](x[tok]) * weights[tok, slot, None]
+            y = self.experts[e - e0](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         if hasattr(self, "shared_expert"):   # sigmoid gate of the whole x: the same on every TP rank
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -1,12 +1,15 @@
-"""Tensor/pipeline parallel layout: which heads, columns and layers a rank holds.
+"""Tensor/pipeline/expert parallel layout: which heads, columns, experts and layers a rank holds.
 
-Pure functions only; the model and loaders use them to slice weights.
+Pure functions only; the model and loaders use them to slice weights (expert ranges:
+expert_parallel.py).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from disagg_mpi.model.expert_parallel import check_ep, expert_ffn_range, expert_range
 
 if TYPE_CHECKING:
     import torch
@@ -19,6 +22,15 @@ class ShardSpec:
     layer_start: int = 0
     layer_end: int | None = None     # None: up to the last layer
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums over the TP group
+    ep_size: int = 1   # expert parallelism inside the TP group (expert_parallel.py); 1: experts TP-split
+
+    def expert_range(self, num_experts: int) -> tuple[int, int]:
+        """Global experts [start, end) this rank holds."""
+        return expert_range(self.tp_rank, self.tp_size, self.ep_size, num_experts)
+
+    def expert_ffn_range(self, moe_ffn: int) -> tuple[int, int]:
+        """FFN columns [start, end) of each of its experts this rank holds."""
+        return expert_ffn_range(self.tp_rank, self.tp_size, self.ep_size, moe_ffn)
 
     def resolved_layer_end(self, num_layers: int) -> int:
         return num_layers if self.layer_end is None else self.layer_end
@@ -103,8 +115,9 @@ def layer_range(stage: int, split: Sequence[int]) -> tuple[int, int]:
     return start, start + split[stage]
 
 
-def validate_split(config, tp: int, pp: int, layer_split: Sequence[int] | None = None) -> list[int]:
-    """Check that (tp, pp, layer_split) fits the model; returns the layer split used."""
+def validate_split(config, tp: int, pp: int, layer_split: Sequence[int] | None = None,
+                   ep: int = 1) -> list[int]:
+    """Check that (tp, pp, layer_split, ep) fits the model; returns the layer split used."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1 (got tp={tp}, pp={pp})")
     if config.num_heads % tp:
@@ -115,7 +128,9 @@ def validate_split(config, tp: int, pp: int, layer_split: Sequence[int] | None =
                          f"of it; allowed tp: {allowed_tp(config.num_kv_heads, config.num_heads)}")
     if config.intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide intermediate_size={config.intermediate_size}")
-    if getattr(config, "num_experts", 0) and config.moe_intermediate_size % tp:
+    num_experts = getattr(config, "num_experts", 0)
+    check_ep(tp, ep, num_experts, getattr(config, "moe_intermediate_size", 0))
+    if num_experts and ep == 1 and config.moe_intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide moe_intermediate_size={config.moe_intermediate_size} "
                          "(every expert's FFN is split across the TP ranks)")
     if getattr(config, "shared_expert_intermediate_size", 0) % tp:

@@ -48,7 +48,8 @@ def weight_plan(model) -> dict[str, WeightSlice]:
             for n in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
                 plan[p + n] = WeightSlice(p + n)
         if cfg.is_moe_layer(layer):
-            plan.update(_moe_plan(cfg, layer, model.expert_ffn_range, model.shared_ffn_range))
+            plan.update(_moe_plan(cfg, layer, model.expert_ffn_range, model.shared_ffn_range,
+                                  model.expert_range))
             continue
         for proj in ("gate_proj", "up_proj"):
             n = f"{p}mlp.{proj}.weight"
@@ -65,15 +66,19 @@ def weight_plan(model) -> dict[str, WeightSlice]:
     return plan
 
 
-def _moe_plan(cfg, layer: int, ffn: tuple[int, int], shared: tuple[int, int]) -> dict[str, WeightSlice]:
-    """The router (and shared-expert gate) whole on every rank; each expert's FFN columns [ffn),
-    the shared expert's [shared), like a dense MLP's."""
+def _moe_plan(cfg, layer: int, ffn: tuple[int, int], shared: tuple[int, int],
+              experts: tuple[int, int]) -> dict[str, WeightSlice]:
+    """The router (and shared-expert gate) whole on every rank; the FFN columns [ffn) of this
+    rank's experts [experts) (all of them unless EP; local index e - start), the shared expert's
+    [shared), like a dense MLP's. Another EP rank's experts are never read here: that rank
+    reads them (the checkpoint's names are checked whole, before any shard loads)."""
     p = f"model.layers.{layer}.mlp."
     plan = {p + "gate.weight": WeightSlice(router_name(cfg, layer))}
-    for e in range(cfg.num_experts):
+    for e in range(*experts):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             dim = 1 if proj == "down_proj" else 0
-            plan[f"{p}experts.{e}.{proj}.weight"] = WeightSlice(expert_name(cfg, layer, e, proj), dim, *ffn)
+            plan[f"{p}experts.{e - experts[0]}.{proj}.weight"] = WeightSlice(
+                expert_name(cfg, layer, e, proj), dim, *ffn)
     if cfg.shared_expert_intermediate_size:
         plan[p + "shared_expert_gate.weight"] = WeightSlice(p + "shared_expert_gate.weight")
         for proj in ("gate_proj", "up_proj", "down_proj"):

@@ -157,9 +157,12 @@ def _build(topo: Topology, comms: Comms, key: bytes) -> tuple[ModelRunner, KvTra
     if tp > 1:
         gpu = spec.device_ids[comms.local_rank] if spec.device_ids is not None else None
         all_reduce = tp_all_reduce(comms.tp, device, node_name(), gpu)
-    shard = ShardSpec(par.tp_rank, tp, l0, l1, all_reduce)
+    shard = ShardSpec(par.tp_rank, tp, l0, l1, all_reduce, ep_size=spec.expert_parallel_size)
     model = load_model(topo.model.path, _DTYPES[cfg.dtype], device, shard, seed=topo.model.seed,
                        quantization=cfg.quantization)
+    if spec.expert_parallel_size > 1:
+        log.info("rank %d: experts [%d, %d) of %d (expert_parallel_size=%d)", comms.rank,
+                 *shard.expert_range(mc.num_experts), mc.num_experts, spec.expert_parallel_size)
     runner = ModelRunner(model, cfg.kv_cache_config.num_blocks, cfg.kv_cache_config.block_size, device, par)
     if not topo.is_context(ex_id):  # it decodes: no graph capture in the middle of serving
         t0 = time.perf_counter()
@@ -202,6 +205,8 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
     engine = LLMEngine(group, mc, cfg, cache_state, comms.executor_id, tuple(spec.participant_ids), key,
                        send_peer=lambda dest, msg: send(comms.ctl, msg, dest),
                        load_tokenizer=lambda: load_tokenizer(topo.model.path))  # guided decoding only
+    if mc.num_experts:   # the experts of each MoE layer this leader holds (all of them unless EP)
+        engine.stats["local_experts"] = len(range(*runner.model.expert_range))
     if warm_up_enabled(runner.device.type):  # before Ready: no compile or plan lands on a client
         try:
             done = warm_up(engine, mc.max_position_embeddings)
