@@ -1,15 +1,23 @@
 #!/usr/bin/env python
-"""The cost of guided decoding (response_format JSON schema) on CPU, as a ratio to plain decoding in
-the same run.
+"""The cost of guided decoding (response_format JSON schema) and of logprobs, as ratios to plain
+decoding in the same run.
 
-One in-process Executor (SmolLM2-135M-Instruct in fp32 by default) decodes a batch of chat requests
-twice per round, without and with a JSON schema, `--rounds` times alternating (so both see the same
-machine load); ignore_eos keeps every request at max_tokens, so both runs do the same steps (after
-the JSON closes, the mask allows only EOS, which is still computed and applied every step). It also
-replays the guided outputs through fresh matchers to time the mask computation alone (the leader's
-work per guided row and step) beside the step time.
+One in-process Executor (SmolLM2-135M-Instruct in fp32 on CPU by default) decodes a batch of chat
+requests three times per round: plain, with `--logprobs` top alternatives per token, and with a JSON
+schema, `--rounds` times alternating (so all see the same machine load); ignore_eos keeps every
+request at max_tokens, so all runs do the same steps (after the JSON closes, the mask allows only
+EOS, which is still computed and applied every step). It also replays the guided outputs through
+fresh matchers to time the mask computation alone (the leader's work per guided row and step)
+beside the step time.
 
     python scripts/bench_grammar.py --json grammar.json
+    python scripts/bench_grammar.py --device cuda --model random:llama-3.1-8b --tokenizer smollm2 \
+        --batch 16 --max-tokens 128 --json grammar_gpu.json     # the issue's GPU figure (8B shape)
+
+`--tokenizer` gives the prompts and the grammar another tokenizer than the model's: a random preset's
+own is bytes-only (259 tokens), which would make the grammar's work unrealistically small; the
+SmolLM2 BPE vocabulary (49,152 tokens) runs inside the 8B shape's 128,256 logits (ids past it are
+never allowed).
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from disagg_mpi.api import ExecutorConfig, GuidedDecodingParams, Request, SamplingConfig
+from disagg_mpi.api import ExecutorConfig, GuidedDecodingParams, OutputConfig, Request, SamplingConfig
 from disagg_mpi.engine.executor import Executor
-from disagg_mpi.engine.grammar import Grammars, apply_masks, fill_masks
+from disagg_mpi.engine.grammar import Grammars
+from disagg_mpi.engine.grammar_masks import apply_masks, fill_masks
 from disagg_mpi.model.tokenizer import load_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -39,12 +48,14 @@ PEOPLE = ["Alice, 30, from Paris", "Bob, 41, from Berlin", "Chen, 25, from Shang
           "Emeka, 52, from Lagos", "Farah, 28, from Cairo", "Goran, 60, from Zagreb", "Hana, 19, from Kyoto"]
 
 
-def _requests(tok, n: int, max_tokens: int, guided: GuidedDecodingParams | None) -> list[Request]:
+def _requests(tok, n: int, max_tokens: int, guided: GuidedDecodingParams | None,
+              logprobs: int = 0) -> list[Request]:
     out = []
     for i in range(n):
         msgs = [{"role": "user", "content": f"Describe {PEOPLE[i % len(PEOPLE)]}, and their hobbies, as JSON."}]
+        extra = {"output_config": OutputConfig(return_log_probs=True), "num_logprobs": logprobs} if logprobs else {}
         out.append(Request(tok.encode(tok.apply_chat_template(msgs)), max_tokens, SamplingConfig(),
-                           ignore_eos=True, guided_decoding=guided))
+                           ignore_eos=True, guided_decoding=guided, **extra))
     return out
 
 
@@ -60,6 +71,11 @@ def _timed(ex: Executor, reqs: list[Request]) -> tuple[float, float, list[list[i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer spec of the prompts and the grammar "
+                    "(default: the model's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--logprobs", type=int, default=5, help="top alternatives of the logprobs runs (0: none)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=4)
@@ -69,15 +85,23 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok = load_tokenizer(args.model)
-    ex = Executor(args.model, ExecutorConfig(dtype="float32", max_batch_size=max(8, args.batch)))
+    tok = load_tokenizer(args.tokenizer or args.model)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    ex = Executor(args.model, ExecutorConfig(dtype=dtype, device=args.device, max_batch_size=max(8, args.batch)))
+    vocab = ex.model.config.vocab_size
+    if args.tokenizer:   # the grammar reads the prompts' tokenizer (ids past it: never allowed)
+        ex._engine.grammars = Grammars(lambda: tok, vocab)
     guided = GuidedDecodingParams("json_schema", json.dumps(SCHEMA))
-    _timed(ex, _requests(tok, args.batch, 4, guided))  # warm-up: the tokenizer's first build, caches
-    plain_s, guided_s, plain_cpu, guided_cpu, outputs = [], [], [], [], []
+    _timed(ex, _requests(tok, args.batch, 4, guided, args.logprobs))  # warm-up: tokenizer build, caches
+    _timed(ex, _requests(tok, args.batch, 4, None))
+    plain_s, guided_s, lp_s, plain_cpu, guided_cpu, outputs = [], [], [], [], [], []
     for _ in range(args.rounds):
         w, c, _ = _timed(ex, _requests(tok, args.batch, args.max_tokens, None))
         plain_s.append(round(w, 3))
         plain_cpu.append(round(c, 3))
+        if args.logprobs:
+            w, _, _ = _timed(ex, _requests(tok, args.batch, args.max_tokens, None, args.logprobs))
+            lp_s.append(round(w, 3))
         w, c, outputs = _timed(ex, _requests(tok, args.batch, args.max_tokens, guided))
         guided_s.append(round(w, 3))
         guided_cpu.append(round(c, 3))
@@ -90,7 +114,6 @@ def main() -> None:
             pass
 
     # The mask computation alone, replayed: each fresh matcher brought up to each output prefix.
-    vocab = ex.model.config.vocab_size
     grammars = Grammars(lambda: tok, vocab)
     states = [grammars.state(guided) for _ in outputs]
     t0 = time.perf_counter()
@@ -99,7 +122,7 @@ def main() -> None:
     mask_us = (time.perf_counter() - t0) / (args.max_tokens * len(outputs)) * 1e6
     # ... and its application on the sampling rank: a [batch, vocab] logits block, every row masked.
     masks = fill_masks(states, outputs, vocab)
-    logits = torch.randn(len(outputs), vocab)
+    logits = torch.randn(len(outputs), vocab, device=args.device)
     t0 = time.perf_counter()
     for _ in range(50):
         apply_masks(logits, list(range(len(outputs))), masks)
@@ -108,9 +131,12 @@ def main() -> None:
     tokens = args.batch * args.max_tokens
     # The fastest round of each: the one least disturbed by other jobs on the machine.
     plain, guid = min(plain_s), min(guided_s)
-    res = {"model": args.model, "batch": args.batch, "max_tokens": args.max_tokens, "rounds": args.rounds,
+    res = {"model": args.model, "tokenizer": args.tokenizer or args.model, "device": args.device, "dtype": dtype,
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "batch": args.batch, "max_tokens": args.max_tokens, "rounds": args.rounds,
            "plain_tok_s": round(tokens / plain, 1), "guided_tok_s": round(tokens / guid, 1),
            "guided_over_plain": round(plain / guid, 3),
+           "logprobs": args.logprobs, "logprobs_s": lp_s,
+           "logprobs_over_plain": round(plain / min(lp_s), 3) if lp_s else None,
            "guided_over_plain_cpu_time": round(statistics.median(plain_cpu) / statistics.median(guided_cpu), 3),
            "plain_s": plain_s, "guided_s": guided_s, "plain_cpu_s": plain_cpu, "guided_cpu_s": guided_cpu,
            "mask_us_per_row_step": round(mask_us, 1), "apply_ms_per_step": round(apply_ms, 2),

@@ -32,6 +32,7 @@
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
 #   (issue 23 still has to show, in one call: `scripts/gpu_session.sh tests serving shapes; RATES=4,8,16,24
 #    TAG=sweep scripts/gpu_session.sh serving`)
+#   grammar    scripts/bench_grammar.py on the 8B shape, batch 16: plain vs logprobs vs a JSON schema, same run
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
@@ -128,6 +129,9 @@ for s in "$@"; do
             --input-len 1024 --output-len 128 --request-rate "${RATES:-8}" --warmup 4 --no-progress \
             --slo-ttft-ms 500 --slo-tpot-ms 15 --out /tmp/serving/bench
         tar czf "$OUT/serving_$TAG.tgz" -C /tmp serving ;;
+    grammar)
+        stage grammar 240 python3 scripts/bench_grammar.py --device cuda --model random:llama-3.1-8b \
+            --tokenizer smollm2 --batch 16 --max-tokens 128 --rounds 3 --json "$OUT/grammar_$TAG.json" ;;
     control)
         stage control 120 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_control.py --json "$OUT/control_$TAG.json"
         stage codec 60 python3 scripts/bench_control.py --codec --json "$OUT/codec_$TAG.json" ;;
