@@ -114,7 +114,7 @@ for s in "$@"; do
         stage qwen3 200 python3 scripts/bench_engine.py --device cuda --model random:qwen3-8b \
             --batches "${QWEN3_BATCHES:-1,64}" --skip-hf --repeats 3 --json "$OUT/engine_qwen3_$TAG.json" ;;
     shapes)
-        for m in ${SHAPES:-llama-3.2-1b llama-3.2-3b llama-2-7b qwen2.5-7b}; do
+        for m in ${SHAPES:-llama-3.2-1b llama-3.2-3b llama-2-7b qwen2.5-7b qwen2.5-14b qwen2.5-0.5b}; do
             stage "shape-$m" 200 python3 scripts/bench_engine.py --device cuda --model "random:$m" \
                 --batches 1,64 --skip-hf --repeats 2 --json "/tmp/shape_$m.json"
         done

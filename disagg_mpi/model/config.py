@@ -245,6 +245,16 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
         max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
         bos_token_id=151643, eos_token_ids=[151645, 151643], architecture="qwen2"),
+    "qwen2.5-14b": ModelConfig(   # GQA 5, hidden 5120, 48 layers, q/k/v biases
+        vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48, num_heads=40,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
+        bos_token_id=151643, eos_token_ids=[151645, 151643], architecture="qwen2"),
+    "qwen2.5-0.5b": ModelConfig(   # head_dim 64, GQA 7, hidden 896, tied embeddings
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
+        bos_token_id=151643, eos_token_ids=[151645, 151643], architecture="qwen2"),
     # Qwen3 shapes (config.json of Qwen/Qwen3-8B and Qwen/Qwen3-30B-A3B): q/k norm, head_dim 128.
     "qwen3-8b": ModelConfig(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
