@@ -58,6 +58,7 @@ from .direct import ParkedGeneration
 from .grammar import guide_digest
 from .handoff_check import check_handoff, first_logprobs
 from .hold_cap import check_hold
+from .sample_groups import PullGroups
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
 
@@ -133,6 +134,8 @@ class Handoff:
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
         self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
         self.notify: dict[int, tuple[int, int]] = {}  # direct, context side: req -> (gen leader, its req id)
+        # parallel sampling (sample_groups.py): a group's members pull once
+        self.groups = PullGroups(scheduler, self.pending, self.quarantine, host, self._release_context, self._enqueue)
 
     @property
     def num_held(self) -> int:
@@ -170,7 +173,7 @@ class Handoff:
 
     def cancel(self, req_id: int) -> bool:
         """Cancel a request the hand-off holds (parked, pending or held); False if it holds none such."""
-        if self.direct.cancel(req_id):
+        if self.direct.cancel(req_id) or self.groups.cancel(req_id):
             return True
         p = self.pending.get(req_id)
         if p is not None:
@@ -218,7 +221,11 @@ class Handoff:
             self._release_context(opaque, seq.req_id)
             self.host.finish(seq)
             return
-        self.pending[seq.req_id] = p = _GenPending(seq, opaque, r.streaming, granted=granted_by is not None)
+        if not self.groups.follow(seq, opaque, r.streaming, granted_by is not None):
+            self._enqueue(seq, opaque, r.streaming, granted_by is not None)
+
+    def _enqueue(self, seq: Sequence, opaque: OpaqueState, streaming: bool, granted: bool) -> None:
+        self.pending[seq.req_id] = p = _GenPending(seq, opaque, streaming, granted=granted)
         if p.granted:  # use the grant now, or claim as usual once blocks are free (see above)
             p.granted = self._allocate(p)
 
@@ -420,6 +427,7 @@ class Handoff:
         if self.pending or self.quarantine:
             self._advance_pending()
             self._expire_transfers()
+        self.groups.tick()
         if self.held:
             self.expire_leases()
         self.direct.housekeeping()
