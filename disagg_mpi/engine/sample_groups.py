@@ -82,13 +82,13 @@ class PrefillGroups:
             self._of[seq.req_id] = key
             return True
         grp.arrived += 1
-        if grp.done or grp.leader.prompt_ids != seq.prompt_ids or grp.leader.keep_blocks != seq.keep_blocks:
-            return False
-        grp.followers.append(seq)
-        self._of[seq.req_id] = key
+        joins = not grp.done and grp.leader.prompt_ids == seq.prompt_ids and grp.leader.keep_blocks == seq.keep_blocks
+        if joins:
+            grp.followers.append(seq)
+            self._of[seq.req_id] = key
         if grp.arrived >= grp.count and not grp.scheduled:
             self._schedule(grp)
-        return True
+        return joins
 
     def on_step(self, step: Any) -> None:
         """Fork the followers of each leader whose last prompt chunk `step` computes into it."""
