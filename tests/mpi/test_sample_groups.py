@@ -105,3 +105,18 @@ def test_cancelled_member_ends_alone():
             if j != 1:
                 assert final[gid].error_msg is None and final[gid].result.output_token_ids == want[j]
         orch.wait_pools_full()
+
+
+@pytest.mark.world(5)
+def test_group_over_pipeline_stages_copies_on_every_rank():
+    """Context PP2 -> generation PP2: each stage's ranks fork (and copy) their own layers' blocks."""
+    from tests.mpi.helpers import disaggregated_vs_in_process
+
+    got = disaggregated_vs_in_process(lambda: _choices(True))
+    if got is None:
+        return
+    outs, local, _ = got
+    want = _alone()
+    assert [o.result.output_token_ids for o in outs] == want == [r.result.output_token_ids for r in local]
+    moved = [o.result.metrics.kv_transfer_bytes for o in outs]
+    assert sorted(moved)[:-1] == [0] * (N - 1) and max(moved) > 0, moved
