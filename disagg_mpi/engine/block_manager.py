@@ -110,8 +110,8 @@ class BlockManager:
 
         The full prompt blocks are shared by reference (never written again: positions below
         prompt_len). A partial last prompt block is copied (copy on write: each sequence writes its
-        own tokens after it), unless `share_tail` (the child never writes: a context-only request,
-        whose answer is its first token). Each copy's source holds one more reference until
+        own tokens after it), unless `share_tail`: the child never writes (a context-only request, whose
+        answer is its first token, as its parent's), and shares every block of the parent it needs. Each copy's source holds one more reference until
         `unpin`, and so does its destination: neither returns to the pool (and is written by someone
         else) before the copy ran, whatever happens to the two requests meanwhile. OutOfBlocksError:
         nothing was taken.
@@ -119,7 +119,7 @@ class BlockManager:
         if child in self._tables:
             raise ValueError(f"request {child} already holds blocks; free it first")
         table, bs = self._tables[parent], self.block_size
-        shared = table[: self.blocks_needed(prompt_len) if share_tail else prompt_len // bs]
+        shared = table[: self.blocks_needed(num_tokens) if share_tail else prompt_len // bs]
         fresh = max(0, self.blocks_needed(num_tokens) - len(shared))
         if fresh > self.num_free or len(table) < self.blocks_needed(prompt_len):
             raise OutOfBlocksError(f"request {child} needs {fresh} free blocks to fork request {parent}, "

@@ -89,22 +89,28 @@ def test_disaggregated_group_prefills_once_and_moves_its_kv_once(direct):
 
 @pytest.mark.world(3)
 def test_cancelled_member_ends_alone():
-    """One member cancelled as it starts: the others finish with their tokens; every block is freed."""
+    """A member cancelled as it starts (the first, whose prompt the others share, then another): the
+    others finish with their tokens; every block is freed."""
     want = _alone()
     with launch(tiny_topology(1, 1)) as orch:
         if orch is None:
             return
-        gids = orch.submit(_choices(True))
-        orch.cancel_request(gids[1])
-        final = {}
-        while len(final) < N:
-            for gid, resp in orch.await_responses(timeout=60):
-                if resp.is_final:
-                    final[gid] = resp
-        for j, gid in enumerate(gids):
-            if j != 1:
-                assert final[gid].error_msg is None and final[gid].result.output_token_ids == want[j]
+        for cancelled in (0, 1):
+            _cancel_one(orch, cancelled, want)
         orch.wait_pools_full()
+
+
+def _cancel_one(orch, cancelled: int, want: list[list[int]]) -> None:
+    gids = orch.submit(_choices(True))
+    orch.cancel_request(gids[cancelled])
+    final = {}
+    while len(final) < N:
+        for gid, resp in orch.await_responses(timeout=60):
+            if resp.is_final:
+                final[gid] = resp
+    for j, gid in enumerate(gids):
+        if j != cancelled:
+            assert final[gid].error_msg is None and final[gid].result.output_token_ids == want[j]
 
 
 @pytest.mark.world(5)

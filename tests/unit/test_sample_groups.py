@@ -54,6 +54,8 @@ def test_fork_of_a_context_only_request_shares_every_block_and_copies_nothing():
     assert bm.num_free == 13
     bm.free(2)
     bm.check_full()
+    parent = bm.allocate(1, 9)  # a prompt of two full blocks: the block of its first token is shared too
+    assert bm.fork(2, 1, 8, 9, share_tail=True) == [] and bm.block_table(2) == parent
 
 
 def test_fork_without_room_takes_nothing():
