@@ -193,10 +193,10 @@ class PullGroups:
         if seq.group is None or seq.group.count <= 1:
             return False
         grp = self._groups.get(seq.group.key)
-        if grp is None or self._state(grp.leader) == "gone":
+        if grp is None:
             self._groups[seq.group.key] = _Pulling(seq, opaque)
             return False
-        if grp.leader.prompt_ids != seq.prompt_ids or not same_kv(grp.opaque, opaque, len(seq.prompt_ids)):
+        if self._state(grp.leader) == "gone" or grp.leader.prompt_ids != seq.prompt_ids or not same_kv(grp.opaque, opaque, len(seq.prompt_ids)):
             return False
         grp.waiting.append(_Waiting(seq, opaque, streaming, granted))
         return True

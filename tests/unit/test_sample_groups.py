@@ -168,8 +168,83 @@ def test_http_n_and_best_of_make_one_group_per_prompt():
     assert parse_completion({"prompt": "ab"}, tok, ("m",), 1024).request.sample_group is None
 
 
-def test_admission_names_a_bad_group():
+def test_admission_names_a_bad_group_and_the_wire_keeps_a_good_one():
+    assert Request.from_dict(Request([1], sample_group=SampleGroup(2**62, 1, 3)).to_dict()).sample_group == \
+        SampleGroup(2**62, 1, 3)
     r = Request([1, 2], sample_group=SampleGroup(1, 3, 3))
     with pytest.raises(RequestError, match="sample_group.index=3") as err:
         check_request(r, ModelLimits(1024, 64))
     assert err.value.param == "sample_group"
+
+
+class _Host:
+    """The engine as PullGroups sees it: what it was asked to do."""
+
+    def __init__(self):
+        self.finished, self.streamed, self.m = [], [], {}
+
+    def finish(self, seq):
+        self.finished.append(seq.req_id)
+
+    def stream(self, seq, tokens):
+        self.streamed.append((seq.req_id, tokens))
+
+    def metrics(self, req_id):
+        from disagg_mpi.api import RequestMetrics
+
+        return self.m.setdefault(req_id, RequestMetrics())
+
+
+def _opaque(blocks=(5, 6, 7), ctx_req=1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(executor_id=0, prompt_digest=b"d", num_tokens=10, block_ids=blocks, ctx_req_id=ctx_req,
+                           cache_state=SimpleNamespace(block_size=4))
+
+
+def _pull_side(n=3):
+    from disagg_mpi.engine.sample_groups import PullGroups
+
+    sched = Scheduler(BlockManager(32, 4), max_batch_size=4, max_num_tokens=64)
+    pending, released, alone, host = {}, [], [], _Host()
+    groups = PullGroups(sched, pending, set(), host, lambda o, rid: released.append(rid),
+                        lambda seq, o, streaming, granted: alone.append(seq.req_id))
+    members = seqs(n)
+    for s in members:
+        s.output_ids, s.num_computed_tokens = [4], len(PROMPT)
+    return sched, groups, pending, released, alone, host, members
+
+
+def test_pulled_once_then_forked():
+    from types import SimpleNamespace
+
+    sched, groups, pending, released, alone, host, (a, b, c) = _pull_side()
+    assert not groups.follow(a, _opaque(), True, True)  # the first pulls
+    pending[a.req_id] = SimpleNamespace(cancelled=False)
+    assert groups.follow(b, _opaque(), True, True) and groups.follow(c, _opaque(), False, True)
+    groups.tick()
+    assert released == [] and not sched.has_work()  # the leader's pull is under way
+    del pending[a.req_id]  # it landed: the leader joins the batch with its blocks
+    sched.block_manager.allocate(a.req_id, a.max_total_tokens)
+    sched.add_prefilled(a)
+    groups.cancel(c.req_id)
+    groups.tick()
+    assert released == [c.req_id, b.req_id] and host.finished == [c.req_id] and alone == []
+    assert list(sched.ready) == [a, b] and b.fork_of == a.req_id
+    assert host.m[b.req_id].kv_transfer_bytes == 0 and host.m[b.req_id].kv_cached_tokens == len(PROMPT)
+    assert host.streamed == [(b.req_id, [4])]
+    lt, bt = sched.block_manager.block_table(a.req_id), sched.block_manager.block_table(b.req_id)
+    assert sched.copies == [(lt[2], bt[2])] and bt[:2] == lt[:2]
+
+
+def test_members_pull_alone_when_the_leader_is_gone_or_their_kv_differs():
+    from types import SimpleNamespace
+
+    sched, groups, pending, released, alone, _, (a, b, c) = _pull_side()
+    groups.follow(a, _opaque(), False, False)
+    pending[a.req_id] = SimpleNamespace(cancelled=False)
+    assert not groups.follow(c, _opaque(blocks=(5, 6, 9), ctx_req=3), False, False)  # other blocks: its own KV
+    assert groups.follow(b, _opaque(), False, False)
+    pending[a.req_id].cancelled = True  # the leader is cancelled while its pull is on the wire
+    groups.tick()
+    assert alone == [b.req_id] and released == [] and not sched.has_work()
