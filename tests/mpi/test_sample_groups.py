@@ -5,6 +5,7 @@ aggregated and disaggregated outputs are equal, token for token."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 import pytest
@@ -30,8 +31,9 @@ def _choices(grouped: bool, n: int = N, temperature: float = 0.8, seed: int = 99
                     sample_group=SampleGroup(key, j, n) if grouped else None) for j in range(n)]
 
 
+@functools.lru_cache(maxsize=1)
 def _alone() -> list[list[int]]:
-    """Today's outputs: each choice its own request (no group), in one in-process executor."""
+    """Today's outputs: each choice its own request (no group), in one in-process executor (rank 0)."""
     ex = Executor("random:tiny", ExecutorConfig(max_batch_size=16, max_num_tokens=256,
                                                 kv_cache_config=KvCacheConfig(4, 512)))
     return [r.result.output_token_ids for r in ex.generate(_choices(False))]
@@ -49,10 +51,10 @@ def _run(orch, requests) -> tuple[list, dict[int, int]]:
 @pytest.mark.world(3)
 def test_aggregated_group_prefills_once_on_one_executor():
     """Two aggregated executors (round robin): a group goes to one, computes its prompt once."""
-    want = _alone()
     with launch(tiny_topology(0, 2)) as orch:
         if orch is None:
             return
+        want = _alone()
         outs, computed = _run(orch, _choices(False))  # today's way: every choice prefills
         assert sum(computed.values()) == N * (len(PROMPT) + MAX_TOKENS - 1)
         assert [o.result.output_token_ids for o in outs] == want
@@ -71,11 +73,11 @@ def test_aggregated_group_prefills_once_on_one_executor():
 @pytest.mark.world(3)
 @pytest.mark.parametrize("direct", [True, False])
 def test_disaggregated_group_prefills_once_and_moves_its_kv_once(direct):
-    want = _alone()
     ctc = {"enable_cache_transceiver": True, "direct_handoff": direct}
     with launch(tiny_topology(1, 1, cache_transceiver_config=ctc)) as orch:
         if orch is None:
             return
+        want = _alone()
         outs, computed = _run(orch, _choices(True))
         assert [o.result.output_token_ids for o in outs] == want  # = aggregated, token for token
         assert computed == {0: len(PROMPT), 1: N * (MAX_TOKENS - 1)}, computed
@@ -91,12 +93,11 @@ def test_disaggregated_group_prefills_once_and_moves_its_kv_once(direct):
 def test_cancelled_member_ends_alone():
     """A member cancelled as it starts (the first, whose prompt the others share, then another): the
     others finish with their tokens; every block is freed."""
-    want = _alone()
     with launch(tiny_topology(1, 1)) as orch:
         if orch is None:
             return
         for cancelled in (0, 1):
-            _cancel_one(orch, cancelled, want)
+            _cancel_one(orch, cancelled, _alone())
         orch.wait_pools_full()
 
 
