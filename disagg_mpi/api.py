@@ -16,6 +16,7 @@ from typing import Any
 # The configuration records live in their own module; the API is one import.
 from .executor_config import CacheTransceiverConfig, CommType, ExecutorConfig, KvCacheConfig  # noqa: F401
 from .hops import Hop, check_hops
+from .sample_group import SampleGroup
 
 
 class RequestType(enum.IntEnum):
@@ -262,6 +263,7 @@ class Request:
     # length. Rank 0 sends it straight to a generation (or the aggregated) executor; see
     # engine/benchmark.py and docs/benchmarks.md.
     benchmark_generation_only: bool = False
+    sample_group: SampleGroup | None = None  # one of the n choices of a prompt (sample_group.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -292,7 +294,7 @@ class Request:
             num_prompt_logprobs=d.get("num_prompt_logprobs"),
             guided_decoding=GuidedDecodingParams.from_dict(d.get("guided_decoding")),
             benchmark_generation_only=bool(d.get("benchmark_generation_only", False)),
-        )
+            sample_group=SampleGroup.from_dict(d.get("sample_group")))
 
 
 @dataclass

@@ -100,13 +100,45 @@ class BlockManager:
         # Reverse order: a prefix's tail blocks become least recently used,
         # so eviction trims long prefixes before the shared heads.
         for block in reversed(table):
-            self._refcount[block] -= 1
-            assert self._refcount[block] >= 0, f"block {block} freed twice"
-            if self._refcount[block] == 0:
-                if block in self._block_hash:
-                    self._cached_free[block] = None
-                else:
-                    self._free.append(block)
+            self._drop(block)
+
+    def fork(self, child: int, parent: int, prompt_len: int, num_tokens: int,
+             share_tail: bool = False) -> list[tuple[int, int]]:
+        """Give `child` the KV of `parent`'s first `prompt_len` tokens (the same prompt, sampled again:
+        parallel sampling) and room for `num_tokens` tokens in all; returns the block copies
+        [(source, destination)] to make before the child's KV is written.
+
+        The full prompt blocks are shared by reference (never written again: positions below
+        prompt_len). A partial last prompt block is copied (copy on write: each sequence writes its
+        own tokens after it), unless `share_tail`: the child never writes (a context-only request, whose
+        answer is its first token, as its parent's), and shares every block of the parent it needs. Each copy's source holds one more reference until
+        `unpin`, and so does its destination: neither returns to the pool (and is written by someone
+        else) before the copy ran, whatever happens to the two requests meanwhile. OutOfBlocksError:
+        nothing was taken.
+        """
+        if child in self._tables:
+            raise ValueError(f"request {child} already holds blocks; free it first")
+        table, bs = self._tables[parent], self.block_size
+        shared = table[: self.blocks_needed(num_tokens) if share_tail else prompt_len // bs]
+        fresh = max(0, self.blocks_needed(num_tokens) - len(shared))
+        if fresh > self.num_free or len(table) < self.blocks_needed(prompt_len):
+            raise OutOfBlocksError(f"request {child} needs {fresh} free blocks to fork request {parent}, "
+                                   f"{self.num_free} of {self._num_blocks} are free")
+        for block in shared:
+            self._refcount[block] += 1
+        self._tables[child] = list(shared) + [self._take_block() for _ in range(fresh)]
+        self._req_hashes[child], self._num_cached[child] = [], 0
+        if share_tail or prompt_len % bs == 0:
+            return []
+        src, dst = table[len(shared)], self._tables[child][len(shared)]
+        self._refcount[src] += 1  # (pinned: see unpin)
+        self._refcount[dst] += 1
+        return [(src, dst)]
+
+    def unpin(self, blocks: Seq[int]) -> None:
+        """Drop the references `fork` took on its copies' blocks (the copies ran)."""
+        for block in blocks:
+            self._drop(block)
 
     def block_table(self, req_id: int) -> list[int]:
         return list(self._tables[req_id])
@@ -187,6 +219,15 @@ class BlockManager:
         # A matched block that sits in the cached-free set leaves the free count too.
         idle = sum(1 for b in matched if self._refcount[b] == 0)
         return self.blocks_needed(num_tokens) - len(matched) + idle
+
+    def _drop(self, block: int) -> None:
+        self._refcount[block] -= 1
+        assert self._refcount[block] >= 0, f"block {block} freed twice"
+        if self._refcount[block] == 0:
+            if block in self._block_hash:
+                self._cached_free[block] = None
+            else:
+                self._free.append(block)
 
     def _take_block(self) -> int:
         if self._free:

@@ -116,7 +116,9 @@ def unpack_views(dev: torch.Tensor, bp: int, block_size: int) -> tuple[torch.Ten
 
 def is_decode_only(inp) -> bool:
     q = inp.query_start_loc
-    return len(inp.input_ids) == len(inp.context_lens) and q[-1] == len(q) - 1 and len(inp.input_ids) > 0
+    # (a forked sequence samples a row it shares: more samples than rows is not a plain decode)
+    return (len(inp.input_ids) == len(inp.context_lens) and q[-1] == len(q) - 1 and len(inp.input_ids) > 0
+            and len(inp.sample_indices) <= len(inp.input_ids))
 
 
 class DecodeInputs:

@@ -57,7 +57,8 @@ from .block_manager import BlockManager
 from .direct import ParkedGeneration
 from .grammar import guide_digest
 from .handoff_check import check_handoff, first_logprobs
-from .hold_cap import check_hold
+from .hold_cap import check_client_hold, hold_stats
+from .sample_groups import PullGroups
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
 
@@ -133,6 +134,8 @@ class Handoff:
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
         self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
         self.notify: dict[int, tuple[int, int]] = {}  # direct, context side: req -> (gen leader, its req id)
+        # parallel sampling (sample_groups.py): a group's members pull once
+        self.groups = PullGroups(scheduler, self.pending, self.quarantine, host, self._release_context, self._enqueue)
 
     @property
     def num_held(self) -> int:
@@ -150,27 +153,15 @@ class Handoff:
                 + sum(p.seq.max_tokens for p in self.direct.parking.parked.values()))
 
     def check_client_hold(self, seq: Sequence) -> None:
-        """Refuse a context-only request held for a client (HTTP context_only) that would take client holds
-        past `max_held_fraction` of the pool (hold_cap.py); its blocks count from admission on."""
-        now, bm = time.monotonic(), self.blocks
-        waiting = [h for h in self.held.values() if h.seq.held_for_client and h.claimed_by is None and not h.released]
-        queued = [s for q in (self.scheduler.waiting, self.scheduler.running) for s in q if s.held_for_client]
-        holding = (sum(len(bm.block_table(h.seq.req_id)) for h in waiting)
-                   + sum(bm.blocks_needed(s.max_total_tokens) for s in queued))
-        check_hold(bm.blocks_needed(seq.max_total_tokens), holding, bm.num_blocks, self.config.max_held_fraction,
-                   [h.deadline - now for h in waiting])
+        """Refuse a client context_only request beyond `max_held_fraction` of the pool (hold_cap.py)."""
+        check_client_hold(seq, list(self.held.values()), self.scheduler, self.config.max_held_fraction)
 
     def hold_stats(self) -> dict[str, float]:
-        """Held contexts for /metrics: their blocks (all, and those held for clients) and the oldest one's age."""
-        now, bm = time.monotonic(), self.blocks
-        live = [h for h in self.held.values() if not h.released]
-        return {"held_blocks": sum(len(bm.block_table(h.seq.req_id)) for h in live),
-                "held_client_blocks": sum(len(bm.block_table(h.seq.req_id)) for h in live if h.seq.held_for_client),
-                "oldest_hold_s": max((now - h.since for h in live), default=0.0)}
+        return hold_stats(list(self.held.values()), self.blocks)
 
     def cancel(self, req_id: int) -> bool:
         """Cancel a request the hand-off holds (parked, pending or held); False if it holds none such."""
-        if self.direct.cancel(req_id):
+        if self.direct.cancel(req_id) or self.groups.cancel(req_id):
             return True
         p = self.pending.get(req_id)
         if p is not None:
@@ -218,7 +209,11 @@ class Handoff:
             self._release_context(opaque, seq.req_id)
             self.host.finish(seq)
             return
-        self.pending[seq.req_id] = p = _GenPending(seq, opaque, r.streaming, granted=granted_by is not None)
+        if not self.groups.follow(seq, opaque, r.streaming, granted_by is not None):
+            self._enqueue(seq, opaque, r.streaming, granted_by is not None)
+
+    def _enqueue(self, seq: Sequence, opaque: OpaqueState, streaming: bool, granted: bool) -> None:
+        self.pending[seq.req_id] = p = _GenPending(seq, opaque, streaming, granted=granted)
         if p.granted:  # use the grant now, or claim as usual once blocks are free (see above)
             p.granted = self._allocate(p)
 
@@ -420,6 +415,7 @@ class Handoff:
         if self.pending or self.quarantine:
             self._advance_pending()
             self._expire_transfers()
+        self.groups.tick()
         if self.held:
             self.expire_leases()
         self.direct.housekeeping()

@@ -16,7 +16,9 @@ or a lease frees; a refusal costs nothing and tells the client when to come back
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from typing import Any
 
 from ..api import RequestError
 
@@ -62,3 +64,28 @@ def retry_after(lease_ends_in: Iterable[float]) -> int:
     unless others take it first (a claim may free room sooner)."""
     soonest = min(lease_ends_in, default=1.0)
     return max(1, math.ceil(soonest))
+
+
+def check_client_hold(seq: Any, held: list[Any], scheduler: Any, fraction: float) -> None:
+    """`check_hold` for a client context_only request (`seq`), whose blocks count from admission on:
+    `held`, the executor's held contexts (handoff._Held); `scheduler`, its queued and running ones."""
+    now, bm = time.monotonic(), scheduler.block_manager
+    waiting = [h for h in held if h.seq.held_for_client and h.claimed_by is None and not h.released]
+    queued = [s for q in (scheduler.waiting, scheduler.running) for s in q if s.held_for_client]
+    holding = (sum(len(bm.block_table(h.seq.req_id)) for h in waiting)
+               + sum(bm.blocks_needed(s.max_total_tokens) for s in queued))
+    check_hold(bm.blocks_needed(seq.max_total_tokens), holding, bm.num_blocks, fraction,
+               [h.deadline - now for h in waiting])
+
+
+def hold_stats(held: list[Any], bm: Any) -> dict[str, float]:
+    """Held contexts for /metrics: their blocks (all, and those held for clients; a block the members of
+    a sample group share counts once) and the oldest one's age."""
+    now = time.monotonic()
+    live = [h for h in held if not h.released]
+
+    def blocks(hs: list[Any]) -> int:
+        return len({b for h in hs for b in bm.block_table(h.seq.req_id)})
+
+    return {"held_blocks": blocks(live), "held_client_blocks": blocks([h for h in live if h.seq.held_for_client]),
+            "oldest_hold_s": max((now - h.since for h in live), default=0.0)}

@@ -21,11 +21,9 @@ from typing import Any, Protocol
 
 from ..api import (
     DISAGG_NOT_ENABLED,
-    MAX_LOGPROBS,
     ContextPhaseParams,
     ExecutorConfig,
     FinishReason,
-    OutputConfig,
     Request,
     RequestError,
     RequestMetrics,
@@ -45,9 +43,10 @@ from .cuda_graphs import is_decode_only
 from .grammar import Grammars
 from .grammar_masks import fill_masks
 from .handoff import Handoff
-from .logprobs import NOT_ASKED, prompt_logprobs_k, prompt_rows
+from .logprobs import NOT_ASKED, logprobs_k, logprobs_plan, prompt_logprobs_k, prompt_rows
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
+from .sample_groups import PrefillGroups
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import SamplingParams, Sequence
 from .step_isolation import retry_alone
@@ -57,27 +56,6 @@ log = logging.getLogger(__name__)
 
 
 _as_int = as_int
-
-
-def _logprobs_k(r: Request) -> int:
-    """The request's top-alternatives count, or NOT_ASKED; RequestError unless in [0, MAX_LOGPROBS]."""
-    oc = r.output_config
-    if not isinstance(oc, OutputConfig) or not isinstance(oc.return_log_probs, bool):
-        raise RequestError("output_config must be an OutputConfig with return_log_probs true or false",
-                           "output_config")
-    if not oc.return_log_probs:
-        return NOT_ASKED
-    k = _as_int(r.num_logprobs)
-    if k is None or not 0 <= k <= MAX_LOGPROBS:
-        raise RequestError(f"num_logprobs={r.num_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]",
-                           "num_logprobs")
-    return k
-
-
-def _logprobs_plan(seqs: list[Sequence]) -> list[int]:
-    """StepPlan.logprobs: each row's k, or [] when no row asks (nothing is computed then)."""
-    ks = [s.num_logprobs for s in seqs]
-    return ks if any(k != NOT_ASKED for k in ks) else []
 
 
 def _param_of(err: Exception) -> str | None:
@@ -142,6 +120,7 @@ class LLMEngine:
         self._responses: deque[Response] = deque()
         self._seed_rng = random.Random()
         self.stats: dict[str, Any] = {"iterations": 0, "tokens": 0}
+        self.groups = PrefillGroups(self.scheduler, self.stats)  # parallel sampling (sample_groups.py)
         self._step_log = StepLog.open(executor_id)
         self._chains = bool(getattr(group, "chains_decode", False))
         self._predicted: list[int] | None = None  # request ids of the step predicted last
@@ -173,7 +152,8 @@ class LLMEngine:
                 if client_hold and seq.keep_blocks:
                     self.handoff.check_client_hold(seq)
                     seq.held_for_client = True
-                self.scheduler.add(seq)
+                if not self.groups.admit(seq):
+                    self.scheduler.add(seq)
                 if notify is not None:
                     self.handoff.notify[req_id] = (int(notify[0]), int(notify[1]))
         except (RequestError, RequestTooLargeError, ValueError, OpaqueStateError) as err:
@@ -228,9 +208,10 @@ class LLMEngine:
         if guided is not None:
             sampling = dataclasses.replace(sampling, guided=True)
         seq = Sequence(req_id, ids, max_tokens, sampling, set(stop_ids), self.eos, r.ignore_eos)
+        seq.group = getattr(r, "sample_group", None)
         if guided is not None:
             seq.grammar = self.grammars.state(guided)
-        seq.num_logprobs = _logprobs_k(r)
+        seq.num_logprobs = logprobs_k(r)
         if r.benchmark_generation_only:  # no context phase: decoding starts from a fixed first token
             seq.fake_context, seq.output_ids = True, [benchmark.fake_first_token(ids)]
         if rt != RequestType.REQUEST_TYPE_GENERATION_ONLY and not r.benchmark_generation_only:  # (the generation side computes no prompt)
@@ -261,7 +242,7 @@ class LLMEngine:
     # ---- steps -----------------------------------------------------------
 
     def step(self) -> None:
-        self.handoff.housekeeping()
+        self.housekeeping()
         # A step launched ahead (overlap.py) for exactly the running sequences is already on the
         # GPU: run it as predicted and admit newcomers in the step after, instead of dropping it.
         # They would have waited for it either way.
@@ -271,6 +252,7 @@ class LLMEngine:
         step = self.scheduler.schedule(admit=not ahead)
         if step.is_empty:
             return
+        self.groups.on_step(step)  # (members of a group sharing a prompt computed here join this step)
         by_id = {seq.req_id: seq for seq, _ in step.items}
         for seq in benchmark.first_steps(step.items, self._meta):  # streamed as they join the batch
             self._emit(seq, list(seq.output_ids), final=False)
@@ -311,7 +293,7 @@ class LLMEngine:
                         [by_id[r].sample_key() for r in inputs.sample_req_ids],
                         histories=[by_id[r].all_ids if by_id[r].sampling.needs_history else None
                                    for r in inputs.sample_req_ids],
-                        logprobs=_logprobs_plan([by_id[r] for r in inputs.sample_req_ids]),
+                        logprobs=logprobs_plan([by_id[r] for r in inputs.sample_req_ids]),
                         next_inputs=self._predict_next(step, inputs, sampling) if predict else None)
         rows = [i for i, r in enumerate(inputs.sample_req_ids) if by_id[r].grammar is not None]
         if rows:  # only the rows with a grammar cost a mask
@@ -401,7 +383,7 @@ class LLMEngine:
     def cancel(self, req_id: int) -> None:
         if self.handoff.cancel(req_id):
             return
-        seq = self.scheduler.abort(req_id)
+        seq = self.groups.cancel(req_id) or self.scheduler.abort(req_id)
         if seq is not None:
             self._finish(seq)
 
@@ -418,11 +400,12 @@ class LLMEngine:
 
     @property
     def busy(self) -> bool:
-        return self.scheduler.has_work() or self.handoff.num_pending > 0
+        return self.scheduler.has_work() or self.handoff.num_pending > 0 or self.groups.num_held > 0
 
     def housekeeping(self) -> None:
         """Timers and transfer completions; cheap, called every loop turn even when idle."""
         self.handoff.housekeeping()
+        self.groups.tick()
 
     # ---- HandoffHost: what the hand-off asks of the engine ------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..api import MAX_LOGPROBS, Request, RequestError, TokenLogprobs, as_int
+from ..api import MAX_LOGPROBS, OutputConfig, Request, RequestError, TokenLogprobs, as_int
 from .sequence import Sequence as Seq
 
 NOT_ASKED = -1  # StepPlan.logprobs value of a row that wants no logprobs
@@ -97,3 +97,24 @@ def prompt_rows(items: list[tuple[Seq, int]], query_start_loc: list[int]
             ks.append(seq.num_prompt_logprobs)
             owners.append(seq)
     return rows, targets, ks, owners
+
+
+def logprobs_k(r: Request) -> int:
+    """The request's top-alternatives count, or NOT_ASKED; RequestError unless in [0, MAX_LOGPROBS]."""
+    oc = r.output_config
+    if not isinstance(oc, OutputConfig) or not isinstance(oc.return_log_probs, bool):
+        raise RequestError("output_config must be an OutputConfig with return_log_probs true or false",
+                           "output_config")
+    if not oc.return_log_probs:
+        return NOT_ASKED
+    k = as_int(r.num_logprobs)
+    if k is None or not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(f"num_logprobs={r.num_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]",
+                           "num_logprobs")
+    return k
+
+
+def logprobs_plan(seqs: list[Seq]) -> list[int]:
+    """StepPlan.logprobs: each row's k, or [] when no row asks (nothing is computed then)."""
+    ks = [s.num_logprobs for s in seqs]
+    return ks if any(k != NOT_ASKED for k in ks) else []

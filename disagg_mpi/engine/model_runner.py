@@ -254,6 +254,9 @@ class ModelRunner:
         """Run the step; the leader gets the sampled tokens (and logprobs), other ranks None."""
         par = self.par
         inp = plan.inputs
+        if inp.block_copies:  # parallel sampling: forked sequences' own last prompt blocks (scheduler.fork)
+            src, dst = zip(*inp.block_copies)  # (a gathered copy first: a block may be both a source and a target)
+            self.kv_pool.index_copy_(0, self._tensor(list(dst)), self.kv_pool.index_select(0, self._tensor(list(src))))
         n = len(inp.input_ids)
         decode = self.fast_decode and is_decode_only(inp)
         chained = self._take_chained(inp)

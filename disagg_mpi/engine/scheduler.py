@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from disagg_mpi.engine.block_manager import BlockManager
+from disagg_mpi.engine.block_manager import BlockManager, OutOfBlocksError
 from disagg_mpi.engine.sequence import Sequence, SequenceStatus
 
 # Bounds on passing a waiting request that does not fit (process knobs DISAGG_MAX_BYPASS and
@@ -90,6 +90,8 @@ class StepInputs:
     block_tables: list[list[int]]  # padded with -1 to the longest table
     sample_indices: list[int]  # flat index of the last token of each sampling sequence
     sample_req_ids: list[int]
+    # [source, destination] block copies to make before the step writes any KV (BlockManager.fork)
+    block_copies: list[list[int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -116,10 +118,22 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # need blocks; FCFS, but see may_pass
         self.ready: deque[Sequence] = deque()  # KV already present, need a batch slot only
         self.running: list[Sequence] = []  # hold blocks; at most max_batch_size
+        # Parallel sampling (fork): block copies the next step makes first, those the step being
+        # computed made (unpinned by update), and those due once the step being computed wrote them.
+        self.copies: list[tuple[int, int]] = []
+        self._ran_copies: list[tuple[int, int]] = []
+        self._forked: list[tuple[int, int]] = []
 
     # ---- queues ----------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        self._check_new(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """RequestTooLargeError unless the request fits the pool when it is empty."""
         bm = self.block_manager
         needed = bm.blocks_needed(seq.max_total_tokens)
         if needed > bm.num_blocks:
@@ -134,9 +148,29 @@ class Scheduler:
                 "executor more KV blocks",
                 "input_token_ids" if seq.keep_blocks else "max_tokens",
             )
-        self._check_new(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+
+    def fork(self, seq: Sequence, leader: Sequence, step: ScheduledStep | None = None) -> bool:
+        """Parallel sampling: `seq` shares the prompt KV of `leader` (the same prompt) instead of
+        computing it (BlockManager.fork). With `step`, which computes the leader's last prompt chunk:
+        it joins that step computing nothing, and samples its first token from the leader's row.
+        Without (a generation-only request whose leader's KV landed; its first token is known): it is
+        queued as prefilled. False, with nothing changed: no room (the caller runs it alone)."""
+        if step is not None and len(self.running) >= self.max_batch_size:
+            return False
+        try:
+            copies = self.block_manager.fork(seq.req_id, leader.req_id, seq.num_prompt_tokens,
+                                             seq.max_total_tokens, share_tail=seq.keep_blocks)
+        except OutOfBlocksError:
+            return False
+        seq.fork_of, seq.num_computed_tokens = leader.req_id, seq.num_prompt_tokens
+        if step is None:
+            self.copies += copies  # (the leader's KV is in: copied before the next step writes)
+            self.add_prefilled(seq)
+        else:
+            self._forked += copies  # (this step writes the leader's last prompt block: the next copies it)
+            self._start(seq)
+            step.items.append((seq, 0))
+        return True
 
     def add_prefilled(self, seq: Sequence) -> None:
         """Queue a generation-only sequence whose prompt KV is already in its blocks.
@@ -253,6 +287,9 @@ class Scheduler:
         """
         finished = []
         bm = self.block_manager
+        bm.unpin([b for copy in self._ran_copies for b in copy])
+        self.copies = [c for c in self.copies if c not in self._ran_copies] + self._forked
+        self._ran_copies, self._forked = [], []
         for seq, n in step.items:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted between schedule() and update()
@@ -276,8 +313,14 @@ class Scheduler:
 
     def make_step_inputs(self, step: ScheduledStep) -> StepInputs:
         bs = self.block_manager.block_size
-        out = StepInputs([], [], [], [0], [], [], [], [])
+        out = StepInputs([], [], [], [0], [], [], [], [], [list(c) for c in self.copies])
+        self._ran_copies = list(self.copies)
+        rows: dict[int, int] = {}  # req_id -> its sampled row
         for seq, n in step.items:
+            if n == 0:  # forked this step (fork): computes nothing, samples its leader's row
+                out.sample_indices.append(rows[seq.fork_of])
+                out.sample_req_ids.append(seq.req_id)
+                continue
             start = seq.num_computed_tokens
             table = self.block_manager.block_table(seq.req_id)
             assert len(table) * bs >= start + n, f"request {seq.req_id}: blocks too few"
@@ -291,6 +334,7 @@ class Scheduler:
             if start + n == seq.num_tokens:
                 out.sample_indices.append(out.query_start_loc[-1] - 1)
                 out.sample_req_ids.append(seq.req_id)
+                rows[seq.req_id] = out.sample_indices[-1]
         width = max((len(t) for t in out.block_tables), default=0)
         out.block_tables = [t + [-1] * (width - len(t)) for t in out.block_tables]
         return out

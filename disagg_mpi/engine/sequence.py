@@ -169,6 +169,10 @@ class Sequence:
     # A generation-only benchmark request (engine/benchmark.py): the prompt's KV is reserved, never
     # computed, and its blocks never enter the prefix cache.
     fake_context: bool = False
+    # Parallel sampling (sample_groups.py): the request's sample_group.SampleGroup, and, once it shares
+    # the prompt's KV of another member, that member's req_id (its first token comes from that row).
+    group: Any = None
+    fork_of: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -21,14 +21,18 @@ def retry_alone(step: ScheduledStep, run: Callable[[ScheduledStep], dict[int, in
                 ) -> tuple[ScheduledStep, dict[int, int], dict[int, Exception]]:
     """Run each item of `step` alone with `run` (a one-item step -> {req_id: token}).
 
+    A sequence forked in this step runs with the one whose row it samples (scheduler.fork).
     Returns the step of those that ran, their sampled tokens, and {req_id: error} of those that raised.
     """
     survivors, sampled, failed = ScheduledStep(), {}, {}
-    for item in step.items:
+    units: dict[int, list] = {}  # a sequence forked this step (n = 0) samples its leader's row: they go together
+    for seq, n in step.items:
+        units.setdefault(seq.fork_of if n == 0 and seq.fork_of is not None else seq.req_id, []).append((seq, n))
+    for unit in units.values():
         try:
-            sampled.update(run(ScheduledStep([item])))
+            sampled.update(run(ScheduledStep(unit)))
         except Exception as err:  # noqa: BLE001 - whatever it is, it is this request's alone
-            failed[item[0].req_id] = err
+            failed.update((seq.req_id, err) for seq, _ in unit)
         else:
-            survivors.items.append(item)
+            survivors.items.extend(unit)
     return survivors, sampled, failed

@@ -30,6 +30,7 @@ from ..api import (
 )
 from ..engine import benchmark
 from ..engine.grammar import grammar_of
+from ..sample_group import SampleGroup
 
 INT63 = 2**63  # ids, seeds and top_k are signed 64-bit on the wire and in torch
 
@@ -142,6 +143,14 @@ def check_request(r: Any, limits: ModelLimits, generation_only: bool | None = No
     benchmark.check_request(r)  # a generation-only benchmark request: nothing of a context phase
     if r.guided_decoding is not None:
         grammar_of(r.guided_decoding)  # a schema that cannot compile is refused here, not on an executor
+    group = getattr(r, "sample_group", None)
+    if group is not None:
+        if not isinstance(group, SampleGroup):
+            raise RequestError(f"sample_group={_shown(group)} must be a SampleGroup or None", "sample_group")
+        try:
+            group.check()
+        except ValueError as err:
+            raise RequestError(str(err), "sample_group") from None
     if generation_only is None:
         generation_only = r.request_type == RequestType.REQUEST_TYPE_GENERATION_ONLY
     if generation_only:

@@ -44,6 +44,7 @@ from ..runtime.comms import Backoff, Comms, recv_ready, send
 from .admission import admitted, model_limits
 from .prefix_index import PrefixIndex
 from .router import Router, direct_handoff, run_locally
+from .sample_routes import SampleRoutes
 from .tracks import CONTEXT, GENERATION, Flow, Track, Tracks
 
 
@@ -56,6 +57,7 @@ class DisaggOrchestrator:
         self.generation_ids = list(range(n_ctx, len(topo.executors)))
         self.leaders = {i: e.participant_ids[0] for i, e in enumerate(topo.executors)}
         self.router = Router(topo.router.policy)
+        self.groups = SampleRoutes()
         self.load: dict[int, int] = {i: 0 for i in self.leaders}
         self.free_blocks: dict[int, int] = {}
         self.devices: dict[int, str] = {}
@@ -76,12 +78,12 @@ class DisaggOrchestrator:
 
     # ---- enqueue ---------------------------------------------------------
 
-    def _route(self, candidates: list[int], select: int | None, what: str,
-               tokens: Sequence[int] = ()) -> int:
-        if select is None:
-            cached = ({e: self.prefix[e].cached_tokens(tokens) for e in candidates}
+    def _route(self, candidates: list[int], select: int | None, what: str, r: Request) -> int:
+        if select is None:  # (the members of a sample group go where the first went: sample_routes.py)
+            cached = ({e: self.prefix[e].cached_tokens(r.input_token_ids) for e in candidates}
                       if self.router.policy == "kv_aware" else None)
-            return self.router.pick(candidates, self.load, cached)
+            return self.groups.pick(r.sample_group, what, candidates,
+                                    lambda: self.router.pick(candidates, self.load, cached))
         if select not in candidates:
             raise ValueError(f"select_{what}_id={select} is not a {what} executor; allowed: {candidates}")
         return select
@@ -124,14 +126,14 @@ class DisaggOrchestrator:
 
     def _start_one_phase(self, r: Request, request_type: RequestType, select_id: int | None) -> int:
         """An admitted request that runs where it decodes: aggregated, or a client's generation-only."""
-        ex = self._route(self.generation_ids, select_id, "gen", r.input_token_ids)
+        ex = self._route(self.generation_ids, select_id, "gen", r)
         r.request_type = request_type
         gid = self._new(r, Flow.AUTO)
         self._dispatch_new(gid, r, ex, GENERATION)
         return gid
 
     def _start_context(self, r: Request, select_id: int | None, flow: Flow) -> int:
-        ex = self._route(self.context_ids or self.generation_ids, select_id, "context", r.input_token_ids)
+        ex = self._route(self.context_ids or self.generation_ids, select_id, "context", r)
         r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
         gid = self._new(r, flow)
         self._dispatch_new(gid, r, ex, CONTEXT)
@@ -140,7 +142,7 @@ class DisaggOrchestrator:
     def _start_direct(self, r: Request, gen: int) -> int:
         """Flow.AUTO with the direct hand-off: the generation phase is parked on `gen` first (so its
         context's notice rarely comes before it), then the context phase names it."""
-        ctx = self._route(self.context_ids, None, "context", r.input_token_ids)
+        ctx = self._route(self.context_ids, None, "context", r)
         r.request_type = RequestType.REQUEST_TYPE_CONTEXT_ONLY
         gid = self._new(r, Flow.AUTO)
         gen_req = dataclasses.replace(r, request_type=RequestType.REQUEST_TYPE_GENERATION_ONLY)
@@ -164,7 +166,7 @@ class DisaggOrchestrator:
         """The generation phase of a tracked request (`r` admitted, its params attached)."""
         r.request_type = RequestType.REQUEST_TYPE_GENERATION_ONLY
         self.tracks.get(gid).request = r
-        self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r.input_token_ids), GENERATION)
+        self._dispatch(gid, r, self._route(self.generation_ids, select_id, "gen", r), GENERATION)
 
     def enqueue_requests(self, requests: Sequence[Request], select_id: int | None = None) -> list[int]:
         """Aggregated serving: each request runs both phases on one executor."""
@@ -208,7 +210,7 @@ class DisaggOrchestrator:
             if r.benchmark_generation_only:  # no context to compute: straight to where it decodes
                 gids.append(self._start_one_phase(r, aggregated, None))
                 continue
-            gen = self._route(self.generation_ids, None, "gen", r.input_token_ids) if limit > 0 or self.direct else -1
+            gen = self._route(self.generation_ids, None, "gen", r) if limit > 0 or self.direct else -1
             if limit > 0 and run_locally(len(r.input_token_ids), self.prefix[gen].cached_tokens(r.input_token_ids),
                                          limit):
                 gids.append(self._start_one_phase(r, aggregated, gen))

@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..api import ContextPhaseParams, OutputConfig, Request, RequestError, SamplingConfig
 from ..orchestrator.admission import ModelLimits, check_request
+from ..sample_group import SampleGroup
 from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
 from .sampling_fields import extras, logprob_fields, response_format, stop_fields
 
@@ -325,12 +327,14 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
     guided = response_format(body)
     best_of = _best_of(body, n, len(prompts), stream, mode) if kind == "completion" else 1
     per = max(n, best_of)
+    keys = [secrets.randbits(63) for _ in prompts]  # the executors compute each prompt once (sample_group.py)
     reqs = [Request(list(ids), max(mt, 1), dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
                     context_phase_params=cpp, stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                     stop_words=list(stop_words), include_stop_str_in_output=include_stop,
                     output_config=OutputConfig(return_log_probs=k is not None or best_of > 1), num_logprobs=k or 0,
-                    num_prompt_logprobs=prompt_k, guided_decoding=guided, benchmark_generation_only=fake_context)
-            for ids in prompts for j in range(per)]
+                    num_prompt_logprobs=prompt_k, guided_decoding=guided, benchmark_generation_only=fake_context,
+                    sample_group=SampleGroup(keys[i], j, per) if per > 1 else None)
+            for i, ids in enumerate(prompts) for j in range(per)]
     prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
     echoes = [e for e in (echo or [""] * len(prompts)) for _ in range(per)]
     return ParsedRequest(kind, reqs[0], stream, include_usage, mode, model, prefix + uuid.uuid4().hex,
