@@ -14,6 +14,7 @@ from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
 from disagg_mpi.model.moe import SparseMoE
+from disagg_mpi.model.moe_grouped import grouped_mm_ok
 from disagg_mpi.model.parallel import (
     ShardSpec,
     check_gqa_consistent,
@@ -159,12 +160,12 @@ def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, ffn_local: int, shard: ShardSpec,
-                 expert_ffn_local: int | None = None):
+                 expert_ffn_local: int | None = None, expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, n_q, n_kv, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (SparseMoE(cfg, expert_ffn_local, shard) if expert_ffn_local is not None
+        self.mlp = (SparseMoE(cfg, expert_ffn_local, shard, expert_range) if expert_ffn_local is not None
                     else MLP(cfg, ffn_local, shard))
 
     def forward(self, h, cos, sin, pool, local_layer, idx):
@@ -199,6 +200,8 @@ class LlamaModel(nn.Module):
         self.ffn_range = (shard.tp_rank * ffn, (shard.tp_rank + 1) * ffn)
         eff = cfg.moe_intermediate_size // tp
         self.expert_ffn_range = (shard.tp_rank * eff, (shard.tp_rank + 1) * eff)
+        # The routed experts this rank holds, stacked [E_local, ...] (expert parallelism narrows it).
+        self.expert_range = (0, cfg.num_experts)
         sff = cfg.shared_expert_intermediate_size // tp
         self.shared_ffn_range = (shard.tp_rank * sff, (shard.tp_rank + 1) * sff)
         n_q = self.q_heads[1] - self.q_heads[0]
@@ -210,7 +213,8 @@ class LlamaModel(nn.Module):
         if self.is_first:
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard, eff if cfg.is_moe_layer(i) else None)
+            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard, eff if cfg.is_moe_layer(i) else None,
+                                 self.expert_range)
             for i in range(self.layer_start, self.layer_end)})
         if self.is_last:
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -294,11 +298,13 @@ class LlamaModel(nn.Module):
 
     def supports_fast_decode(self) -> bool:
         """The Triton decode kernels handle this model: power-of-two head_dim, full attention
-        (their decode kernel has no sliding window: such a model runs the torch attention), dense
-        (the MoE expert loop reads routing on the host: no CUDA graph)."""
+        (their decode kernel has no sliding window: such a model runs the torch attention), and dense
+        or MoE with the grouped expert GEMMs on this device and dtype (the expert loop reads routing
+        on the host: no CUDA graph)."""
         d = self.config.head_dim
         cfg = self.config
-        return d >= 16 and d & (d - 1) == 0 and cfg.sliding_window is None and cfg.num_experts == 0
+        moe_ok = cfg.num_experts == 0 or grouped_mm_ok(self.device, self.dtype)
+        return d >= 16 and d & (d - 1) == 0 and cfg.sliding_window is None and moe_ok
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
