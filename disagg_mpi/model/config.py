@@ -12,6 +12,7 @@ from disagg_mpi.model.families import (
     QKV_BIAS_ALWAYS,
     check_hf_options,
     gguf_family,
+    gguf_moe_fields,
     hf_family,
     moe_fields,
     qkv_bias,
@@ -148,10 +149,12 @@ class ModelConfig:
         if get(f"{arch}.rope.scaling.type") in ("llama3",):  # rarely written; llama.cpp bakes rope_freqs
             scaling = {"rope_type": "llama3", "factor": float(get(f"{arch}.rope.scaling.factor", 8.0))}
         eos = get("tokenizer.ggml.eos_token_id", 2)
+        n_layers = int(get(f"{arch}.block_count"))
+        family, moe = gguf_moe_fields(get, arch, family, names, n_layers)
         return cls(
             vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get(f"{arch}.feed_forward_length")),
-            num_layers=int(get(f"{arch}.block_count")), num_heads=heads,
+            intermediate_size=int(get(f"{arch}.feed_forward_length", 0) or 0),   # (0: an MoE without one)
+            num_layers=n_layers, num_heads=heads,
             num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
             head_dim=int(head_dim), rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
@@ -161,7 +164,7 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
-            architecture=family, qk_norm=family in QK_NORM,
+            architecture=family, qk_norm=family in QK_NORM, **moe,
         ).checked()
 
     def replace(self, **kw: Any) -> ModelConfig:
