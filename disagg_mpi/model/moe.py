@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.moe_grouped import grouped_experts, grouped_mm_ok
 from disagg_mpi.model.parallel import ShardSpec
 
@@ -70,6 +71,14 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tens
     return weights, ids
 
 
+def route_renormalized(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(..., normalize=True)` in two kernels: the top-k of the logits (softmax keeps their
+    order), then a softmax over those k alone (exp(l_i) / sum of the k exps is the renormalized
+    probability). Equal up to fp32 rounding; the grouped path's (a decode step is launch-bound)."""
+    vals, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(vals.float(), dim=-1), ids
+
+
 class SparseMoE(nn.Module):
     def __init__(self, cfg, ffn_local: int, shard: ShardSpec, expert_range: tuple[int, int] | None = None):
         super().__init__()
@@ -85,12 +94,18 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)   # replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.normalize)
+        grouped = grouped_mm_ok(x.device, x.dtype)
+        if grouped and self.normalize:
+            weights, ids = route_renormalized(self.gate(x), self.top_k)
+        else:
+            weights, ids = route(self.gate(x), self.top_k, self.normalize)
         if self.round_weights:
             weights = weights.to(x.dtype)
         ex, start = self.experts, self.expert_range[0]
-        if grouped_mm_ok(x.device, x.dtype):
-            out = grouped_experts(x, weights, ids, ex.gate_up_proj, ex.down_proj, start, self.num_experts)
+        if grouped:
+            silu_mul = tk.silu_mul if tk.available(x.device) else None
+            out = grouped_experts(x, weights, ids, ex.gate_up_proj, ex.down_proj, start, self.num_experts,
+                                  silu_mul)
         else:
             out = ex.loop(x, weights, ids, start)
         if hasattr(self, "shared_expert"):   # sigmoid gate of the whole x: the same on every TP rank

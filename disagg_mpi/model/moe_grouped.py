@@ -17,6 +17,7 @@ torch's kernel runs for every float dtype: tests check this module's math there.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -49,13 +50,20 @@ def sort_by_expert(ids: torch.Tensor, start: int, num_local: int, all_local: boo
     `ids - start`; pairs outside [0, num_local) get the sentinel num_local and sort last
     (`all_local`: the rank holds every expert, nothing to mask)."""
     k = ids.shape[1]
-    local = ids.reshape(-1) - start
+    local = ids.reshape(-1)
     if not all_local:
+        local = local - start
         local = torch.where((local >= 0) & (local < num_local), local, num_local)
     local, perm = torch.sort(local, stable=True)   # stable: within an expert, tokens in order
-    bounds = torch.arange(1, num_local + 1, device=ids.device, dtype=local.dtype)
-    offs = torch.searchsorted(local, bounds, out_int32=True)   # rows with id < e + 1
+    offs = torch.searchsorted(local, _bounds(local.device, local.dtype, num_local), out_int32=True)
     return ExpertSort(perm, perm // k, offs, local)
+
+
+@lru_cache(maxsize=16)
+def _bounds(device: torch.device, dtype: torch.dtype, num_local: int) -> torch.Tensor:
+    """1..E_local: searchsorted of e + 1 counts the rows of experts <= e. Made once (a decode step
+    is launch-bound: every kernel saved counts), in the warm-up before any graph capture."""
+    return torch.arange(1, num_local + 1, device=device, dtype=dtype)
 
 
 def expert_ffn(x: torch.Tensor, s: ExpertSort, gate_up: torch.Tensor, down: torch.Tensor,
@@ -72,17 +80,17 @@ def expert_ffn(x: torch.Tensor, s: ExpertSort, gate_up: torch.Tensor, down: torc
 def combine(y: torch.Tensor, s: ExpertSort, weights: torch.Tensor, num_local: int,
             all_local: bool) -> torch.Tensor:
     """Each token's routing-weighted sum of its k rows of `y` (sorted order) -> [N, H] in y's dtype.
-    The k products add in fp32 then round once (transformers adds into the output dtype)."""
+    The weights round to y's dtype (Mixtral's stay fp32 in transformers: a bf16-rounding apart); the
+    k products add in fp32 then round once (transformers adds into the output dtype)."""
     n, k = weights.shape
     rows = torch.empty_like(y)
     rows[s.perm] = y   # back to (token, slot) order
-    w = weights.reshape(-1, 1).float()
     if not all_local:   # rows of other ranks' experts were never written: may hold NaN
         mask = torch.empty_like(s.local)
         mask[s.perm] = s.local
         rows = torch.where((mask < num_local)[:, None], rows, 0)
-    out = (rows.float() * w).view(n, k, -1).sum(dim=1)
-    return out.to(y.dtype)
+    # [n, 1, k] @ [n, k, H]: the weighted sum in one batched GEMM (fp32 accumulation inside)
+    return torch.bmm(weights.to(y.dtype).view(n, 1, k), rows.view(n, k, -1)).view(n, -1)
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
