@@ -212,6 +212,12 @@ PRESETS: dict[str, ModelConfig] = {
                         num_heads=8, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                         max_position_embeddings=2048, tie_word_embeddings=False,
                         bos_token_id=1, eos_token_ids=[2]),
+    # Qwen3-MoE in miniature (8 experts, 2 active): the MoE paths and scripts on any machine.
+    "tiny-moe": ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=4,
+                            num_heads=8, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                            max_position_embeddings=2048, bos_token_id=1, eos_token_ids=[2],
+                            architecture="qwen3_moe", qk_norm=True, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=64, norm_topk_prob=True),
     "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                            num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
                            max_position_embeddings=8192, tie_word_embeddings=True,
