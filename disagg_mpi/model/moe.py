@@ -76,7 +76,7 @@ def route_renormalized(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, 
     order), then a softmax over those k alone (exp(l_i) / sum of the k exps is the renormalized
     probability). Equal up to fp32 rounding; the grouped path's (a decode step is launch-bound)."""
     vals, ids = torch.topk(logits, top_k, dim=-1)
-    return torch.softmax(vals.float(), dim=-1), ids
+    return torch.softmax(vals, dim=-1, dtype=torch.float32), ids
 
 
 class SparseMoE(nn.Module):

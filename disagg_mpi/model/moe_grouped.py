@@ -30,7 +30,12 @@ def grouped_mm_ok(device: torch.device | str, dtype: torch.dtype) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return _capability_major(device.index) in (9, 10)
+
+
+@lru_cache(maxsize=16)
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
