@@ -99,7 +99,7 @@ class SparseMoE(nn.Module):
             weights, ids = route_renormalized(self.gate(x), self.top_k)
         else:
             weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        if self.round_weights:
+        if self.round_weights and not grouped:   # (the grouped combine rounds them to x's dtype itself)
             weights = weights.to(x.dtype)
         ex, start = self.experts, self.expert_range[0]
         if grouped:
