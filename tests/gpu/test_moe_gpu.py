@@ -146,3 +146,17 @@ def test_qwen3_moe_bf16_graphs_follow_transformers_on_gpu():
         assert deficit.max().item() <= 0.25, (p, t, deficit.tolist())
         exact += int((step.argmax(-1).cpu() == torch.tensor(t)).sum())
     assert exact >= 0.75 * NEW * len(PROMPTS)
+
+
+def test_qwen3_qk_norm_in_graphs_fp32_equals_transformers_on_gpu():
+    """The fast decode path's Qwen3 q/k norms (Triton, one row per head) in CUDA graphs, fp32, on a
+    dense Qwen3: transformers' greedy tokens exactly (the MoE test above runs them in bf16)."""
+    from tests.gpu.test_decode_graphs import generate
+    from tests.hf_folder import family_checkpoint
+
+    folder = family_checkpoint("qwen3")
+    model = load_model(str(folder), dtype=torch.float32, device="cuda")
+    assert model.config.qk_norm and model.supports_fast_decode()
+    ours, graphs = generate(model, "graphs", PROMPTS, 12)
+    assert graphs, "no CUDA graph replayed"
+    assert ours == _hf_greedy(folder, PROMPTS, 12)
