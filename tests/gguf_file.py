@@ -87,6 +87,8 @@ def _tensors(cfg, sd, expert_qtype):
         if expert is not None:
             stacks.setdefault(gname, {})[expert] = arr
             continue
+        if gname.endswith(".ffn_gate_inp_shexp.weight"):
+            arr = arr.reshape(-1)   # llama.cpp's Qwen2-MoE shared-expert gate is a vector [H]
         if cfg.architecture == "mixtral" and (".attn_q." in gname or ".attn_k." in gname):
             arr = _permute(arr, cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads)
         yield gname, arr, None
