@@ -74,9 +74,10 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tens
 def route_renormalized(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`route(..., normalize=True)` in two kernels: the top-k of the logits (softmax keeps their
     order), then a softmax over those k alone (exp(l_i) / sum of the k exps is the renormalized
-    probability). Equal up to fp32 rounding; the grouped path's (a decode step is launch-bound)."""
+    probability), in the logits' dtype (torch accumulates a bf16 softmax in fp32 and rounds once, as
+    Qwen3-MoE's cast of the fp32 weights does). The grouped path's: a decode step is launch-bound."""
     vals, ids = torch.topk(logits, top_k, dim=-1)
-    return torch.softmax(vals, dim=-1, dtype=torch.float32), ids
+    return torch.softmax(vals, dim=-1), ids
 
 
 class SparseMoE(nn.Module):
