@@ -2,21 +2,27 @@
 """Throughput of this engine (in-process Executor) vs transformers `generate`, in one run.
 
 Both run the same prompts (random token ids, fixed seed) on the same weights:
-the transformers LlamaForCausalLM is built from our ModelConfig (`LlamaConfig`)
-and shares our model's tensors, so nothing is loaded twice and the weights are
-identical by construction. EOS is ignored on both sides, so every request makes
-exactly `--new-tokens` tokens.
+the transformers model of the family (LlamaForCausalLM, Qwen3MoeForCausalLM, ...)
+is built from our ModelConfig (`to_hf_dict`) and shares our model's tensors
+(MoE experts included: both store them stacked under the same names), so nothing
+is loaded twice and the weights are identical by construction. EOS is ignored on
+both sides, so every request makes exactly `--new-tokens` tokens.
 
 CPU defaults (a few minutes on 2 cores):
     python scripts/bench_engine.py                       # smollm2, fp32, batch 1 and 8
 GPU:
     python scripts/bench_engine.py --device cuda         # random:llama-3.1-8b, bf16, batch 1 and 64
+    python scripts/bench_engine.py --device cuda --model random:qwen3-30b-a3b --batches 1,64   # MoE, ~61 GB
 
 Reported per batch size and engine: end-to-end output tokens/s (prefill included),
 the decode step time (from a run with 1 new token subtracted), and the ratio
 engine / transformers. On a GPU also the memory-bandwidth roofline fraction of a
 decode step: (weight bytes + KV bytes read per step) / measured device copy
-bandwidth, divided by the measured step time. `--compare-overlap` also times the
+bandwidth, divided by the measured step time. For an MoE model the weight bytes
+count only the experts a step reads: per MoE layer, the distinct experts the batch's
+tokens picked (top-k at batch 1), measured from the routing of an eager decode run of
+the same prompts (`active_experts`; the uniform-routing expectation E(1-(1-k/E)^b)
+is printed beside it). `--compare-overlap` also times the
 engine with overlapped decode off (engine/overlap.py) on the same prompts.
 """
 from __future__ import annotations
@@ -119,14 +125,19 @@ def engine_run(ex, device, prompts, new_tokens):
 # ---- transformers --------------------------------------------------------------------------
 
 
+class SharingError(RuntimeError):
+    """transformers' model of this family does not take our tensors as they are."""
+
+
 def build_hf(model, dtype):
-    """A transformers LlamaForCausalLM sharing our model's weights (no copy)."""
+    """The family's transformers causal LM sharing our model's weights (no copy)."""
     import transformers
 
     cfg = model.config
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict())
+    d = cfg.to_hf_dict()
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_cfg)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     sd = model.state_dict()
     if cfg.tie_word_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
@@ -135,7 +146,8 @@ def build_hf(model, dtype):
         hf.lm_head.weight = hf.model.embed_tokens.weight
         missing = [m for m in missing if m != "lm_head.weight"]
     if unexpected or missing:
-        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+        raise SharingError(f"state dict mismatch with transformers {transformers.__version__} "
+                           f"{type(hf).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # Buffers (rotary inv_freq) were created on meta: rebuild them on the model's device.
     dev = next(model.parameters()).device
     for mod in hf.modules():
@@ -147,7 +159,7 @@ def build_hf(model, dtype):
                 mod.original_inv_freq = fresh.original_inv_freq
     leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
     if leftovers:
-        raise RuntimeError(f"transformers model has tensors left on meta: {leftovers[:5]}")
+        raise SharingError(f"transformers model has tensors left on meta: {leftovers[:5]}")
     hf.eval()
     hf.generation_config.eos_token_id = None  # ignore EOS (do not stop at it)
     return hf
@@ -192,15 +204,64 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=10):
     return 2 * nbytes / best
 
 
-def decode_step_bytes(model, batch, context, dtype):
-    """Bytes a decode step must read: every weight once (embedding rows aside) plus each sequence's KV."""
+def decode_step_bytes(model, batch, context, dtype, active_experts=None):
+    """Bytes a decode step must read: every weight once (embedding rows aside; of an MoE layer's
+    experts only the `active_experts` the step's tokens picked) plus each sequence's KV."""
     cfg = model.config
     elt = torch.empty(0, dtype=dtype).element_size()
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     if not cfg.tie_word_embeddings:
         params -= cfg.vocab_size * cfg.hidden_size  # only `batch` rows of the embedding are read
+    if cfg.num_experts:
+        moe_layers = [layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "experts")]
+        ex = moe_layers[0].experts
+        per_expert = ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+        held = ex.gate_up_proj.shape[0]
+        active = min(held, active_experts if active_experts is not None else held)
+        params -= len(moe_layers) * (held - active) * per_expert
     kv = batch * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
     return (params + kv) * elt
+
+
+def moe_routing(model, args, device, prompts):
+    """The row's MoE fields: measured and uniform-routing distinct experts per layer and step."""
+    cfg = model.config
+    active = measure_active_experts(model, args, device, prompts, min(args.new_tokens, 16))
+    uniform = expected_active_experts(cfg.num_experts, cfg.num_experts_per_tok, len(prompts))
+    print(f"  MoE: {active:.1f} of {cfg.num_experts} experts per layer per decode step "
+          f"(uniform routing: {uniform:.1f})", flush=True)
+    return {"active_experts": active, "active_experts_uniform": uniform}
+
+
+def expected_active_experts(num_experts, top_k, batch):
+    """Distinct experts hit by `batch` tokens picking top_k each, under uniform routing."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def measure_active_experts(model, args, device, prompts, new_tokens):
+    """Mean distinct experts per MoE layer per decode step, from the routing of an eager run of
+    `prompts` (CUDA graphs off: the router hooks must run). A decode step routes one token per
+    sequence; the prefill step (prompt_len tokens per sequence) is left out."""
+    batch, k, seen = len(prompts), model.config.num_experts_per_tok, []
+
+    def hook(mod, inp, logits):
+        if logits.shape[0] == batch:
+            seen.append(torch.topk(logits, k, dim=-1).indices.unique().numel())
+
+    gates = [layer.mlp.gate for layer in model.model.layers.values() if hasattr(layer.mlp, "experts")]
+    handles = [g.register_forward_hook(hook) for g in gates]
+    saved = os.environ.get("DISAGG_CUDA_GRAPHS")
+    os.environ["DISAGG_CUDA_GRAPHS"] = "0"   # read when the runner is built
+    try:
+        engine_run(make_executor(model, args, device, batch), device, prompts, new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        if saved is None:
+            os.environ.pop("DISAGG_CUDA_GRAPHS", None)
+        else:
+            os.environ["DISAGG_CUDA_GRAPHS"] = saved
+    return statistics.mean(seen) if seen else None
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -231,9 +292,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=dtype, device=device)
     print(f"  loaded in {time.perf_counter() - t0:.1f}s", flush=True)
-    hf = None
+    hf, hf_note = None, None
     if not args.skip_hf:
-        hf = build_hf(model, dtype)
+        try:
+            hf = build_hf(model, dtype)
+        except SharingError as e:   # never a second copy of the weights (an MoE 30B fills the GPU)
+            hf_note = f"transformers skipped: it cannot share this model's weights ({e})"
+            print(hf_note, flush=True)
     vocab = model.config.vocab_size
     results = {"model": args.model, "dtype": args.dtype, "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -244,6 +309,9 @@ def main(argv=None):
     if hf is not None:
         import transformers
         results["transformers"] = transformers.__version__
+        results["transformers_experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
+    if hf_note:
+        results["transformers_skipped"] = hf_note
     bw = None
     if device.type == "cuda":
         bw = copy_bandwidth(device)
@@ -254,12 +322,15 @@ def main(argv=None):
     for batch in args.batches:
         prompts = make_prompts(vocab, batch, args.prompt_len, args.seed + batch)
         warm = prompts[: max(1, batch)]
+        row = {"batch": batch}
+        if model.config.num_experts:   # before the timed executor: an eager runner turns the fast path off
+            row.update(moe_routing(model, args, device, prompts))
         print(f"\nbatch {batch}: warming up ...", flush=True)
         ex = make_executor(model, args, device, batch)
+        row["engine_cuda_graphs"] = ex._runner.graphs is not None
         engine_run(ex, device, warm, 4)
         if hf is not None:
             hf_run(hf, device, warm, 4)
-        row = {"batch": batch}
         engines = [("engine", lambda k, ps=prompts, ex=ex: engine_run(ex, device, ps, k))]
         ex_sync = None
         if args.compare_overlap:
@@ -281,7 +352,7 @@ def main(argv=None):
                          median_decode_tokens_per_s=batch / med if med > 0 else None)
             if bw is not None and step > 0:
                 ctx = args.prompt_len + n / 2  # mean context over the decode steps
-                nbytes = decode_step_bytes(model, batch, ctx, dtype)
+                nbytes = decode_step_bytes(model, batch, ctx, dtype, row.get("active_experts"))
                 r["decode_step_bytes"] = nbytes
                 r["roofline_fraction"] = (nbytes / bw) / step
             row[name] = r

@@ -12,6 +12,7 @@ from disagg_mpi.model.families import (
     QKV_BIAS_ALWAYS,
     check_hf_options,
     gguf_family,
+    gguf_moe_fields,
     hf_family,
     moe_fields,
     qkv_bias,
@@ -148,10 +149,12 @@ class ModelConfig:
         if get(f"{arch}.rope.scaling.type") in ("llama3",):  # rarely written; llama.cpp bakes rope_freqs
             scaling = {"rope_type": "llama3", "factor": float(get(f"{arch}.rope.scaling.factor", 8.0))}
         eos = get("tokenizer.ggml.eos_token_id", 2)
+        n_layers = int(get(f"{arch}.block_count"))
+        family, moe = gguf_moe_fields(get, arch, family, names, n_layers)
         return cls(
             vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get(f"{arch}.feed_forward_length")),
-            num_layers=int(get(f"{arch}.block_count")), num_heads=heads,
+            intermediate_size=int(get(f"{arch}.feed_forward_length", 0) or 0),   # (0: an MoE without one)
+            num_layers=n_layers, num_heads=heads,
             num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
             head_dim=int(head_dim), rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
@@ -161,7 +164,7 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
-            architecture=family, qk_norm=family in QK_NORM,
+            architecture=family, qk_norm=family in QK_NORM, **moe,
         ).checked()
 
     def replace(self, **kw: Any) -> ModelConfig:
@@ -209,6 +212,12 @@ PRESETS: dict[str, ModelConfig] = {
                         num_heads=8, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                         max_position_embeddings=2048, tie_word_embeddings=False,
                         bos_token_id=1, eos_token_ids=[2]),
+    # Qwen3-MoE in miniature (8 experts, 2 active): the MoE paths and scripts on any machine.
+    "tiny-moe": ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=4,
+                            num_heads=8, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                            max_position_embeddings=2048, bos_token_id=1, eos_token_ids=[2],
+                            architecture="qwen3_moe", qk_norm=True, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=64, norm_topk_prob=True),
     "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                            num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
                            max_position_embeddings=8192, tie_word_embeddings=True,

@@ -23,8 +23,10 @@ HF_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
 }
-# GGUF `general.architecture` -> family.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# GGUF `general.architecture` -> family (`llama` with `llama.expert_count` is Mixtral).
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                      "qwen2moe": "qwen2_moe"}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 # Families whose attention has per-head q/k RMSNorm; whose q/k/v biases (never an o_proj bias)
 # come without a flag (qwen2) or from `qkv_bias` (qwen2_moe, default true).
@@ -127,6 +129,30 @@ def moe_fields(d: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "qwen2_moe":   # a shared expert beside the routed ones, gated by sigmoid(x @ w)
         out["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
     return out
+
+
+def gguf_moe_fields(get, arch: str, family: str, names: set[str], n_layers: int) -> tuple[str, dict[str, Any]]:
+    """(family, ModelConfig's mixture-of-experts fields) from GGUF metadata (`get(key, default)`) and
+    tensor names. A layer without a router (`ffn_gate_inp`) has a dense MLP. The top-k weights are
+    renormalized as llama.cpp does (Mixtral and Qwen3-MoE yes, Qwen2-MoE no) unless
+    `{arch}.expert_weights_norm` says otherwise."""
+    experts = int(get(f"{arch}.expert_count", 0) or 0)
+    if not experts:
+        if family in MOE_FAMILIES:
+            raise ValueError(f"GGUF general.architecture={arch!r} without {arch}.expert_count")
+        return family, {}
+    family = "mixtral" if family == "llama" else family
+    if family not in MOE_FAMILIES:
+        raise ValueError(f"GGUF {arch}.expert_count={experts}: experts are not supported for "
+                         f"general.architecture={arch!r} (allowed: llama, qwen3moe, qwen2moe)")
+    ffn = get(f"{arch}.expert_feed_forward_length") or get(f"{arch}.feed_forward_length")
+    out = {"num_experts": experts, "num_experts_per_tok": int(get(f"{arch}.expert_used_count")),
+           "moe_intermediate_size": int(ffn),
+           "norm_topk_prob": bool(get(f"{arch}.expert_weights_norm", family != "qwen2_moe")),
+           "dense_layers": [i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names]}
+    if family == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = int(get(f"{arch}.expert_shared_feed_forward_length"))
+    return family, out
 
 
 def router_name(cfg, layer: int) -> str:

@@ -2,6 +2,9 @@
 
 llama.cpp stores Q/K rows permuted for its interleaved RoPE; we undo that per
 head (like transformers' reverse_permute) so the HF rotate_half RoPE applies.
+Mixture of experts (Mixtral as `llama` with `llama.expert_count`, `qwen3moe`,
+`qwen2moe`): each layer's experts come stacked, `ffn_{gate,up,down}_exps` [E, rows, cols]
+(numpy order); one expert's HF tensor is one index of it, dequantized alone.
 """
 from __future__ import annotations
 
@@ -25,13 +28,33 @@ _LAYER_MAP = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    # Mixture of experts: the router, Qwen2-MoE's shared expert and its gate.
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+# An expert's projection (HF and Mixtral names) -> the stacked GGUF tensor holding every expert's.
+_EXPERT_MAP = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+               "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
 _GLOBAL_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    """(GGUF tensor name, expert index in it or None) of a HF tensor name."""
+    m = _EXPERT_RE.match(hf_name)
+    if m and m.group(3) in _EXPERT_MAP:
+        return f"blk.{m.group(1)}.{_EXPERT_MAP[m.group(3)]}.weight", int(m.group(2))
+    return _plain_gguf_name(hf_name), None
+
+
 def gguf_name(hf_name: str) -> str:
+    return gguf_source(hf_name)[0]
+
+
+def _plain_gguf_name(hf_name: str) -> str:
     if hf_name in _GLOBAL_MAP:
         return _GLOBAL_MAP[hf_name]
     m = _LAYER_RE.match(hf_name)
@@ -47,11 +70,14 @@ def open_gguf(path: str):
     return gguf.GGUFReader(path)
 
 
-def _dequantize_rows(t, start: int | None = None, end: int | None = None) -> np.ndarray:
-    """Dequantize rows [start, end) of a GGUF tensor (numpy row order) to float32."""
+def _dequantize_rows(t, start: int | None = None, end: int | None = None,
+                     expert: int | None = None) -> np.ndarray:
+    """Dequantize rows [start, end) of a GGUF tensor (numpy row order; of expert `expert`'s matrix
+    in a stacked one) to float32."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
-    data = t.data if start is None else t.data[start:end]
+    data = t.data if expert is None else t.data[expert]
+    data = data if start is None else data[start:end]
     qt = t.tensor_type
     if qt == Q.F32:
         return np.asarray(data, dtype=np.float32)
@@ -83,14 +109,16 @@ class GGUFCheckpoint:
     def fetch(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
         import torch
 
-        gname = gguf_name(name)
+        gname, expert = gguf_source(name)
         if gname not in self.tensors:
             raise KeyError(f"{self.path}: tensor {gname!r} (for {name}) missing")
         t = self.tensors[gname]
         if dim == 0:
-            w = torch.from_numpy(_dequantize_rows(t, start, end).copy())
+            w = torch.from_numpy(_dequantize_rows(t, start, end, expert).copy())
         else:
-            w = torch.from_numpy(_dequantize_rows(t).copy())
+            w = torch.from_numpy(_dequantize_rows(t, expert=expert).copy())
+            if gname.endswith(".ffn_gate_inp_shexp.weight"):
+                w = w.reshape(1, -1)   # llama.cpp writes Qwen2-MoE's [1, H] shared-expert gate as [H]
             if dim is not None:
                 w = w.narrow(dim, start, end - start).contiguous()
         if self.arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):

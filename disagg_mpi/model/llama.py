@@ -14,6 +14,7 @@ from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
 from disagg_mpi.model.context import get_forward_context
 from disagg_mpi.model.moe import SparseMoE
+from disagg_mpi.model.moe_grouped import grouped_mm_ok
 from disagg_mpi.model.parallel import (
     ShardSpec,
     check_gqa_consistent,
@@ -98,11 +99,13 @@ class Attention(nn.Module):
         n = x.shape[0]
         q, k, v = self._qkv(x)
         if hasattr(self, "q_norm"):
-            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, in
-            # torch (no host work, so still graph-capturable); [n, heads * d], contiguous, as the
-            # kernel takes its q and k.
-            q = self.q_norm(q.reshape(n, self.n_q, self.d)).reshape(n, self.n_q * self.d)
-            k = self.k_norm(k.reshape(n, self.n_kv, self.d)).reshape(n, self.n_kv * self.d)
+            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, one
+            # Triton norm over each head's row ([n * heads, d]; reshape copies the strided view),
+            # two kernels where torch's RMSNorm took six in every layer of a launch-bound step;
+            # the result [n, heads * d] is contiguous, as the kernel takes its q and k.
+            q = tk.add_rmsnorm(q.reshape(-1, self.d), None, self.q_norm.weight, self.q_norm.eps)[1]
+            k = tk.add_rmsnorm(k.reshape(-1, self.d), None, self.k_norm.weight, self.k_norm.eps)[1]
+            q, k = q.view(n, self.n_q * self.d), k.view(n, self.n_kv * self.d)
         # RoPE, KV write and paged attention in one kernel (was rope_write_kv + paged_decode_attention)
         o = tk.rope_write_decode_attention(q, k, v, cos, sin, pool, local_layer, idx.slots, idx.tables,
                                            idx.table_stride, idx.ctx, self.n_q, self.n_kv, self.d)
@@ -159,12 +162,12 @@ def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, n_q: int, n_kv: int, ffn_local: int, shard: ShardSpec,
-                 expert_ffn_local: int | None = None):
+                 expert_ffn_local: int | None = None, expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, n_q, n_kv, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (SparseMoE(cfg, expert_ffn_local, shard) if expert_ffn_local is not None
+        self.mlp = (SparseMoE(cfg, expert_ffn_local, shard, expert_range) if expert_ffn_local is not None
                     else MLP(cfg, ffn_local, shard))
 
     def forward(self, h, cos, sin, pool, local_layer, idx):
@@ -211,7 +214,8 @@ class LlamaModel(nn.Module):
         if self.is_first:
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard, eff if cfg.is_moe_layer(i) else None)
+            str(i): DecoderLayer(cfg, n_q, n_kv, ffn, shard, eff if cfg.is_moe_layer(i) else None,
+                                 self.expert_range)
             for i in range(self.layer_start, self.layer_end)})
         if self.is_last:
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -295,11 +299,13 @@ class LlamaModel(nn.Module):
 
     def supports_fast_decode(self) -> bool:
         """The Triton decode kernels handle this model: power-of-two head_dim, full attention
-        (their decode kernel has no sliding window: such a model runs the torch attention), dense
-        (the MoE expert loop reads routing on the host: no CUDA graph)."""
+        (their decode kernel has no sliding window: such a model runs the torch attention), and dense
+        or MoE with the grouped expert GEMMs on this device and dtype (the expert loop reads routing
+        on the host: no CUDA graph)."""
         d = self.config.head_dim
         cfg = self.config
-        return d >= 16 and d & (d - 1) == 0 and cfg.sliding_window is None and cfg.num_experts == 0
+        moe_ok = cfg.num_experts == 0 or grouped_mm_ok(self.device, self.dtype)
+        return d >= 16 and d & (d - 1) == 0 and cfg.sliding_window is None and moe_ok
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

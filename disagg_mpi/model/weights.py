@@ -1,7 +1,9 @@
 """Which tensor slices a sharded LlamaModel needs, and copying them in.
 
 Loaders only implement `fetch(source_name, dim, start, end) -> Tensor` in HF
-names; the plan says which rows/columns this rank's ShardSpec holds.
+names; the plan says which rows/columns this rank's ShardSpec holds. A checkpoint
+tensor usually fills one parameter; an MoE expert's gate, up or down weight fills
+one slice of a stacked parameter (`WeightSlice.at`), keyed `param[expert][rows]`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ class WeightSlice:
     dim: int | None = None   # None: the whole tensor
     start: int = 0
     end: int = 0
+    # Into a stacked parameter [E_local, rows, cols]: (local expert, first row, end row); None: whole.
+    at: tuple[int, int, int] | None = None
 
 
 Fetch = Callable[[str, int | None, int, int], torch.Tensor]
@@ -68,23 +72,37 @@ def weight_plan(model) -> dict[str, WeightSlice]:
 
 def _moe_plan(cfg, layer: int, ffn: tuple[int, int], shared: tuple[int, int],
               experts: tuple[int, int]) -> dict[str, WeightSlice]:
-    """The router (and shared-expert gate) whole on every rank; the FFN columns [ffn) of this
-    rank's experts [experts) (all of them unless EP; local index e - start), the shared expert's
-    [shared), like a dense MLP's. Another EP rank's experts are never read here: that rank
-    reads them (the checkpoint's names are checked whole, before any shard loads)."""
+    """The router (and shared-expert gate) whole on every rank; each of the rank's experts' FFN
+    columns [ffn) into its row of the stacked weights (gate rows, then up rows), the shared
+    expert's [shared), like a dense MLP's. The rank's experts are [experts) (all of them unless EP;
+    local index e - start): another EP rank's experts are never read here, that rank reads them
+    (the checkpoint's names are checked whole, before any shard loads)."""
     p = f"model.layers.{layer}.mlp."
     plan = {p + "gate.weight": WeightSlice(router_name(cfg, layer))}
+    f = ffn[1] - ffn[0]
+    gate_up, down = p + "experts.gate_up_proj", p + "experts.down_proj"
     for e in range(*experts):
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            dim = 1 if proj == "down_proj" else 0
-            plan[f"{p}experts.{e - experts[0]}.{proj}.weight"] = WeightSlice(
-                expert_name(cfg, layer, e, proj), dim, *ffn)
+        i = e - experts[0]
+        for proj, r0 in (("gate_proj", 0), ("up_proj", f)):
+            src = expert_name(cfg, layer, e, proj)
+            plan[f"{gate_up}[{i}][{r0}:{r0 + f}]"] = WeightSlice(src, 0, *ffn, at=(i, r0, r0 + f))
+        src = expert_name(cfg, layer, e, "down_proj")
+        plan[f"{down}[{i}]"] = WeightSlice(src, 1, *ffn, at=(i, 0, cfg.hidden_size))
     if cfg.shared_expert_intermediate_size:
         plan[p + "shared_expert_gate.weight"] = WeightSlice(p + "shared_expert_gate.weight")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             n = f"{p}shared_expert.{proj}.weight"
             plan[n] = WeightSlice(n, 1 if proj == "down_proj" else 0, *shared)
     return plan
+
+
+def destination(params: dict[str, torch.Tensor], key: str, ws: WeightSlice) -> torch.Tensor:
+    """The parameter (or the view of a stacked one) that plan entry `key` fills."""
+    p = params[key.split("[", 1)[0]]
+    if ws.at is None:
+        return p
+    e, r0, r1 = ws.at
+    return p[e, r0:r1]
 
 
 def slice_tensor(t: torch.Tensor, dim: int | None, start: int, end: int) -> torch.Tensor:
@@ -96,7 +114,7 @@ def load_weights(model, fetch: Fetch) -> None:
     params = dict(model.named_parameters())
     for name, ws in weight_plan(model).items():
         t = fetch(ws.source, ws.dim, ws.start, ws.end)
-        p = params[name]
+        p = destination(params, name, ws)
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{ws.source}: checkpoint slice has shape {tuple(t.shape)}, "
                              f"model expects {tuple(p.shape)} for {name}")

@@ -106,7 +106,7 @@ def test_each_rank_reads_only_its_experts(tp, ep):
         e0, e1 = expert_range(r, tp, ep, ckpt.config.num_experts)
         ids = {int(n.split(".experts.")[1].split(".")[0]) for n in fetched if ".experts." in n}
         assert ids == set(range(e0, e1)) and e1 - e0 == ckpt.config.num_experts // ep
-        assert len(model.model.layers["0"].mlp.experts) == e1 - e0
+        assert model.model.layers["0"].mlp.experts.gate_up_proj.shape[0] == e1 - e0
         seen.update(fetched)
     assert seen == set(checkpoint_names(ckpt.config))
 
@@ -153,8 +153,9 @@ def test_expert_parallel_equals_transformers(name, tp, ep):
     grid = _grid(folder, tp, ep)
     moe = grid[0][-1].model.layers["0"].mlp
     assert moe.expert_range == expert_range(tp - 1, tp, ep, cfg.num_experts)
-    assert len(moe.experts) == cfg.num_experts // ep
-    assert moe.experts[0].gate_proj.weight.shape[0] == cfg.moe_intermediate_size * ep // tp
+    gate_up = moe.experts.gate_up_proj   # stacked [E_local, 2F, H]: gate rows, then up rows
+    assert gate_up.shape[0] == cfg.num_experts // ep
+    assert gate_up.shape[1] == 2 * cfg.moe_intermediate_size * ep // tp
     prompts = [[5, 17, 300, 42, 7, 99, 100, 3, 250], [11, 12, 13]]   # as grid_forward_fn's pool is sized
     assert greedy_generate(grid_forward_fn(grid), prompts, 8, 4) == hf_greedy(prompts, 8, folder, None)
 
@@ -170,7 +171,7 @@ def test_expert_parallel_has_teeth():
     with torch.no_grad():
         for stage in grid:
             for layer in stage[1].model.layers.values():
-                for p in getattr(layer.mlp, "experts", torch.nn.ModuleList()).parameters():
+                for p in getattr(layer.mlp, "experts", torch.nn.Module()).parameters():
                     p.zero_()
     prompts = [[5, 17, 300, 42, 7, 99, 100, 3, 250], [11, 12, 13]]
     assert greedy_generate(grid_forward_fn(grid), prompts, 8, 4) != hf_greedy(prompts, 8, folder, None)

@@ -205,8 +205,9 @@ def test_moe_tensor_parallel_shards_every_expert(name):
     red = [ThreadAllReduce(2), ThreadAllReduce(2)]
     grid = [[load_model(str(folder), shard=ShardSpec(r, 2, l0, l1, red[s].for_rank(r))) for r in range(2)]
             for s, (l0, l1) in enumerate(((0, 2), (2, 4)))]
-    expert = grid[0][0].model.layers["0"].mlp.experts[0]
-    assert expert.gate_proj.weight.shape[0] == load_model_config(str(folder)).moe_intermediate_size // 2
+    cfg = load_model_config(str(folder))
+    experts = grid[0][0].model.layers["0"].mlp.experts   # stacked [E, 2F/2, H]: each holds half of F
+    assert experts.gate_up_proj.shape == (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size)
     prompts = PROMPTS[:2]     # 9 and 3 tokens, as the pool of grid_forward_fn is sized
     assert greedy_generate(grid_forward_fn(grid), prompts, 8, 4) == hf_greedy(prompts, 8, folder, None)
 
@@ -328,6 +329,7 @@ def test_qwen3_presets_have_the_real_shapes(name, total, active):
     from disagg_mpi.model import LlamaModel
     from disagg_mpi.model.config import preset
     from disagg_mpi.model.random_init import full_shape
+    from disagg_mpi.model.weights import destination
 
     cfg = preset(name)
     with torch.device("meta"):
@@ -337,7 +339,7 @@ def test_qwen3_presets_have_the_real_shapes(name, total, active):
         shape = list(full_shape(cfg, ws.source))
         if ws.dim is not None:
             shape[ws.dim] = ws.end - ws.start
-        assert tuple(shape) == tuple(params[pname].shape), pname
+        assert tuple(shape) == tuple(destination(params, pname, ws).shape), pname
     n = sum(math.prod(full_shape(cfg, name)) for name in checkpoint_names(cfg))
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     n_active = n - cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * expert
