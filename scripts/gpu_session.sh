@@ -30,8 +30,10 @@
 #              COLD=1 gives each server an empty Triton cache)
 #   shapes     scripts/bench_engine.py (this engine, batch 1 and 64) on the Llama-family shapes besides
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
-#   (issue 23 still has to show, in one call: `scripts/gpu_session.sh tests serving shapes; RATES=4,8,16,24
-#    TAG=sweep scripts/gpu_session.sh serving`)
+#   (issue 23 still has to show, in one call: `scripts/gpu_session.sh tests; RATES=8,4,16,24 TAG=sweep
+#    scripts/gpu_session.sh serving` (8 first: the fresh server's point), then `shapes` with
+#    DISAGG_DECODE_SPLITS=off and auto; issue 21: `grammar`; issue 22: `moe`)
+#   moe        scripts/bench_engine.py on random:qwen3-30b-a3b (grouped GEMMs, graphs) vs transformers, batch 1 and 64
 #   grammar    scripts/bench_grammar.py on the 8B shape, batch 16: plain vs logprobs vs a JSON schema, same run
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
@@ -129,6 +131,9 @@ for s in "$@"; do
             --input-len 1024 --output-len 128 --request-rate "${RATES:-8}" --warmup 4 --no-progress \
             --slo-ttft-ms 500 --slo-tpot-ms 15 --out /tmp/serving/bench
         tar czf "$OUT/serving_$TAG.tgz" -C /tmp serving ;;
+    moe)
+        stage moe 300 python3 scripts/bench_engine.py --device cuda --model random:qwen3-30b-a3b --batches 1,64 \
+            --repeats 2 --json "$OUT/engine_moe_$TAG.json" ;;
     grammar)
         stage grammar 240 python3 scripts/bench_grammar.py --device cuda --model random:llama-3.1-8b \
             --tokenizer smollm2 --batch 16 --max-tokens 128 --rounds 3 --json "$OUT/grammar_$TAG.json" ;;
