@@ -3,8 +3,9 @@
 Each executor is known by its index in the topology (context executors first) and reached through
 its leader's world rank. Rank 0 keeps, per executor, the load and prefix cache it expects there
 (counted as it dispatches, corrected by the load and free blocks every `Responses` reports), the
-device each one loaded its model on, and the counters it last sent (`ExecutorStats`). Start-up
-(`wait_ready`), the counters (`StatsRequest`) and `Shutdown` go to every leader alike.
+device each one loaded its model on, the counters it last sent (`ExecutorStats`), and whether all
+of them take the direct hand-off. Start-up (`wait_ready`), the counters (`StatsRequest`) and
+`Shutdown` go to every leader alike.
 
 `DisaggOrchestrator` owns one `Fleet` and reads its tables; the fleet never looks at a request's
 track, so the two-phase flow (orchestrator.py) and this bookkeeping change apart.
