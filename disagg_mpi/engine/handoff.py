@@ -1,8 +1,8 @@
 """The disaggregated hand-off, both sides of it, for `LLMEngine`.
 
-Context side: a context-only request keeps its blocks (`_Held`) until the
-generation executor that claimed them has pulled them, the request is
-cancelled, or a lease runs out. Generation side: a generation-only request
+Context side (held_contexts.py): a context-only request keeps its blocks
+until the generation executor that claimed them has pulled them, the request
+is cancelled, or a lease runs out. Generation side: a generation-only request
 (`_GenPending`) allocates blocks (sharing a cached prefix), claims the context
 (the context leader refuses unknown, replayed or mismatched params), pulls
 the missing blocks, then joins the batch; a transfer that does not finish in
@@ -28,14 +28,14 @@ must wait for blocks it claims when it has them, as above (the context grants it
 again), so a grant is never used long after it was given.
 
 `Handoff` is a component the engine owns: it is given the engine's block manager, scheduler,
-group and `send_peer`, keeps the hand-off's own state (`held`, `pending`, `quarantine`), and
-answers the engine through `HandoffHost` (finish, fail, stream a token, a request's metrics).
+group and `send_peer`, keeps the hand-off's own state (`pending`, `quarantine`; the held contexts
+in `contexts`), and answers the engine through `HandoffHost` (finish, fail, stream a token, a
+request's metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,35 +49,21 @@ from ..api import (
     RequestMetrics,
 )
 from ..hops import Hop
-from ..protocol import Claim, ContextReady, Release
+from ..protocol import Claim, Release
 from ..transfer.cache_state import CacheState
-from ..transfer.opaque import OpaqueState, prompt_digest
+from ..transfer.opaque import OpaqueState
 from ..transfer.plan import LayoutMismatchError, check_compatible
 from .block_manager import BlockManager
 from .direct import ParkedGeneration
 from .grammar import guide_digest
 from .handoff_check import check_handoff, first_logprobs
-from .hold_cap import check_client_hold, hold_stats
+from .held_contexts import HeldContexts
 from .sample_groups import PullGroups
 from .scheduler import RequestTooLargeError, Scheduler
 from .sequence import Sequence
 
-log = logging.getLogger(__name__)
 # A pull is used before the claim's answer only if seen landed this long before keep_until.
 _KEEP_MARGIN_S = 0.005
-
-
-@dataclass
-class _Held:
-    """A context-only request's blocks, kept until its generation side has them."""
-
-    seq: Sequence
-    deadline: float
-    since: float = 0.0  # when it was answered (time.monotonic())
-    claimed_by: tuple[int, int] | None = None  # (generation leader's rank, its request id)
-    keep_until: float = 0.0  # the blocks are not reused before this (time.monotonic()): see above
-    released: bool = False  # released before keep_until: freed once it passes
-    direct: bool = False  # claimed at hold by the generation request rank 0 named (direct hand-off)
 
 
 @dataclass
@@ -129,11 +115,13 @@ class Handoff:
         self.host, self.blocks, self.scheduler, self.group = host, blocks, scheduler, group
         self.config, self.cache_state, self.key, self.executor_id = config, cache_state, key, executor_id
         self.world_ranks, self.send_peer = world_ranks, send_peer
-        self.held: dict[int, _Held] = {}  # context side: answered contexts, by request id
+        # context side (held_contexts.py); the engine and the worker reach it through the methods below
+        self.contexts = HeldContexts(host.metrics, blocks, scheduler, group, config, cache_state, key, executor_id,
+                                     world_ranks, send_peer)
+        self.held, self.notify = self.contexts.held, self.contexts.notify  # (req id -> Held; direct notices)
         self.pending: dict[int, _GenPending] = {}  # generation side: admitted, KV not in yet
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
         self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
-        self.notify: dict[int, tuple[int, int]] = {}  # direct, context side: req -> (gen leader, its req id)
         # parallel sampling (sample_groups.py): a group's members pull once
         self.groups = PullGroups(scheduler, self.pending, self.quarantine, host, self._release_context, self._enqueue)
 
@@ -152,12 +140,30 @@ class Handoff:
         return (sum(p.seq.remaining_tokens for p in self.pending.values())
                 + sum(p.seq.max_tokens for p in self.direct.parking.parked.values()))
 
+    # ---- context side (held_contexts.py) -------------------------------------
+
     def check_client_hold(self, seq: Sequence) -> None:
         """Refuse a client context_only request beyond `max_held_fraction` of the pool (hold_cap.py)."""
-        check_client_hold(seq, list(self.held.values()), self.scheduler, self.config.max_held_fraction)
+        self.contexts.check_client_hold(seq)
 
     def hold_stats(self) -> dict[str, float]:
-        return hold_stats(list(self.held.values()), self.blocks)
+        return self.contexts.hold_stats()
+
+    def hold(self, seq: Sequence) -> ContextPhaseParams:
+        """Keep an answered context's blocks for its generation side; returns its signed params."""
+        return self.contexts.hold(seq)
+
+    def forget(self, req_id: int) -> None:
+        """A context-only request ends without being held: nobody is notified."""
+        self.contexts.forget(req_id)
+
+    def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
+        """A generation executor asks for a context's blocks; None means granted."""
+        return self.contexts.claim(ctx_req_id, blocks, by)
+
+    def release_context(self, ctx_req_id: int, by: tuple[int, int | None] | None = None) -> None:
+        """Free a held context (only its claimant's release counts, see held_contexts.py)."""
+        self.contexts.release(ctx_req_id, by)
 
     def cancel(self, req_id: int) -> bool:
         """Cancel a request the hand-off holds (parked, pending or held); False if it holds none such."""
@@ -359,57 +365,6 @@ class Handoff:
         any claim, anyone): a refused replay on this same executor must not free another's blocks."""
         self.send_peer(opaque.world_ranks[0], Release(opaque.ctx_req_id, gen_req_id))
 
-    def hold(self, seq: Sequence) -> ContextPhaseParams:
-        """Keep an answered context's blocks for its generation side (lease; keep_until, see above);
-        returns the signed params that let a generation executor claim them."""
-        tc, now = self.config, time.monotonic()
-        keep = now + tc.keep_seconds if tc.keep_seconds and getattr(self.group, "exports_ipc", False) else 0.0
-        self.held[seq.req_id] = h = _Held(seq, max(now + tc.lease_seconds, keep), now, keep_until=keep)
-        opaque = OpaqueState(self.executor_id, self.world_ranks, seq.req_id,
-                             tuple(self.blocks.block_table(seq.req_id)), len(seq.prompt_ids), self.cache_state,
-                             keep, prompt_digest(seq.prompt_ids), tuple(seq.output_ids), tuple(seq.logprobs),
-                             guide_digest(seq.grammar.params if seq.grammar else None))
-        cpp = ContextPhaseParams(seq.req_id, list(seq.output_ids), opaque.encode(self.key))
-        target = self.notify.pop(seq.req_id, None)
-        if target is not None:  # direct: claimed by the request rank 0 named, which gets the params now
-            # (lease + timeout: it pulls at once, or claims again, renewing this, if it waits for blocks)
-            h.claimed_by, h.direct = target, True
-            h.deadline = max(now + tc.lease_seconds + tc.timeout_seconds, keep)
-            self.host.metrics(seq.req_id).stamp(Hop.CTX_READY_SENT)
-            self.send_peer(target[0], ContextReady(target[1], seq.req_id, list(cpp.first_gen_tokens),
-                                                   cpp.opaque_state))
-        return cpp
-
-    def forget(self, req_id: int) -> None:
-        """A context-only request ends without being held: nobody is notified."""
-        self.notify.pop(req_id, None)
-
-    def claim_context(self, ctx_req_id: int, blocks: list[int], by: tuple[int, int]) -> str | None:
-        """A generation executor asks for a context's blocks; None means granted."""
-        h = self.held.get(ctx_req_id)
-        if h is None or h.released:
-            return (f"context request {ctx_req_id} is unknown, already served, expired or freed; "
-                    "its KV cannot be transferred")
-        if h.claimed_by not in (None, by):  # (its own claimant may claim again: the direct hand-off's wait)
-            return f"context request {ctx_req_id} was already claimed (replayed context_phase_params)"
-        if list(blocks) != self.blocks.block_table(ctx_req_id)[: len(blocks)]:
-            return f"context_phase_params do not match the blocks of context request {ctx_req_id}"
-        h.claimed_by = by
-        h.deadline = max(time.monotonic() + self.config.timeout_seconds, h.keep_until)
-        return None
-
-    def release_context(self, ctx_req_id: int, by: tuple[int, int | None] | None = None) -> None:
-        """Free a held context; a generation request may only release what it claimed (or nobody did).
-        Before its keep_until the blocks stay allocated until then (a pull may be reading them)."""
-        h = self.held.get(ctx_req_id)
-        if h is None or h.released or (by is not None and h.claimed_by not in (None, by)):
-            return
-        if time.monotonic() < h.keep_until:
-            h.released, h.deadline = True, h.keep_until
-            return
-        del self.held[ctx_req_id]
-        self.blocks.free(ctx_req_id)
-
     def housekeeping(self) -> None:
         """Timers and transfer completions; cheap, called every loop turn even when idle."""
         if self.pending or self.quarantine:
@@ -417,16 +372,5 @@ class Handoff:
             self._expire_transfers()
         self.groups.tick()
         if self.held:
-            self.expire_leases()
+            self.contexts.expire_leases()
         self.direct.housekeeping()
-
-    def expire_leases(self) -> None:
-        now = time.monotonic()
-        for rid, h in list(self.held.items()):
-            if now > h.deadline and h.released:  # released while kept: free now
-                del self.held[rid]
-                self.blocks.free(rid)
-            elif now > h.deadline:
-                log.warning("executor %d: freeing the blocks of context request %d (%s)", self.executor_id,
-                            rid, "transfer timed out" if h.claimed_by is not None else "lease expired")
-                self.release_context(rid)

@@ -68,7 +68,7 @@ def retry_after(lease_ends_in: Iterable[float]) -> int:
 
 def check_client_hold(seq: Any, held: list[Any], scheduler: Any, fraction: float) -> None:
     """`check_hold` for a client context_only request (`seq`), whose blocks count from admission on:
-    `held`, the executor's held contexts (handoff._Held); `scheduler`, its queued and running ones."""
+    `held`, the executor's held contexts (held_contexts.Held); `scheduler`, its queued and running ones."""
     now, bm = time.monotonic(), scheduler.block_manager
     waiting = [h for h in held if h.seq.held_for_client and h.claimed_by is None and not h.released]
     queued = [s for q in (scheduler.waiting, scheduler.running) for s in q if s.held_for_client]

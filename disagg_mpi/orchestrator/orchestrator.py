@@ -25,25 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ..api import CacheTransceiverConfig, ContextPhaseParams, Request, RequestType, Response, Result
+from ..api import ContextPhaseParams, Request, RequestType, Response, Result
 from ..config import Topology
 from ..hops import Hop
-from ..protocol import (
-    Cancel,
-    Enqueue,
-    ExecutorStats,
-    Message,
-    ProtocolError,
-    Ready,
-    Responses,
-    Shutdown,
-    StatsRequest,
-    Tag,
-)
-from ..runtime.comms import Backoff, Comms, recv_ready, send
+from ..protocol import Cancel, Enqueue, ExecutorStats, Message, ProtocolError, Responses, Tag
+from ..runtime.comms import Comms, recv_ready
 from .admission import admitted, model_limits
-from .prefix_index import PrefixIndex
-from .router import Router, direct_handoff, run_locally
+from .fleet import Fleet, any_source
+from .router import Router, run_locally
 from .sample_routes import SampleRoutes
 from .tracks import CONTEXT, GENERATION, Flow, Track, Tracks
 
@@ -52,29 +41,20 @@ class DisaggOrchestrator:
     def __init__(self, topo: Topology, comms: Comms):
         self.topo = topo
         self.comms = comms
-        n_ctx = len(topo.context_executors)
-        self.context_ids = list(range(n_ctx))
-        self.generation_ids = list(range(n_ctx, len(topo.executors)))
-        self.leaders = {i: e.participant_ids[0] for i, e in enumerate(topo.executors)}
+        self.fleet = f = Fleet(topo, comms)  # what rank 0 knows of each executor (fleet.py)
+        # The fleet's tables under the names the routing below and callers (serve/app.py) read.
+        self.context_ids, self.generation_ids = f.context_ids, f.generation_ids
+        self.load, self.free_blocks, self.devices, self.prefix = f.load, f.free_blocks, f.devices, f.prefix
         self.router = Router(topo.router.policy)
         self.groups = SampleRoutes()
-        self.load: dict[int, int] = {i: 0 for i in self.leaders}
-        self.free_blocks: dict[int, int] = {}
-        self.devices: dict[int, str] = {}
         self.tracks = Tracks()
         self._context_answers: deque[tuple[int, Response]] = deque()  # Flow.MANUAL only
         self._out: deque[tuple[int, Response]] = deque()  # what callers see
         self._seed_rng = random.Random()
-        self._backoff = Backoff.for_devices(any(e.device_ids for e in topo.executors))
-        self.prefix = {i: PrefixIndex(e.kv_cache.block_size, e.kv_cache.num_blocks)
-                       for i, e in enumerate(topo.executors)}
-        self._stats: dict[int, dict] = {}
-        flags = [(e.cache_transceiver_config.to_api() if e.cache_transceiver_config else CacheTransceiverConfig()
-                  .with_env_overrides()).direct_handoff for e in topo.executors]
-        self.direct = direct_handoff(flags[:n_ctx], flags[n_ctx:])
+        self.direct = f.direct_handoff
 
     def _send(self, msg: Message, executor: int) -> None:
-        send(self.comms.ctl, msg, self.leaders[executor])
+        self.fleet.send(msg, executor)
 
     # ---- enqueue ---------------------------------------------------------
 
@@ -97,13 +77,7 @@ class DisaggOrchestrator:
         self.tracks.assign(gid, executor, phase, exec_req_id)
         m = self.tracks.get(gid).metrics
         m.stamp(Hop.GEN_ENQUEUED if m.passed(Hop.DISPATCH) else Hop.DISPATCH)
-        self._count(executor, request)
-
-    def _count(self, executor: int, request: Request) -> None:
-        """The load and prefix cache rank 0 expects on `executor` once it runs `request`."""
-        self.load[executor] += len(request.input_token_ids) + request.max_tokens
-        if not request.benchmark_generation_only:  # (its blocks never enter the executor's prefix cache)
-            self.prefix[executor].insert(request.input_token_ids)
+        self.fleet.count(executor, request)
 
     def _dispatch_new(self, gid: int, request: Request, executor: int, phase: str) -> None:
         try:
@@ -151,7 +125,7 @@ class DisaggOrchestrator:
             self._send(Enqueue([(gen_id, gen_req)], await_context=True), gen)
             self.tracks.get(gid).metrics.stamp(Hop.GEN_ENQUEUED)
             try:
-                self._dispatch(gid, r, ctx, CONTEXT, notify=[self.leaders[gen], gen_id])
+                self._dispatch(gid, r, ctx, CONTEXT, notify=[self.fleet.leaders[gen], gen_id])
             except BaseException:
                 self._send(Cancel(gen_id), gen)  # (its answer finds no track, and is dropped)
                 raise
@@ -159,7 +133,7 @@ class DisaggOrchestrator:
             self.tracks.drop(gid)
             raise
         self.tracks.park(gid, gen, gen_id)
-        self._count(gen, gen_req)
+        self.fleet.count(gen, gen_req)
         return gid
 
     def _start_generation(self, gid: int, r: Request, select_id: int | None) -> None:
@@ -234,14 +208,14 @@ class DisaggOrchestrator:
     def poll(self) -> bool:
         """Take in what the executors sent; move answered contexts on to generation."""
         got_any = False
-        while (got := recv_ready(self.comms.ctl, _any(), Tag.TO_ORCHESTRATOR)):
+        while (got := recv_ready(self.comms.ctl, any_source(), Tag.TO_ORCHESTRATOR)):
             got_any = True
             match got[0]:
                 case Responses(ex, responses, load, free_blocks):
-                    self.load[ex], self.free_blocks[ex] = load, free_blocks
+                    self.fleet.report(ex, load, free_blocks)
                     self._on_responses(ex, responses)
                 case ExecutorStats(ex, counters):
-                    self._stats[ex] = counters
+                    self.fleet.stats[ex] = counters
                 case other:
                     raise ProtocolError(f"rank {got[1]} sent {other!r:.120} to rank 0 while serving")
         return got_any
@@ -334,13 +308,13 @@ class DisaggOrchestrator:
         deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             if self.poll():
-                self._backoff.busy()
+                self.fleet.backoff.busy()
             out = [x for q in queues for x in q]
             if out or (deadline is not None and time.perf_counter() >= deadline):
                 for q in queues:
                     q.clear()
                 return out
-            self._backoff.idle()
+            self.fleet.backoff.idle()
 
     def await_context_responses(self, timeout: float | None = None) -> list[tuple[int, Response]]:
         """Context answers of Flow.MANUAL requests (`enqueue_context`)."""
@@ -391,79 +365,34 @@ class DisaggOrchestrator:
                     done[gid] = resp
         return [done[g] for g in gids]
 
-    # ---- introspection ---------------------------------------------------
+    # ---- the executors: counters and lifecycle (fleet.py) ------------------------
 
     def request_executor_stats(self) -> None:
         """Ask every executor for its counters without waiting; `poll` collects the
         answers into `latest_executor_stats()`."""
-        for ex in self.leaders:
-            self._send(StatsRequest(), ex)
+        self.fleet.request_stats()
 
     def latest_executor_stats(self) -> dict[int, dict]:
-        return dict(self._stats)
+        return dict(self.fleet.stats)
 
     def executor_stats(self, timeout: float = 30.0) -> dict[int, dict]:
         """Ask every executor for its counters (blocks, queues, iterations)."""
-        self._stats = {}
-        self.request_executor_stats()
-        deadline = time.perf_counter() + timeout
-        while len(self._stats) < len(self.leaders):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"executors {sorted(set(self.leaders) - set(self._stats))} did not answer")
-            if not self.poll():
-                self._backoff.idle()
-        return dict(self._stats)
+        return self.fleet.collect_stats(self.poll, timeout)
 
     def wait_pools_full(self, timeout: float = 30.0) -> dict[int, dict]:
         """Wait until every executor's KV pool is fully free; raise with the counters if not."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            stats = self.executor_stats(timeout)
-            if all(s["free_blocks"] == s["num_blocks"] for s in stats.values()):
-                return stats
-            if time.perf_counter() > deadline:
-                raise AssertionError(f"KV blocks still held after {timeout} s: {stats}")
-            time.sleep(0.05)
-
-    # ---- lifecycle -------------------------------------------------------
+        return self.fleet.wait_pools_full(self.poll, timeout)
 
     def wait_ready(self, timeout: float = 600.0, on_ready: Callable[[int, str], None] | None = None) -> None:
         """Wait for every executor to load its model; raise if any failed. `on_ready(executor, device)`
-        is called as each one reports ready (the CLI tells the user while a start-up takes its time)."""
-        left = set(self.leaders)
-        deadline = time.perf_counter() + timeout
-        errors = []
-        while left:
-            got = recv_ready(self.comms.ctl, _any(), Tag.TO_ORCHESTRATOR)
-            if got is None:
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"executors {sorted(left)} did not start within {timeout} s")
-                self._backoff.idle()
-                continue
-            match got[0]:
-                case Ready(ex, error, device):
-                    left.discard(ex)
-                    self.devices[ex] = device or "?"
-                    if error:
-                        errors.append(error)
-                    elif on_ready is not None:
-                        on_ready(ex, self.devices[ex])
-                case other:
-                    raise ProtocolError(f"rank {got[1]} sent {other!r:.120} before every executor was ready")
-        if errors:
-            raise RuntimeError("executors failed to start:\n  " + "\n  ".join(errors))
+        is called as each one reports ready (fleet.py)."""
+        self.fleet.wait_ready(timeout, on_ready)
 
     def shutdown(self) -> None:
-        for ex in self.leaders:
-            self._send(Shutdown(), ex)
+        self.fleet.shutdown()
 
     @property
     def num_tracked(self) -> int:
         """Requests rank 0 keeps state for: 0 once idle (a refused or failed request leaves none)."""
         return len(self.tracks)
 
-
-def _any() -> int:
-    from mpi4py import MPI
-
-    return MPI.ANY_SOURCE

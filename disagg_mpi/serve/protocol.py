@@ -7,8 +7,6 @@ OpenAI-style message naming the offending field.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import secrets
@@ -17,25 +15,27 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import ContextPhaseParams, OutputConfig, Request, RequestError, SamplingConfig
+from ..api import OutputConfig, Request, RequestError
 from ..orchestrator.admission import ModelLimits, check_request
 from ..sample_group import SampleGroup
-from .errors import ApiError, bad, error_body, is_int, is_num  # noqa: F401 - ApiError, error_body: re-exported
-from .sampling_fields import extras, logprob_fields, response_format, stop_fields
+from .completion_fields import (  # noqa: F401 - CONTEXT_ONLY: re-exported for the server's modules
+    BENCHMARK_FIELD,
+    CONTEXT_AND_GENERATION,
+    CONTEXT_ONLY,
+    GENERATION_ONLY,
+    benchmark_field,
+    best_of_field,
+    disagg_fields,
+    max_tokens_and_sampling,
+    n_field,
+    stream_fields,
+    token_list,
+)
+from .errors import ApiError, bad, error_body  # noqa: F401 - ApiError, error_body: re-exported
+from .sampling_fields import logprob_fields, response_format, stop_fields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 128
-MAX_N = 16  # choices per prompt
-MAX_CHOICES = 64  # prompts x n in one request
-MAX_BEST_OF = 16  # candidates per prompt (best_of)
-
-CONTEXT_ONLY = "context_only"
-GENERATION_ONLY = "generation_only"
-CONTEXT_AND_GENERATION = "context_and_generation"
-# Our extension field: "generation_only" asks for a generation-only benchmark request (no context phase,
-# meaningless output: engine/benchmark.py); refused unless the server allows it (check_benchmark_allowed).
-BENCHMARK_FIELD = "disagg_benchmark"
-
 
 # Fields of each endpoint. Engine fields are used; the "OpenAI fields we accept"
 # must hold their default value (or anything, for `user`), else the request is refused.
@@ -131,116 +131,6 @@ def _check_defaults(body: dict[str, Any]) -> None:
         raise bad("user must be a string", "user")
 
 
-def _token_list(v: Any, name: str, vocab: int | None) -> list[int]:
-    if not isinstance(v, list) or not all(is_int(t) for t in v):
-        raise bad(f"{name} must be a list of integer token ids", name)
-    if vocab is not None:
-        out = [t for t in v if not 0 <= t < vocab]
-        if out:
-            raise bad(f"{name}: token ids {out[:5]} are outside the vocabulary [0, {vocab})", name)
-    return list(v)
-
-
-def _sampling(body: dict[str, Any], default_max_tokens: int, max_tokens_field: str = "max_tokens",
-              vocab: int | None = None, echo: bool = False) -> tuple[int, SamplingConfig, list[int], bool]:
-    mt = body.get(max_tokens_field)
-    if mt is None and max_tokens_field != "max_tokens":
-        mt, max_tokens_field = body.get("max_tokens"), "max_tokens"
-    if mt is None:
-        mt = default_max_tokens
-    if not is_int(mt) or mt < (0 if echo else 1):
-        raise bad(f"{max_tokens_field}={mt!r} must be an integer >= 1 (0 only with echo: the prompt scored, "
-                  "nothing generated)", max_tokens_field)
-    temperature = body.get("temperature")
-    temperature = 0.0 if temperature is None else temperature  # greedy unless asked (like `run`)
-    if not is_num(temperature) or temperature < 0:
-        raise bad(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)", "temperature")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not is_num(top_p) or not 0 < top_p <= 1:
-        raise bad(f"top_p={top_p!r} must be a number in (0, 1]", "top_p")
-    top_k = body.get("top_k")
-    top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 means disabled (vLLM)
-    if not is_int(top_k) or top_k < 0:
-        raise bad(f"top_k={top_k!r} must be an integer >= 0 (0 or -1 disables top-k)", "top_k")
-    seed = body.get("seed")
-    if seed is not None and (not is_int(seed) or seed < 0):
-        raise bad(f"seed={seed!r} must be a non-negative integer", "seed")
-    stop_ids = body.get("stop_token_ids")
-    stop_ids = [] if stop_ids is None else _token_list(stop_ids, "stop_token_ids", None)
-    ignore_eos = body.get("ignore_eos", False)
-    if ignore_eos is None:
-        ignore_eos = False
-    if not isinstance(ignore_eos, bool):
-        raise bad(f"ignore_eos={ignore_eos!r} must be true or false", "ignore_eos")
-    sc = SamplingConfig(1, float(temperature), top_k, float(top_p), seed, **extras(body, vocab, mt))
-    return mt, sc, stop_ids, ignore_eos
-
-
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad(f"stream={stream!r} must be true or false", "stream")
-    opts = body.get("stream_options")
-    include_usage = False
-    if opts is not None:
-        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
-            raise bad("stream_options must be an object with include_usage", "stream_options")
-        if not stream:
-            raise bad("stream_options is only allowed with stream: true", "stream_options")
-        include_usage = bool(opts.get("include_usage", False))
-    return stream, include_usage
-
-
-def _disagg(body: dict[str, Any], stream: bool) -> tuple[str, ContextPhaseParams | None]:
-    dp = body.get("disaggregated_params")
-    if dp is None:
-        return CONTEXT_AND_GENERATION, None
-    if not isinstance(dp, dict):
-        raise bad("disaggregated_params must be an object", "disaggregated_params")
-    rt = dp.get("request_type", CONTEXT_AND_GENERATION)
-    if rt == CONTEXT_AND_GENERATION:
-        return rt, None
-    if rt == CONTEXT_ONLY:
-        if stream:
-            raise bad("stream is not supported for a context_only request (it returns one token)", "stream")
-        return rt, None
-    if rt != GENERATION_ONLY:
-        raise bad(f"disaggregated_params.request_type={rt!r} must be one of context_only, generation_only, "
-                  "context_and_generation", "disaggregated_params.request_type")
-    first = dp.get("first_gen_tokens")
-    if not isinstance(first, list) or not first or not all(is_int(t) for t in first):
-        raise bad("disaggregated_params.first_gen_tokens must be a non-empty list of token ids "
-                  "(from the context_only response)", "disaggregated_params.first_gen_tokens")
-    ctx_id = dp.get("ctx_request_id")
-    if not is_int(ctx_id):
-        raise bad("disaggregated_params.ctx_request_id must be an integer (from the context_only response)",
-                  "disaggregated_params.ctx_request_id")
-    opaque = dp.get("opaque_state", dp.get("encoded_opaque_state"))
-    if not isinstance(opaque, str) or not opaque:
-        raise bad("disaggregated_params.opaque_state must be the base64 string of the context_only response",
-                  "disaggregated_params.opaque_state")
-    try:
-        state = base64.b64decode(opaque, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad("disaggregated_params.opaque_state is not valid base64",
-                  "disaggregated_params.opaque_state") from None
-    return rt, ContextPhaseParams(ctx_id, list(first), state)
-
-
-def _benchmark(body: dict[str, Any], mode: str) -> bool:
-    v = body.get(BENCHMARK_FIELD)
-    if v is None:
-        return False
-    if v != "generation_only":
-        raise bad(f"{BENCHMARK_FIELD}={v!r} must be \"generation_only\" (or left out)", BENCHMARK_FIELD)
-    if mode != CONTEXT_AND_GENERATION:
-        raise bad(f"{BENCHMARK_FIELD} skips the context phase: it takes no disaggregated_params", BENCHMARK_FIELD)
-    return True
-
-
 def check_benchmark_allowed(p: ParsedRequest, allowed: bool) -> None:
     """A benchmark request reserves KV blocks without computing anything: a client could hold a pool
     cheaply, so only a server started for benchmarks takes one."""
@@ -262,36 +152,6 @@ def _check_model(body: dict[str, Any], model_names: tuple[str, ...]) -> str:
     return model
 
 
-def _n(body: dict[str, Any], prompts: int) -> int:
-    n = body.get("n")
-    n = 1 if n is None else n
-    if not is_int(n) or not 1 <= n <= MAX_N:
-        raise bad(f"n={n!r} must be an integer in [1, {MAX_N}]", "n")
-    if prompts * n > MAX_CHOICES:
-        raise bad(f"{prompts} prompts x n={n} is {prompts * n} choices; at most {MAX_CHOICES} per request", "n")
-    return n
-
-
-def _best_of(body: dict[str, Any], n: int, prompts: int, stream: bool, mode: str) -> int:
-    """Candidates per prompt (best_of.py); 1 when best_of is absent or not above n."""
-    best_of = body.get("best_of")
-    if best_of is None or best_of == 1:
-        return 1
-    if not is_int(best_of) or not n <= best_of <= MAX_BEST_OF:
-        raise bad(f"best_of={best_of!r} must be an integer in [n={n}, {MAX_BEST_OF}]", "best_of")
-    if best_of == n:
-        return 1
-    if stream:
-        raise bad(f"best_of={best_of} > n={n} cannot be streamed: the best candidates are known only at the end; "
-                  "send stream=false or best_of=n", "best_of")
-    if mode != CONTEXT_AND_GENERATION:
-        raise bad("best_of > n takes no disaggregated_params", "best_of")
-    if prompts * best_of > MAX_CHOICES:
-        raise bad(f"{prompts} prompts x best_of={best_of} is {prompts * best_of} candidates; at most {MAX_CHOICES} "
-                  "per request", "best_of")
-    return best_of
-
-
 def _choice_seed(seed: int | None, j: int) -> int | None:
     """Choice j's seed: the request's seed for choice 0, a distinct well-mixed one for the others,
     so seeded choices differ from each other and repeat with the same seed."""
@@ -310,13 +170,14 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
             out = [t for t in ids if not 0 <= t < vocab]
             if out:
                 raise bad(f"prompt token ids {out[:5]} are outside the vocabulary [0, {vocab})", "prompt")
-    stream, include_usage = _stream(body)
-    mode, cpp = _disagg(body, stream)
-    fake_context = _benchmark(body, mode)
-    n = _n(body, len(prompts))
+    stream, include_usage = stream_fields(body)
+    mode, cpp = disagg_fields(body, stream)
+    fake_context = benchmark_field(body, mode)
+    n = n_field(body, len(prompts))
     if mode != CONTEXT_AND_GENERATION and len(prompts) * n > 1:
         raise bad("disaggregated_params takes one prompt and n=1", "disaggregated_params")
-    mt, sc, stop_ids, ignore_eos = _sampling(body, default_max_tokens, max_tokens_field, vocab, echo is not None)
+    mt, sc, stop_ids, ignore_eos = max_tokens_and_sampling(body, default_max_tokens, max_tokens_field, vocab,
+                                                           echo is not None)
     stop_words, include_stop = stop_fields(body)
     k = logprob_fields(body, kind)
     # echo with logprobs: the prompt's too (the context phase computes them)
@@ -325,7 +186,7 @@ def _finish(kind: str, body: dict[str, Any], prompts: list[list[int]], vocab: in
         raise bad("echo with logprobs needs the prompt's logprobs, which the context_only request computes; "
                   "a generation_only request cannot return them: leave echo out", "echo")
     guided = response_format(body)
-    best_of = _best_of(body, n, len(prompts), stream, mode) if kind == "completion" else 1
+    best_of = best_of_field(body, n, len(prompts), stream, mode) if kind == "completion" else 1
     per = max(n, best_of)
     keys = [secrets.randbits(63) for _ in prompts]  # the executors compute each prompt once (sample_group.py)
     reqs = [Request(list(ids), max(mt, 1), dataclasses.replace(sc, seed=_choice_seed(sc.seed, j)), streaming=stream,
@@ -353,9 +214,9 @@ def _prompts(prompt: Any, tokenizer: Any, vocab: int | None) -> tuple[list[list[
     if all(isinstance(p, str) for p in prompt):
         return [tokenizer.encode(_text(p, f"prompt[{i}]")) for i, p in enumerate(prompt)], list(prompt)
     if all(isinstance(p, list) for p in prompt):
-        ids = [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
+        ids = [token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
         return ids, [tokenizer.decode(p) for p in ids]
-    ids = _token_list(prompt, "prompt", vocab)
+    ids = token_list(prompt, "prompt", vocab)
     return [ids], [tokenizer.decode(ids)]
 
 
