@@ -87,12 +87,23 @@ def _server_metrics(obj: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def output_count(usage_tokens: int | None, counted: int, finish_reason: str | None, max_tokens: int) -> int:
+    """The tokens a stream produced: the server's usage if it sent one; else max_tokens if it stopped at
+    "length" (a server may put several tokens in one chunk: llama-cpp-python holds back a token that
+    ends in part of a UTF-8 character); else the chunks counted."""
+    if usage_tokens is not None:
+        return usage_tokens
+    if finish_reason == "length":
+        return max(counted, max_tokens)
+    return counted
+
+
 async def send_one(session: aiohttp.ClientSession, url: str, req: BenchRequest, temperature: float = 0.0,
                    extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> RequestRecord:
     """Send one streaming completion; returns what the client saw (never raises for request failures)."""
     rec = RequestRecord(idx=req.idx, input_len=req.input_len, output_len_requested=req.output_len)
     payload = completion_payload(req, temperature, True, extra)
-    counted, usage_tokens, done = 0, None, False
+    counted, usage_tokens, done, finish_reason = 0, None, False, None
     rec.start = time.perf_counter()
     try:
         async with session.post(url, json=payload, headers=headers) as resp:
@@ -132,12 +143,13 @@ async def send_one(session: aiohttp.ClientSession, url: str, req: BenchRequest, 
                     finish = [c.get("finish_reason") for c in obj.get("choices") or [] if c.get("finish_reason")]
                     if finish and finish[0] not in ("length", "stop"):
                         raise ValueError(f"finish_reason {finish[0]!r}")
+                    finish_reason = finish[0] if finish else finish_reason
         rec.end = time.perf_counter()
         if not done:
             raise ValueError("the stream ended without data: [DONE]")
         if not rec.chunk_times:
             raise ValueError("the stream carried no output tokens")
-        rec.output_tokens = usage_tokens if usage_tokens is not None else counted
+        rec.output_tokens = output_count(usage_tokens, counted, finish_reason, req.output_len)
         rec.ok = True
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as err:
         rec.end = time.perf_counter()

@@ -41,6 +41,15 @@ def fake_server():
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = body["max_tokens"]
+        if request.path.startswith("/merged/"):   # llama-cpp-python: no usage; a token whose text ends in
+            for i in range(0, n, 2):              # part of a UTF-8 character comes out with the next one
+                await asyncio.sleep(0.005)
+                chunk = {"choices": [{"index": 0, "text": f" t{i} t{i + 1}"[: 8 if i + 1 < n else 4],
+                                      "finish_reason": None}]}
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            end = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+            await resp.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+            return resp
         for i in range(n):
             await asyncio.sleep(0.005)
             chunk = {"id": "c", "object": "text_completion",
@@ -58,6 +67,7 @@ def fake_server():
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/textonly/v1/completions", completions)
+    app.router.add_post("/merged/v1/completions", completions)
     app.router.add_get("/health", health)
     runner = web.AppRunner(app)
 
@@ -107,6 +117,17 @@ def test_client_against_fake_server(fake_server, tmp_path):
             "throughput_vs_load.png"} <= names
     assert "ttft (ms) p99" in format_table(res)
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["num_samples"] == 5
+
+
+def test_a_stream_without_usage_that_ends_at_length_has_all_its_tokens(fake_server):
+    """llama-cpp-python's server sends no usage and puts two tokens in one chunk where the first ends
+    in part of a UTF-8 character: a stream that stopped at max_tokens holds max_tokens tokens, however
+    many chunks carried them (counting chunks gave 48 of 64 in a real run)."""
+    url, _ = fake_server
+    reqs = synthetic_requests(2, 8, 7, vocab_size=1024, seed=0)
+    records, _ = asyncio.run(run_load(url + "/merged", reqs, concurrency=2))
+    assert all(r.ok and len(r.chunk_times) == 4 for r in records)
+    assert [r.output_tokens for r in records] == [7, 7]
 
 
 def test_cli_bench_url(fake_server, tmp_path):
