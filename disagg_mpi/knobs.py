@@ -122,6 +122,9 @@ PROCESS: tuple[Knob, ...] = (
     Knob("last_words", str, "", "DISAGG_MPI_LAST_WORDS",
          "internal: the Unix socket where `disagg-mpi serve` keeps in-flight clients' connections, to end "
          "them if the job dies (set by the CLI)"),
+    Knob("cpu_packed_gemm", bool, True, "DISAGG_CPU_PACKED_GEMM",
+         "CPU executors run the decoder's projections through oneDNN with weights prepacked at start-up "
+         "(model/cpu_gemm.py: 1.1-3x MKL's sgemm per GEMM); 0 keeps torch's F.linear", "CPU only"),
     Knob("warm_up", str, "auto", "DISAGG_WARM_UP",
          "run every kind of step (the largest prefill, mixed steps, a chunked prefill, decodes, the sampler's "
          "paths) once before an executor reports ready, so that no compile, plan or allocator growth lands on "
