@@ -121,7 +121,7 @@ def _draw(values, top_k, top_p, min_p, uniform, z_all, vocab: int) -> tuple[torc
     it), and whether that rank is final: the row's kept tokens and its draw fall within the L ranks
     (always so when L is the vocabulary). Every quantity a rank < L gets is the same whatever L is
     (elementwise, or a running sum in float64), so a draw found on a prefix is the full sort's draw."""
-    b, n = values.shape
+    _b, n = values.shape
     ranks = torch.arange(n, device=values.device)[None, :]
     e = values.double().exp()
     # top-k: its normalizer is the running sum up to rank top_k - 1 (needs top_k <= L).

@@ -141,8 +141,8 @@ def test_prefix_draw_equals_full_sort_draw(monkeypatch, seed):
     b, vocab = 96, 300
     logits = torch.randn(b, vocab, generator=g) * torch.rand(b, 1, generator=g) * 6
     logits[: b // 4] = logits[: b // 4].round()          # many equal logits: ties at the cut
-    grid = [dict(), dict(top_k=5), dict(top_k=40), dict(top_p=0.5), dict(top_p=0.97), dict(min_p=0.05),
-            dict(min_p=0.001, top_p=0.9), dict(top_k=12, top_p=0.8)]
+    grid = [{}, {"top_k": 5}, {"top_k": 40}, {"top_p": 0.5}, {"top_p": 0.97}, {"min_p": 0.05},
+            {"min_p": 0.001, "top_p": 0.9}, {"top_k": 12, "top_p": 0.8}]
     params = [SamplingParams(temperature=[0.3, 1.0, 2.5][i % 3], seed=i, **grid[i % len(grid)]) for i in range(b)]
     keys = [(1000 + i, i % 7) for i in range(b)]
     full = _draws(monkeypatch, 10**9, logits, params, keys)
