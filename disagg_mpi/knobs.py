@@ -126,6 +126,9 @@ PROCESS: tuple[Knob, ...] = (
          "split each context of a small decode batch over several programs of the fused decode kernel "
          "(flash-decoding: `model/decode_tiles.py: decode_splits`); off: one program per sequence and KV head",
          "GPU only", choices=("auto", "off")),
+    Knob("cpu_packed_gemm", bool, True, "DISAGG_CPU_PACKED_GEMM",
+         "CPU executors run the decoder's projections through oneDNN with weights prepacked at start-up "
+         "(model/cpu_gemm.py: 1.1-3x MKL's sgemm per GEMM); 0 keeps torch's F.linear", "CPU only"),
     Knob("warm_up", str, "auto", "DISAGG_WARM_UP",
          "run every kind of step (the largest prefill, mixed steps, a chunked prefill, decodes, the sampler's "
          "paths) once before an executor reports ready, so that no compile, plan or allocator growth lands on "

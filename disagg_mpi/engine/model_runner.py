@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..api import TokenLogprobs
-from ..model import triton_kernels
+from ..model import cpu_gemm, triton_kernels
 from ..model.context import AttentionMetadata, forward_context
 from .cuda_graphs import (
     DecodeGraphs,
@@ -159,6 +159,10 @@ class ModelRunner:
             model._projections_fused = True
         # Prefill / mixed steps use the Triton norms / SwiGLU too (torch attention).
         model._fast_kernels = self.fast_decode
+        if (cpu_gemm.available(self.device, self.dtype) and hasattr(model, "pack_for_cpu")
+                and not getattr(model, "_cpu_packed", False)):
+            model.pack_for_cpu()   # oneDNN prepacked projections (model/cpu_gemm.py)
+            model._cpu_packed = True
         cfg = model.config
         width = min(num_blocks, -(-cfg.max_position_embeddings // block_size))
         self.graphs = DecodeGraphs(model, self.kv_pool, block_size, width) if use_graphs else None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disagg_mpi.model import cpu_gemm
 from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.attention import StepIndex, paged_attention, write_kv
 from disagg_mpi.model.config import ModelConfig, rope_inv_freq
@@ -69,7 +70,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         write_kv(pool, local_layer, k, v, idx)
         o = paged_attention(q, k, v, pool, local_layer, idx, self.window)
-        o = self.o_proj(o.reshape(n, self.n_q * self.d))
+        o = o.reshape(n, self.n_q * self.d)
+        packed = getattr(self, "_o_packed", None)
+        o = cpu_gemm.linear(o, packed, None) if packed is not None else self.o_proj(o)
         if self.shard.tp_size > 1:
             o = self.shard.all_reduce(o)
         return o
@@ -81,7 +84,21 @@ class Attention(nn.Module):
         bs = [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
         self._qkv_b = _fuse_rows(bs) if bs[0] is not None else None
 
+    def pack(self) -> None:
+        """CPU: q/k/v as one prepacked oneDNN GEMM, o_proj prepacked too (cpu_gemm.py); the dense
+        weights are freed. Quantized projections (quant.py) are left as they are."""
+        if not hasattr(self, "qkv_proj"):   # (quant.py deletes q/k/v_proj when it fuses them)
+            mods = [self.q_proj, self.k_proj, self.v_proj]
+            if all(type(m) is nn.Linear for m in mods):
+                self._qkv_packed = cpu_gemm.pack_linears(mods)
+        if type(self.o_proj) is nn.Linear:
+            self._o_packed = cpu_gemm.pack_linears([self.o_proj])[0]
+
     def _qkv(self, x):
+        packed = getattr(self, "_qkv_packed", None)
+        if packed is not None:
+            y = cpu_gemm.linear(x, *packed)
+            return y.split([self.n_q * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
         qkv = getattr(self, "qkv_proj", None)   # quant.py's fused int8/int4 projection (CPU)
         if qkv is not None:
             return qkv(x).split([self.n_q * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
@@ -123,9 +140,22 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, ffn_local, bias=False)
         self.down_proj = nn.Linear(ffn_local, cfg.hidden_size, bias=False)
 
+    def pack(self) -> None:
+        """CPU: gate/up as one prepacked oneDNN GEMM, down_proj prepacked (cpu_gemm.py); the dense
+        weights are freed. Quantized projections (quant.py) are left as they are."""
+        if not hasattr(self, "gate_up_proj") and all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj)):
+            self._gu_packed = cpu_gemm.pack_linears([self.gate_proj, self.up_proj])[0]
+        if type(self.down_proj) is nn.Linear:
+            self._down_packed = cpu_gemm.pack_linears([self.down_proj])[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu, down = getattr(self, "_gu_packed", None), getattr(self, "_down_packed", None)
         gate_up = getattr(self, "gate_up_proj", None)   # quant.py's fused int8/int4 projection (CPU)
-        if gate_up is not None:
+        if gu is not None:
+            g, u = cpu_gemm.linear(x, gu, None).chunk(2, dim=-1)
+            h = F.silu(g) * u
+            y = cpu_gemm.linear(h, down, None) if down is not None else self.down_proj(h)
+        elif gate_up is not None:
             g, u = gate_up(x).chunk(2, dim=-1)
             y = self.down_proj(F.silu(g) * u)
         else:
@@ -319,6 +349,18 @@ class LlamaModel(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
+    @torch.no_grad()
+    def pack_for_cpu(self) -> None:
+        """Prepack the dense layers' projections for oneDNN (cpu_gemm.py) and run the lm_head through
+        oneDNN too (dense: it is tied to the embedding). The dense projection weights are freed, so the
+        model then only runs its forward; MoE layers keep their own path."""
+        for layer in self.model.layers.values():
+            layer.self_attn.pack()
+            if isinstance(layer.mlp, MLP):
+                layer.mlp.pack()
+        if self.is_last and type(self.lm_head) is nn.Linear:
+            self._onednn_lm_head = True
+
     def _forward_fast(self, h, cos, sin, kv_pool, idx):
         """Forward on the Triton kernels (residual add fused into each RMSNorm, SwiGLU, fused
         GEMMs). Decode-only steps (idx.fast) also use the Triton RoPE/KV write and paged
@@ -346,4 +388,6 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.is_last:
             raise RuntimeError("compute_logits is only available on the last pipeline stage")
+        if getattr(self, "_onednn_lm_head", False):
+            return cpu_gemm.dense_linear(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()

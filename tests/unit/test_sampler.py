@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from disagg_mpi.engine import sampler
 from disagg_mpi.engine.sampler import key_uniform, sample
 from disagg_mpi.engine.sequence import SamplingParams
 
@@ -122,3 +123,41 @@ def test_a_huge_temperature_samples_inside_the_vocabulary(temperature):
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
     got = sample(logits, [SamplingParams(temperature, 0, 1.0, 3)] * 5, [(3, i) for i in range(5)])
     assert all(0 <= t < 50 for t in got)
+
+
+# ---- the draw on a sorted prefix (sampler.CANDIDATES) equals the draw on the whole sorted row ----
+
+def _draws(monkeypatch, candidates, logits, params, keys):
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+    return sample(logits, params, keys)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_draw_equals_full_sort_draw(monkeypatch, seed):
+    """Rows whose draw lands within the first CANDIDATES ranks and rows that fall back to the full sort
+    both give the full sort's token, for every truncation (top-k inside / beyond the prefix, top-p,
+    min-p, none) and with ties (repeated logits)."""
+    g = torch.Generator().manual_seed(seed)
+    b, vocab = 96, 300
+    logits = torch.randn(b, vocab, generator=g) * torch.rand(b, 1, generator=g) * 6
+    logits[: b // 4] = logits[: b // 4].round()          # many equal logits: ties at the cut
+    grid = [{}, {"top_k": 5}, {"top_k": 40}, {"top_p": 0.5}, {"top_p": 0.97}, {"min_p": 0.05},
+            {"min_p": 0.001, "top_p": 0.9}, {"top_k": 12, "top_p": 0.8}]
+    params = [SamplingParams(temperature=[0.3, 1.0, 2.5][i % 3], seed=i, **grid[i % len(grid)]) for i in range(b)]
+    keys = [(1000 + i, i % 7) for i in range(b)]
+    full = _draws(monkeypatch, 10**9, logits, params, keys)
+    calls = []
+    real = sampler._sample_full
+    monkeypatch.setattr(sampler, "_sample_full", lambda s, *a: calls.append(len(s)) or real(s, *a))
+    assert _draws(monkeypatch, 16, logits, params, keys) == full
+    assert calls and calls[0] < b          # some rows were final on the prefix, some fell back
+
+
+def test_prefix_draw_is_taken_on_a_real_vocabulary(monkeypatch):
+    """A SmolLM2-sized row at an ordinary temperature is drawn on the prefix: no full sort."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 49152, generator=g) * 4
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i) for i in range(8)]
+    keys = [(i, 3) for i in range(8)]
+    monkeypatch.setattr(sampler, "_sample_full", lambda *a: pytest.fail("fell back to the full sort"))
+    assert len(sample(logits, params, keys)) == 8
