@@ -8,10 +8,7 @@ same code serves aggregated, context-only and generation-only requests.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import numbers
 import random
 import time
 from collections import deque
@@ -20,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..api import (
-    DISAGG_NOT_ENABLED,
     ContextPhaseParams,
     ExecutorConfig,
     FinishReason,
@@ -30,7 +26,6 @@ from ..api import (
     RequestType,
     Response,
     Result,
-    SamplingConfig,
     as_int,
 )
 from ..hops import Hop
@@ -43,12 +38,13 @@ from .cuda_graphs import is_decode_only
 from .grammar import Grammars
 from .grammar_masks import fill_masks
 from .handoff import Handoff
-from .logprobs import NOT_ASKED, logprobs_k, logprobs_plan, prompt_logprobs_k, prompt_rows
+from .logprobs import NOT_ASKED, logprobs_plan, prompt_rows
 from .model_runner import StepPlan
 from .overlap import next_decode_inputs
+from .request_checks import make_sequence
 from .sample_groups import PrefillGroups
 from .scheduler import RequestTooLargeError, Scheduler
-from .sequence import SamplingParams, Sequence
+from .sequence import Sequence
 from .step_isolation import retry_alone
 from .step_log import StepLog, mark_first_chunks, mark_first_tokens
 
@@ -140,7 +136,10 @@ class LLMEngine:
             meta.metrics.stamp(Hop.GEN_ADMITTED if generation else Hop.ADMITTED)
         self._meta[req_id] = meta
         try:
-            seq = self._make_sequence(req_id, request)
+            seq = make_sequence(req_id, request, self.model_config, self.eos, self.transceiver_enabled,
+                                self._seed_rng)
+            if getattr(request, "guided_decoding", None) is not None:
+                seq.grammar = self.grammars.state(request.guided_decoding)
             if generation and await_context:
                 self.handoff.direct.park(seq, request)
             elif generation:
@@ -162,82 +161,6 @@ class LLMEngine:
             self._error(req_id, str(err), _param_of(err), getattr(err, "retry_after", None))
         except TypeError as err:  # a field of the wrong type that the checks above missed
             self._error(req_id, f"malformed request: {err}")
-
-    def _make_sequence(self, req_id: int, r: Request) -> Sequence:
-        rt = r.request_type
-        if rt != RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION and not self.transceiver_enabled:
-            raise RequestError(DISAGG_NOT_ENABLED)
-        if not isinstance(r.sampling_config, SamplingConfig):
-            raise RequestError(f"sampling_config must be a SamplingConfig, got {type(r.sampling_config).__name__}",
-                               "sampling_config")
-        sc = r.sampling_config
-        for name in ("temperature", "top_p"):
-            v = getattr(sc, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isinf(v):
-                raise RequestError(f"{name}={v!r} must be a finite number", f"sampling_config.{name}")
-        sc.validate()
-        benchmark.check_request(r)
-        ids = r.input_token_ids
-        if ids is None or (isinstance(ids, (list, tuple)) and not ids):
-            raise RequestError("the prompt is empty; send at least one token", "input_token_ids")
-        if not isinstance(ids, (list, tuple)):
-            raise RequestError(f"input_token_ids must be a list of token ids, got {type(ids).__name__}",
-                               "input_token_ids")
-        vocab = self.model_config.vocab_size
-        ids = [_as_int(t) for t in ids]  # numpy / torch integers are fine; bool, float, str are not
-        bad = [t for t in ids if t is None or not 0 <= t < vocab]
-        if bad:
-            shown = [t for t, i in zip(r.input_token_ids, ids) if i is None or not 0 <= i < vocab][:5]
-            raise RequestError(f"token ids {shown} are outside the vocabulary [0, {vocab})", "input_token_ids")
-        full_max_tokens = _as_int(r.max_tokens)
-        if full_max_tokens is None or full_max_tokens < 1:
-            raise RequestError(f"max_tokens={r.max_tokens!r} must be an integer >= 1", "max_tokens")
-        stop = r.stop_token_ids if r.stop_token_ids is not None else []
-        stop_ids = [_as_int(t) for t in stop] if isinstance(stop, (list, tuple, set)) else [None]
-        if None in stop_ids:
-            raise RequestError(f"stop_token_ids={r.stop_token_ids!r} must be a list of integer token ids",
-                               "stop_token_ids")
-        limit = self.model_config.max_position_embeddings
-        if len(ids) + full_max_tokens > limit:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({full_max_tokens}) exceeds the "
-                               f"model's context of {limit} tokens", "max_tokens")
-        seed = sc.seed if sc.seed is not None else self._seed_rng.getrandbits(63)
-        max_tokens = 1 if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY else full_max_tokens
-        sampling = self._sampling_params(sc, seed, stop_ids, full_max_tokens)
-        guided = getattr(r, "guided_decoding", None)
-        if guided is not None:
-            sampling = dataclasses.replace(sampling, guided=True)
-        seq = Sequence(req_id, ids, max_tokens, sampling, set(stop_ids), self.eos, r.ignore_eos)
-        seq.group = getattr(r, "sample_group", None)
-        if guided is not None:
-            seq.grammar = self.grammars.state(guided)
-        seq.num_logprobs = logprobs_k(r)
-        if r.benchmark_generation_only:  # no context phase: decoding starts from a fixed first token
-            seq.fake_context, seq.output_ids = True, [benchmark.fake_first_token(ids)]
-        if rt != RequestType.REQUEST_TYPE_GENERATION_ONLY and not r.benchmark_generation_only:  # (the generation side computes no prompt)
-            seq.num_prompt_logprobs = prompt_logprobs_k(r)
-            seq.prompt_logprobs = [None] if seq.num_prompt_logprobs != NOT_ASKED else []
-        if rt == RequestType.REQUEST_TYPE_CONTEXT_ONLY:
-            # The generation side decodes the rest; the context keeps its blocks.
-            seq.keep_blocks = True
-            seq.full_max_tokens = full_max_tokens
-        return seq
-
-    def _sampling_params(self, sc: SamplingConfig, seed: int, stop_ids: list[int], max_tokens: int
-                         ) -> SamplingParams:
-        vocab = self.model_config.vocab_size
-        bias = sorted((sc.logit_bias or {}).items())
-        outside = [t for t, _ in bias if not 0 <= t < vocab]
-        if outside:
-            raise RequestError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary [0, {vocab})")
-        if sc.min_tokens > max_tokens:
-            raise RequestError(f"min_tokens={sc.min_tokens} must be <= max_tokens ({max_tokens})")
-        # min_tokens: EOS and stop tokens are masked (also with ignore_eos, as vLLM does)
-        mask = tuple(sorted(t for t in self.eos | set(stop_ids) if 0 <= t < vocab)) if sc.min_tokens else ()
-        return SamplingParams(sc.temperature, sc.top_k, sc.top_p, seed, float(sc.min_p),
-                              float(sc.presence_penalty), float(sc.frequency_penalty),
-                              float(sc.repetition_penalty), tuple((t, float(b)) for t, b in bias),
-                              sc.min_tokens, mask)
 
     # ---- steps -----------------------------------------------------------
 
