@@ -63,6 +63,12 @@ def test_qwen3_triton_decode_path_equals_transformers(monkeypatch):
     """The fast decode path (q/k norm in torch, then the fused RoPE + KV write + attention kernel,
     Triton norms and SwiGLU around it) gives transformers' tokens. Runs on CPU under the Triton
     interpreter (`TRITON_INTERPRET=1`, triton installed); skipped otherwise (CI has no triton)."""
+    assert_fast_path_equals_transformers(monkeypatch, "qwen3")
+
+
+def assert_fast_path_equals_transformers(monkeypatch, family: str) -> None:
+    """Greedy tokens of `family`'s checkpoint through the executor on the Triton fast decode path
+    (no CUDA graphs: the interpreter runs on CPU) equal transformers'; skips without the interpreter."""
     import functools
 
     import disagg_mpi.engine.executor as executor_mod
@@ -73,7 +79,7 @@ def test_qwen3_triton_decode_path_equals_transformers(monkeypatch):
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     monkeypatch.setattr(executor_mod, "ModelRunner", functools.partial(ModelRunner, fast_decode=True,
                                                                        cuda_graphs=False))
-    folder = family_checkpoint("qwen3")
+    folder = family_checkpoint(family)
     model = load_model(str(folder))
     assert model.supports_fast_decode()
     prompts = PROMPTS[:2]

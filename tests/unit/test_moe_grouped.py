@@ -90,26 +90,9 @@ def test_moe_fast_decode_path_equals_transformers(monkeypatch):
     """The CUDA decode path of an MoE model (Triton norms, q/k norm, fused RoPE + attention kernel,
     the grouped experts with the Triton SwiGLU), run on CPU under the Triton interpreter
     (`TRITON_INTERPRET=1`, triton installed; skipped otherwise): transformers' tokens."""
-    import functools
-
-    import disagg_mpi.engine.executor as executor_mod
-    from disagg_mpi.engine.model_runner import ModelRunner
     from disagg_mpi.model import llama as llama_mod
-    from disagg_mpi.model import triton_kernels as tk
-    from tests.hf_folder import family_checkpoint
-    from tests.oracle import hf_greedy
-    from tests.unit.test_model_families import PROMPTS, executor_tokens
+    from tests.unit.test_model_families import assert_fast_path_equals_transformers
 
-    if not tk.available("cpu"):
-        pytest.skip("needs triton and TRITON_INTERPRET=1")
     for mod in (moe_mod, llama_mod):
         monkeypatch.setattr(mod, "grouped_mm_ok", lambda device, dtype: True)
-    monkeypatch.setattr(executor_mod, "ModelRunner", functools.partial(ModelRunner, fast_decode=True,
-                                                                       cuda_graphs=False))
-    folder = family_checkpoint("qwen3-moe")
-    model = load_model(str(folder))
-    assert model.supports_fast_decode()
-    prompts = PROMPTS[:2]
-    tokens = executor_tokens(model, prompts, 6, max_num_tokens=256)
-    assert model._fast_kernels
-    assert tokens == hf_greedy(prompts, 6, folder, None)
+    assert_fast_path_equals_transformers(monkeypatch, "qwen3-moe")

@@ -49,13 +49,19 @@ def _stream_of_small(sched, first_id, n):
     return [s.req_id for s, _ in step.items if s.req_id >= first_id]
 
 
-def test_bypass_stops_after_max_bypass_passes():
-    # a runs (4 of 6 blocks); b (3 blocks) waits; small ones may pass it twice, then wait behind it.
-    sched = make_sched(num_blocks=6, block_size=4, max_num_tokens=32, max_batch_size=8, max_bypass=2)
+def _b_waits_behind_a(**bypass):
+    """a runs (4 of 6 blocks); b (3 blocks) is queued and cannot fit: (scheduler, b)."""
+    sched = make_sched(num_blocks=6, block_size=4, max_num_tokens=32, max_batch_size=8, **bypass)
     a, b = make_seq(0, 12, max_tokens=8), make_seq(1, 8, max_tokens=4)
     sched.add(a)
     run_step(sched)
     sched.add(b)
+    return sched, b
+
+
+def test_bypass_stops_after_max_bypass_passes():
+    # a runs (4 of 6 blocks); b (3 blocks) waits; small ones may pass it twice, then wait behind it.
+    sched, b = _b_waits_behind_a(max_bypass=2)
     assert _stream_of_small(sched, 10, 1) == [10]
     assert _stream_of_small(sched, 20, 1) == [20]
     assert b.bypassed == 2
@@ -68,11 +74,7 @@ def test_bypass_stops_after_max_bypass_passes():
 
 
 def test_bypass_stops_once_the_blocked_request_waited_max_bypass_s():
-    sched = make_sched(num_blocks=6, block_size=4, max_num_tokens=32, max_batch_size=8, max_bypass_s=0.05)
-    a, b = make_seq(0, 12, max_tokens=8), make_seq(1, 8, max_tokens=4)
-    sched.add(a)
-    run_step(sched)
-    sched.add(b)
+    sched, b = _b_waits_behind_a(max_bypass_s=0.05)
     assert _stream_of_small(sched, 10, 1) == [10]
     b.arrival_time -= 1.0  # it has waited longer than max_bypass_s
     assert _stream_of_small(sched, 20, 1) == []
