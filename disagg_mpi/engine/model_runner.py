@@ -159,9 +159,11 @@ class ModelRunner:
             model._projections_fused = True
         # Prefill / mixed steps use the Triton norms / SwiGLU too (torch attention).
         model._fast_kernels = self.fast_decode
-        if (cpu_gemm.available(self.device, self.dtype) and hasattr(model, "pack_for_cpu")
-                and not getattr(model, "_cpu_packed", False)):
-            model.pack_for_cpu()   # oneDNN prepacked projections (model/cpu_gemm.py)
+        # oneDNN prepacked projections (model/cpu_gemm.py); not under the Triton fast path (the
+        # interpreter on CPU), whose fused GEMMs read the dense weights that packing frees.
+        if (not self.fast_decode and cpu_gemm.available(self.device, self.dtype)
+                and hasattr(model, "pack_for_cpu") and not getattr(model, "_cpu_packed", False)):
+            model.pack_for_cpu()
             model._cpu_packed = True
         cfg = model.config
         width = min(num_blocks, -(-cfg.max_position_embeddings // block_size))
