@@ -126,6 +126,10 @@ PROCESS: tuple[Knob, ...] = (
          "split each context of a small decode batch over several programs of the fused decode kernel "
          "(flash-decoding: `model/decode_tiles.py: decode_splits`); off: one program per sequence and KV head",
          "GPU only", choices=("auto", "off")),
+    Knob("ipc_ordered_join", bool, True, "DISAGG_IPC_ORDERED_JOIN",
+         "a generation leader's one-sided CUDA IPC pull joins the batch as soon as its copy is queued: the "
+         "model's stream waits for the copy, the host does not (`transfer/ipc_path.py`); 0: the request joins "
+         "once the host has seen the copy complete (between two steps)", "GPU with CUDA IPC"),
     Knob("cpu_packed_gemm", bool, True, "DISAGG_CPU_PACKED_GEMM",
          "CPU executors run the decoder's projections through oneDNN with weights prepacked at start-up "
          "(model/cpu_gemm.py: 1.1-3x MKL's sgemm per GEMM); 0 keeps torch's F.linear", "CPU only"),

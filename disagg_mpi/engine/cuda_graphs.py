@@ -25,7 +25,7 @@ collectives run through MPI on the host) and unless `DISAGG_CUDA_GRAPHS=0`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -163,8 +163,12 @@ class Launch:
     def __init__(self, b, logits, tokens, host, event):
         self.b, self.logits, self.tokens, self.host, self.event = b, logits, tokens, host, event
 
-    def wait(self) -> list[int]:
-        """The greedy tokens (the step's one host sync)."""
+    def wait(self, meanwhile: Callable[[], object] | None = None) -> list[int]:
+        """The greedy tokens (the step's one host sync); `meanwhile` is called again and again
+        while the GPU runs the step (a leader's hand-off messages: worker.py)."""
+        if meanwhile is not None:
+            while not self.event.query():
+                meanwhile()
         self.event.synchronize()
         return self.host[:self.b].tolist()
 

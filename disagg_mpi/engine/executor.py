@@ -54,6 +54,9 @@ class _LocalGroup:
     def pull_in_flight(self, req_id: int) -> bool:
         return False
 
+    def unsettled(self, req_id: int) -> bool:
+        return False
+
 
 class Executor:
     def __init__(self, model: Any = "smollm2", config: ExecutorConfig | None = None):

@@ -64,6 +64,9 @@ from .sequence import Sequence
 
 # A pull is used before the claim's answer only if seen landed this long before keep_until.
 _KEEP_MARGIN_S = 0.005
+# ... or, when it joined on the GPU's order and its copy may still be running (ipc_path.py), this long:
+# the copy (well under a millisecond) must end before keep_until, whatever the GPU's time-slicing.
+_KEEP_MARGIN_UNSETTLED_S = 0.1
 
 
 @dataclass
@@ -121,6 +124,8 @@ class Handoff:
         self.held, self.notify = self.contexts.held, self.contexts.notify  # (req id -> Held; direct notices)
         self.pending: dict[int, _GenPending] = {}  # generation side: admitted, KV not in yet
         self.quarantine: set[int] = set()  # timed-out pulls whose receives may still land
+        # joined, but their copy may still read the context's blocks: released once it has settled
+        self.unreleased: dict[int, OpaqueState] = {}
         self.direct = ParkedGeneration(config.lease_seconds, self.admit, host, send_peer)  # (direct.py)
         # parallel sampling (sample_groups.py): a group's members pull once
         self.groups = PullGroups(scheduler, self.pending, self.quarantine, host, self._release_context, self._enqueue)
@@ -254,7 +259,8 @@ class Handoff:
             if p is None:
                 continue
             if p.state == "claiming":  # an early pull landed before the claim's answer
-                if time.monotonic() < p.opaque.keep_until - _KEEP_MARGIN_S:   # and the KV is good
+                margin = _KEEP_MARGIN_UNSETTLED_S if self.group.unsettled(req_id) else _KEEP_MARGIN_S
+                if time.monotonic() < p.opaque.keep_until - margin:   # and the KV is good
                     del self.pending[req_id]
                     self._pulled(p, nbytes)
                     continue
@@ -362,14 +368,26 @@ class Handoff:
 
     def _release_context(self, opaque: OpaqueState, gen_req_id: int) -> None:
         """Tell the context leader it may free; it heeds only the request that claimed (or, before
-        any claim, anyone): a refused replay on this same executor must not free another's blocks."""
+        any claim, anyone): a refused replay on this same executor must not free another's blocks.
+        A copy that may still read them (a GPU-ordered join) holds the release until it has settled."""
+        if self.group.unsettled(gen_req_id):
+            self.unreleased[gen_req_id] = opaque
+            return
         self.send_peer(opaque.world_ranks[0], Release(opaque.ctx_req_id, gen_req_id))
+
+    def _release_settled(self) -> None:
+        for req_id, opaque in list(self.unreleased.items()):
+            if not self.group.unsettled(req_id):
+                del self.unreleased[req_id]
+                self._release_context(opaque, req_id)
 
     def housekeeping(self) -> None:
         """Timers and transfer completions; cheap, called every loop turn even when idle."""
         if self.pending or self.quarantine:
             self._advance_pending()
             self._expire_transfers()
+        if self.unreleased:
+            self._release_settled()
         self.groups.tick()
         if self.held:
             self.contexts.expire_leases()

@@ -72,6 +72,8 @@ class ExecutorGroup(Protocol):
 
     def pull_in_flight(self, req_id: int) -> bool: ...
 
+    def unsettled(self, req_id: int) -> bool: ...  # a finished pull's copy may still read the context's pool
+
     def can_pull_unclaimed(self, opaque: OpaqueState) -> bool: ...  # optional: see handoff.py
 
     @property

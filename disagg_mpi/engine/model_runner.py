@@ -8,6 +8,7 @@ requests; it sees flat lists of token ids and block tables.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -173,6 +174,9 @@ class ModelRunner:
         self.chains_decode = self.graphs is not None and (overlap_enabled() if overlap is None else overlap)
         self._chained: tuple[StepInputs, Launch, list[int]] | None = None
         self.overlap_stats = {"launched": 0, "used": 0, "dropped": 0}
+        # Called while a graph decode step runs on the GPU, instead of blocking (a leader's hand-off
+        # messages: runtime/worker.py); None: block.
+        self.meanwhile: Callable[[], object] | None = None
 
     def capture_decode_graphs(self, max_batch_size: int) -> int:
         """Capture now (at start-up) the decode graphs of every batch size a scheduler of
@@ -218,7 +222,7 @@ class ModelRunner:
                     and self.graphs.can_run(nxt)):
                 queued = self.graphs.launch(nxt, ids_from=launch.tokens)
                 self.overlap_stats["launched"] += 1
-            tokens = launch.wait()   # argmax ran inside the graph: the one host sync
+            tokens = launch.wait(self.meanwhile)   # argmax ran inside the graph: the one host sync
             if queued is not None:
                 self._chained = (nxt, queued, tokens)
             return Sampled(tokens)

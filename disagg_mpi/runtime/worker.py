@@ -52,6 +52,8 @@ class MpiGroup:
         self._bytes: dict[int, int] = {}
         self._done: list[tuple[int, int, float]] = []
         self._t0: dict[int, float] = {}
+        if transceiver is not None:  # our own pulls (the members' report once their copies are in)
+            transceiver.order_joins(env_value("DISAGG_IPC_ORDERED_JOIN"))
 
     def run_step(self, plan: StepPlan) -> Sampled:
         msg = P.Step(plan)
@@ -119,6 +121,10 @@ class MpiGroup:
 
     def pull_in_flight(self, req_id: int) -> bool:
         return req_id in self._left
+
+    def unsettled(self, req_id: int) -> bool:
+        """Whether a finished pull's copy may still be reading the context's pool (ipc_path.py)."""
+        return self.transceiver is not None and self.transceiver.unsettled(req_id)
 
     def poll_transfers(self) -> list[tuple[int, int, float]]:
         out, self._done = self._done, []
@@ -224,20 +230,15 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
 def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> None:
     backoff = Backoff.for_devices(group.runner.device.type == "cuda")
     overlap = cfg.cache_transceiver_config.overlap
+    if not group.members:  # while a decode step runs on the GPU (one rank: nobody waits on us)
+        group.runner.meanwhile = lambda: _between_steps(comms, engine, group)
     while True:
         active = False
         while (got := recv_ready(comms.ctl, 0, P.Tag.TO_EXECUTOR)):
             active = True
             if not _on_orchestrator(comms, engine, got[0]):
                 return
-        while (got := recv_ready(comms.ctl, _ANY(), P.Tag.PEER)):
-            active = True
-            _on_peer(comms, engine, *got)
-        active |= group.progress()
-        engine.housekeeping()
-        # What is ready now (a generation request's first token once its KV landed, errors) goes
-        # out before the step, not a whole decode step later (7 ms for an 8B model on an H100).
-        _send_responses(comms, engine)
+        active |= _between_steps(comms, engine, group)
         if engine.busy and (overlap or not group.receiving):
             engine.step()
             active = True
@@ -246,6 +247,24 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
             backoff.busy()
         else:
             backoff.idle()
+
+
+def _between_steps(comms: Comms, engine: LLMEngine, group: MpiGroup) -> bool:
+    """The hand-off's part of a loop turn: other leaders' messages, transfers, timers, responses;
+    True if anything happened. Also run while a decode step is on the GPU (model_runner.py:
+    `meanwhile`), so a ContextReady notice is claimed and pulled, and the first token it carries
+    goes out, at once instead of after the step (half a decode step sooner on average). Rank 0's
+    messages (new requests) wait for the loop: admission is the scheduler's, between steps."""
+    active = False
+    while (got := recv_ready(comms.ctl, _ANY(), P.Tag.PEER)):
+        active = True
+        _on_peer(comms, engine, *got)
+    active |= group.progress()
+    engine.housekeeping()
+    # What is ready now (a generation request's first token once its KV landed, errors) goes
+    # out before the step, not a whole decode step later (7 ms for an 8B model on an H100).
+    _send_responses(comms, engine)
+    return active
 
 
 def _on_orchestrator(comms: Comms, engine: LLMEngine, msg: P.Message) -> bool:

@@ -6,6 +6,12 @@ stream (one pass: `block_copy.py`), then tells the context rank it is done. Late
 from that rank are one-sided: no message at all, the generation rank copies from the
 mapped pool at once. `IpcPath` holds both sides: the pool we export (context side) and
 the pools we mapped (generation side).
+
+GPU-ordered joins (`ordered`, an executor leader's own pulls): a one-sided copy is done for
+the engine as soon as it is queued; the model's stream waits for the copy's event, so the
+request joins the very next step, and the host never waits for the copy (it used to see it
+complete only between two decode steps, one step late). The copy still `settle`s: until its
+event has completed, `unsettled` says so, and the engine keeps the context's blocks claimed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class IpcPath:
         self.mapper = cuda_ipc.PoolMapper(io.pool.device)  # generation side: pools we opened
         self.peers: dict[int, dict] = {}  # context rank -> its pool's IPC description (mapped)
         self._pairs: dict[int, tuple] = {}  # context rank -> (that description, block_copy.PoolPair)
+        self.ordered = False  # GPU-ordered joins of one-sided pulls (see the module's docstring)
+        self.settling: list[tuple[int, Any, float]] = []  # (req_id, event, t0): joined, copy queued
 
     def close(self) -> None:
         """Close the CUDA IPC mappings (at executor shutdown)."""
@@ -115,13 +123,34 @@ class IpcPath:
         return self._pairs[source][1]
 
     def receive(self, job: RecvJob, ri: RecvItem) -> None:
+        if ri.ipc_event is not None and self.ordered and ri.one_sided:  # done for the engine, now
+            self.side.compute_waits(ri.ipc_event)
+            self.settling.append((job.req_id, ri.ipc_event, ri.ipc_t0))
+            ri.ipc_event = None
+            ri.ipc_done = True
+            job.bytes += ri.queued_bytes
+            return
         if ri.ipc_event is not None and ri.ipc_event.query():
             self.side.recycle(ri.ipc_event)
             ri.ipc_event = None
-            self.stats.ipc_copy_seconds.append(time.perf_counter() - ri.ipc_t0)
-            del self.stats.ipc_copy_seconds[:-64]
+            self._copied(ri.ipc_t0)
             if not ri.one_sided:
                 self.comm.send(encode(PullDone()), dest=ri.source, tag=ri.tag)  # the context may free
             ri.ipc_done = True
             job.bytes += ri.queued_bytes
             self.io.keep(ri.free_bufs)
+
+    def settle(self) -> None:
+        """Note the GPU-ordered copies that have completed (queued in order on one stream)."""
+        while self.settling and self.settling[0][1].query():
+            _, ev, t0 = self.settling.pop(0)
+            self.side.recycle(ev)
+            self._copied(t0)
+
+    def _copied(self, t0: float) -> None:
+        self.stats.ipc_copy_seconds.append(time.perf_counter() - t0)
+        del self.stats.ipc_copy_seconds[:-64]
+
+    def unsettled(self, req_id: int) -> bool:
+        """Whether a GPU-ordered copy of this request may still be reading the context's pool."""
+        return any(r == req_id for r, _, _ in self.settling)

@@ -64,7 +64,11 @@ class RecvSide:
 
     @property
     def busy(self) -> bool:
-        return bool(self._recv or self._outbox)
+        return bool(self._recv or self._outbox or (self.ipc is not None and self.ipc.settling))
+
+    def unsettled(self, req_id: int) -> bool:
+        """Whether a finished pull's copy may still be reading the context's pool (ipc_path.py)."""
+        return self.ipc is not None and self.ipc.unsettled(req_id)
 
     @property
     def receiving(self) -> bool:
@@ -73,6 +77,8 @@ class RecvSide:
     def poll(self) -> list[tuple[int, int, float]]:
         """Progress every pull; returns (req_id, bytes, seconds) of those finished here."""
         finished = []
+        if self.ipc is not None and self.ipc.settling:
+            self.ipc.settle()
         if self._outbox:
             self._outbox = [r for r in self._outbox if not r.Test()]
         for req_id, job in list(self._recv.items()):

@@ -151,6 +151,14 @@ class SideStream:
         self._ordered.record(self.compute)
         self.stream.wait_event(self._ordered)
 
+    def compute_waits(self, ev: RawEvent | torch.cuda.Event) -> None:
+        """Make the model's stream wait for `ev` (of `record()`): the steps queued from now on run
+        after the side-stream copies before it, with no host wait (a pull's blocks join the batch)."""
+        if isinstance(ev, RawEvent):
+            self._rt.streamWaitEvent(self.compute.cuda_stream, ev._ev, 0)
+        else:
+            self.compute.wait_event(ev)
+
     def recycle(self, ev: RawEvent | torch.cuda.Event) -> None:
         """Hand back an event of `record()` that has completed and is not looked at again."""
         if isinstance(ev, RawEvent) and len(self._spare_events) < 8:

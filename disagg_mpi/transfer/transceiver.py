@@ -197,6 +197,15 @@ class KvTransceiver:
         """Ask the context ranks for this rank's share of a request's KV (see RecvSide.start_pull)."""
         self.receiver.start_pull(req_id, opaque, my_blocks)
 
+    def order_joins(self, on: bool) -> None:
+        """GPU-ordered joins for this rank's one-sided IPC pulls (an executor leader's; ipc_path.py)."""
+        if self.ipc is not None:
+            self.ipc.ordered = on
+
+    def unsettled(self, req_id: int) -> bool:
+        """Whether a finished pull's copy may still be reading the context's pool (ipc_path.py)."""
+        return self.receiver.unsettled(req_id)
+
     def one_sided_ready(self, opaque: OpaqueState) -> bool:
         """Whether a pull of `opaque` needs no context rank at all (see RecvSide.one_sided_ready)."""
         return self.receiver.one_sided_ready(opaque)

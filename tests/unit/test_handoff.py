@@ -38,6 +38,7 @@ class ScriptedGroup:
         self.early = early
         self.pulls: list[int] = []
         self.in_flight: set[int] = set()
+        self.copying: set[int] = set()   # landed for the engine, copy still running (GPU-ordered join)
         self._done: list[tuple[int, int, float]] = []
 
     def can_pull_unclaimed(self, opaque) -> bool:
@@ -47,9 +48,14 @@ class ScriptedGroup:
         self.pulls.append(req_id)
         self.in_flight.add(req_id)
 
-    def land(self, req_id: int, nbytes: int = 4096) -> None:
+    def land(self, req_id: int, nbytes: int = 4096, settled: bool = True) -> None:
         self.in_flight.discard(req_id)
+        if not settled:
+            self.copying.add(req_id)
         self._done.append((req_id, nbytes, 0.0))
+
+    def unsettled(self, req_id: int) -> bool:
+        return req_id in self.copying
 
     def poll_transfers(self):
         out, self._done = self._done, []
@@ -189,6 +195,37 @@ def test_early_pull_landed_after_keep_until_waits_for_the_answer(model_config):
     eng.handoff.on_claim_reply(1, "context request 11 is unknown, already served, expired or freed")
     [resp] = eng.take_responses()
     assert "already served" in resp.error_msg and not eng.scheduler.ready
+
+
+# ---- GPU-ordered joins: the copy is queued, the model's stream waits for it -------------------
+
+
+def test_a_join_before_the_copy_settles_holds_the_release_until_it_has(model_config):
+    eng, group, sent, cs = _engine(model_config, early=False)
+    eng.add_request(1, _gen_request(cs))
+    eng.housekeeping()
+    eng.handoff.on_claim_reply(1, None)
+    group.land(1, settled=False)
+    eng.housekeeping()
+    assert [s.req_id for s in eng.scheduler.ready] == [1]   # joins the next step at once
+    assert _ops(sent) == ["claim"]   # the copy may still read the context's blocks: not released
+    eng.housekeeping()
+    assert _ops(sent) == ["claim"]
+    group.copying.discard(1)
+    eng.housekeeping()
+    assert _ops(sent) == ["claim", "release"] and sent[1][1].gen_req_id == 1
+
+
+def test_an_unsettled_early_pull_is_used_before_the_answer_only_well_before_keep_until(model_config):
+    for settled, used in ((True, True), (False, False)):   # keep_until 50 ms away: enough only once settled
+        eng, group, sent, cs = _engine(model_config, early=True)
+        eng.add_request(1, _gen_request(cs, keep_until=time.monotonic() + 0.05))
+        eng.housekeeping()
+        group.land(1, settled=settled)
+        eng.housekeeping()
+        assert bool(eng.scheduler.ready) == used, settled
+    eng.handoff.on_claim_reply(1, None)   # the grant: joins, and the release still waits for the copy
+    assert [s.req_id for s in eng.scheduler.ready] == [1] and _ops(sent) == ["claim"]
 
 
 class ContextGroup(ScriptedGroup):
