@@ -24,6 +24,9 @@
 #   engine-quick  scripts/bench_engine.py, 8B bf16, this engine only (batch 1 and 64, best of 3): the
 #              figure to compare two versions of the code on one machine
 #   qwen3      the same for the random:qwen3-8b preset (q/k norm); QWEN3_BATCHES picks the batches
+#   grammar    scripts/bench_grammar.py, 8B, batch 16: logprobs and a JSON schema vs plain decoding (issue 21);
+#              the machine has no network: GRAMMAR_TOKENIZER=out/tok/smollm2 (a HF folder of SmolLM2's
+#              tokenizer files, carried) instead of fetching the default GGUF
 #   control    scripts/bench_control.py: control-plane round trips (3 ranks) and the codec
 #   graphs-serve  the aggregated 8B server at 8 req/s, decode graphs captured lazily vs at start-up
 #              (serve-lazy, serve-startup, and their second runs serve-lazy2, serve-startup2: one each;
@@ -135,7 +138,7 @@ for s in "$@"; do
             --repeats 2 --json "$OUT/engine_moe_$TAG.json" ;;
     grammar)
         stage grammar 240 python3 scripts/bench_grammar.py --device cuda --model random:llama-3.1-8b \
-            --tokenizer smollm2 --batch 16 --max-tokens 128 --rounds 3 --json "$OUT/grammar_$TAG.json" ;;
+            --tokenizer "${GRAMMAR_TOKENIZER:-smollm2}" --batch 16 --max-tokens 128 --rounds 3 --json "$OUT/grammar_$TAG.json" ;;
     control)
         stage control 120 $MPIRUN -n 3 python3 -m mpi4py scripts/bench_control.py --json "$OUT/control_$TAG.json"
         stage codec 60 python3 scripts/bench_control.py --codec --json "$OUT/codec_$TAG.json" ;;
