@@ -230,8 +230,9 @@ def run_executor_rank(topo: Topology, comms: Comms, key: bytes, nodes: list[str]
 def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> None:
     backoff = Backoff.for_devices(group.runner.device.type == "cuda")
     overlap = cfg.cache_transceiver_config.overlap
-    if not group.members:  # while a decode step runs on the GPU (one rank: nobody waits on us)
-        group.runner.meanwhile = lambda: _between_steps(comms, engine, group)
+    meanwhile = None
+    if not group.members and env_value("DISAGG_HANDOFF_DURING_STEPS"):  # (one rank: nobody waits on us)
+        group.runner.meanwhile = meanwhile = _Meanwhile(comms, engine, group)
     while True:
         active = False
         while (got := recv_ready(comms.ctl, 0, P.Tag.TO_EXECUTOR)):
@@ -242,6 +243,8 @@ def _leader_loop(comms: Comms, engine: LLMEngine, group: MpiGroup, cfg: Any) -> 
         if engine.busy and (overlap or not group.receiving):
             engine.step()
             active = True
+            if meanwhile is not None and meanwhile.error is not None:
+                raise meanwhile.error  # as if raised by the loop (not a failure of the step's requests)
         _send_responses(comms, engine)
         if active:
             backoff.busy()
@@ -265,6 +268,22 @@ def _between_steps(comms: Comms, engine: LLMEngine, group: MpiGroup) -> bool:
     # out before the step, not a whole decode step later (7 ms for an 8B model on an H100).
     _send_responses(comms, engine)
     return active
+
+
+class _Meanwhile:
+    """`_between_steps` as a decode step's `meanwhile` (model_runner.py). An error is kept for the
+    loop to raise after the step: raised inside the step it would read as the step's own failure."""
+
+    def __init__(self, comms: Comms, engine: LLMEngine, group: MpiGroup):
+        self.comms, self.engine, self.group = comms, engine, group
+        self.error: Exception | None = None
+
+    def __call__(self) -> None:
+        if self.error is None:
+            try:
+                _between_steps(self.comms, self.engine, self.group)
+            except Exception as err:  # noqa: BLE001 (re-raised by the loop)
+                self.error = err
 
 
 def _on_orchestrator(comms: Comms, engine: LLMEngine, msg: P.Message) -> bool:
