@@ -143,7 +143,6 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         self.par = par or ParallelInfo()
-        self.kv_pool = model.allocate_kv_pool(num_blocks, block_size, device=self.device)
         self.hidden_size = model.config.hidden_size
         self.dtype = next(model.parameters()).dtype
         supported = (triton_kernels.available(self.device)
@@ -166,6 +165,10 @@ class ModelRunner:
                 and hasattr(model, "pack_for_cpu") and not getattr(model, "_cpu_packed", False)):
             model.pack_for_cpu()
             model._cpu_packed = True
+            cpu_gemm.return_freed_memory()
+        # After packing: the dense weights' memory is back with the system before the pool comes
+        # (else a rank's peak RSS holds both, 107 MiB for SmolLM2).
+        self.kv_pool = model.allocate_kv_pool(num_blocks, block_size, device=self.device)
         cfg = model.config
         width = min(num_blocks, -(-cfg.max_position_embeddings // block_size))
         self.graphs = DecodeGraphs(model, self.kv_pool, block_size, width) if use_graphs else None

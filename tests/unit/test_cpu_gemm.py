@@ -3,6 +3,8 @@
 Greedy agreement with transformers through the Executor (which packs on CPU) is covered by the
 oracle tests (test_executor_oracle.py, test_model_families.py, test_model_llama.py).
 """
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,3 +67,20 @@ def test_runner_packs_on_cpu_unless_turned_off(monkeypatch):
     monkeypatch.setenv("DISAGG_CPU_PACKED_GEMM", "1")
     ModelRunner(model, 8, 16)
     assert model._cpu_packed and hasattr(next(iter(model.model.layers.values())).self_attn, "_qkv_packed")
+
+
+def _rss_mib() -> float:
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_system():
+    """Memory freed below a live block stays in the process until malloc_trim gives it back (the
+    dense weights after packing)."""
+    blocks = [torch.ones(16_000) for _ in range(1500)]   # 64 KB each (heap, not mmap): ~92 MiB
+    plug = torch.ones(16_000)   # allocated above them: free() alone cannot shrink the heap
+    del blocks
+    before = _rss_mib()
+    assert cpu_gemm.return_freed_memory()
+    assert before - _rss_mib() > 60, (before, _rss_mib())
+    del plug
