@@ -61,8 +61,14 @@ class OpaqueState:
         try:
             outer = msgpack.unpackb(blob)
             payload, sig = outer["p"], outer["s"]
+            # Only the exact envelope `encode` writes: a bit flipped in its version field (or an
+            # extra key) keeps the signed payload, and such altered params were served (taking the
+            # context from the genuine request: seen in the soak test).
+            canonical = msgpack.packb({"v": 1, "p": payload, "s": sig}) == blob
         except Exception:  # noqa: BLE001 - any garbage is the same error to the client
             raise OpaqueStateError("context_phase_params.opaque_state is malformed") from None
+        if not canonical:
+            raise OpaqueStateError("context_phase_params.opaque_state is malformed (altered envelope)")
         want = hmac.new(key, payload, hashlib.sha256).digest()
         if not isinstance(sig, bytes) or not hmac.compare_digest(sig, want):
             raise OpaqueStateError("context_phase_params.opaque_state has a bad signature "

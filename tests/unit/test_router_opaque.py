@@ -57,6 +57,25 @@ def test_opaque_refuses_forged_altered_and_foreign():
         OpaqueState.decode(b"\x00garbage", key)
 
 
+def test_opaque_refuses_every_flipped_bit():
+    """Any altered byte string is refused, even one that decodes to the same signed payload (a bit
+    flipped in the envelope's version field did: the soak test's forged hand-off was then served,
+    and claimed the context before the genuine request)."""
+    key = b"k" * 32
+    blob = _state().encode(key)
+    accepted = []
+    for i in range(len(blob)):
+        for bit in range(8):
+            altered = bytearray(blob)
+            altered[i] ^= 1 << bit
+            try:
+                OpaqueState.decode(bytes(altered), key)
+            except OpaqueStateError:
+                continue
+            accepted.append((i, bit))
+    assert not accepted, f"altered params accepted at (byte, bit) {accepted[:5]} of {len(blob)} bytes"
+
+
 def test_kv_aware_prefers_cache_minus_load():
     from disagg_mpi.orchestrator.router import kv_aware
 
