@@ -244,7 +244,7 @@ class LLMEngine:
         (overlap.py), else None."""
         if not self._chains or self.scheduler.waiting or self.scheduler.ready:
             return None
-        if len(sampling) != len(step.items) or not all(s.plain_greedy for s in sampling):
+        if len(sampling) != len(step.items) or not all(s.masked_greedy for s in sampling):
             return None
         if any(seq.num_logprobs != NOT_ASKED for seq, _ in step.items):
             return None   # the step ahead would overwrite the graph's logits before they are read

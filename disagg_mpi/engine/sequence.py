@@ -82,6 +82,12 @@ class SamplingParams:
         return self.needs_history or bool(self.logit_bias) or (self.min_tokens > 0 and bool(self.min_tokens_mask))
 
     @property
+    def masked_greedy(self) -> bool:
+        """The argmax of the model's logits, a grammar's mask aside: the runner can take it on the
+        device and chain the next decode step behind it (overlap.py)."""
+        return self.greedy and not self.adjusts_logits
+
+    @property
     def plain_greedy(self) -> bool:
         """The argmax of the model's logits as they are (what CUDA-graph decode computes in the graph)."""
         return self.greedy and not self.adjusts_logits and not self.guided

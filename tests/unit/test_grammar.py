@@ -129,6 +129,13 @@ def test_step_plan_carries_masks_over_the_wire():
     back = StepPlan.from_dict(plan.to_dict())
     assert back.mask_rows == [1, 0] and torch.equal(back.masks, masks)
     assert back.sampling[0].guided and not back.sampling[0].plain_greedy
+    # a greedy guided row is still an argmax (the runner takes it on the device and runs ahead of
+    # the host: overlap.py); a sampled one, or logits adjusted on the host, is not
+    assert SamplingParams(guided=True, temperature=0.0).masked_greedy and SamplingParams(temperature=0.0).masked_greedy
+    for other in (SamplingParams(guided=True, temperature=1.0),
+                  SamplingParams(guided=True, temperature=0.0, logit_bias=((5, 1.0),)),
+                  SamplingParams(guided=True, temperature=0.0, presence_penalty=0.5)):
+        assert not other.masked_greedy
     assert StepPlan.from_dict(StepPlan(inp, [SamplingParams()] * 2, [(0, 0)] * 2).to_dict()).masks is None
 
 
