@@ -103,6 +103,9 @@ PROCESS: tuple[Knob, ...] = (
          choices=("startup", "lazy")),
     Knob("overlap_decode", bool, True, "DISAGG_OVERLAP_DECODE",
          "launch the predicted next decode step before this one's tokens reach the host", "GPU only"),
+    Knob("moe_fused", bool, True, "DISAGG_MOE_FUSED",
+         "MoE decode steps of a few tokens (tokens x top_k up to 32, every expert on the rank) read their routed "
+         "experts in two fused Triton kernels (`model/triton_moe.py`) instead of the grouped GEMMs", "GPU only"),
     Knob("ring_slots", int, 8, "DISAGG_RING_SLOTS", "slots of a shared staging ring (`shared_staging`)",
          "GPU only", ge=1, le=512),
     Knob("mpi_cuda_aware", bool, True, "DISAGG_MPI_CUDA_AWARE",

@@ -19,6 +19,8 @@ expert parallelism). Two ways through them:
   order; it reads the chosen ids on the host.
 - the grouped GEMMs of moe_grouped.py (CUDA, bf16, Hopper+): no host sync, so an MoE
   model takes the CUDA-graph decode path (`LlamaModel.supports_fast_decode`).
+- where the grouped GEMMs run, a few tokens (decode batches up to triton_moe.FUSED_MAX_PAIRS /
+  top_k) with every expert on this rank take two fused Triton kernels instead (triton_moe.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import nn
 from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.moe_grouped import grouped_experts, grouped_mm_ok
 from disagg_mpi.model.parallel import ShardSpec
+from disagg_mpi.model.triton_moe import fused_experts, fused_ok
 
 
 class Expert(nn.Module):
@@ -100,15 +103,20 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)   # replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ex, start = self.experts, self.expert_range[0]
+        # a few tokens on CUDA (small decode batches): two fused kernels (triton_moe.py)
+        all_local = (start, ex.gate_up_proj.shape[0]) == (0, self.num_experts)
         grouped = grouped_mm_ok(x.device, x.dtype)
+        fused = grouped and fused_ok(x, self.top_k, all_local)
         if grouped and self.normalize:
             weights, ids = route_renormalized(self.gate(x), self.top_k)
         else:
             weights, ids = route(self.gate(x), self.top_k, self.normalize)
         if self.round_weights and not grouped:   # (the grouped combine rounds them to x's dtype itself)
             weights = weights.to(x.dtype)
-        ex, start = self.experts, self.expert_range[0]
-        if grouped:
+        if fused:
+            out = fused_experts(x, weights, ids, ex.gate_up_proj, ex.down_proj)
+        elif grouped:
             silu_mul = tk.silu_mul if tk.available(x.device) else None
             out = grouped_experts(x, weights, ids, ex.gate_up_proj, ex.down_proj, start, self.num_experts,
                                   silu_mul)

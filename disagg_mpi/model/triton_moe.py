@@ -1,0 +1,111 @@
+"""Routed experts for a few tokens (a decode step of a small batch) in two Triton kernels, CUDA only.
+
+At batch 1 a decode step is bound by reading the weights of the k routed experts; the grouped path
+(moe_grouped.py) spends about ten small kernels per layer on it (sort, searchsorted, gather, two
+grouped GEMMs over mostly empty groups, silu, scatter, bmm), and their launches and tails cost more
+than the bytes. Here each (token, slot) pair reads its expert's rows straight from the stacked
+weights, by the expert id on the device (no sort, no host sync: CUDA-graph capturable):
+
+- `_gate_up_kernel`: program (pair, block of F): gate and up rows of the pair's expert times the
+  token's hidden state, then SwiGLU -> h [pairs, F].
+- `_down_kernel`: program (token, block of H): for each of the token's k pairs, the expert's down
+  rows times its h, weighted by the routing weight and summed -> [tokens, H].
+
+Roundings follow the grouped path: the GEMM outputs (gate, up, down) round to the model dtype,
+SwiGLU rounds as `silu_mul` does, the routing weights round to the model dtype and the k weighted
+products add in fp32 and round once (combine's bmm). Every pair reads its expert's weights itself,
+so a token pair routed to the same expert reads them twice: the path is for few pairs
+(`FUSED_MAX_PAIRS`). `TRITON_INTERPRET=1` runs it on CPU tensors (tests only).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..knobs import env_value
+from .triton_attn import HAVE_TRITON, available, p2
+
+FUSED_MAX_PAIRS = 32   # tokens x top_k up to which the fused path runs (batch 4 of a top-8 model)
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, x_stride,
+                        TOP_K: tl.constexpr, H: tl.constexpr, F: tl.constexpr,
+                        BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
+        pair = tl.program_id(0).to(tl.int64)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        fm = f < F
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        x_row = x_ptr + (pair // TOP_K) * x_stride
+        w_gate = w_ptr + expert * (2 * F * H) + f[:, None] * H
+        w_up = w_gate + F * H
+        acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            hm = hs < H
+            x = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)
+            m = fm[:, None] & hm[None, :]
+            acc_g += tl.sum(tl.load(w_gate + hs[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            acc_u += tl.sum(tl.load(w_up + hs[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], axis=1)
+        DT = h_ptr.dtype.element_ty
+        g = acc_g.to(DT).to(tl.float32)
+        u = acc_u.to(DT).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+        tl.store(h_ptr + pair * F + f, (s * u).to(DT), mask=fm)
+
+    @triton.jit
+    def _down_kernel(h_ptr, ids_ptr, wts_ptr, w_ptr, out_ptr,
+                     TOP_K: tl.constexpr, H: tl.constexpr, F: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = hs < H
+        DT = out_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            pair = token * TOP_K + j
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            w_rows = w_ptr + expert * (H * F) + hs[:, None] * F
+            part = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for f0 in range(0, F, BLOCK_F):
+                fs = f0 + tl.arange(0, BLOCK_F)
+                fm = fs < F
+                hv = tl.load(h_ptr + pair * F + fs, mask=fm, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + fs[None, :], mask=hm[:, None] & fm[None, :], other=0.0).to(tl.float32)
+                part += tl.sum(w * hv[None, :], axis=1)
+            weight = tl.load(wts_ptr + pair).to(DT).to(tl.float32)
+            acc += weight * part.to(DT).to(tl.float32)
+        tl.store(out_ptr + token * H + hs, acc.to(DT), mask=hm)
+
+
+def fused_ok(x: torch.Tensor, top_k: int, all_local: bool) -> bool:
+    """Whether `fused_experts` takes these tokens: CUDA (or the interpreter), every expert on this
+    rank, at most FUSED_MAX_PAIRS (token, slot) pairs, and DISAGG_MOE_FUSED on."""
+    return (all_local and available(x.device) and x.shape[0] * top_k <= FUSED_MAX_PAIRS
+            and env_value("DISAGG_MOE_FUSED"))
+
+
+def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    """The routed experts' output [N, H] in x's dtype for routing `weights` [N, k] and expert `ids`
+    [N, k] over the stacked `gate_up` [E, 2F, H] (gate rows first) and `down` [E, H, F]."""
+    n, k = ids.shape
+    _, two_f, hidden = gate_up.shape
+    ffn = two_f // 2
+    if x.stride(-1) != 1 or not gate_up.is_contiguous() or not down.is_contiguous():
+        raise ValueError("fused_experts: x rows and the stacked weights must be contiguous")
+    ids = ids.reshape(-1).contiguous()
+    weights = weights.reshape(-1).contiguous()
+    h = torch.empty(n * k, ffn, dtype=x.dtype, device=x.device)
+    block_f = 16
+    _gate_up_kernel[(n * k, triton.cdiv(ffn, block_f))](
+        x, ids, gate_up, h, x.stride(0), TOP_K=k, H=hidden, F=ffn, BLOCK_F=block_f,
+        BLOCK_H=min(256, p2(hidden)))
+    out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+    block_h = 16
+    _down_kernel[(n, triton.cdiv(hidden, block_h))](
+        h, ids, weights, down, out, TOP_K=k, H=hidden, F=ffn, BLOCK_H=block_h, BLOCK_F=min(256, p2(ffn)))
+    return out

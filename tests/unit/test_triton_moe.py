@@ -1,0 +1,57 @@
+"""The fused few-token expert kernels (model/triton_moe.py) against the grouped path (moe_grouped.py).
+
+Runs on CUDA, or on CPU under the Triton interpreter:
+`TRITON_INTERPRET=1 python -m pytest -q tests/unit/test_triton_moe.py`.
+Skips when triton is not installed (CI) or when neither is available.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from disagg_mpi.model import triton_kernels as tk
+from disagg_mpi.model.moe_grouped import grouped_experts
+from disagg_mpi.model.triton_moe import FUSED_MAX_PAIRS, fused_experts, fused_ok
+
+DEVICE = "cpu" if tk.interpreting() else "cuda"
+pytestmark = pytest.mark.skipif(
+    not (tk.available(DEVICE) and (DEVICE == "cpu" or torch.cuda.is_available())),
+    reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _case(n, k, num_e, hidden, ffn, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g).to(dtype)
+    gate_up = (torch.randn(num_e, 2 * ffn, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(num_e, hidden, ffn, generator=g) / ffn ** 0.5).to(dtype)
+    ids = torch.stack([torch.randperm(num_e, generator=g)[:k] for _ in range(n)])
+    weights = torch.softmax(torch.randn(n, k, generator=g), dim=-1)
+    return [t.to(DEVICE) for t in (x, weights, ids, gate_up, down)]
+
+
+# F and H not multiples of the blocks (masked tails), k = 1, 2, 8, two tokens on one expert
+@pytest.mark.parametrize("n,k,num_e,hidden,ffn", [(1, 8, 16, 96, 40), (3, 2, 4, 64, 48), (2, 1, 3, 300, 20),
+                                                  (4, 8, 8, 128, 64)])
+def test_fused_experts_equal_the_grouped_path(n, k, num_e, hidden, ffn):
+    x, weights, ids, gate_up, down = _case(n, k, num_e, hidden, ffn, torch.float32)
+    ref = grouped_experts(x, weights, ids, gate_up, down)
+    got = fused_experts(x, weights, ids, gate_up, down)
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_experts_bf16_rounds_like_the_grouped_path():
+    x, weights, ids, gate_up, down = _case(2, 8, 16, 256, 96, torch.bfloat16, seed=1)
+    ref = grouped_experts(x, weights, ids, gate_up, down).float()
+    got = fused_experts(x, weights, ids, gate_up, down).float()
+    # the same roundings: within a few bf16 ulps of the output (sums in another order)
+    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+
+
+def test_fused_path_only_for_few_local_pairs():
+    x = torch.zeros(FUSED_MAX_PAIRS // 8, 4, device=DEVICE)
+    assert fused_ok(x, 8, all_local=True)
+    assert not fused_ok(x, 8, all_local=False)        # expert parallel: other ranks' experts
+    assert not fused_ok(torch.zeros(FUSED_MAX_PAIRS // 8 + 1, 4, device=DEVICE), 8, all_local=True)
