@@ -10,12 +10,17 @@
 # stopping the others. Stages:
 #   env        the card, driver, torch, MPI
 #   tests      tests/gpu on 3 ranks (one GPU), then the Triton kernel tests of tests/unit on the GPU
+#   moe-ab     random:qwen3-30b-a3b, this engine only, batches MOE_BATCHES (1,4): grouped GEMMs vs fused kernels
+#   grammar-tests  tests/gpu/test_gpu_grammar.py, test_decode_graphs.py, test_moe_gpu.py and the fused MoE
+#              kernel's tests alone, without MPI
 #   signals    the stop-signal tests under Open MPI's mpirun (tests/unit/test_rank_failure.py)
 #   transfer   scripts/bench_transfer.py --device cuda, every backend, JSON + PNG
 #   probe      scripts/probe_ring.py: where a staged ring pull spends its time
 #   probe-ipc  scripts/probe_ring.py --ipc: the same for a one-sided CUDA IPC pull
 #   limits     scripts/probe_limits.py: this GPU's ceilings (staged pipeline, decode kernel tiles,
-#              decode GEMMs, a batch-64 decode profile; PARTS= picks some)
+#              decode GEMMs, a batch-64 decode profile; PARTS= picks some; PROFILE_MODEL, PROFILE_BATCHES,
+#              PROFILE_PROMPT and PROFILE_NEW (1: a prefill profile) shape the profile)
+#   hook-ab    the `serving` load four times on fresh servers, DISAGG_HANDOFF_DURING_STEPS off, on, off, on
 #   cross      scripts/probe_limits.py --parts cross: one rank's D2H with the other's H2D, one GPU
 #   engine     scripts/bench_engine.py, 8B bf16 vs transformers, 512-token prompts, 128 new tokens
 #   engine128  the same with 128-token prompts and 64 new tokens
@@ -82,7 +87,11 @@ for s in "$@"; do
         ;;
     tests)
         stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
-        stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py ;;
+        stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py \
+            tests/unit/test_triton_moe.py ;;
+    grammar-tests)  # the guided-decoding and decode-graph tests alone (no MPI): a quick check of a change there
+        stage grammar-tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_grammar.py \
+            tests/gpu/test_decode_graphs.py tests/unit/test_triton_moe.py tests/gpu/test_moe_gpu.py ;;
     signals)  # stop signals through Open MPI's mpirun (it kills the job on a SIGTERM of its own)
         stage signals 180 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 python3 -m pytest -q \
             -p no:cacheprovider tests/unit/test_signals.py tests/unit/test_rank_failure.py ;;
@@ -98,6 +107,7 @@ for s in "$@"; do
     limits)
         stage limits 300 python3 scripts/probe_limits.py --parts ${PARTS:-staged attn gemm profile} \
             --profile-model "${PROFILE_MODEL:-random:llama-3.1-8b}" --profile-batches "${PROFILE_BATCHES:-64}" \
+            --profile-prompt "${PROFILE_PROMPT:-512}" --profile-new-tokens "${PROFILE_NEW:-32}" \
             --json "$OUT/limits_$TAG.json" ;;
     cross)
         stage cross 120 $MPIRUN -n 2 python3 -m mpi4py scripts/probe_limits.py --parts cross \
@@ -133,9 +143,26 @@ for s in "$@"; do
             --input-len 1024 --output-len 128 --request-rate "${RATES:-8}" --warmup 4 --no-progress \
             --slo-ttft-ms 500 --slo-tpot-ms 15 --out /tmp/serving/bench
         tar czf "$OUT/serving_$TAG.tgz" -C /tmp serving ;;
+    hook-ab)  # DISAGG_HANDOFF_DURING_STEPS off/on/off/on, aggregated and 1 ctx + 1 gen, the serving load
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        for run in off1 on1 off2 on2; do
+            [ "${run%?}" = on ] && export DISAGG_HANDOFF_DURING_STEPS=1 || export DISAGG_HANDOFF_DURING_STEPS=0
+            TRITON_CACHE_DIR=$(mktemp -d) stage "hook-$run" 150 python3 -m disagg_mpi.cli bench \
+                --config configs/llama8b-1gpu-agg.yaml --config configs/llama8b-1gpu-1ctx-1gen.yaml \
+                --label agg --label disagg --num-requests 64 --input-len 1024 --output-len 128 --request-rate 8 \
+                --warmup 4 --no-progress --no-plots --slo-ttft-ms 500 --slo-tpot-ms 15 --out "/tmp/hook-$run"
+            cp "/tmp/hook-$run/results.json" "$OUT/hook_${run}_$TAG.json"
+        done
+        unset DISAGG_HANDOFF_DURING_STEPS ;;
     moe)
         stage moe 300 python3 scripts/bench_engine.py --device cuda --model random:qwen3-30b-a3b --batches 1,64 \
             --repeats 2 --json "$OUT/engine_moe_$TAG.json" ;;
+    moe-ab)  # MoE decode at small batches: the grouped GEMMs (DISAGG_MOE_FUSED=0) vs the fused kernels
+        for f in 0 1; do
+            DISAGG_MOE_FUSED=$f stage "moe-fused$f" 200 python3 scripts/bench_engine.py --device cuda \
+                --model random:qwen3-30b-a3b --batches "${MOE_BATCHES:-1,4}" --skip-hf --repeats 3 \
+                --json "$OUT/engine_moe_fused${f}_$TAG.json"
+        done ;;
     grammar)
         stage grammar 240 python3 scripts/bench_grammar.py --device cuda --model random:llama-3.1-8b \
             --tokenizer "${GRAMMAR_TOKENIZER:-smollm2}" --batch 16 --max-tokens 128 --rounds 3 --json "$OUT/grammar_$TAG.json" ;;

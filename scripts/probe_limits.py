@@ -303,6 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile-model", default="random:llama-3.1-8b", help="the model the profile part runs")
     p.add_argument("--profile-batches", default="64", help="comma-separated batch sizes of the profile part")
+    p.add_argument("--profile-prompt", type=int, default=512, help="prompt tokens of each profiled request")
+    p.add_argument("--profile-new-tokens", type=int, default=32,
+                   help="new tokens of each profiled request (1: a prefill profile)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_limits.py needs a CUDA GPU", file=sys.stderr)
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
         res["attn"] = attn({(64, 576): many, (64, 160): many, (64, 1024): many, (32, 576): many,
                             (8, 576): few + many, (1, 576): few, (1, 2048): few}, bw, a.repeats)
     if "profile" in a.parts:
-        res["profile"] = {b: profile(512, 32, int(b), a.profile_model) for b in a.profile_batches.split(",")}
+        res["profile"] = {b: profile(a.profile_prompt, a.profile_new_tokens, int(b), a.profile_model) for b in a.profile_batches.split(",")}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
