@@ -10,6 +10,7 @@
 # stopping the others. Stages:
 #   env        the card, driver, torch, MPI
 #   tests      tests/gpu on 3 ranks (one GPU), then the Triton kernel tests of tests/unit on the GPU
+#   agg-chunk  the aggregated 8B server under the serving load, prefill_chunk_tokens each of CHUNKS (256 512)
 #   moe-ab     random:qwen3-30b-a3b, this engine only, batches MOE_BATCHES (1,4): grouped GEMMs vs fused kernels
 #   grammar-tests  tests/gpu/test_gpu_grammar.py, test_decode_graphs.py, test_moe_gpu.py and the fused MoE
 #              kernel's tests alone, without MPI
@@ -157,6 +158,16 @@ for s in "$@"; do
     moe)
         stage moe 300 python3 scripts/bench_engine.py --device cuda --model random:qwen3-30b-a3b --batches 1,64 \
             --repeats 2 --json "$OUT/engine_moe_$TAG.json" ;;
+    agg-chunk)  # the aggregated server under the serving load with prefill_chunk_tokens = each of CHUNKS
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        for c in ${CHUNKS:-256 512}; do
+            sed "s/prefill_chunk_tokens: [0-9]*/prefill_chunk_tokens: $c/" configs/llama8b-1gpu-agg.yaml >"/tmp/agg$c.yaml"
+            TRITON_CACHE_DIR=$(mktemp -d) stage "agg-chunk$c" 150 python3 -m disagg_mpi.cli bench \
+                --config "/tmp/agg$c.yaml" --label "agg-chunk$c" --num-requests 64 --input-len 1024 --output-len 128 \
+                --request-rate 8 --warmup 4 --no-progress --no-plots --slo-ttft-ms 500 --slo-tpot-ms 15 \
+                --out "/tmp/agg-chunk$c"
+            cp "/tmp/agg-chunk$c/results.json" "$OUT/agg_chunk${c}_$TAG.json"
+        done ;;
     moe-ab)  # MoE decode at small batches: the grouped GEMMs (DISAGG_MOE_FUSED=0) vs the fused kernels
         for f in 0 1; do
             DISAGG_MOE_FUSED=$f stage "moe-fused$f" 200 python3 scripts/bench_engine.py --device cuda \
