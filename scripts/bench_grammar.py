@@ -63,9 +63,21 @@ def _timed(ex: Executor, reqs: list[Request]) -> tuple[float, float, list[list[i
     """(wall s, this process's CPU s, outputs): CPU time moves far less than wall time when other jobs
     share the cores (wall times of the same run varied 20x on the shared 2-core machine)."""
     t0, c0 = time.perf_counter(), time.process_time()
+    before = dict(ex._runner.overlap_stats)
     resps = ex.generate(reqs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for k, v in ex._runner.overlap_stats.items():   # decode steps run ahead of the host (overlap.py)
+        OVERLAP.setdefault(_kind(reqs), {}).setdefault(k, 0)
+        OVERLAP[_kind(reqs)][k] += v - before[k]
     return wall, cpu, [list(r.result.output_token_ids) for r in resps]
+
+
+OVERLAP: dict[str, dict[str, int]] = {}   # per kind of run: steps launched ahead, used, dropped
+
+
+def _kind(reqs: list[Request]) -> str:
+    r = reqs[0]
+    return "guided" if r.guided_decoding is not None else "logprobs" if r.output_config.return_log_probs else "plain"
 
 
 def main() -> None:
@@ -143,7 +155,7 @@ def main() -> None:
            "plain_step_ms": round(plain / args.max_tokens * 1e3, 1),
            # the grammar's own work per step over the fastest plain step: what it adds at this batch
            "grammar_work_over_step": round((mask_us * args.batch / 1e3 + apply_ms) / (plain / args.max_tokens * 1e3), 4),
-           "torch_threads": torch.get_num_threads(),
+           "torch_threads": torch.get_num_threads(), "overlap": OVERLAP,
            "guided_outputs_parsing": f"{valid}/{len(outputs)}", "sample_output": tok.decode(outputs[0])}
     print(json.dumps(res, indent=1))
     if args.json:
