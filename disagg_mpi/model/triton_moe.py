@@ -8,8 +8,8 @@ weights, by the expert id on the device (no sort, no host sync: CUDA-graph captu
 
 - `_gate_up_kernel`: program (pair, block of F): gate and up rows of the pair's expert times the
   token's hidden state, then SwiGLU -> h [pairs, F].
-- `_down_kernel`: program (token, block of H): for each of the token's k pairs, the expert's down
-  rows times its h, weighted by the routing weight and summed -> [tokens, H].
+- `_down_kernel`: program (pair, block of H): the expert's down rows times the pair's h -> y
+  [pairs, H]; one batched GEMM then weights and sums each token's k rows (as `combine` does).
 
 Roundings follow the grouped path: the GEMM outputs (gate, up, down) round to the model dtype,
 SwiGLU rounds as `silu_mul` does, the routing weights round to the model dtype and the k weighted
@@ -57,28 +57,21 @@ if HAVE_TRITON:
         tl.store(h_ptr + pair * F + f, (s * u).to(DT), mask=fm)
 
     @triton.jit
-    def _down_kernel(h_ptr, ids_ptr, wts_ptr, w_ptr, out_ptr,
-                     TOP_K: tl.constexpr, H: tl.constexpr, F: tl.constexpr,
+    def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, H: tl.constexpr, F: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
+        pair = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = hs < H
-        DT = out_ptr.dtype.element_ty
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_rows = w_ptr + expert * (H * F) + hs[:, None] * F
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            pair = token * TOP_K + j
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            w_rows = w_ptr + expert * (H * F) + hs[:, None] * F
-            part = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for f0 in range(0, F, BLOCK_F):
-                fs = f0 + tl.arange(0, BLOCK_F)
-                fm = fs < F
-                hv = tl.load(h_ptr + pair * F + fs, mask=fm, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + fs[None, :], mask=hm[:, None] & fm[None, :], other=0.0).to(tl.float32)
-                part += tl.sum(w * hv[None, :], axis=1)
-            weight = tl.load(wts_ptr + pair).to(DT).to(tl.float32)
-            acc += weight * part.to(DT).to(tl.float32)
-        tl.store(out_ptr + token * H + hs, acc.to(DT), mask=hm)
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            fm = fs < F
+            hv = tl.load(h_ptr + pair * F + fs, mask=fm, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + fs[None, :], mask=hm[:, None] & fm[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * hv[None, :], axis=1)
+        tl.store(y_ptr + pair * H + hs, acc.to(y_ptr.dtype.element_ty), mask=hm)
 
 
 def fused_ok(x: torch.Tensor, top_k: int, all_local: bool) -> bool:
@@ -88,8 +81,13 @@ def fused_ok(x: torch.Tensor, top_k: int, all_local: bool) -> bool:
             and env_value("DISAGG_MOE_FUSED"))
 
 
+# Tiles (measured on an H100/H200 with scripts/probe_moe.py): gate+up (BLOCK_F, BLOCK_H, warps), down
+# (BLOCK_H, BLOCK_F, warps)
+TILES = (16, 512, 8, 16, 256, 4)
+
+
 def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor) -> torch.Tensor:
+                  down: torch.Tensor, tiles: tuple[int, ...] = TILES) -> torch.Tensor:
     """The routed experts' output [N, H] in x's dtype for routing `weights` [N, k] and expert `ids`
     [N, k] over the stacked `gate_up` [E, 2F, H] (gate rows first) and `down` [E, H, F]."""
     n, k = ids.shape
@@ -97,15 +95,14 @@ def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     ffn = two_f // 2
     if x.stride(-1) != 1 or not gate_up.is_contiguous() or not down.is_contiguous():
         raise ValueError("fused_experts: x rows and the stacked weights must be contiguous")
+    gu_f, gu_h, gu_warps, d_h, d_f, d_warps = tiles
     ids = ids.reshape(-1).contiguous()
-    weights = weights.reshape(-1).contiguous()
     h = torch.empty(n * k, ffn, dtype=x.dtype, device=x.device)
-    block_f = 16
-    _gate_up_kernel[(n * k, triton.cdiv(ffn, block_f))](
-        x, ids, gate_up, h, x.stride(0), TOP_K=k, H=hidden, F=ffn, BLOCK_F=block_f,
-        BLOCK_H=min(256, p2(hidden)))
-    out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
-    block_h = 16
-    _down_kernel[(n, triton.cdiv(hidden, block_h))](
-        h, ids, weights, down, out, TOP_K=k, H=hidden, F=ffn, BLOCK_H=block_h, BLOCK_F=min(256, p2(ffn)))
-    return out
+    _gate_up_kernel[(n * k, triton.cdiv(ffn, gu_f))](
+        x, ids, gate_up, h, x.stride(0), TOP_K=k, H=hidden, F=ffn, BLOCK_F=gu_f,
+        BLOCK_H=min(gu_h, p2(hidden)), num_warps=gu_warps)
+    y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)
+    _down_kernel[(n * k, triton.cdiv(hidden, d_h))](
+        h, ids, down, y, H=hidden, F=ffn, BLOCK_H=d_h, BLOCK_F=min(d_f, p2(ffn)), num_warps=d_warps)
+    # combine (moe_grouped.py): weights rounded to x's dtype, the k products added in fp32, one rounding
+    return torch.bmm(weights.to(x.dtype).view(n, 1, k), y.view(n, k, hidden)).view(n, hidden)
