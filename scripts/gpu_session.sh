@@ -40,10 +40,9 @@
 #              COLD=1 gives each server an empty Triton cache)
 #   shapes     scripts/bench_engine.py (this engine, batch 1 and 64) on the Llama-family shapes besides
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
-#   (still to run, as of the eleventh session: `tests` and `RATES=8,4,16,24 TAG=sweep serving` on this
-#    code (GPU-ordered joins, hand-off work during decode steps), `GRAMMAR_TOKENIZER=out/tok/smollm2
-#    grammar` (mask upload change), the small shapes' profile `PARTS=profile PROFILE_MODEL=random:
-#    llama-3.2-1b PROFILE_BATCHES=1,64 ... limits` and an MoE batch-1 profile (issue 22's 50%))
+#   (still to run, as of the twelfth session: `GRAMMAR_TOKENIZER=out/tok/smollm2 grammar` on the numpy mask
+#    buffers (issue 21's 0.90), `tests` on this code, and a kernel profile of the fused MoE batch-1 step:
+#    `PARTS=profile PROFILE_MODEL=random:qwen3-30b-a3b PROFILE_BATCHES=1 limits`)
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
