@@ -104,10 +104,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ex, start = self.experts, self.expert_range[0]
-        # a few tokens on CUDA (small decode batches): two fused kernels (triton_moe.py)
         all_local = (start, ex.gate_up_proj.shape[0]) == (0, self.num_experts)
         grouped = grouped_mm_ok(x.device, x.dtype)
-        fused = grouped and fused_ok(x, self.top_k, all_local)
+        fused = grouped and fused_ok(x, self.top_k, all_local)   # few tokens: two kernels (triton_moe.py)
         if grouped and self.normalize:
             weights, ids = route_renormalized(self.gate(x), self.top_k)
         else:

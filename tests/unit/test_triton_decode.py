@@ -11,14 +11,8 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
 from disagg_mpi.model import triton_kernels as tk
-
-DEVICE = "cpu" if tk.interpreting() else "cuda"
-pytestmark = pytest.mark.skipif(
-    not (tk.available(DEVICE) and (DEVICE == "cpu" or torch.cuda.is_available())),
-    reason="needs CUDA or TRITON_INTERPRET=1")
+from tests.unit.triton_device import DEVICE, pytestmark  # noqa: F401 (skips without triton)
 
 BS = 16
 

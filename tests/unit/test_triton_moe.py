@@ -9,16 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.moe_grouped import grouped_experts
 from disagg_mpi.model.triton_moe import FUSED_MAX_PAIRS, fused_experts, fused_ok
-
-DEVICE = "cpu" if tk.interpreting() else "cuda"
-pytestmark = pytest.mark.skipif(
-    not (tk.available(DEVICE) and (DEVICE == "cpu" or torch.cuda.is_available())),
-    reason="needs CUDA or TRITON_INTERPRET=1")
+from tests.unit.triton_device import DEVICE, pytestmark  # noqa: F401 (skips without triton)
 
 
 def _case(n, k, num_e, hidden, ffn, dtype, seed=0):
@@ -50,8 +43,11 @@ def test_fused_experts_bf16_rounds_like_the_grouped_path():
     assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
 
 
-def test_fused_path_only_for_few_local_pairs():
+def test_fused_path_only_for_few_local_pairs(monkeypatch):
     x = torch.zeros(FUSED_MAX_PAIRS // 8, 4, device=DEVICE)
     assert fused_ok(x, 8, all_local=True)
+    monkeypatch.setenv("DISAGG_MOE_FUSED", "0")       # the knob keeps the grouped path
+    assert not fused_ok(x, 8, all_local=True)
+    monkeypatch.delenv("DISAGG_MOE_FUSED")
     assert not fused_ok(x, 8, all_local=False)        # expert parallel: other ranks' experts
     assert not fused_ok(torch.zeros(FUSED_MAX_PAIRS // 8 + 1, 4, device=DEVICE), 8, all_local=True)
