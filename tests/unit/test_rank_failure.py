@@ -200,3 +200,20 @@ def test_a_rank_reaped_between_the_two_looks_counts_as_dead(monkeypatch):
     monkeypatch.setattr(rankmap, "_proc_stat", reaped_meanwhile)
     assert not rankmap._alive(child.pid)
     assert rankmap._alive(os.getpid())
+
+
+def test_a_rank_inside_exit_counts_as_dead(monkeypatch):
+    """A SIGKILLed rank frees its memory before it becomes a zombie, running (state R or D) with
+    the kernel's PF_EXITING flag; meanwhile MPICH's proxy may kill rank 0, which then looked like
+    the first to die. Field 9 of /proc/PID/stat holds the flags."""
+    from disagg_mpi.runtime import rankmap
+
+    mine = Path(f"/proc/{os.getpid()}/stat").read_text()
+    head, rest = mine.rsplit(") ", 1)
+    fields = rest.split()
+    for state, flags, dead in [("R", 0x400000, False), ("R", 0x400004, True), ("D", 0x4, True), ("Z", 0x0, True),
+                               ("S", 0x40, False)]:
+        line = f"{head}) {' '.join([state, *fields[1:6], str(flags), *fields[7:]])}\n"
+        monkeypatch.setattr(rankmap, "_proc_stat", lambda pid, line=line: line)
+        assert rankmap._alive(os.getpid()) is not dead, (state, hex(flags))
+    assert rankmap._exiting("7 (a name) with) spaces) R 1 1 1 0 -1 4 0") is True   # comm may hold ") "
