@@ -42,7 +42,8 @@
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
 #   (still to run, as of the twelfth session: `GRAMMAR_TOKENIZER=out/tok/smollm2 grammar` on the numpy mask
 #    buffers (issue 21's 0.90), `tests` on this code, and a kernel profile of the fused MoE batch-1 step:
-#    `PARTS=profile PROFILE_MODEL=random:qwen3-30b-a3b PROFILE_BATCHES=1 limits`)
+#    `PARTS=profile PROFILE_MODEL=random:qwen3-30b-a3b PROFILE_BATCHES=1 limits`, and `moe-tiles` now that
+#    probe_moe.py replays a CUDA graph)
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
