@@ -13,8 +13,8 @@
 #   agg-chunk  the aggregated 8B server under the serving load, prefill_chunk_tokens each of CHUNKS (256 512)
 #   moe-tiles  scripts/probe_moe.py: one MoE layer's routed experts, fused kernels' tiles vs grouped GEMMs
 #   moe-ab     random:qwen3-30b-a3b, this engine only, batches MOE_BATCHES (1,4): grouped GEMMs vs fused kernels
-#   grammar-tests  tests/gpu/test_gpu_grammar.py, test_decode_graphs.py, test_moe_gpu.py and the fused MoE
-#              kernel's tests alone, without MPI
+#   grammar-tests  tests/gpu/test_gpu_grammar.py, test_gpu_logprobs.py, test_decode_graphs.py,
+#              test_moe_gpu.py and the fused MoE kernels' tests alone, without MPI
 #   signals    the stop-signal tests under Open MPI's mpirun (tests/unit/test_rank_failure.py)
 #   transfer   scripts/bench_transfer.py --device cuda, every backend, JSON + PNG
 #   probe      scripts/probe_ring.py: where a staged ring pull spends its time
@@ -91,9 +91,10 @@ for s in "$@"; do
         stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
         stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py \
             tests/unit/test_triton_moe.py ;;
-    grammar-tests)  # the guided-decoding and decode-graph tests alone (no MPI): a quick check of a change there
+    grammar-tests)  # the guided-decoding, logprobs and decode-graph tests alone (no MPI): a quick check of a change there
         stage grammar-tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_grammar.py \
-            tests/gpu/test_decode_graphs.py tests/unit/test_triton_moe.py tests/gpu/test_moe_gpu.py ;;
+            tests/gpu/test_gpu_logprobs.py tests/gpu/test_decode_graphs.py tests/unit/test_triton_moe.py \
+            tests/gpu/test_moe_gpu.py ;;
     signals)  # stop signals through Open MPI's mpirun (it kills the job on a SIGTERM of its own)
         stage signals 180 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 python3 -m pytest -q \
             -p no:cacheprovider tests/unit/test_signals.py tests/unit/test_rank_failure.py ;;

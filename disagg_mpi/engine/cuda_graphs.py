@@ -191,6 +191,9 @@ class DecodeGraphs:
         self._tokens = [torch.zeros(self.max_bs, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)]
         self._turn = 0
+        # Tokens taken outside a graph (a grammar's masked argmax), fetched before the next launch
+        self._fetched = torch.zeros(self.max_bs, dtype=torch.long, pin_memory=True)
+        self._fetched_event = torch.cuda.Event()
 
     def can_run(self, inp) -> bool:
         bp = padded_size(len(inp.input_ids), self.sizes)
@@ -246,6 +249,15 @@ class DecodeGraphs:
         host[:b].copy_(tokens[:b], non_blocking=True)
         event.record()
         return Launch(b, logits[:b], tokens[:b], host, event)
+
+    def fetch(self, tokens: torch.Tensor) -> Launch:
+        """`tokens` [b], computed on the device after a launch, queued now on their way to pinned
+        host memory: their Launch.wait does not wait for a step launched after this call (a plain
+        `.tolist()` would: it syncs the whole stream). Valid until the next fetch."""
+        b = tokens.shape[0]
+        self._fetched[:b].copy_(tokens, non_blocking=True)
+        self._fetched_event.record()
+        return Launch(b, None, tokens, self._fetched, self._fetched_event)
 
     def run(self, inp) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [b, vocab] float32, greedy tokens [b]) of the step's b sequences.

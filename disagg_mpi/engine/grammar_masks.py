@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..transfer.chunks import device_ids
 from .grammar import GrammarState, mask_width
 
 
@@ -40,7 +41,7 @@ def apply_masks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tensor |
     input may be a CUDA graph's output buffer). Unchanged when no row has a mask."""
     if masks is None or not rows:
         return logits
-    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    index = device_ids(list(rows), logits.device)  # (no stream sync: a step may be queued behind)
     if logits.device.type == "cuda":  # the packed words go up (8x fewer bytes than bools, no host unpack)
         pinned = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True)
         pinned.numpy()[...] = masks.numpy()   # (numpy's copy: one thread, as in fill_masks)

@@ -246,8 +246,6 @@ class LLMEngine:
             return None
         if len(sampling) != len(step.items) or not all(s.masked_greedy for s in sampling):
             return None
-        if any(seq.num_logprobs != NOT_ASKED for seq, _ in step.items):
-            return None   # the step ahead would overwrite the graph's logits before they are read
         if any(len(seq.output_ids) + 1 >= seq.max_tokens for seq, _ in step.items):
             return None   # one finishes by length now: the next step is smaller
         if not is_decode_only(inputs):

@@ -16,35 +16,74 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..api import MAX_LOGPROBS, OutputConfig, Request, RequestError, TokenLogprobs, as_int
+from ..transfer.chunks import device_ids
 from .sequence import Sequence as Seq
 
 NOT_ASKED = -1  # StepPlan.logprobs value of a row that wants no logprobs
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor, ks: Sequence[int]
                    ) -> list[TokenLogprobs | None]:
     """Per row of `logits` [B, V] (the model's, unadjusted): the logprob of `tokens[i]` and the
     `ks[i]` best alternatives, or None where ks[i] is NOT_ASKED."""
+    return start_logprobs(logits, tokens, ks).result()
+
+
+class PendingLogprobs:
+    """start_logprobs' results on their way to the host: `result()` waits for them (a CUDA event;
+    on the CPU they are there already)."""
+
+    __slots__ = ("event", "ids", "ks", "rows", "values")
+
+    def __init__(self, ks: Sequence[int], rows: list[int], values: torch.Tensor | None = None,
+                 ids: torch.Tensor | None = None, event: torch.cuda.Event | None = None):
+        self.ks, self.rows, self.values, self.ids, self.event = ks, rows, values, ids, event
+
+    def result(self) -> list[TokenLogprobs | None]:
+        out: list[TokenLogprobs | None] = [None] * len(self.ks)
+        if not self.rows:
+            return out
+        if self.event is not None:
+            self.event.synchronize()
+        host, ids = self.values.tolist(), self.ids.tolist()
+        for j, i in enumerate(self.rows):
+            k = self.ks[i]
+            out[i] = TokenLogprobs(host[j][0], tuple(ids[j][:k]), tuple(host[j][1:1 + k]))
+        return out
+
+
+def start_logprobs(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor, ks: Sequence[int]
+                   ) -> PendingLogprobs:
+    """token_logprobs, queued: computed on the logits' device and copied to the host without a
+    stream sync, so a CUDA graph step launched next (overlap.py) may reuse the logits' buffer
+    while they travel. `tokens` may be a device tensor (the step's greedy tokens)."""
     if logits.dim() != 2 or not logits.shape[0] == len(tokens) == len(ks):
         raise ValueError(f"token_logprobs: logits {tuple(logits.shape)}, {len(tokens)} tokens and {len(ks)} "
                          "k values must agree on the batch size")
     rows = [i for i, k in enumerate(ks) if k != NOT_ASKED]
-    out: list[TokenLogprobs | None] = [None] * len(ks)
     if not rows:
-        return out
+        return PendingLogprobs(ks, rows)
     device = logits.device
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    index = device_ids(rows, device)
     lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
-    picked = lp.gather(1, torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=device)[:, None])
+    if isinstance(tokens, torch.Tensor):
+        chosen = tokens.to(device).index_select(0, index)
+    else:
+        chosen = device_ids([int(tokens[i]) for i in rows], device)
+    picked = lp.gather(1, chosen[:, None])
     kmax = max(ks[i] for i in rows)
     # topk is stable enough here: ties between alternatives are broken by index, as vLLM's are.
     top_v, top_i = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())
-    host = torch.cat([picked, top_v], dim=1).cpu().tolist()  # the one host copy (plus the ids)
-    ids = top_i.cpu().tolist()
-    for j, i in enumerate(rows):
-        k = ks[i]
-        out[i] = TokenLogprobs(host[j][0], tuple(ids[j][:k]), tuple(host[j][1:1 + k]))
-    return out
+    values = torch.cat([picked, top_v], dim=1)
+    if device.type != "cuda":
+        return PendingLogprobs(ks, rows, values, top_i)
+    host_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host_i = torch.empty(top_i.shape, dtype=top_i.dtype, pin_memory=True)
+    host_v.copy_(values, non_blocking=True)
+    host_i.copy_(top_i, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return PendingLogprobs(ks, rows, host_v, host_i, event)
 
 
 # Prompt rows per logits slice: [256, 128k] fp32 is 128 MB, where a whole 8k prompt's would be 4 GB.

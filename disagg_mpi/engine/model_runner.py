@@ -29,7 +29,7 @@ from .cuda_graphs import (
     unpack_views,
 )
 from .grammar_masks import apply_masks
-from .logprobs import prompt_logprobs, token_logprobs
+from .logprobs import prompt_logprobs, start_logprobs, token_logprobs
 from .overlap import is_predicted, overlap_enabled
 from .sampler import sample
 from .scheduler import StepInputs
@@ -219,24 +219,27 @@ class ModelRunner:
         if list(inp.sample_indices) != list(range(launch.b)):
             rows = self._tensor(inp.sample_indices)
             logits, greedy = logits[rows], greedy[rows]
-        elif len(params) == launch.b and all(p.masked_greedy for p in params) and not plan.logprobs:
+        elif len(params) == launch.b and all(p.masked_greedy for p in params):
             # Greedy rows: the tokens are taken on the device (the graph's argmax, or the argmax of
             # the logits a grammar masked), so the next step can be queued behind them before the
             # host sees them; a grammar's masks for that step are then filled on the host while it
-            # runs on the GPU (the engine's next _run).
+            # runs on the GPU (the engine's next _run). Logprobs are computed from the logits and
+            # on their way to the host before the next step overwrites them.
             if plan.mask_rows:
                 greedy = apply_masks(logits, plan.mask_rows, plan.masks).argmax(dim=-1)
+                launch = self.graphs.fetch(greedy)
+            lps = start_logprobs(logits, greedy, plan.logprobs) if plan.logprobs else None
             nxt = plan.next_inputs
             queued = None
             if (self.chains_decode and nxt is not None and len(nxt.input_ids) == launch.b
                     and self.graphs.can_run(nxt)):
                 queued = self.graphs.launch(nxt, ids_from=greedy)
                 self.overlap_stats["launched"] += 1
-            # the one host sync (the graph's argmax: its event, while `meanwhile` runs)
-            tokens = greedy.tolist() if plan.mask_rows else launch.wait(self.meanwhile)
+            # the one host sync (this step's tokens: their event, while `meanwhile` runs)
+            tokens = launch.wait(self.meanwhile)
             if queued is not None:
                 self._chained = (nxt, queued, tokens)
-            return Sampled(tokens)
+            return Sampled(tokens, None if lps is None else lps.result())
         if len(params) == len(greedy) and all(p.plain_greedy for p in params) and not plan.logprobs:
             return Sampled(greedy.tolist())
         return sample_step(logits, plan)

@@ -58,11 +58,13 @@ MAX_RUNS = 16  # more runs than this: one index_select / index_copy_ instead of 
 
 
 def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
-    """Block ids as an int64 tensor on `device`, without waiting for the current stream.
+    """Ids (block ids, row indices) as an int64 tensor on `device`, without waiting for the current
+    stream.
 
     `torch.tensor(ids, device=cuda)` copies from pageable memory and so synchronises the current
     stream; a transfer's side stream may hold GPU-side waits on another process (the shared
-    ring), and the rank's loop would stop until that process's copies land."""
+    ring), and the rank's loop would stop until that process's copies land; a decode step would
+    wait for the step queued behind it (model_runner.py)."""
     t = torch.tensor(ids, dtype=torch.int64)
     if device.type != "cuda":
         return t.to(device)
