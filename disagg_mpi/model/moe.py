@@ -20,7 +20,8 @@ expert parallelism). Two ways through them:
 - the grouped GEMMs of moe_grouped.py (CUDA, bf16, Hopper+): no host sync, so an MoE
   model takes the CUDA-graph decode path (`LlamaModel.supports_fast_decode`).
 - where the grouped GEMMs run, a few tokens (decode batches up to triton_moe.FUSED_MAX_PAIRS /
-  top_k) with every expert on this rank take two fused Triton kernels instead (triton_moe.py).
+  top_k) with every expert on this rank take two fused Triton kernels instead (triton_moe.py),
+  and a renormalized router's top-k and softmax are one Triton kernel (triton_moe.route_topk).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch import nn
 from disagg_mpi.model import triton_kernels as tk
 from disagg_mpi.model.moe_grouped import grouped_experts, grouped_mm_ok
 from disagg_mpi.model.parallel import ShardSpec
-from disagg_mpi.model.triton_moe import fused_experts, fused_ok
+from disagg_mpi.model.triton_moe import fused_experts, fused_ok, route_topk
 
 
 class Expert(nn.Module):
@@ -108,7 +109,9 @@ class SparseMoE(nn.Module):
         grouped = grouped_mm_ok(x.device, x.dtype)
         fused = grouped and fused_ok(x, self.top_k, all_local)   # few tokens: two kernels (triton_moe.py)
         if grouped and self.normalize:
-            weights, ids = route_renormalized(self.gate(x), self.top_k)
+            logits = self.gate(x)
+            fast = tk.available(x.device) and logits.stride(-1) == 1
+            weights, ids = route_topk(logits, self.top_k) if fast else route_renormalized(logits, self.top_k)
         else:
             weights, ids = route(self.gate(x), self.top_k, self.normalize)
         if self.round_weights and not grouped:   # (the grouped combine rounds them to x's dtype itself)

@@ -73,6 +73,27 @@ if HAVE_TRITON:
             acc += tl.sum(w * hv[None, :], axis=1)
         tl.store(y_ptr + pair * H + hs, acc.to(y_ptr.dtype.element_ty), mask=hm)
 
+    @triton.jit
+    def _route_kernel(logits_ptr, w_ptr, ids_ptr, stride, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                      TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BLOCK_E)
+        v = tl.load(logits_ptr + row * stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        top_v = tl.full([BLOCK_K], float("-inf"), tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for j in tl.static_range(TOP_K):   # k rounds of max + argmax: descending, as torch.topk sorts
+            m = tl.max(v, axis=0)
+            i = tl.argmax(v, axis=0)
+            top_v = tl.where(ks == j, m, top_v)
+            top_i = tl.where(ks == j, i.to(tl.int64), top_i)
+            v = tl.where(e == i, float("-inf"), v)
+        p = tl.exp(top_v - tl.max(top_v, axis=0))   # (the slots past TOP_K hold -inf: 0)
+        p = p / tl.sum(p, axis=0)
+        km = ks < TOP_K
+        tl.store(w_ptr + row * TOP_K + ks, p.to(w_ptr.dtype.element_ty), mask=km)
+        tl.store(ids_ptr + row * TOP_K + ks, top_i, mask=km)
+
 
 def fused_ok(x: torch.Tensor, top_k: int, all_local: bool) -> bool:
     """Whether `fused_experts` takes these tokens: CUDA (or the interpreter), every expert on this
@@ -81,9 +102,28 @@ def fused_ok(x: torch.Tensor, top_k: int, all_local: bool) -> bool:
             and env_value("DISAGG_MOE_FUSED"))
 
 
-# Tiles: gate+up (BLOCK_F, BLOCK_H, warps), down (BLOCK_H, BLOCK_F, warps). Not ranked yet:
-# scripts/probe_moe.py times calls outside a CUDA graph, where batch 1 is launch-bound.
-TILES = (16, 512, 8, 16, 256, 4)
+def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.route_renormalized in one kernel (weights [N, k] in the logits' dtype, ids [N, k] int64,
+    both in descending order): the top-k of each row's logits by k rounds of argmax, then a softmax
+    over those k in fp32, rounded once. torch's top-k sorts (two kernels) and its softmax is a third:
+    about 10 us a layer of a batch-1 decode step (an H100 profile of qwen3-30b-a3b)."""
+    n, num_e = logits.shape
+    if logits.stride(-1) != 1 or not 0 < top_k <= num_e:
+        raise ValueError(f"route_topk: logits {tuple(logits.shape)} must have contiguous rows and "
+                         f"top_k={top_k} must be in [1, {num_e}]")
+    weights = torch.empty(n, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
+    if n:
+        _route_kernel[(n,)](logits, weights, ids, logits.stride(0), E=num_e, BLOCK_E=p2(num_e), TOP_K=top_k,
+                            BLOCK_K=p2(top_k), num_warps=1 if num_e <= 256 else 4)
+    return weights, ids
+
+
+# Tiles: gate+up (BLOCK_F, BLOCK_H, warps), down (BLOCK_H, BLOCK_F, warps): the fastest of
+# scripts/probe_moe.py's set at batch 1, 2 and 4 of qwen3-30b-a3b, timed in a CUDA graph on an H100
+# (35, 57 and 100 us a layer against 38, 68 and 110 us for the first choice, (16, 512, 8, 16, 256, 4);
+# docs/bench/gpu-h100-s13/moe_tiles_graph.json).
+TILES = (8, 256, 4, 8, 256, 4)
 
 
 def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,

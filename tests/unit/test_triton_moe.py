@@ -1,4 +1,5 @@
-"""The fused few-token expert kernels (model/triton_moe.py) against the grouped path (moe_grouped.py).
+"""The fused few-token expert kernels (model/triton_moe.py) against the grouped path (moe_grouped.py),
+and the one-kernel router against torch's top-k and softmax.
 
 Runs on CUDA, or on CPU under the Triton interpreter:
 `TRITON_INTERPRET=1 python -m pytest -q tests/unit/test_triton_moe.py`.
@@ -9,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from disagg_mpi.model.moe import route_renormalized
 from disagg_mpi.model.moe_grouped import grouped_experts
-from disagg_mpi.model.triton_moe import FUSED_MAX_PAIRS, fused_experts, fused_ok
+from disagg_mpi.model.triton_moe import FUSED_MAX_PAIRS, fused_experts, fused_ok, route_topk
 from tests.unit.triton_device import DEVICE, pytestmark  # noqa: F401 (skips without triton)
 
 
@@ -51,3 +53,30 @@ def test_fused_path_only_for_few_local_pairs(monkeypatch):
     monkeypatch.delenv("DISAGG_MOE_FUSED")
     assert not fused_ok(x, 8, all_local=False)        # expert parallel: other ranks' experts
     assert not fused_ok(torch.zeros(FUSED_MAX_PAIRS // 8 + 1, 4, device=DEVICE), 8, all_local=True)
+
+
+# E not a power of two (masked tail), k = 1, 2, 8
+@pytest.mark.parametrize("n,num_e,k", [(1, 128, 8), (5, 60, 2), (3, 8, 1), (2, 16, 16)])
+def test_route_topk_equals_topk_then_softmax(n, num_e, k):
+    g = torch.Generator().manual_seed(n + num_e + k)
+    logits = torch.randn(n, num_e, generator=g).to(DEVICE)
+    ref_w, ref_i = route_renormalized(logits, k)
+    w, i = route_topk(logits, k)
+    assert i.dtype == torch.int64 and w.dtype == logits.dtype
+    assert torch.equal(i, ref_i)   # (random fp32 logits: no ties)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_route_topk_bf16_rounds_once_like_torch():
+    g = torch.Generator().manual_seed(3)
+    # distinct values, exact in bf16: the ids must agree exactly, the weights to the bf16 rounding
+    logits = torch.stack([torch.randperm(128, generator=g) for _ in range(4)]).float().div(16).bfloat16().to(DEVICE)
+    ref_w, ref_i = route_renormalized(logits, 8)
+    w, i = route_topk(logits, 8)
+    assert torch.equal(i, ref_i)
+    assert (w.float() - ref_w.float()).abs().max().item() <= 2 ** -8
+
+
+def test_route_topk_refuses_a_k_outside_the_experts():
+    with pytest.raises(ValueError, match="top_k=9 must be in"):
+        route_topk(torch.zeros(1, 8, device=DEVICE), 9)
