@@ -116,13 +116,11 @@ class Attention(nn.Module):
         n = x.shape[0]
         q, k, v = self._qkv(x)
         if hasattr(self, "q_norm"):
-            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, one
-            # Triton norm over each head's row ([n * heads, d]; reshape copies the strided view),
-            # two kernels where torch's RMSNorm took six in every layer of a launch-bound step;
-            # the result [n, heads * d] is contiguous, as the kernel takes its q and k.
-            q = tk.add_rmsnorm(q.reshape(-1, self.d), None, self.q_norm.weight, self.q_norm.eps)[1]
-            k = tk.add_rmsnorm(k.reshape(-1, self.d), None, self.k_norm.weight, self.k_norm.eps)[1]
-            q, k = q.view(n, self.n_q * self.d), k.view(n, self.n_kv * self.d)
+            # Qwen3's q/k norms come before RoPE, and the kernel below ropes: normalize here, both
+            # in one Triton kernel that reads the strided views (torch's RMSNorm took six kernels a
+            # norm in every layer of a launch-bound step); q and k come out contiguous, as the
+            # kernel below takes them.
+            q, k = tk.qk_rmsnorm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.d)
         # RoPE, KV write and paged attention in one kernel (was rope_write_kv + paged_decode_attention)
         o = tk.rope_write_decode_attention(q, k, v, cos, sin, pool, local_layer, idx.slots, idx.tables,
                                            idx.table_stride, idx.ctx, self.n_q, self.n_kv, self.d)

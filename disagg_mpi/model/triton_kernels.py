@@ -16,7 +16,8 @@ in a CUDA graph:
   back what it wrote: no read-after-write across programs or within one).
   Equal to the two kernels up to float rounding (the new token's softmax term
   is folded in last instead of inside its tile).
-- `add_rmsnorm`: residual add + RMSNorm in one pass; `silu_mul`: SwiGLU.
+- `add_rmsnorm`: residual add + RMSNorm in one pass; `silu_mul`: SwiGLU; `qk_rmsnorm`: Qwen3's
+  per-head q and k norms in one kernel.
 
 Roundings mimic the torch eager path (products and sums rounded to the model
 dtype where torch rounds), so bf16 results stay close to it. `TRITON_INTERPRET=1`
@@ -55,6 +56,27 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
         y = (w.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row * H + cols, y, mask=m)
+
+    @triton.jit
+    def _norm_head(src, w_ptr, dst, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(src + cols, mask=m, other=0.0)
+        xf = x.to(tl.float32)
+        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0)
+        tl.store(dst + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _qk_norm_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, q_stride, k_stride, eps,
+                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        if h < NQ:
+            _norm_head(q_ptr + t * q_stride + h * D, wq_ptr, qo_ptr + (t * NQ + h) * D, eps, D, BLOCK)
+        else:
+            g = h - NQ
+            _norm_head(k_ptr + t * k_stride + g * D, wk_ptr, ko_ptr + (t * NKV + g) * D, eps, D, BLOCK)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, g_stride, u_stride, F, BLOCK: tl.constexpr):
@@ -169,6 +191,24 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
                               x.stride(0), (delta if delta is not None else x).stride(0), eps,
                               H=h, BLOCK=block, HAS_D=delta is not None, num_warps=_warps(block))
     return res, y
+
+
+def qk_rmsnorm(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+               d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorms of q [N, n_q * d] and k [N, n_kv * d] (row-strided views, e.g. of
+    one qkv GEMM's output) in one kernel: contiguous [N, n_q * d] and [N, n_kv * d], each head's row
+    as add_rmsnorm(row, None, w, eps) computes it (two launches and two strided copies before)."""
+    n = q.shape[0]
+    n_q, n_kv = q.shape[1] // d, k.shape[1] // d
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or q.shape[1] != n_q * d or k.shape[1] != n_kv * d:
+        raise ValueError(f"qk_rmsnorm: q {tuple(q.shape)} and k {tuple(k.shape)} must be rows of whole "
+                         f"heads of {d} with contiguous columns")
+    qo = torch.empty(n, n_q * d, dtype=q.dtype, device=q.device)
+    ko = torch.empty(n, n_kv * d, dtype=k.dtype, device=k.device)
+    if n:
+        _qk_norm_kernel[(n, n_q + n_kv)](q, k, wq, wk, qo, ko, q.stride(0), k.stride(0), eps, NQ=n_q, NKV=n_kv,
+                                         D=d, BLOCK=p2(d), num_warps=_warps(p2(d)))
+    return qo, ko
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -239,3 +239,21 @@ def test_decodes_of_a_mixed_step_read_the_pool_in_place(n_q, n_kv, d):
     got = dr.attend(step_q, c["pool"], 1, BS)
     want = _decode_over(step_q[rows], c["pool"], 1, tables, c["ctx"], nb, BS)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_rmsnorm_equals_a_norm_per_head(dtype):
+    """Qwen3's q and k norms in one kernel, read from one qkv output's strided views: each head's
+    row exactly as add_rmsnorm normalizes it alone."""
+    n, n_q, n_kv, d = 3, 4, 2, 24   # (d not a power of two: masked tail)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, (n_q + 2 * n_kv) * d, generator=g).to(dtype).to(DEVICE)
+    q, k, _ = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+    wq, wk = (torch.rand(d, generator=g) + 0.5).to(dtype).to(DEVICE), torch.rand(d, generator=g).to(dtype).to(DEVICE)
+    qo, ko = tk.qk_rmsnorm(q, k, wq, wk, 1e-6, d)
+    assert qo.shape == (n, n_q * d) and ko.shape == (n, n_kv * d) and qo.is_contiguous()
+    want_q = tk.add_rmsnorm(q.reshape(-1, d).contiguous(), None, wq, 1e-6)[1].view(n, -1)
+    want_k = tk.add_rmsnorm(k.reshape(-1, d).contiguous(), None, wk, 1e-6)[1].view(n, -1)
+    assert torch.equal(qo, want_q) and torch.equal(ko, want_k)
+    with pytest.raises(ValueError, match="whole heads"):
+        tk.qk_rmsnorm(q[:, :-1], k, wq, wk, 1e-6, d)
