@@ -11,6 +11,8 @@
 #   env        the card, driver, torch, MPI
 #   tests      tests/gpu on 3 ranks (one GPU), then the Triton kernel tests of tests/unit on the GPU
 #   agg-chunk  the aggregated 8B server under the serving load, prefill_chunk_tokens each of CHUNKS (256 512)
+#   mixed      scripts/probe_mixed.py: 8B, a CHUNK-token (512) prefill chunk beside 16 decodes: step wall
+#              times, kernel time and the host's busiest ops under torch.profiler
 #   moe-tiles  scripts/probe_moe.py: one MoE layer's routed experts, fused kernels' tiles vs grouped GEMMs
 #   moe-ab     random:qwen3-30b-a3b, this engine only, batches MOE_BATCHES (1,4): grouped GEMMs vs fused kernels
 #   grammar-tests  tests/gpu/test_gpu_grammar.py, test_gpu_logprobs.py, test_decode_graphs.py,
@@ -170,6 +172,8 @@ for s in "$@"; do
                 --out "/tmp/agg-chunk$c"
             cp "/tmp/agg-chunk$c/results.json" "$OUT/agg_chunk${c}_$TAG.json"
         done ;;
+    mixed)  # a prefill chunk beside running decodes: wall vs kernels, the host's busiest ops (issue 23)
+        stage mixed 200 python3 scripts/probe_mixed.py --chunk "${CHUNK:-512}" --json "$OUT/mixed_$TAG.json" ;;
     moe-tiles)  # the fused MoE kernels' tiles vs the grouped GEMMs, one layer alone (scripts/probe_moe.py)
         stage moe-tiles 120 python3 scripts/probe_moe.py --json "$OUT/moe_tiles_$TAG.json" ;;
     moe-ab)  # MoE decode at small batches: the grouped GEMMs (DISAGG_MOE_FUSED=0) vs the fused kernels

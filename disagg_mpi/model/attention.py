@@ -42,7 +42,7 @@ class StepIndex:
     keep: torch.Tensor | None    # [N] bool, None when no slot is padding (-1)
     tables: torch.Tensor         # [B, max_blocks] on device
     ctx: torch.Tensor | None     # [B] context lengths on device (decode path only)
-    slots: torch.Tensor | None = None        # [N] raw slots on device (fast path: < 0 = skip)
+    slots: torch.Tensor | None = None        # [N] every row's slot on device (< 0 = skip)
     table_stride: torch.Tensor | None = None  # [1] row stride of the flat `tables` (fast path)
     fast: bool = False           # decode-only step for the Triton kernels (see DecodeMetadata)
     _plan: PrefillPlan | None = field(default=None, repr=False)   # built by the first layer
@@ -66,11 +66,13 @@ class StepIndex:
             keep = (slots >= 0).to(device)
             slots = slots[slots >= 0]
         slots = slots.to(device, non_blocking=True)
+        # every row's slot (< 0: padding), for the Triton RoPE + KV write (Attention.forward)
+        raw = slots if keep is None else meta.slot_mapping.to(device, non_blocking=True)
         bs = meta.block_size
         decode = meta.is_decode_only and meta.num_seqs > 1
         ctx = torch.tensor(meta.context_lens, device=device) if decode else None
         return cls(meta, slots // bs, slots % bs, keep,
-                   meta.block_tables.to(device, non_blocking=True), ctx)
+                   meta.block_tables.to(device, non_blocking=True), ctx, slots=raw)
 
 
 def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, idx: StepIndex) -> None:

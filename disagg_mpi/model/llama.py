@@ -61,14 +61,23 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pool, local_layer, idx):
         n = x.shape[0]
         q, k, v = self._qkv(x)
-        q = q.reshape(n, self.n_q, self.d)
-        k = k.reshape(n, self.n_kv, self.d)
-        v = v.reshape(n, self.n_kv, self.d)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        write_kv(pool, local_layer, k, v, idx)
+        if tk.available(x.device) and idx.slots is not None and tk.p2(self.d) == self.d:
+            # CUDA: q/k norms, RoPE and the KV write in two Triton kernels (a prefill or mixed step
+            # is bound by the host's launches: about 30 a layer, a dozen of them these)
+            if hasattr(self, "q_norm"):
+                q, k = tk.qk_rmsnorm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.d)
+            q, k = tk.rope_write_kv_both(q, k, v, cos, sin, pool, local_layer, idx.slots, self.n_q, self.n_kv,
+                                         self.d)
+            v = v.reshape(n, self.n_kv, self.d)
+        else:
+            q = q.reshape(n, self.n_q, self.d)
+            k = k.reshape(n, self.n_kv, self.d)
+            v = v.reshape(n, self.n_kv, self.d)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            write_kv(pool, local_layer, k, v, idx)
         o = paged_attention(q, k, v, pool, local_layer, idx, self.window)
         o = o.reshape(n, self.n_q * self.d)
         packed = getattr(self, "_o_packed", None)

@@ -257,3 +257,33 @@ def test_qk_rmsnorm_equals_a_norm_per_head(dtype):
     assert torch.equal(qo, want_q) and torch.equal(ko, want_k)
     with pytest.raises(ValueError, match="whole heads"):
         tk.qk_rmsnorm(q[:, :-1], k, wq, wk, 1e-6, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rope_and_kv_write_equal_the_torch_path(dtype):
+    """A prefill or mixed step's RoPE + KV write in one kernel (Attention.forward on CUDA): roped
+    q and k exactly as the torch path rounds them, k and v stored at the slots, padding skipped."""
+    from disagg_mpi.model.attention import StepIndex, write_kv
+    from disagg_mpi.model.context import AttentionMetadata
+    from disagg_mpi.model.llama import rotate_half
+
+    n_q, n_kv, d = 4, 2, 32
+    c = _case([5, 0, 17, 9], n_q, n_kv, d, dtype)   # ctx 0: a padding row (slot -1)
+    n = c["q"].shape[0]
+    pool = c["pool"].clone()
+    q, k = tk.rope_write_kv_both(c["q"], c["k"], c["v"], c["cos"], c["sin"], pool, 1, c["slots"], n_q, n_kv, d)
+    rq = c["q"].reshape(n, n_q, d)
+    rk = c["k"].reshape(n, n_kv, d)
+    want_q = rq * c["cos"] + rotate_half(rq) * c["sin"]
+    want_k = rk * c["cos"] + rotate_half(rk) * c["sin"]
+    # exactly, but for bf16 under the interpreter: its casts to bf16 truncate (each of three roundings)
+    exact = dtype == torch.float32 or DEVICE == "cuda"
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 2 ** -6, "atol": 0.05}
+    torch.testing.assert_close(q, want_q, **tol)
+    torch.testing.assert_close(k, want_k, **tol)
+    ref = c["pool"].clone()
+    meta = AttentionMetadata(slot_mapping=c["slots"].cpu(), query_start_loc=list(range(n + 1)),
+                             context_lens=[5, 1, 17, 9], block_tables=c["tables"].view(n, -1), block_size=BS)
+    write_kv(ref, 1, want_k, c["v"].reshape(n, n_kv, d), StepIndex.build(meta, torch.device(DEVICE)))
+    torch.testing.assert_close(pool, ref, **tol)
+    assert torch.equal(pool[:, 0], c["pool"][:, 0])   # the other layer untouched
