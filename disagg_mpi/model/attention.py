@@ -106,11 +106,15 @@ class FreshGroup:
     src: torch.Tensor | None    # [B * T] token of each padded position; None: tokens 0..B*T-1 in order
     pick: tuple[torch.Tensor, torch.Tensor] | None  # (seq, pos) of each real token; None: no padding
     rows: torch.Tensor | None   # output rows of the real tokens; None: all N rows in order
+    span: tuple[int, int] | None = None   # rows [a, b) in order, unpadded: slices instead of gathers
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Output [n, Hq, D] of the group's real tokens, in `rows` order."""
         def batch(x):   # [N, H, D] -> [B, H, T, D]
-            x = x if self.src is None else x[self.src]
+            if self.span is not None:
+                x = x[self.span[0]:self.span[1]]
+            elif self.src is not None:
+                x = x[self.src]
             return x.reshape(self.b, self.t, x.shape[1], x.shape[2]).transpose(1, 2)
         if window is None or window >= self.t:
             o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, enable_gqa=True)
@@ -145,7 +149,12 @@ class DecodeRows:
     tables: torch.Tensor    # [b, max_blocks] their block tables (device; -1 = none)
     ctx: torch.Tensor       # [b] their context lengths (device)
     nb: int                 # blocks of the longest context
+    span: tuple[int, int] | None = None   # the rows are [a, b) in order: a slice instead of a gather
     _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # Triton's tables
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows of these sequences, in order."""
+        return x[self.span[0]:self.span[1]] if self.span is not None else x[self.rows]
 
     def attend(self, q: torch.Tensor, pool: torch.Tensor, layer: int, block_size: int,
                window: int | None = None) -> torch.Tensor:
@@ -157,9 +166,9 @@ class DecodeRows:
             if self._flat is None:
                 self._flat = (self.tables.contiguous().view(-1),
                               torch.tensor([self.tables.shape[1]], device=q.device))
-            return triton_kernels.paged_decode_attention(q[self.rows].contiguous(), pool, layer,
+            return triton_kernels.paged_decode_attention(self.take(q).contiguous(), pool, layer,
                                                          self._flat[0], self._flat[1], self.ctx)
-        return _decode_over(q[self.rows], pool, layer, self.tables, self.ctx, self.nb, block_size, window)
+        return _decode_over(self.take(q), pool, layer, self.tables, self.ctx, self.nb, block_size, window)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class PrefillPlan:
     groups: list[FreshGroup]
     rest: list[int]             # chunked-prefill continuations (1 < n < ctx), and a lone decode
     decodes: list[DecodeRows] = field(default_factory=list)
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)   # rest's masks, made by the first layer
 
     @classmethod
     def build(cls, meta: AttentionMetadata, tables: torch.Tensor) -> PrefillPlan:
@@ -214,9 +224,12 @@ def decode_groups(seqs: list[int], lens: list[int], bs: int) -> list[list[int]]:
 
 def _decode_rows(seqs: list[int], qsl: list[int], lens: list[int], tables: torch.Tensor, bs: int) -> DecodeRows:
     device = tables.device
+    seqs = sorted(seqs, key=lambda i: qsl[i])   # (in row order: a run of rows is then a slice)
+    rows = [qsl[i] for i in seqs]
     nb = -(-max(lens[i] for i in seqs) // bs)
-    return DecodeRows(torch.tensor([qsl[i] for i in seqs]).to(device), tables[torch.tensor(seqs).to(device), :nb],
-                      torch.tensor([lens[i] for i in seqs]).to(device), nb)
+    span = (rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else None
+    return DecodeRows(torch.tensor(rows).to(device), tables[torch.tensor(seqs).to(device), :nb],
+                      torch.tensor([lens[i] for i in seqs]).to(device), nb, span)
 
 
 def _group(seqs: list[int], qsl: list[int], lens: list[int], n_all: int,
@@ -230,6 +243,9 @@ def _group(seqs: list[int], qsl: list[int], lens: list[int], n_all: int,
     pos = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)
     rows = None if whole else (start[seq] + pos).to(device)
     if bool((n == t).all()):
+        first = int(start[0])
+        if not whole and bool((start == first + t * torch.arange(b)).all()):   # one run of rows, in order
+            return FreshGroup(b, t, None, None, rows, span=(first, first + b * t))
         return FreshGroup(b, t, rows, None, rows)
     src = start[:, None] + torch.minimum(torch.arange(t)[None, :], n[:, None] - 1)
     return FreshGroup(b, t, src.flatten().to(device), (seq.to(device), pos.to(device)), rows)
@@ -263,19 +279,27 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         return plan.groups[0].attend(q, k_new, v_new, window)
     out = torch.empty_like(q)
     for g in plan.groups:        # rows is None only for a lone group covering every row
-        out[g.rows] = g.attend(q, k_new, v_new, window)
+        _put(out, g.span, g.rows, g.attend(q, k_new, v_new, window))
     for d in plan.decodes:
-        out[d.rows] = d.attend(q, pool, layer, idx.meta.block_size, window)
+        _put(out, d.span, d.rows, d.attend(q, pool, layer, idx.meta.block_size, window))
     qsl = idx.meta.query_start_loc
     for i in plan.rest:
         s, e = qsl[i], qsl[i + 1]
-        out[s:e] = _attend_cached(q[s:e], pool, layer, idx, i, window)
+        out[s:e] = _attend_cached(q[s:e], pool, layer, idx, i, window, plan.masks)
     return out
 
 
+def _put(out: torch.Tensor, span: tuple[int, int] | None, rows: torch.Tensor, x: torch.Tensor) -> None:
+    if span is not None:
+        out[span[0]:span[1]] = x
+    else:
+        out[rows] = x
+
+
 def _attend_cached(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex, i: int,
-                   window: int | None = None) -> torch.Tensor:
-    """Sequence i's n new queries q [n, Hq, D] over its whole cache (n < ctx)."""
+                   window: int | None = None, masks: dict[tuple, torch.Tensor] | None = None) -> torch.Tensor:
+    """Sequence i's n new queries q [n, Hq, D] over its whole cache (n < ctx). `masks`: the step's
+    masks by sequence, made once and reused by every layer."""
     n, ctx, bs = q.shape[0], idx.meta.context_lens[i], idx.meta.block_size
     k, v = _gather_seq(pool, layer, idx.tables[i, :(ctx + bs - 1) // bs], ctx)
     k, v = k.to(q.dtype).unsqueeze(0), v.to(q.dtype).unsqueeze(0)
@@ -285,7 +309,11 @@ def _attend_cached(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepInd
     else:
         # New query j sits at position ctx - n + j and sees keys 0..ctx - n + j
         # (SDPA's is_causal aligns top-left, which is wrong when n < ctx).
-        mask = window_mask(torch.arange(ctx - n, ctx, device=q.device), ctx, window)
+        mask = None if masks is None else masks.get((i, window))
+        if mask is None:
+            mask = window_mask(torch.arange(ctx - n, ctx, device=q.device), ctx, window)
+            if masks is not None:
+                masks[(i, window)] = mask
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, enable_gqa=True)
     return o[0].transpose(0, 1)
 

@@ -142,6 +142,26 @@ def test_plan_built_once_per_step():
     assert idx.prefill_plan() is plan and len(plan.groups) == 2 and plan.rest == []  # CPU: 3 and 2 apart
 
 
+def test_rows_in_one_run_are_sliced_not_gathered():
+    """A mixed step's fresh prompt and its decodes each sit in one run of rows: they are read and
+    written as slices (a gather and a scatter a layer each saved), others keep their row indices."""
+    from disagg_mpi.model.attention import FreshGroup, _decode_rows, _group
+
+    # seqs 0, 1: decodes at rows 0, 1; seq 2: a fresh 4-token prompt at rows 2..5; seq 3: a decode at row 6
+    qsl, lens = [0, 1, 2, 6, 7], [5, 9, 4, 3]
+    g = _group([2], qsl, lens, 7, torch.device("cpu"))
+    assert g.span == (2, 6) and g.src is None and g.rows.tolist() == [2, 3, 4, 5]
+    q, k, v = torch.randn(3, 7, 2, 8).unbind(0)
+    alone = FreshGroup(1, 4, None, None, None).attend(q[2:6], k[2:6], v[2:6])   # the prompt's rows alone
+    assert torch.equal(g.attend(q, k, v), alone)
+    tables = torch.arange(8).view(4, 2)
+    d = _decode_rows([1, 0], qsl, lens, tables, 4)
+    assert d.span == (0, 2) and d.rows.tolist() == [0, 1] and d.tables.tolist() == [[0, 1], [2, 3]]
+    assert d.take(torch.arange(7)).tolist() == [0, 1]
+    apart = _decode_rows([0, 3], qsl, lens, tables, 4)
+    assert apart.span is None and apart.take(torch.arange(7)).tolist() == [0, 6]
+
+
 def test_model_batched_prefill_matches_one_by_one():
     """The tiny model over several prompts in one step gives each prompt's logits run alone."""
     model = load_model("random:tiny", seed=5)
