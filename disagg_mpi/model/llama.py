@@ -66,9 +66,8 @@ class Attention(nn.Module):
             # is bound by the host's launches: about 30 a layer, a dozen of them these)
             if hasattr(self, "q_norm"):
                 q, k = tk.qk_rmsnorm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.d)
-            q, k = tk.rope_write_kv_both(q, k, v, cos, sin, pool, local_layer, idx.slots, self.n_q, self.n_kv,
-                                         self.d)
-            v = v.reshape(n, self.n_kv, self.d)
+            q, k, v = tk.rope_write_kv_all(q, k, v, cos, sin, pool, local_layer, idx.slots, self.n_q, self.n_kv,
+                                           self.d)
         else:
             q = q.reshape(n, self.n_q, self.d)
             k = k.reshape(n, self.n_kv, self.d)

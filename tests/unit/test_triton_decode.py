@@ -271,7 +271,8 @@ def test_prefill_rope_and_kv_write_equal_the_torch_path(dtype):
     c = _case([5, 0, 17, 9], n_q, n_kv, d, dtype)   # ctx 0: a padding row (slot -1)
     n = c["q"].shape[0]
     pool = c["pool"].clone()
-    q, k = tk.rope_write_kv_both(c["q"], c["k"], c["v"], c["cos"], c["sin"], pool, 1, c["slots"], n_q, n_kv, d)
+    q, k, v = tk.rope_write_kv_all(c["q"], c["k"], c["v"], c["cos"], c["sin"], pool, 1, c["slots"], n_q, n_kv, d)
+    assert v.is_contiguous() and torch.equal(v, c["v"].reshape(n, n_kv, d))
     rq = c["q"].reshape(n, n_q, d)
     rk = c["k"].reshape(n, n_kv, d)
     want_q = rq * c["cos"] + rotate_half(rq) * c["sin"]
