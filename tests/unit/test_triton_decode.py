@@ -262,7 +262,7 @@ def test_qk_rmsnorm_equals_a_norm_per_head(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_rope_and_kv_write_equal_the_torch_path(dtype):
     """A prefill or mixed step's RoPE + KV write in one kernel (Attention.forward on CUDA): roped
-    q and k exactly as the torch path rounds them, k and v stored at the slots, padding skipped."""
+    q and k as the torch path computes them, k and v stored at the slots, padding skipped."""
     from disagg_mpi.model.attention import StepIndex, write_kv
     from disagg_mpi.model.context import AttentionMetadata
     from disagg_mpi.model.llama import rotate_half
@@ -277,9 +277,10 @@ def test_prefill_rope_and_kv_write_equal_the_torch_path(dtype):
     rk = c["k"].reshape(n, n_kv, d)
     want_q = rq * c["cos"] + rotate_half(rq) * c["sin"]
     want_k = rk * c["cos"] + rotate_half(rk) * c["sin"]
-    # exactly, but for bf16 under the interpreter: its casts to bf16 truncate (each of three roundings)
-    exact = dtype == torch.float32 or DEVICE == "cuda"
-    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 2 ** -6, "atol": 0.05}
+    # within a rounding of the products: on CUDA fp32 contracts to FMAs (1e-7 apart), and in bf16 a
+    # product a rounding apart shows in full where q * cos and rotate_half(q) * sin nearly cancel
+    # (the interpreter's casts to bf16 truncate, too)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2 ** -6, "atol": 0.05}
     torch.testing.assert_close(q, want_q, **tol)
     torch.testing.assert_close(k, want_k, **tol)
     ref = c["pool"].clone()
