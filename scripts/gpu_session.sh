@@ -42,10 +42,10 @@
 #              COLD=1 gives each server an empty Triton cache)
 #   shapes     scripts/bench_engine.py (this engine, batch 1 and 64) on the Llama-family shapes besides
 #              the 8B preset (SHAPES= picks presets); one JSON for all: shapes_$TAG.json
-#   (still to run, as of the twelfth session: `GRAMMAR_TOKENIZER=out/tok/smollm2 grammar` on the numpy mask
-#    buffers (issue 21's 0.90), `tests` on this code, and a kernel profile of the fused MoE batch-1 step:
-#    `PARTS=profile PROFILE_MODEL=random:qwen3-30b-a3b PROFILE_BATCHES=1 limits`, and `moe-tiles` now that
-#    probe_moe.py replays a CUDA graph)
+#   (still to run, as of the thirteenth session: `tests` (the Triton test of the prefill RoPE kernel
+#    was relaxed to one rounding after its GPU run), `moe` (batch 64 against transformers on this code),
+#    and `serving` / `agg-chunk` more than once on one machine for issue 23's ITL p99, with `mixed`
+#    beside them: the host's speed varied 2.4x within one call)
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs

@@ -370,8 +370,9 @@ class LlamaModel(nn.Module):
     def _forward_fast(self, h, cos, sin, kv_pool, idx):
         """Forward on the Triton kernels (residual add fused into each RMSNorm, SwiGLU, fused
         GEMMs). Decode-only steps (idx.fast) also use the Triton RoPE/KV write and paged
-        attention; other steps keep the torch attention. Used on CUDA once a ModelRunner
-        turned `_fast_kernels` on (DISAGG_CUDA_GRAPHS=0 keeps it off)."""
+        attention; other steps keep torch's attention (SDPA) after the Triton RoPE + KV write
+        (Attention.forward). Used on CUDA once a ModelRunner turned `_fast_kernels` on
+        (DISAGG_CUDA_GRAPHS=0 keeps it off)."""
         layers = list(self.model.layers.values())
         first = layers[0].input_layernorm
         resid, x = tk.add_rmsnorm(h, None, first.weight, first.eps)
