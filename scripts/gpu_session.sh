@@ -10,7 +10,8 @@
 # stopping the others. Stages:
 #   env        the card, driver, torch, MPI
 #   tests      tests/gpu on 3 ranks (one GPU), then the Triton kernel tests of tests/unit on the GPU
-#   agg-chunk  the aggregated 8B server under the serving load, prefill_chunk_tokens each of CHUNKS (256 512)
+#   agg-chunk  the aggregated 8B server under the serving load, prefill_chunk_tokens each of CHUNKS (256 512),
+#              REPS (1) fresh servers each
 #   mixed      scripts/probe_mixed.py: 8B, a CHUNK-token (512) prefill chunk beside 16 decodes: step wall
 #              times, kernel time and the host's busiest ops under torch.profiler
 #   moe-tiles  scripts/probe_moe.py: one MoE layer's routed experts, fused kernels' tiles vs grouped GEMMs
@@ -162,15 +163,18 @@ for s in "$@"; do
     moe)
         stage moe 300 python3 scripts/bench_engine.py --device cuda --model random:qwen3-30b-a3b --batches 1,64 \
             --repeats 2 --json "$OUT/engine_moe_$TAG.json" ;;
-    agg-chunk)  # the aggregated server under the serving load with prefill_chunk_tokens = each of CHUNKS
+    agg-chunk)  # the aggregated server under the serving load with prefill_chunk_tokens = each of CHUNKS,
+        # REPS fresh servers each (the ITL p99 of one run moved 2.6-3.3x between machines)
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
         for c in ${CHUNKS:-256 512}; do
             sed "s/prefill_chunk_tokens: [0-9]*/prefill_chunk_tokens: $c/" configs/llama8b-1gpu-agg.yaml >"/tmp/agg$c.yaml"
-            TRITON_CACHE_DIR=$(mktemp -d) stage "agg-chunk$c" 150 python3 -m disagg_mpi.cli bench \
-                --config "/tmp/agg$c.yaml" --label "agg-chunk$c" --num-requests 64 --input-len 1024 --output-len 128 \
-                --request-rate 8 --warmup 4 --no-progress --no-plots --slo-ttft-ms 500 --slo-tpot-ms 15 \
-                --out "/tmp/agg-chunk$c"
-            cp "/tmp/agg-chunk$c/results.json" "$OUT/agg_chunk${c}_$TAG.json"
+            for r in $(seq "${REPS:-1}"); do
+                TRITON_CACHE_DIR=$(mktemp -d) stage "agg-chunk$c-$r" 150 python3 -m disagg_mpi.cli bench \
+                    --config "/tmp/agg$c.yaml" --label "agg-chunk$c" --num-requests 64 --input-len 1024 \
+                    --output-len 128 --request-rate 8 --warmup 4 --no-progress --no-plots --slo-ttft-ms 500 \
+                    --slo-tpot-ms 15 --out "/tmp/agg-chunk$c-$r"
+                cp "/tmp/agg-chunk$c-$r/results.json" "$OUT/agg_chunk${c}_${r}_$TAG.json"
+            done
         done ;;
     mixed)  # a prefill chunk beside running decodes: wall vs kernels, the host's busiest ops (issue 23)
         stage mixed 200 python3 scripts/probe_mixed.py --chunk "${CHUNK:-512}" --json "$OUT/mixed_$TAG.json" ;;
