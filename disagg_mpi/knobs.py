@@ -106,6 +106,9 @@ PROCESS: tuple[Knob, ...] = (
     Knob("moe_fused", bool, True, "DISAGG_MOE_FUSED",
          "MoE decode steps of a few tokens (tokens x top_k up to 32, every expert on the rank) read their routed "
          "experts in two fused Triton kernels (`model/triton_moe.py`) instead of the grouped GEMMs", "GPU only"),
+    Knob("prefill_triton_attn", bool, False, "DISAGG_PREFILL_TRITON_ATTN",
+         "a prefill or mixed step's prompt rows attend in one paged Triton kernel a layer "
+         "(`model/triton_prefill.py`) instead of torch's SDPA per piece; not yet timed on a GPU", "GPU only"),
     Knob("ring_slots", int, 8, "DISAGG_RING_SLOTS", "slots of a shared staging ring (`shared_staging`)",
          "GPU only", ge=1, le=512),
     Knob("mpi_cuda_aware", bool, True, "DISAGG_MPI_CUDA_AWARE",

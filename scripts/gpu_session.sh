@@ -46,7 +46,8 @@
 #   (still to run, as of the thirteenth session: `tests` (the Triton test of the prefill RoPE kernel
 #    was relaxed to one rounding after its GPU run), `moe` (batch 64 against transformers on this code),
 #    and `serving` / `agg-chunk` more than once on one machine for issue 23's ITL p99, with `mixed`
-#    beside them: the host's speed varied 2.4x within one call)
+#    beside them: the host's speed varied 2.4x within one call; then the same with
+#    DISAGG_PREFILL_TRITON_ATTN=1, the one-kernel prompt attention, never run on a GPU yet)
 #   serving    the issue-23 load (1,024-token prompts, 128 new tokens, Poisson at RATES=8 req/s) on a
 #              fresh aggregated and a fresh 1 ctx + 1 gen 8B server, empty Triton cache, with
 #              DISAGG_STEP_LOG: serving_$TAG.tgz holds the bench's folder and the step logs
@@ -93,7 +94,7 @@ for s in "$@"; do
     tests)
         stage tests 420 $MPIRUN -n 3 python3 -m mpi4py -m pytest --with-mpi -q -x -p no:cacheprovider tests/gpu
         stage triton-tests 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_decode.py \
-            tests/unit/test_triton_moe.py ;;
+            tests/unit/test_triton_moe.py tests/unit/test_triton_prefill.py ;;
     grammar-tests)  # the guided-decoding, logprobs and decode-graph tests alone (no MPI): a quick check of a change there
         stage grammar-tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_grammar.py \
             tests/gpu/test_gpu_logprobs.py tests/gpu/test_decode_graphs.py tests/unit/test_triton_moe.py \

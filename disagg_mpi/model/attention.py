@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from disagg_mpi.model import triton_kernels
+from disagg_mpi.model import triton_kernels, triton_prefill
 from disagg_mpi.model.context import AttentionMetadata
 
 
@@ -185,6 +185,8 @@ class PrefillPlan:
     rest: list[int]             # chunked-prefill continuations (1 < n < ctx), and a lone decode
     decodes: list[DecodeRows] = field(default_factory=list)
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)   # rest's masks, made by the first layer
+    prompt_seqs: list[int] = field(default_factory=list)   # groups' and rest's sequences (not `decodes`)
+    tiles: triton_prefill.PrefillTiles | None = None       # theirs for triton_prefill, made by the first layer
 
     @classmethod
     def build(cls, meta: AttentionMetadata, tables: torch.Tensor) -> PrefillPlan:
@@ -203,11 +205,13 @@ class PrefillPlan:
             groups.append(_group(members, qsl, lens, n_all, device))
         one = [i for i in rest if qsl[i + 1] - qsl[i] == 1]
         decodes = []
-        if len(one) > 1 and BATCH_DECODES.get(device.type, False):
+        batched = len(one) > 1 and BATCH_DECODES.get(device.type, False)
+        if batched:
             rest = [i for i in rest if qsl[i + 1] - qsl[i] > 1]
             decodes = [_decode_rows(g, qsl, lens, tables, meta.block_size)
                        for g in decode_groups(sorted(one, key=lambda i: lens[i]), lens, meta.block_size)]
-        return cls(groups, rest, decodes)
+        prompt_seqs = [i for i, c in enumerate(lens) if qsl[i + 1] > qsl[i] and not (batched and i in one)]
+        return cls(groups, rest, decodes, prompt_seqs=prompt_seqs)
 
 
 def decode_groups(seqs: list[int], lens: list[int], bs: int) -> list[list[int]]:
@@ -275,6 +279,9 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if idx.ctx is not None:
         return _decode_batched(q, pool, layer, idx, window)
     plan = idx.prefill_plan()
+    if (plan.prompt_seqs and triton_prefill.enabled()
+            and triton_prefill.usable(q.device, q.shape[-1], idx.meta.block_size, window)):
+        return _attend_triton(q, pool, layer, idx, plan, window)
     if len(plan.groups) == 1 and not plan.rest and not plan.decodes and plan.groups[0].rows is None:
         return plan.groups[0].attend(q, k_new, v_new, window)
     out = torch.empty_like(q)
@@ -286,6 +293,21 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     for i in plan.rest:
         s, e = qsl[i], qsl[i + 1]
         out[s:e] = _attend_cached(q[s:e], pool, layer, idx, i, window, plan.masks)
+    return out
+
+
+def _attend_triton(q: torch.Tensor, pool: torch.Tensor, layer: int, idx: StepIndex, plan: PrefillPlan,
+                   window: int | None) -> torch.Tensor:
+    """The prompt pieces in one paged Triton kernel (triton_prefill.py), the batched decodes in theirs."""
+    q = q.contiguous()
+    if plan.tiles is None:
+        meta = idx.meta
+        plan.tiles = triton_prefill.tiles(plan.prompt_seqs, meta.query_start_loc, meta.context_lens,
+                                          q.shape[1] // pool.shape[3], q.device)
+    out = torch.empty_like(q)
+    triton_prefill.prefill_attention(q, pool, layer, idx.tables, plan.tiles, out)
+    for d in plan.decodes:
+        _put(out, d.span, d.rows, d.attend(q, pool, layer, idx.meta.block_size, window))
     return out
 
 

@@ -11,11 +11,11 @@ LAYER = 1     # pool holds 2 layers: the right one must be read
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
-def _step(specs, hq, hkv, dtype, d=16, seed=0):
+def _step(specs, hq, hkv, dtype, d=16, seed=0, device="cpu"):
     """One step over sequences (cached, new): earlier tokens already in the pool, `new` computed now.
 
-    Returns (out of paged_attention, per-sequence reference). Block ids are handed
-    out interleaved across sequences so no table is contiguous.
+    Returns (out of paged_attention, per-sequence reference), on the CPU; the step runs on `device`.
+    Block ids are handed out interleaved across sequences so no table is contiguous.
     """
     g = torch.Generator().manual_seed(seed)
     b = len(specs)
@@ -38,14 +38,15 @@ def _step(specs, hq, hkv, dtype, d=16, seed=0):
         slots += [slot(i, p) for p in range(c, c + n)]
         qsl.append(qsl[-1] + n)
     meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), qsl, [c + n for c, n in specs], tables, BS)
-    q = torch.cat(qs)
-    k = torch.cat([h[0][c:] for h, (c, _) in zip(hist, specs)])
-    v = torch.cat([h[1][c:] for h, (c, _) in zip(hist, specs)])
+    q = torch.cat(qs).to(device)
+    k = torch.cat([h[0][c:] for h, (c, _) in zip(hist, specs)]).to(device)
+    v = torch.cat([h[1][c:] for h, (c, _) in zip(hist, specs)]).to(device)
+    pool = pool.to(device)
     idx = StepIndex.build(meta, pool.device)
     write_kv(pool, LAYER, k, v, idx)
     out = paged_attention(q, k, v, pool, LAYER, idx)
     ref = torch.cat([_reference(qi, *h, c) for qi, h, (c, _) in zip(qs, hist, specs)])
-    return out, ref
+    return out.cpu(), ref
 
 
 def _reference(q, k, v, cached):
